@@ -1,0 +1,92 @@
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import torch
+
+from _fused import fused_logprobs
+
+
+def _logprob_step(method, h, W, y, g, chunk):
+    """One forward + backward of the head log-probs with a random per-token upstream grad."""
+    if method == "fused":
+        logp = fused_logprobs(h, W, y, 1.0, False, chunk)
+    else:  # naive dense: full (N, V) logits -> log_softmax -> gather
+        logp = torch.log_softmax((h @ W.T).float(), dim=-1).gather(1, y[:, None]).squeeze(1)
+    logp.backward(g)
+    h.grad = W.grad = None
+
+
+def _proc_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _bench_child(method, n, v, hd, chunk, repeats, device, queue):
+    """Runs one method in its own process, so its peak memory is not shared with the other."""
+    torch.set_num_threads(2)
+    torch.set_float32_matmul_precision("highest")
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(n, hd, generator=gen).to(device).requires_grad_()
+    W = (torch.randn(v, hd, generator=gen) / hd ** 0.5).to(device).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=gen).to(device)
+    g = torch.randn(n, generator=gen).to(device)
+    # tiny warm-up (8 rows): initialises BLAS, autograd and the allocator without a big peak
+    hs = h[:8].detach().clone().requires_grad_()
+    _logprob_step(method, hs, W, y[:8], g[:8], chunk)
+    W.grad = None
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        try:    # reset the high-water mark so the peak belongs to this run, not to setup
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        base = _proc_kib("VmRSS")
+    t0 = time.perf_counter()
+    _logprob_step(method, h, W, y, g, chunk)       # measured for memory; also the full-size warm-up
+    sync()
+    first = time.perf_counter() - t0
+    if device == "cuda":
+        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    else:       # ru_maxrss is the lifetime peak (KiB); VmHWM the peak since the reset
+        peak_kib = min(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _proc_kib("VmHWM"))
+        peak_mib = (peak_kib - base) / 1024
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _logprob_step(method, h, W, y, g, chunk)
+        sync()
+        times.append(time.perf_counter() - t0)
+    queue.put((peak_mib, statistics.median(times) if times else first))
+
+
+def _run_isolated(method, n, v, hd, chunk, repeats, device):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_bench_child, args=(method, n, v, hd, chunk, repeats, device, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def bench_logprob(n=4096, v=32768, h=256, chunk=256, repeats=3):
+    """Peak extra memory and fwd+bwd time of the fused chunked head vs the dense one, same run."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dense_mem, dense_t = _run_isolated("dense", n, v, h, chunk, repeats, device)
+    fused_mem, fused_t = _run_isolated("fused", n, v, h, chunk, repeats, device)
+    line = (f"fused log-prob N={n} V={v} H={h} C={chunk} ({device}): peak extra memory "
+            f"{fused_mem:.0f} MiB vs dense {dense_mem:.0f} MiB ({fused_mem / dense_mem:.2f}x, target <= 0.125x); "
+            f"time fwd+bwd {fused_t:.2f} s vs {dense_t:.2f} s ({fused_t / dense_t:.2f}x, target <= 1.35x)")
+    print(line, flush=True)
+    return dict(fused_mem_mib=fused_mem, dense_mem_mib=dense_mem, fused_s=fused_t, dense_s=dense_t)
+
+
+if __name__ == "__main__":
+    bench_logprob()

@@ -1,0 +1,464 @@
+"""Evaluation for Memory-R2: LoCoMo data loading (spec §7), then evaluation.
+
+The loader turns one LoCoMo-schema sample into plain dataclasses and repairs the
+file's known quirks in one place, so nothing downstream ever sees raw JSON.
+"""
+import datetime
+import json
+import random
+import re
+from dataclasses import dataclass
+
+from memory import MemoryBank, retrieve_for_facts, short_date
+from memr2 import RLConfig, bleu1, chunk_turns, exact_match, read_conversations, token_f1
+from model import encode
+
+# =============================================================================
+# LoCoMo data loading (spec §7)
+# =============================================================================
+
+# The integers do NOT follow the paper's listing order, and mem0-derived papers
+# name them differently; store the integer everywhere and map names only here.
+CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
+ADVERSARIAL = 5
+
+# Official split of the Memory-R1 code. conv-47 is in no part, on purpose.
+LOCOMO_SPLIT = {
+    "train": ["conv-43"],
+    "val": ["conv-44"],
+    "test": ["conv-26", "conv-30", "conv-41", "conv-42", "conv-48", "conv-49", "conv-50"],
+}
+
+DATE_FORMAT = "%I:%M %p on %d %B, %Y"  # "1:56 pm on 8 May, 2023"; strptime takes one-digit days
+SESSION_KEY = re.compile(r"^session_(\d+)$")  # excludes session_<n>_date_time and friends
+DIA_ID = re.compile(r"D(\d+):(\d+)")
+BLIP_PREFIX = re.compile(r"^a photo(?:graphy)? of\s+", re.I)  # every BLIP caption starts so
+
+
+class DataError(Exception):
+    """A data file that is missing, unreadable or not in the LoCoMo schema."""
+
+
+@dataclass
+class Turn:
+    speaker: str
+    dia_id: str  # "D<session>:<turn>"
+    text: str  # image turns carry their caption, since the images are not released
+
+
+@dataclass
+class Session:
+    index: int  # the n of session_<n>
+    date: str  # raw date string; parse_date / short_date interpret it
+    turns: list[Turn]
+
+
+@dataclass
+class QA:
+    question: str
+    answer: str
+    evidence: list[str]  # cleaned dia_ids, each one a real turn of this conversation
+    category: int
+    sessions: list[int]  # sorted distinct session indices of the evidence
+
+
+@dataclass
+class Conversation:
+    sample_id: str
+    speakers: tuple[str, str]
+    sessions: list[Session]  # sorted by session index
+    qa: list[QA]
+    dropped: dict  # what cleaning dropped or repaired, for reporting
+
+
+def parse_date(s: str) -> datetime.datetime:
+    try:
+        return datetime.datetime.strptime(s.strip(), DATE_FORMAT)
+    except ValueError as e:
+        raise DataError(f"unparseable session date {s!r}") from e
+
+
+def _turn(raw: dict) -> Turn:
+    text = raw["text"]
+    if raw.get("blip_caption"):
+        # Drop BLIP's own "a photo of" so the text does not read "a photo of a photo of".
+        text += f" [shares a photo of {BLIP_PREFIX.sub('', raw['blip_caption'])}]"
+    return Turn(speaker=raw["speaker"], dia_id=raw["dia_id"], text=text)
+
+
+def _clean_evidence(raw: list[str], known: set[str], dropped: dict) -> list[str]:
+    """Split, parse and normalise evidence strings; keep only ids of real turns."""
+    out = []
+    for entry in raw:
+        # One string may hold several ids ("D8:6; D9:17", "D9:1 D4:4 D4:6").
+        tokens = [t for t in re.split(r"[;,\s]+", entry) if t]
+        ids = []
+        for tok in tokens:
+            m = DIA_ID.fullmatch(tok)  # rejects garbage such as "D" and "D:11:26"
+            dia = f"D{int(m[1])}:{int(m[2])}" if m else None  # "D30:05" -> "D30:5"
+            if dia in known:
+                ids.append(dia)
+            else:
+                dropped["bad_evidence_ids"] += 1  # unparseable, or a turn that does not exist
+        # A repair: an entry that was not already one clean id but still yielded ids.
+        if ids and ids != [entry]:
+            dropped["repaired_evidence"] += 1
+        out += [i for i in dict.fromkeys(ids) if i not in out]  # keep order; normalising can repeat ids
+    return out
+
+
+def parse_conversation(sample: dict, drop_adversarial=True, drop_empty_evidence=True) -> Conversation:
+    """One sample in LoCoMo's schema -> Conversation. Also reads synthetic samples."""
+    conv = sample["conversation"]
+    # Sessions come from the session_<n> keys that exist, sorted by integer: date keys
+    # can outnumber sessions (conv-26: 19 vs 35) and a string sort puts 10 before 2.
+    indices = sorted(int(m[1]) for m in map(SESSION_KEY.match, conv) if m)
+    sessions = [
+        Session(index=n, date=conv[f"session_{n}_date_time"], turns=[_turn(t) for t in conv[f"session_{n}"]])
+        for n in indices
+    ]
+    known = {t.dia_id for s in sessions for t in s.turns}
+
+    dropped = {"adversarial": 0, "empty_evidence": 0, "bad_evidence_ids": 0, "repaired_evidence": 0}
+    qa = []
+    for q in sample["qa"]:
+        # Filter category 5 before touching "answer": most of them only have
+        # "adversarial_answer" (a distractor, not the truth).
+        if q["category"] == ADVERSARIAL and drop_adversarial:
+            dropped["adversarial"] += 1
+            continue
+        evidence = _clean_evidence(q["evidence"], known, dropped)
+        if not evidence and drop_empty_evidence:
+            dropped["empty_evidence"] += 1
+            continue
+        qa.append(QA(
+            question=q["question"],
+            answer=str(q.get("answer", "")),  # some answers are ints (2022); kept cat-5 may lack one
+            evidence=evidence,
+            category=int(q["category"]),
+            sessions=sorted({int(DIA_ID.fullmatch(e)[1]) for e in evidence}),
+        ))
+    return Conversation(
+        sample_id=sample["sample_id"],
+        speakers=(conv["speaker_a"], conv["speaker_b"]),
+        sessions=sessions,
+        qa=qa,
+        dropped=dropped,
+    )
+
+
+def load_locomo(path) -> list[Conversation]:
+    """Read locomo10.json; any problem with the file becomes one clear DataError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise DataError(f"cannot read LoCoMo file {path}: {e.strerror or e}") from e
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise DataError(f"LoCoMo file {path} is not valid JSON: {e}") from e
+    if not isinstance(data, list):
+        raise DataError(f"LoCoMo file {path}: expected a list of samples, got {type(data).__name__}")
+    convs = []
+    for i, sample in enumerate(data):
+        try:
+            convs.append(parse_conversation(sample))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DataError(f"LoCoMo file {path}: sample {i} is malformed ({type(e).__name__}: {e})") from e
+    return convs
+
+
+def locomo_split(convs: list[Conversation]) -> dict[str, list[Conversation]]:
+    """Official train/val/test parts, in LOCOMO_SPLIT order; conversations in no part are left out."""
+    by_id = {c.sample_id: c for c in convs}
+    missing = [sid for ids in LOCOMO_SPLIT.values() for sid in ids if sid not in by_id]
+    if missing:
+        raise DataError(f"LoCoMo split needs conversations that were not loaded: {', '.join(missing)}")
+    return {part: [by_id[sid] for sid in ids] for part, ids in LOCOMO_SPLIT.items()}
+
+# =============================================================================
+# end of LoCoMo data loading
+# =============================================================================
+
+
+# ============================================================================ synthetic world
+# A world a ~1M-parameter model can learn on a CPU, yet where memory management matters:
+# two speakers whose attributes CHANGE over sessions (moves, new jobs, a pet that dies, a
+# trip planned then cancelled), one-off events to remember with their dates, and small
+# talk as noise. It writes LoCoMo's JSON schema, so `parse_conversation` reads both, plus a
+# "gold_facts" map (dia_id -> the fact that turn states) from which the teacher works.
+
+NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy",
+         "Mallory", "Nina", "Oscar", "Peggy", "Rupert", "Sybil", "Trent", "Uma", "Victor", "Wendy"]
+POOLS = {  # closed value lists; `novel_rate` of values are made-up words instead, so the
+    # model must learn to copy values rather than memorise them (cpu-feasibility note 2)
+    "city": ["Paris", "Berlin", "Tokyo", "Lima", "Oslo", "Cairo", "Dublin", "Quito", "Rome", "Seoul"],
+    "job": ["baker", "nurse", "teacher", "pilot", "chef", "farmer", "lawyer", "painter", "driver", "dentist"],
+    "hobby": ["chess", "hiking", "painting", "fishing", "yoga", "cooking", "running", "pottery"],
+    "pet": ["Rex", "Milo", "Bella", "Luna", "Max", "Coco", "Daisy", "Rocky"],
+    "plan": ["Paris", "Berlin", "Tokyo", "Lima", "Oslo", "Cairo", "Dublin", "Quito", "Rome", "Seoul"],
+    "visit": ["Paris", "Berlin", "Tokyo", "Lima", "Oslo", "Cairo", "Dublin", "Quito", "Rome", "Seoul"],
+    "book": ["Dune", "Emma", "Ulysses", "Beloved", "Matilda", "Rebecca", "Heidi", "Ivanhoe"],
+}
+# attribute -> (what the speaker says, the fact in memory, the question, its LoCoMo category)
+SAY = {
+    "city": ["I moved to {v} last week.", "We just settled in {v}.", "My new home is in {v}."],
+    "job": ["I started a new job as a {v}.", "I work as a {v} now.", "Guess what, I am a {v} now."],
+    "hobby": ["Lately I am really into {v}.", "My new hobby is {v}.", "I spend my weekends on {v} now."],
+    "pet": ["I adopted a pet named {v}.", "Meet {v}, my new pet!", "We got a pet, we call it {v}."],
+    "plan": ["I am planning a trip to {v}.", "Next month I want to travel to {v}.", "I booked a trip to {v}."],
+    "visit": ["I visited {v} on the weekend.", "I was in {v} for a few days.", "Just got back from {v}."],
+    "book": ["I read a book called {v}.", "I finished reading {v}.", "I loved the book {v}."],
+    "pet-": ["Sadly my pet {v} died.", "We lost {v}, my pet, this week."],
+    "plan-": ["I cancelled my trip to {v}.", "The trip to {v} is off, I cancelled it."],
+}
+FACT = {"city": "{s} lives in {v}", "job": "{s} works as a {v}", "hobby": "{s} enjoys {v}",
+        "pet": "{s} has a pet named {v}", "plan": "{s} plans a trip to {v}", "visit": "{s} visited {v}",
+        "book": "{s} read the book {v}", "pet-": "{s}'s pet {v} died", "plan-": "{s} cancelled the trip to {v}"}
+QUESTION = {"city": "Where does {s} live?", "job": "What work does {s} do?", "hobby": "What hobby does {s} enjoy?",
+            "pet": "What is the name of {s}'s pet?", "plan": "Where does {s} plan a trip?"}
+WHEN = {"city": "When did {s} move to {v}?", "visit": "When did {s} visit {v}?", "book": "When did {s} read {v}?"}
+PAIR = {"city": "Where do {s} and {o} live?", "job": "What work do {s} and {o} do?"}
+SMALL_TALK = ["How have you been?", "The weather is lovely today.", "Haha, that is so funny.", "See you soon!",
+              "I had a long day at home.", "Did you sleep well?", "That sounds great!", "Tell me more.",
+              "I am a bit tired today.", "Good to hear from you!", "What a week it has been.", "Same here, honestly."]
+STATE, EVENTS = ("city", "job", "hobby", "pet", "plan"), ("visit", "book")
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December"]
+
+
+def _made_up(rng, capital):
+    w = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3)))
+    w += rng.choice(["", "n", "k", "r", "s"])
+    return w.capitalize() if capital else w
+
+
+def make_world(seed: int, n_sessions: int = 32, facts_per_session: int = 2, noise_turns: int = 2,
+               event_rate: float = 0.5, delete_rate: float = 0.3, novel_rate: float = 0.3) -> dict:
+    """One conversation in LoCoMo's schema. Knobs: sessions, facts and small-talk turns per
+    session, share of one-off events, how often a pet dies / a trip is cancelled, and the
+    share of made-up values. Same seed -> identical world."""
+    rng = random.Random(seed)
+    a, b = rng.sample(NAMES, 2)
+    state = {s: {} for s in (a, b)}  # speaker -> attr -> (value, dia_id that set it)
+    conv = {"speaker_a": a, "speaker_b": b}
+    gold, day, used = {}, rng.randint(0, 200), set()
+    for n in range(1, n_sessions + 1):
+        day += rng.randint(1, 9)
+        d, m = 1 + day % 28, (day // 28) % 12
+        conv[f"session_{n}_date_time"] = f"{rng.randint(1, 12)}:{rng.randint(0, 59):02d} {rng.choice(['am', 'pm'])} on {d} {MONTHS[m]}, {2023 + day // 336}"
+        kinds = ["fact"] * facts_per_session + ["talk"] * noise_turns
+        rng.shuffle(kinds)
+        turns, changed = [], set()
+        for k, kind in enumerate(kinds, 1):
+            dia = f"D{n}:{k}"
+            s = rng.choice((a, b)) if kind == "fact" else (a, b)[k % 2]
+            if kind == "talk":
+                turns.append({"speaker": s, "dia_id": dia, "text": rng.choice(SMALL_TALK)})
+                continue
+            attr = rng.choice(EVENTS) if rng.random() < event_rate else rng.choice(STATE)
+            if (s, attr) in changed:  # one change per attribute per session keeps gold ops unambiguous
+                attr = rng.choice(EVENTS)
+            changed.add((s, attr))
+            cur = state[s].get(attr)
+            if attr in ("pet", "plan") and cur and rng.random() < delete_rate:
+                attr, v = attr + "-", cur[0]  # the pet dies / the trip is cancelled
+                del state[s][attr[:-1]]
+            else:
+                pool = POOLS[attr]
+                v = _made_up(rng, attr != "job" and attr != "hobby") if rng.random() < novel_rate else rng.choice(pool)
+                while (cur and v == cur[0]) or (s, attr, v) in used:  # events are one-off
+                    v = _made_up(rng, attr != "job" and attr != "hobby")
+                used.add((s, attr, v))
+                if attr in STATE:
+                    state[s][attr] = (v, dia)
+            turns.append({"speaker": s, "dia_id": dia, "text": rng.choice(SAY[attr]).format(v=v)})
+            gold[dia] = {"speaker": s, "attr": attr, "value": v, "fact": FACT[attr].format(s=s, v=v),
+                         "date": conv[f"session_{n}_date_time"]}
+        conv[f"session_{n}"] = turns
+    return {"sample_id": f"world-{seed}", "conversation": conv, "qa": _questions(a, b, gold), "gold_facts": gold}
+
+
+def _questions(a, b, gold):
+    """Questions about the final state (asked after the last session, as in LoCoMo), with
+    the evidence turn that set each answer. A state removed by a death/cancellation has
+    answer "none" and the removal turn as evidence."""
+    qa, last = [], {}
+    for dia, g in gold.items():  # insertion order = dialogue order
+        attr = g["attr"].rstrip("-")
+        if attr in STATE:
+            last[(g["speaker"], attr)] = (g["value"] if not g["attr"].endswith("-") else "none", dia, g)
+        else:
+            qa.append({"question": WHEN[attr].format(s=g["speaker"], v=g["value"]),
+                       "answer": short_date(g["date"]), "evidence": [dia], "category": 2})
+    for (s, attr), (v, dia, g) in last.items():
+        qa.append({"question": QUESTION[attr].format(s=s), "answer": v, "evidence": [dia], "category": 4})
+        if attr == "city":
+            qa.append({"question": WHEN["city"].format(s=s, v=v), "answer": short_date(g["date"]),
+                       "evidence": [dia], "category": 2})
+    for attr in PAIR:
+        (va, da, _), (vb, db, _) = last.get((a, attr), ("",) * 3), last.get((b, attr), ("",) * 3)
+        if va and vb and va != vb:  # (set-based F1 would not give 1 to "X and X")
+            qa.append({"question": PAIR[attr].format(s=a, o=b), "answer": f"{va} and {vb}",
+                       "evidence": [da, db], "category": 1})
+    return qa
+
+
+# --------------------------------------------------------------------------- the teacher
+def _template_regex(template):
+    return re.compile("^" + re.escape(template).replace(r"\{s\}", "(?P<s>.+?)").replace(r"\{v\}", "(?P<v>.+)") + "$")
+
+
+_FACT_RE = {attr: _template_regex(t) for attr, t in FACT.items()}
+_Q_RE = [(kind, attr, _template_regex(t)) for kind, table in (("now", QUESTION), ("when", WHEN))
+         for attr, t in table.items()] + [("pair", attr, re.compile("^" + re.escape(t).replace(r"\{s\}", "(?P<s>.+?)").replace(r"\{o\}", "(?P<o>.+?)") + "$")) for attr, t in PAIR.items()]
+
+
+def read_fact(content: str):
+    """Memory content -> (attr, speaker, value), or None when it is not a world fact."""
+    for attr, rx in _FACT_RE.items():
+        m = rx.match(content)
+        if m:
+            return attr, m["s"], m["v"]
+    return None
+
+
+def lookup_answer(question: str, entries: list) -> str:
+    """The ideal reader: answer a world question by exact lookup in `entries`, newest entry
+    first (entries are in session order). Gives the answer-agent's SFT targets and checks
+    that the teacher's gold memory answers everything."""
+    def newest(speaker, attr, value=None):
+        for e in reversed(entries):
+            f = read_fact(e.content)
+            if f and f[0] == attr and f[1] == speaker and value in (None, f[2]):
+                return e
+        return None
+    for kind, attr, rx in _Q_RE:
+        m = rx.match(question)
+        if not m:
+            continue
+        if kind == "now":
+            e = newest(m["s"], attr)
+            return read_fact(e.content)[2] if e else "none"
+        if kind == "when":
+            e = newest(m["s"], attr, m["v"])
+            return e.session_time if e else "none"
+        vals = [newest(sp, attr) for sp in (m["s"], m["o"])]
+        return " and ".join(read_fact(e.content)[2] if e else "none" for e in vals)
+    return "none"
+
+
+def teacher_ops(facts: list, retrieved: list, rng=None, noise: float = 0.0) -> list:
+    """Gold manager operations for `facts` given the memories the manager is shown. The
+    same person+attribute already stored -> UPDATE it (NOOP if identical); a death or a
+    cancellation -> DELETE it; otherwise INSERT. With `noise`, each op is corrupted with
+    that probability the way a sloppy manager would: UPDATE becomes a duplicate INSERT,
+    DELETE becomes NOOP, INSERT is dropped (so SFT leaves room for RL)."""
+    ops = []
+    for f in facts:
+        parsed = read_fact(f["fact"])
+        attr = parsed[0] if parsed else None
+        base = (attr or "").rstrip("-")
+        hit = next((e for e in retrieved if (r := read_fact(e.content)) and r[0] == base and r[1] == f["speaker"]
+                    and base in STATE), None) if attr else None
+        if attr and attr.endswith("-"):
+            op = {"op": "DELETE", "memory_id": hit.memory_id} if hit else {"op": "NOOP"}
+        elif hit and hit.content == f["fact"]:
+            op = {"op": "NOOP"}
+        elif hit:
+            op = {"op": "UPDATE", "memory_id": hit.memory_id, "content": f["fact"], "dia_id": f["dia_id"]}
+        else:
+            op = {"op": "INSERT", "speaker": f["speaker"], "content": f["fact"], "dia_id": f["dia_id"]}
+        if rng is not None and noise > 0 and rng.random() < noise:
+            if op["op"] == "UPDATE":
+                op = {"op": "INSERT", "speaker": f["speaker"], "content": f["fact"], "dia_id": f["dia_id"]}
+            elif op["op"] == "DELETE":
+                op = {"op": "NOOP"}
+            elif op["op"] == "INSERT":
+                continue
+        ops.append(op)
+    return ops
+
+
+def teacher_trace(sample: dict, conv, n_chunks: int, noise: float = 0.0, seed: int = 0,
+                  per_fact: int = 2, cap: int = 6):
+    """Replay the world with the teacher. Yields, per chunk: (session, chunk_turns,
+    gold_facts, retrieved_memories, ops) and applies ops to the teacher's own bank, so later
+    chunks see the (possibly noisy) memory the teacher made. Returns the final bank via
+    StopIteration.value; use `teacher_memory` for just the bank."""
+    rng = random.Random(seed)
+    bank = MemoryBank()
+    gold = sample["gold_facts"]
+    for sess in conv.sessions:
+        for chunk in chunk_turns(sess.turns, n_chunks):
+            facts = [{"speaker": gold[t.dia_id]["speaker"], "dia_id": t.dia_id, "fact": gold[t.dia_id]["fact"]}
+                     for t in chunk if t.dia_id in gold and not (noise and rng.random() < noise / 2)]
+            retrieved = retrieve_for_facts(bank, facts, per_fact, cap)
+            ops = teacher_ops(facts, retrieved, rng, noise)
+            yield sess, chunk, facts, retrieved, ops
+            bank.apply(ops, sess.index, short_date(sess.date))
+    return bank
+
+
+def teacher_memory(sample, conv, n_chunks, noise=0.0, seed=0) -> MemoryBank:
+    """The bank the teacher ends with; at noise 0 this is the oracle (gold) memory."""
+    it = teacher_trace(sample, conv, n_chunks, noise, seed)
+    while True:
+        try:
+            next(it)
+        except StopIteration as stop:
+            return stop.value
+
+
+# ============================================================================ evaluation
+def score(answerer, banks: list, convs: list, names=CATEGORIES) -> dict:
+    """Answer every question of each conversation from its final bank; F1, BLEU-1 and exact
+    match overall and per category (x100), M-Fail, memory size. M-Fail is the share of the
+    questions' gold evidence turns missing from the bank; answers of "none" (a removed
+    state) are left out of it, since the right memory holds nothing about them."""
+    pairs = [(b, q) for b, c in zip(banks, convs) for q in c.qa]
+    preds = answerer.answer([(b, q.question) for b, q in pairs])
+    per = {}
+    for (b, q), pred in zip(pairs, preds):
+        cat = names.get(q.category, str(q.category))
+        for key in ("overall", cat):
+            d = per.setdefault(key, {"f1": [], "bleu1": [], "em": []})
+            d["f1"].append(token_f1(pred, q.answer))
+            d["bleu1"].append(bleu1(pred, q.answer))
+            d["em"].append(exact_match(pred, q.answer))
+    ev = [d in b.dia_ids() for b, q in pairs if q.answer != "none" for d in q.evidence]
+    out = {f"{m}_{k}": 100 * sum(v) / len(v) for k, d in per.items() for m, v in d.items()}
+    out |= {"n_questions": len(pairs), "m_fail": 100 * (1 - sum(ev) / len(ev)) if ev else 0.0,
+            "mem_entries": sum(len(b.entries) for b in banks) / len(banks),
+            "mem_tokens": sum(b.num_tokens(lambda s: len(encode(answerer.tok, s))) for b in banks) / len(banks)}
+    return out
+
+
+def evaluate(model, tok, answerer, convs: list, cfg: RLConfig) -> dict:
+    """Greedy read of each whole conversation (test n = 1), then `score`, plus the ops mix."""
+    banks, counts, unfinished = read_conversations(model, tok, convs, cfg, temperature=0.0)
+    ops = sum(counts[k] for k in ("INSERT", "UPDATE", "DELETE")) or 1
+    out = score(answerer, banks, convs)
+    out |= {f"share_{k}": 100 * counts[k] / ops for k in ("INSERT", "UPDATE", "DELETE")}
+    out |= {"rejected_ops": sum(v for k, v in counts.items() if k.startswith("rejected_")) / len(convs),
+            "unfinished_calls": unfinished}
+    return out
+
+
+def oracle_banks(samples: list, convs: list, cfg: RLConfig) -> list:
+    """The teacher's gold memory (noise 0): the ceiling of what memory management can give."""
+    return [teacher_memory(s, c, cfg.chunks) for s, c in zip(samples, convs)]
+
+
+REPORT_COLS = [("F1", "f1_overall"), ("BLEU-1", "bleu1_overall"), ("EM", "em_overall")] + [
+    (f"F1 {n}", f"f1_{n}") for n in ("single-hop", "multi-hop", "temporal", "open-domain")] + [
+    ("M-Fail", "m_fail"), ("mem tokens", "mem_tokens"), ("entries", "mem_entries"),
+    ("INSERT %", "share_INSERT"), ("UPDATE %", "share_UPDATE"), ("DELETE %", "share_DELETE")]
+
+
+def report_table(results: dict) -> str:
+    """{name: metrics} -> a markdown table (x100 scores; '-' where a metric does not apply)."""
+    cols = [(h, k) for h, k in REPORT_COLS if any(k in r for r in results.values())]
+    lines = ["| model | " + " | ".join(h for h, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.1f}" if k in r else "-" for _, k in cols) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,220 @@
+"""The memory bank: the environment the agent writes (spec §1.1, §1.3, §3.3).
+
+A bank is a plain dict memory_id -> Entry. The model never touches it directly: it emits
+JSON, `parse_facts` / `parse_operations` read that JSON without ever raising, and
+`MemoryBank.apply` executes the operations, rejecting (and counting) the bad ones.
+Retrieval is a deterministic lexical scorer (BM25) instead of the paper's hosted
+embeddings: no network, no second model, and the same memory always retrieves the same
+entries, which keeps rollouts reproducible.
+"""
+import copy
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+MAX_FACT_WORDS = 20  # spec §1.2: one fact per entry, at most 20 words
+OPS = ("INSERT", "UPDATE", "DELETE", "NOOP")
+
+
+@dataclass
+class Entry:
+    memory_id: str
+    speaker: str  # whom the fact is about
+    content: str
+    session: int  # index of the session that wrote (or last rewrote) it
+    session_time: str  # that session's date, shown to the answer agent
+    dia_ids: list = field(default_factory=list)  # source turns, for M-Fail
+
+
+class MemoryBank:
+    """A dict of entries plus an id counter. Ids are "m1", "m2", ...: short (cheap for a
+    tiny model to copy) and deterministic (same ops -> same bank)."""
+
+    def __init__(self):
+        self.entries: dict[str, Entry] = {}
+        self.next_id = 1
+
+    def snapshot(self) -> "MemoryBank":
+        # A deepcopy: a local branch restores this and its writes never reach the parent.
+        return copy.deepcopy(self)
+
+    def apply(self, ops: list, session: int, session_time: str) -> Counter:
+        """Execute ops in order, at once. Returns counts of applied ops by kind and of
+        rejected ones as "rejected_<reason>". A rejected op changes nothing."""
+        counts = Counter()
+        touched = set()  # each existing id may be touched once per call (spec §1.2)
+        for op in ops:
+            counts[self._apply_one(op, session, session_time, touched)] += 1
+        return counts
+
+    def _apply_one(self, op, session, session_time, touched) -> str:
+        if not isinstance(op, dict) or not isinstance(op.get("op"), str):
+            return "rejected_unknown_op"
+        kind = op["op"].upper()
+        if kind not in OPS:
+            return "rejected_unknown_op"
+        if kind == "NOOP":
+            return "NOOP"
+        dia_id = op.get("dia_id")
+        dia_ids = [dia_id] if isinstance(dia_id, str) and dia_id else []
+        if kind == "INSERT":
+            speaker, bad = op.get("speaker"), _content_problem(op.get("content"))
+            if not isinstance(speaker, str) or not speaker.strip():
+                return "rejected_bad_fields"
+            if bad:
+                return bad
+            mid = f"m{self.next_id}"
+            self.next_id += 1
+            self.entries[mid] = Entry(mid, speaker.strip(), op["content"].strip(), session, session_time, dia_ids)
+            return "INSERT"
+        # UPDATE and DELETE address an existing entry by id.
+        mid = op.get("memory_id")
+        if not isinstance(mid, str) or mid not in self.entries:
+            return "rejected_unknown_id"
+        if mid in touched:
+            return "rejected_id_twice"
+        if kind == "UPDATE":
+            bad = _content_problem(op.get("content"))
+            if bad:
+                return bad
+            e = self.entries[mid]
+            e.content, e.session, e.session_time = op["content"].strip(), session, session_time
+            e.dia_ids = e.dia_ids + [d for d in dia_ids if d not in e.dia_ids]  # keep old sources
+        else:
+            del self.entries[mid]
+        touched.add(mid)
+        return kind
+
+    def num_tokens(self, count) -> int:
+        """Memory size in tokens of the contents, with `count(str) -> int` the same tokenizer
+        that counts the dialogue (spec §9.8: one tokenizer for both)."""
+        return sum(count(e.content) for e in self.entries.values())
+
+    def dia_ids(self) -> set:
+        """Union of the source turns still stored: evidence outside it is an M-Fail."""
+        return {d for e in self.entries.values() for d in e.dia_ids}
+
+
+def short_date(date: str) -> str:
+    """LoCoMo session date "1:56 pm on 8 May, 2023" -> "8 May 2023", the form answers use."""
+    return date.split(" on ")[-1].replace(",", "").strip()
+
+
+def _content_problem(content) -> str:
+    if not isinstance(content, str) or not content.strip():
+        return "rejected_empty_content"
+    if len(content.split()) > MAX_FACT_WORDS:
+        return "rejected_too_long"
+    return ""
+
+
+# ----------------------------------------------------------------------------- parsing
+def _load_list(text, key):
+    """json text -> (list under `key`, reason or ""). Never raises on model output."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, TypeError, RecursionError):
+        return [], "invalid_json"
+    if not isinstance(obj, dict) or key not in obj:
+        return [], f"no_{key}_key"
+    items = obj[key]
+    if not isinstance(items, list):
+        return [], f"{key}_not_a_list"
+    return items, ""
+
+
+def parse_facts(text: str) -> tuple[list, str]:
+    """Extractor output {"facts":[{"speaker","dia_id","fact"}]} -> (facts, reason).
+    Items with missing or non-string fields are dropped; the reason says so."""
+    items, reason = _load_list(text, "facts")
+    keys = ("speaker", "dia_id", "fact")
+    facts = [{k: f[k].strip() for k in keys} for f in items
+             if isinstance(f, dict) and all(isinstance(f.get(k), str) and f[k].strip() for k in keys)]
+    if len(facts) < len(items):
+        reason = reason or "bad_fact_items"
+    return facts, reason
+
+
+def parse_operations(text: str) -> tuple[list, str]:
+    """Manager output {"operations":[...]} -> (ops, reason). Field checks happen in
+    `MemoryBank.apply`, which rejects and counts bad ops one by one."""
+    items, reason = _load_list(text, "operations")
+    ops = [o for o in items if isinstance(o, dict)]
+    if len(ops) < len(items):
+        reason = reason or "bad_op_items"
+    return ops, reason
+
+
+# ----------------------------------------------------------------------------- retrieval
+_STOP = set("a an the is are was were be been do does did to of in on at for and or with what "
+            "when where who which how that this it its s has have had".split())
+
+
+def terms(text: str) -> list:
+    """Lower-case word tokens minus stop words, with a crude plural/verb 's' strip so that
+    'lives' matches 'live' and 'pets' matches 'pet'."""
+    out = []
+    for w in re.findall(r"[a-z0-9]+", text.lower()):
+        if w in _STOP:
+            continue
+        out.append(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w)
+    return out
+
+
+def bm25(query: str, docs: list, k1=1.2, b=0.75) -> list:
+    """BM25 score of each doc string against the query; deterministic, no model."""
+    toks = [terms(d) for d in docs]
+    if not toks:
+        return []
+    avg = sum(map(len, toks)) / len(toks) or 1.0
+    df = Counter(w for t in toks for w in set(t))
+    n = len(toks)
+    scores = []
+    for t in toks:
+        tf = Counter(t)
+        s = 0.0
+        for w in set(terms(query)):
+            if w in tf:
+                idf = math.log(1 + (n - df[w] + 0.5) / (df[w] + 0.5))
+                s += idf * tf[w] * (k1 + 1) / (tf[w] + k1 * (1 - b + b * len(t) / avg))
+        scores.append(s)
+    return scores
+
+
+def retrieve_for_facts(bank: MemoryBank, facts: list, per_fact=2, cap=6) -> list:
+    """Manager retrieval (spec §1.3, scaled down): per fact the top `per_fact` memories of the
+    same speaker with a positive score, merged in order, de-duplicated, capped."""
+    out = []
+    for f in facts:
+        cands = [e for e in bank.entries.values() if e.speaker == f["speaker"]]
+        scores = bm25(f["fact"], [e.content for e in cands])
+        ranked = sorted(zip(scores, range(len(cands))), key=lambda x: (-x[0], x[1]))
+        for s, i in ranked[:per_fact]:
+            if s > 0 and cands[i] not in out:
+                out.append(cands[i])
+    return out[:cap]
+
+
+def retrieve_for_question(bank: MemoryBank, question: str, per_speaker=4) -> list:
+    """Answer-agent retrieval (spec §1.3, scaled down): per speaker the top `per_speaker`
+    memories with a positive score, then ordered by session so the newest comes last."""
+    by_speaker = {}
+    for e in bank.entries.values():
+        by_speaker.setdefault(e.speaker, []).append(e)
+    picked = []
+    for ents in by_speaker.values():
+        scores = bm25(question, [e.content for e in ents])
+        ranked = sorted(zip(scores, range(len(ents))), key=lambda x: (-x[0], x[1]))
+        picked += [(ents[i].session, -s, ents[i].memory_id, ents[i]) for s, i in ranked[:per_speaker] if s > 0]
+    return [p[-1] for p in sorted(picked, key=lambda p: p[:3])]
+
+
+# ----------------------------------------------------------------------------- bloat cost
+def bloat_cost(memory_tokens: int, dialogue_tokens: int, phi: float = 0.7) -> float:
+    """c(M, T_t) = max(0, tok(M) - phi*T_t) / T_t (spec §3.3): memory up to phi of the
+    dialogue read so far is free, beyond that the cost grows linearly."""
+    if dialogue_tokens <= 0:
+        return 0.0
+    return max(0.0, memory_tokens - phi * dialogue_tokens) / dialogue_tokens

@@ -1,0 +1,452 @@
+"""Memory-R2 / LoGo-GRPO: the algorithm, top to bottom (spec §1-4).
+
+One transformer plays three roles, switched only by a role token and a short instruction:
+the fact extractor and the memory manager (the trained policy) and the answer agent (a
+frozen copy). A conversation is read session by session; per chunk of turns the extractor
+writes facts, retrieval finds related memories, the manager writes INSERT / UPDATE /
+DELETE / NOOP operations, and they are applied at once. The reward is the answer agent's
+token F1 on questions about the conversation, minus a memory-bloat penalty.
+
+LoGo-GRPO = GRPO groups of two kinds in one pool:
+  global: n rollouts of sessions 1..S; the group is the n rows at the same session index,
+          rewarded by F1 on the questions whose evidence lies in that session, answered
+          from each rollout's FINAL memory;
+  local:  a session re-rolled K times from one rollout's snapshot of the memory before it,
+          rewarded right after that session: the K branches start from identical memory,
+          so their reward differences come from that session's actions alone.
+Both go through one turn-level clipped PPO-style loss (§2.4) whose log-probs come from a
+fused, chunked LM-head kernel that never holds the full (tokens x vocab) logits.
+"""
+import json
+import math
+import random
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from model import EOS_ID, decode, encode, generate
+from memory import (MemoryBank, bloat_cost, parse_facts, parse_operations, retrieve_for_facts,
+                    retrieve_for_question, short_date)
+
+# ============================================================================ role prompts
+# The JSON schemas of the outputs are the spec's (§1.2); the inputs are compact lines, since
+# the tiny model's context is 256 tokens. Histories reset at every chunk (not only at every
+# session, as in the paper): a chunk's prompt plus output already fills the short context.
+ROLE = {"ext": "<ext>Extract facts.\n", "mgr": "<mgr>Update memory.\n", "ans": "<ans>Answer.\n"}
+SEP = "<sep>"
+
+
+def _compact(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def extractor_prompt(turns) -> str:
+    return ROLE["ext"] + "\n".join(f"{t.dia_id} {t.speaker}: {t.text}" for t in turns) + SEP
+
+
+def manager_prompt(memories, facts) -> str:
+    mem = "".join(f"[{e.memory_id}] {e.content}\n" for e in memories)
+    new = "".join(f"{f['dia_id']} {f['speaker']}: {f['fact']}\n" for f in facts)
+    return ROLE["mgr"] + mem + "New:\n" + new + SEP
+
+
+def answer_prompt(memories, question: str) -> str:
+    mem = "".join(f"({e.session_time}) {e.content}\n" for e in memories)
+    return ROLE["ans"] + mem + "Q: " + question + SEP
+
+
+def facts_target(facts) -> str:
+    return _compact({"facts": [{"speaker": f["speaker"], "dia_id": f["dia_id"], "fact": f["fact"]} for f in facts]})
+
+
+def ops_target(ops) -> str:
+    return _compact({"operations": ops})
+
+
+def chunk_turns(turns, n_chunks: int) -> list:
+    """N chunks of ceil(#turns/N) consecutive turns (spec §1.2); fewer if turns run out."""
+    size = max(1, math.ceil(len(turns) / n_chunks))
+    return [turns[i:i + size] for i in range(0, len(turns), size)]
+
+
+# ============================================================================ configuration
+@dataclass
+class RLConfig:
+    """LoGo-GRPO knobs. Defaults are the spec's where they fit a ~1M-parameter model on a
+    CPU; the README lists every deviation and why."""
+    algo: str = "logo"  # logo | grpo (p = 0, global only) | local (local groups only)
+    n: int = 4  # global group size (spec 16)
+    K: int = 4  # local group size
+    p: float = 0.5  # per-session branch probability
+    chunks: int = 2  # chunks per session (spec 6; our sessions have ~4 turns)
+    temperature: float = 1.0  # sampling AND log-prob temperature, global and local alike
+    lam: float = 0.3  # bloat penalty weight
+    phi: float = 0.7  # free share of the dialogue length
+    q_global: int = 64  # reward questions per step (global), shared by all rollouts
+    q_local: int = 16  # reward questions per branch (local), shared by its K branches
+    per_fact: int = 2  # manager retrieval: top per fact (spec 5) ...
+    mem_cap: int = 6  # ... capped overall (spec 25)
+    qa_top_k: int = 4  # answer retrieval: top per speaker (spec 30)
+    max_new: dict = field(default_factory=lambda: {"ext": 96, "mgr": 128, "ans": 16})
+    lr: float = 1e-4  # spec 2e-6 is for a 7B model
+    ppo_epochs: int = 2
+    minibatch: int = 64  # cells per optimizer step, fixed order
+    eps: float = 0.2  # ratio clip
+    dual_clip: float = 3.0  # bound on the loss of a negative advantage
+    ratio_cap: float = 3.0  # cap on the turn's mean log-ratio
+    beta_kl: float = 1e-3
+    beta_h: float = 1e-3
+    grad_clip: float = 1.0
+    logprob_chunk: int = 256  # rows per chunk of the fused log-prob kernel
+
+
+# ============================================================================ rollouts
+@dataclass
+class Cell:
+    """One model call: a (row, chunk) cell of the loss. Only `response` is trained (the loss
+    mask is "the response", never inferred from token ids)."""
+    prompt: list
+    response: list  # sampled ids, ending with EOS when finished
+    finished: bool
+
+
+@dataclass
+class Row:
+    """One role's calls for one (rollout, session) pair (spec §1.4)."""
+    role: str
+    group: tuple  # ("G", t, role) or ("L", t, m, role): the GRPO group it belongs to
+    cells: list = field(default_factory=list)
+    reward: float = 0.0
+    adv: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finished for c in self.cells)
+
+
+def sample(model, tok, prompts: list, role: str, cfg: RLConfig, temperature: float, gen=None):
+    """Batched KV-cache sampling -> list of Cells. Training rollouts sample plainly (no top-k,
+    no top-p) so the log-probs of §2.4 belong to the distribution that was sampled."""
+    ids = [encode(tok, p) for p in prompts]
+    outs, done = generate(model, ids, cfg.max_new[role], temperature=temperature, eos_id=EOS_ID, generator=gen)
+    return [Cell(p, o, d) for p, o, d in zip(ids, outs, done)]
+
+
+def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperature: float, gen=None):
+    """Run sessions[b] on banks[b] for every b in one batch, writing to the banks in place.
+    Training passes one session n (rollouts) or K (branches) times; evaluation passes
+    session t of several conversations. Returns (extractor rows, manager rows, op counts)."""
+    B = len(banks)
+    ext, mgr, counts = [Row("ext", ()) for _ in range(B)], [Row("mgr", ()) for _ in range(B)], Counter()
+    chunks = [chunk_turns(s.turns, cfg.chunks) for s in sessions]
+    for k in range(max(map(len, chunks))):
+        # Extractor: the new turns only. In training all B prompts are the same chunk.
+        live = [b for b in range(B) if k < len(chunks[b])]
+        cells = dict(zip(live, sample(model, tok, [extractor_prompt(chunks[b][k]) for b in live], "ext", cfg, temperature, gen)))
+        facts = {}
+        for b, c in cells.items():
+            ext[b].cells.append(c)
+            facts[b], why = parse_facts(decode(tok, c.response)) if c.finished else ([], "unfinished")
+            counts["facts"] += len(facts[b])
+            counts["bad_facts_json"] += why == "invalid_json"
+        # Manager: facts + memories retrieved from each rollout's own bank. With no facts
+        # there is nothing to decide, so the call is skipped (it would only learn "[]").
+        todo = [b for b in live if facts[b]]
+        shown = {b: retrieve_for_facts(banks[b], facts[b], cfg.per_fact, cfg.mem_cap) for b in todo}
+        cells = sample(model, tok, [manager_prompt(shown[b], facts[b]) for b in todo], "mgr", cfg, temperature, gen)
+        for b, c in zip(todo, cells):
+            mgr[b].cells.append(c)
+            ops, why = parse_operations(decode(tok, c.response)) if c.finished else ([], "unfinished")
+            counts["bad_ops_json"] += why == "invalid_json"
+            counts.update(banks[b].apply(ops, sessions[b].index, short_date(sessions[b].date)))
+    return ext, mgr, counts
+
+
+def read_conversations(model, tok, convs: list, cfg: RLConfig, temperature: float = 0.0, gen=None):
+    """One rollout of each whole conversation from an empty memory, all conversations in one
+    batch (evaluation: greedy). Returns (final banks, op counts, unfinished call count)."""
+    banks, counts, unfinished = [MemoryBank() for _ in convs], Counter(), 0
+    for t in range(max(len(c.sessions) for c in convs)):
+        live = [i for i, c in enumerate(convs) if t < len(c.sessions)]
+        ext, mgr, c = run_session(model, tok, [banks[i] for i in live], [convs[i].sessions[t] for i in live],
+                                  cfg, temperature, gen)
+        counts += c
+        unfinished += sum(not cell.finished for r in ext + mgr for cell in r.cells)
+    return banks, counts, unfinished
+
+
+# ============================================================================ answer agent
+class AnswerAgent:
+    """The frozen answer agent: top-k memories per speaker + question -> short answer, greedy.
+    It is never updated (spec §1.3), so answers are cached by prompt."""
+
+    def __init__(self, model, tok, cfg: RLConfig):
+        self.model, self.tok, self.cfg, self.cache = model, tok, cfg, {}
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def answer(self, pairs: list) -> list:
+        """pairs: [(bank, question)] -> [answer string]."""
+        prompts = [answer_prompt(retrieve_for_question(bank, q, self.cfg.qa_top_k), q) for bank, q in pairs]
+        todo = sorted({p for p in prompts if p not in self.cache})
+        for i in range(0, len(todo), 64):
+            batch = todo[i:i + 64]
+            outs, _ = generate(self.model, [encode(self.tok, p) for p in batch], self.cfg.max_new["ans"], temperature=0.0)
+            for p, o in zip(batch, outs):
+                self.cache[p] = extract_answer(decode(self.tok, o))
+        return [self.cache[p] for p in prompts]
+
+
+def extract_answer(text: str) -> str:
+    m = re.search(r"<answer>(.*?)(</answer>|$)", text, re.S)
+    return (m.group(1) if m else text).strip()
+
+
+# ============================================================================ metrics (spec §3.1)
+def normalize_answer(s: str) -> list:
+    """SQuAD-style: lower-case, no punctuation, no articles, collapsed whitespace."""
+    s = "".join(ch for ch in str(s).lower() if ch not in set(string.punctuation))
+    return re.sub(r"\b(a|an|the)\b", " ", s).split()
+
+
+def token_f1(pred: str, gold: str) -> float:
+    """Token F1 over the SET of shared tokens (the official code's mem0-style variant)."""
+    p, g = normalize_answer(pred), normalize_answer(gold)
+    if not p or not g:
+        return float(p == g)
+    common = set(p) & set(g)
+    if not common:
+        return 0.0
+    prec, rec = len(common) / len(p), len(common) / len(g)
+    return 2 * prec * rec / (prec + rec)
+
+
+def bleu1(pred: str, gold: str) -> float:
+    """BLEU-1: clipped unigram precision x brevity penalty, no smoothing (reported only)."""
+    tok = lambda s: re.findall(r"\w+|[^\w\s]", str(s).lower())
+    p, r = tok(pred), tok(gold)
+    if not p or not r:
+        return float(p == r)
+    rc = Counter(r)
+    p1 = sum(min(c, rc[w]) for w, c in Counter(p).items()) / len(p)
+    bp = 1.0 if len(p) > len(r) else math.exp(1 - len(r) / len(p))
+    return bp * p1
+
+
+def exact_match(pred: str, gold: str) -> float:
+    return float(normalize_answer(pred) == normalize_answer(gold))
+
+
+# ============================================================================ rewards (spec §3.2)
+def dialogue_tokens(tok, conv) -> list:
+    """T_t: cumulative dialogue tokens after each session, counted with the model's tokenizer
+    (the same one that counts memory, spec §9.8)."""
+    total, out = 0, []
+    for s in conv.sessions:
+        total += sum(len(encode(tok, f"{t.speaker}: {t.text}")) for t in s.turns)
+        out.append(total)
+    return out
+
+
+def penalty(tok, bank, T: int, cfg: RLConfig) -> float:
+    return cfg.lam * bloat_cost(bank.num_tokens(lambda s: len(encode(tok, s))), T, cfg.phi)
+
+
+def global_rewards(f1: list, qas: list, n_sessions: int, penalties: list, finished: list) -> list:
+    """r[i][t] = mean F1 (rollout i's final memory) over the sampled questions whose
+    evidence includes session t, minus rollout i's final bloat penalty. A question spanning
+    several sessions counts for each; a session no question touches gets F1 0; a session
+    row that did not finish gets 0. f1: [n][q], finished: [n][S]."""
+    out = []
+    for i in range(len(f1)):
+        row = []
+        for t in range(1, n_sessions + 1):
+            hits = [f1[i][j] for j, q in enumerate(qas) if t in q.sessions]
+            r = (sum(hits) / len(hits) if hits else 0.0) - penalties[i]
+            row.append(r if finished[i][t - 1] else 0.0)
+        out.append(row)
+    return out
+
+
+# ============================================================================ advantages (spec §2.3)
+def group_advantages(rewards: list) -> list:
+    """(r - mean) / (std + 1e-6) with the unbiased std; a singleton group keeps A = r."""
+    r = torch.tensor(rewards, dtype=torch.float64)
+    if len(rewards) == 1:
+        return r.tolist()
+    return ((r - r.mean()) / (r.std(unbiased=True) + 1e-6)).tolist()
+
+
+def assign_advantages(rows: list) -> dict:
+    """Group rows by their group id and set row.adv. Zero-variance groups are KEPT with A = 0
+    (as the official code does; they still add KL and entropy) and counted."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r.group, []).append(r)
+    zero, stds = Counter(), {"G": [], "L": []}
+    for gid, members in groups.items():
+        rewards = [m.reward for m in members]
+        for m, a in zip(members, group_advantages(rewards)):
+            m.adv = a
+        if len(members) > 1:
+            std = torch.tensor(rewards).std().item()
+            stds[gid[0]].append(std)
+            zero[gid[0]] += std < 1e-9
+    return {f"zero_var_frac_{k}": zero[k] / max(1, len(v)) for k, v in stds.items()} | {
+        f"group_std_{k}": sum(v) / max(1, len(v)) for k, v in stds.items()}
+
+
+# ============================================================================ fused log-probs
+from _fused import fused_logprobs  # FUSED_KERNEL_PLACEHOLDER
+
+
+def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entropy=False):
+    """Log-probs of every response token of `cells` under `model` -> (logp (N,), ent (N,) or
+    None, cell index of each token (N,)). Sequences are prompt+response, right-padded, so
+    plain causal attention needs no mask; the head runs only on response positions."""
+    dev = next(model.parameters()).device
+    seqs = [c.prompt + c.response for c in cells]
+    T = max(len(s) for s in seqs)
+    idx = torch.zeros(len(seqs), T, dtype=torch.long)
+    sel = torch.zeros(len(seqs), T, dtype=torch.bool)  # (B, T): position t predicts token t+1
+    for b, (c, s) in enumerate(zip(cells, seqs)):
+        idx[b, :len(s)] = torch.tensor(s)
+        sel[b, len(c.prompt) - 1:len(s) - 1] = True
+    idx, sel = idx.to(dev), sel.to(dev)
+    h = model.hidden_states(idx)  # (B, T, D)
+    targets = idx[:, 1:][sel[:, :-1]]  # (N,)
+    out = fused_logprobs(h[sel], model.lm_head.weight, targets, temperature, with_entropy, chunk)
+    logp, ent = out if with_entropy else (out, None)
+    owner = torch.arange(len(cells), device=dev)[:, None].expand(-1, T)[sel]  # (N,)
+    return logp, ent, owner
+
+
+# ============================================================================ the loss (spec §2.4)
+def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig):
+    """Turn-level clipped surrogate averaged over (row, chunk) cells, minus an entropy bonus,
+    plus a k3 KL to the reference. Tokens: logp/old/ref/entropy/owner (N,); cells: adv (C,).
+      l_c   = mean over the cell's tokens of (logp - old_logp)
+      r_c   = exp(min(l_c, ratio_cap))
+      L_c   = max(-A r_c, -A clip(r_c, 1-eps, 1+eps)); for A < 0 also min(L_c, -A * dual_clip)
+      loss  = mean_c L_c - beta_h * mean_tok(H) + beta_kl * mean_tok(KL_k3)
+    Cells, not tokens, are averaged: a long output weighs as much as a short one."""
+    C = adv.shape[0]
+    count = torch.zeros(C, device=logp.device).index_add_(0, owner, torch.ones_like(logp))
+    log_ratio = torch.zeros(C, device=logp.device).index_add_(0, owner, logp - old_logp) / count.clamp(min=1)
+    ratio = torch.exp(torch.clamp(log_ratio, max=cfg.ratio_cap))  # (C,)
+    surr = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.eps, 1 + cfg.eps))
+    surr = torch.where(adv < 0, torch.minimum(surr, -adv * cfg.dual_clip), surr)
+    valid = count > 0
+    pg = surr[valid].mean()
+    d = ref_logp - logp
+    kl = torch.clamp(torch.exp(d) - d - 1, -10, 10).mean()
+    ent = entropy.mean() if entropy is not None else torch.zeros((), device=logp.device)
+    loss = pg - cfg.beta_h * ent + cfg.beta_kl * kl
+    clipped = ((ratio - 1).abs() > cfg.eps)[valid].float().mean()
+    return loss, {"pg_loss": pg.item(), "kl": kl.item(), "entropy": ent.item(), "clip_frac": clipped.item()}
+
+
+# ============================================================================ one LoGo-GRPO step (spec §2.6)
+def sample_questions(qas: list, max_sessions: int, k: int, rng: random.Random) -> list:
+    """Up to k questions whose evidence lies within the first max_sessions sessions; one
+    subset shared by every member of a group, so rewards stay comparable."""
+    pool = [q for q in qas if q.sessions and max(q.sessions) <= max_sessions]
+    return rng.sample(pool, min(k, len(pool)))
+
+
+def logo_step(policy, ref, answerer: AnswerAgent, tok, conv, S: int, cfg: RLConfig, opt,
+              rng: random.Random, gen: torch.Generator) -> dict:
+    """One policy update: global rollouts, local rerollouts from snapshots, rewards,
+    advantages, one merged pool, ppo_epochs of the clipped loss."""
+    T = dialogue_tokens(tok, conv)
+    S = min(S, len(conv.sessions))
+    use_local = cfg.algo in ("logo", "local")
+    # 1-2. Global rollouts, with a coin per session for a local branch point. The snapshot
+    # is the chosen rollout's memory BEFORE session t (a deepcopy taken now).
+    banks, rows, counts, branches = [MemoryBank() for _ in range(cfg.n)], [], Counter(), []
+    finished = [[True] * S for _ in range(cfg.n)]
+    for t, sess in enumerate(conv.sessions[:S], 1):
+        if use_local and rng.random() < cfg.p:
+            m = rng.randrange(cfg.n)
+            branches.append((t, m, banks[m].snapshot()))
+        ext, mgr, c = run_session(policy, tok, banks, [sess] * cfg.n, cfg, cfg.temperature, gen)
+        counts += c
+        for i in range(cfg.n):
+            ext[i].group, mgr[i].group = ("G", t, "ext"), ("G", t, "mgr")
+            finished[i][t - 1] = ext[i].finished and mgr[i].finished
+            rows.append((i, t, ext[i], mgr[i]))
+    # 3. Local rerollouts, still with theta_old: K copies of the snapshot rerun session t,
+    # SAMPLING at the training temperature; branches never continue.
+    local_rows, stats = [], {"local_reward": 0.0, "local_distinct": 0.0}
+    for t, m, snap in branches:
+        kb = [snap.snapshot() for _ in range(cfg.K)]
+        ext, mgr, _ = run_session(policy, tok, kb, [conv.sessions[t - 1]] * cfg.K, cfg, cfg.temperature, gen)
+        qs = sample_questions(conv.qa, t, cfg.q_local, rng)
+        answers = answerer.answer([(b, q.question) for b in kb for q in qs])
+        for k, b in enumerate(kb):
+            f1 = [token_f1(answers[k * len(qs) + j], q.answer) for j, q in enumerate(qs)]
+            r = (sum(f1) / len(f1) if f1 else 0.0) - penalty(tok, b, T[t - 1], cfg)
+            r = r if ext[k].finished and mgr[k].finished else 0.0
+            ext[k].group, mgr[k].group = ("L", t, m, "ext"), ("L", t, m, "mgr")
+            ext[k].reward = mgr[k].reward = r
+            local_rows += [ext[k], mgr[k]]
+            stats["local_reward"] += r / (len(branches) * cfg.K)
+        stats["local_distinct"] += len({json.dumps(sorted((e.speaker, e.content) for e in b.entries.values())) for b in kb}) / len(branches)
+    # 4. Global rewards from each rollout's FINAL memory, on one shared question subset.
+    qs = sample_questions(conv.qa, S, cfg.q_global, rng)
+    answers = answerer.answer([(b, q.question) for b in banks for q in qs])
+    f1 = [[token_f1(answers[i * len(qs) + j], q.answer) for j, q in enumerate(qs)] for i in range(cfg.n)]
+    pens = [penalty(tok, b, T[S - 1], cfg) for b in banks]
+    r_global = global_rewards(f1, qs, S, pens, finished)
+    for i, t, e, m in rows:
+        e.reward = m.reward = r_global[i][t - 1]
+    global_rows = [r for _, _, e, m in rows for r in (e, m)]
+    # 5-6. Advantages per (group, role), then one merged pool with no weight between parts.
+    pool = (global_rows if cfg.algo != "local" else []) + local_rows
+    stats.update(assign_advantages(pool))
+    stats.update(ppo_update(policy, ref, pool, cfg, opt))
+    qa_f1 = [sum(row) / max(1, len(row)) for row in f1]
+    mem_tok = [b.num_tokens(lambda s: len(encode(tok, s))) for b in banks]
+    stats.update({
+        "reward_global": sum(map(sum, r_global)) / (cfg.n * S), "train_f1": sum(qa_f1) / cfg.n,
+        "branches": len(branches), "local_share": len(local_rows) / max(1, len(pool)),
+        "unfinished_frac": 1 - sum(map(sum, finished)) / (cfg.n * S),
+        "mem_tokens": sum(mem_tok) / cfg.n, "mem_entries": sum(len(b.entries) for b in banks) / cfg.n,
+        "bloat": sum(pens) / (cfg.n * cfg.lam) if cfg.lam else 0.0,
+        "ops": {k: v / cfg.n for k, v in counts.items()},
+    })
+    return dict(stats)
+
+
+def ppo_update(policy, ref, pool: list, cfg: RLConfig, opt) -> dict:
+    """Old and reference log-probs once (no grad, the same kernel and temperature as the
+    update, so the first ratio is exactly 1), then ppo_epochs passes over fixed-order
+    mini-batches of cells. A non-finite loss skips that update and is counted."""
+    cells = [(c, r.adv) for r in pool for c in r.cells if c.response]
+    if not cells:
+        return {"cells": 0, "skipped_updates": 0}
+    dev = next(policy.parameters()).device
+    batches = [cells[i:i + cfg.minibatch] for i in range(0, len(cells), cfg.minibatch)]
+    with torch.no_grad():
+        olds = [cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in batches]
+        refs = [cell_logprobs(ref, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in batches]
+    agg, n, skipped = Counter(), 0, 0
+    policy.train()
+    for _ in range(cfg.ppo_epochs):
+        for mb, old, rf in zip(batches, olds, refs):
+            logp, ent, owner = cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk, True)
+            adv = torch.tensor([a for _, a in mb], dtype=torch.float32, device=dev)
+            loss, s = logo_grpo_loss(logp, old, rf, ent, owner, adv, cfg)
+            opt.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                skipped += 1
+                continue
+            loss.backward()
+            s["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
+            opt.step()
+            agg.update(s | {"loss": loss.item()})
+            n += 1
+    return {k: v / max(1, n) for k, v in agg.items()} | {"cells": len(cells), "skipped_updates": skipped}
