@@ -8,9 +8,10 @@ import json
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from memory import MemoryBank, retrieve_for_facts, short_date
-from memr2 import RLConfig, bleu1, chunk_turns, exact_match, read_conversations, token_f1
+from memr2 import AnswerAgent, RLConfig, bleu1, chunk_turns, exact_match, read_conversations, token_f1
 from model import encode
 
 # =============================================================================
@@ -227,7 +228,7 @@ MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augus
 
 
 def _made_up(rng, capital):
-    w = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3)))
+    w = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(2))
     w += rng.choice(["", "n", "k", "r", "s"])
     return w.capitalize() if capital else w
 
@@ -360,17 +361,19 @@ def teacher_ops(facts: list, retrieved: list, rng=None, noise: float = 0.0) -> l
         base = (attr or "").rstrip("-")
         hit = next((e for e in retrieved if (r := read_fact(e.content)) and r[0] == base and r[1] == f["speaker"]
                     and base in STATE), None) if attr else None
+        # (key order = the order the model writes them: decision, content, then what it copies)
+        insert = {"op": "INSERT", "content": f["fact"], "speaker": f["speaker"], "dia_id": f["dia_id"]}
         if attr and attr.endswith("-"):
             op = {"op": "DELETE", "memory_id": hit.memory_id} if hit else {"op": "NOOP"}
         elif hit and hit.content == f["fact"]:
             op = {"op": "NOOP"}
         elif hit:
-            op = {"op": "UPDATE", "memory_id": hit.memory_id, "content": f["fact"], "dia_id": f["dia_id"]}
+            op = {"op": "UPDATE", "content": f["fact"], "memory_id": hit.memory_id, "dia_id": f["dia_id"]}
         else:
-            op = {"op": "INSERT", "speaker": f["speaker"], "content": f["fact"], "dia_id": f["dia_id"]}
+            op = insert
         if rng is not None and noise > 0 and rng.random() < noise:
             if op["op"] == "UPDATE":
-                op = {"op": "INSERT", "speaker": f["speaker"], "content": f["fact"], "dia_id": f["dia_id"]}
+                op = insert
             elif op["op"] == "DELETE":
                 op = {"op": "NOOP"}
             elif op["op"] == "INSERT":
@@ -462,3 +465,128 @@ def report_table(results: dict) -> str:
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.1f}" if k in r else "-" for _, k in cols) + " |")
     return "\n".join(lines)
+
+
+# ============================================================================ splits and the CLI
+def synthetic_split(sizes: dict, n_sessions: int = 32) -> dict:
+    """split -> (samples, conversations) of synthetic worlds from disjoint, fixed seed ranges:
+    train, val and test never share a world, tuning on val never sees a test seed, and every
+    training seed of an experiment is measured on the same test worlds (paired comparisons)."""
+    offsets, out = {"train": 100_000, "val": 150_000, "test": 190_000}, {}
+    for k, n in sizes.items():
+        samples = [make_world(offsets[k] + i, n_sessions) for i in range(n)]
+        out[k] = (samples, [parse_conversation(s) for s in samples])
+    return out
+
+
+def compare(run_dirs: list, out_dir: Path) -> str:
+    """Experiment table from finished runs (their result.json): per arm (algo x curriculum)
+    the mean +- std over seeds of the test metrics, a paired bootstrap CI of the F1
+    difference between arms that share seeds, and the mean validation curve per arm
+    (a PNG too when matplotlib happens to be installed; nothing needs it)."""
+    import numpy as np
+    runs = [json.loads((Path(d) / "result.json").read_text()) for d in run_dirs]
+    arms = {}
+    for r in runs:
+        arms.setdefault(f"{r['algo']} {'->'.join(map(str, r['stages']))}", []).append(r)
+    cols = ["f1_overall", "bleu1_overall", "f1_single-hop", "f1_multi-hop", "f1_temporal", "m_fail", "mem_tokens",
+            "share_INSERT", "share_UPDATE", "share_DELETE"]
+    md = ["| arm | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for arm, rs in arms.items():
+        cells = [f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"
+                 for v in ([r["trained"].get(c, 0.0) for r in rs] for c in cols)]
+        md.append(f"| {arm} | {len(rs)} | " + " | ".join(cells) + " |")
+    base = [r["base"]["f1_overall"] for r in runs]
+    md += ["", f"Base pipeline (SFT only) test F1: {np.mean(base):.1f}; oracle memory: "
+               f"{np.mean([r['oracle']['f1_overall'] for r in runs if r.get('oracle')] or [float('nan')]):.1f}", "",
+           "Paired differences of test F1 (row arm minus column arm, same seeds; 95% bootstrap CI over seeds):", ""]
+    rng, names = np.random.default_rng(0), list(arms)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            sa = {r["seed"]: r["trained"]["f1_overall"] for r in arms[a]}
+            sb = {r["seed"]: r["trained"]["f1_overall"] for r in arms[b]}
+            d = np.array([sa[s] - sb[s] for s in sorted(sa.keys() & sb.keys())])
+            if len(d):
+                boot = rng.choice(d, (2000, len(d))).mean(1)
+                md.append(f"- {a} vs {b}: {d.mean():+.1f} F1 over {len(d)} seeds, CI [{np.percentile(boot, 2.5):+.1f}, "
+                          f"{np.percentile(boot, 97.5):+.1f}]")
+    md += ["", "Validation F1 by RL step (mean over seeds; step 0 = the SFT model):", ""]
+    curves = {}
+    for arm, rs in arms.items():
+        pts = {}
+        for r in rs:
+            for g, f in r["val_curve"]:
+                pts.setdefault(g, []).append(f)
+        curves[arm] = sorted((g, float(np.mean(v))) for g, v in pts.items())
+        md.append(f"- {arm}: " + " ".join(f"{g}:{f:.1f}" for g, f in curves[arm]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "runs.json").write_text(json.dumps(runs, indent=1))
+    (out_dir / "table.md").write_text("\n".join(md) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        for arm, pts in curves.items():
+            plt.plot(*zip(*pts), marker="o", label=arm)
+        plt.xlabel("RL step"), plt.ylabel("val F1"), plt.legend(), plt.savefig(out_dir / "val_curves.png", dpi=100)
+    except ImportError:
+        pass
+    return "\n".join(md)
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint dir, or a run dir -> its last stage's best checkpoint."""
+    if (path / "model.safetensors").exists():
+        return path
+    stages = sorted(path.glob("best-stage*"), key=lambda p: int(p.name[len("best-stage"):]))
+    if not stages:
+        raise DataError(f"{path}: no checkpoint (model.safetensors) and no best-stage* inside")
+    return stages[-1]
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    from model import CheckpointError, load_checkpoint
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:  # python eval.py compare RUN_DIR... [--out results]
+        ap = argparse.ArgumentParser(prog="eval.py compare", description="Table of an experiment's runs.")
+        ap.add_argument("runs", nargs="+")
+        ap.add_argument("--out", default="results")
+        args = ap.parse_args(argv[1:])
+        missing = [d for d in args.runs if not (Path(d) / "result.json").exists()]
+        if missing:
+            raise SystemExit(f"error: no result.json in {missing[0]} (did that run finish its test evaluation?)")
+        print(compare(args.runs, Path(args.out)))
+        return
+    ap = argparse.ArgumentParser(description="Evaluate a Memory-R2 checkpoint: F1, BLEU-1, EM per category, M-Fail, memory size, ops.")
+    ap.add_argument("path", help="a run dir (runs/<name>) or a checkpoint dir")
+    ap.add_argument("--data", choices=["synthetic", "locomo"], default="synthetic")
+    ap.add_argument("--split", choices=["val", "test"], default="test")
+    ap.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"))
+    ap.add_argument("--worlds", type=int, default=4, help="synthetic worlds in the split")
+    ap.add_argument("--chunks", type=int, default=None, help="chunks per session (default: 2, LoCoMo: 10)")
+    args = ap.parse_args(argv)
+    try:
+        ckpt = find_checkpoint(Path(args.path))
+        ck = load_checkpoint(ckpt)
+        sft = next((p for p in (ckpt / "sft", ckpt.parent / "sft") if (p / "model.safetensors").exists()), ckpt)
+        if args.data == "locomo":
+            samples, convs = None, locomo_split(load_locomo(args.locomo_path))[args.split]
+        else:
+            samples, convs = synthetic_split({args.split: args.worlds})[args.split]
+    except (CheckpointError, DataError) as e:
+        raise SystemExit(f"error: {e}")
+    cfg = RLConfig(chunks=args.chunks or (10 if args.data == "locomo" else 2))
+    answerer = AnswerAgent(load_checkpoint(sft)["model"], ck["tok"], cfg)
+    table = {f"{ckpt} (answerer {sft.name})": evaluate(ck["model"], ck["tok"], answerer, convs, cfg)}
+    if samples is not None:
+        table["oracle memory (teacher)"] = score(answerer, oracle_banks(samples, convs, cfg), convs)
+    print(report_table(table))
+    out = ckpt / f"eval-{args.data}-{args.split}.json"
+    out.write_text(json.dumps(table, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

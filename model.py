@@ -208,13 +208,15 @@ class Transformer(nn.Module):
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available")
-        return torch.device(name)
-    raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
 
 
 def autocast(device):
@@ -252,7 +254,9 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, eos_id=EOS_ID, generator=None):
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, eos_id: int | None = EOS_ID, generator: torch.Generator | None = None,
+             ) -> tuple[list[list[int]], list[bool]]:
     """Sample continuations for prompts of different lengths -> (new ids per row, finished-with-EOS per row).
 
     A finished row's ids end with eos_id. eos_id=None never stops early. A row gets at most
@@ -309,7 +313,8 @@ class CheckpointError(Exception):
     pass
 
 
-def save_checkpoint(path, model, tok, meta: dict, optimizer=None, tensors=None) -> None:
+def save_checkpoint(path, model: Transformer, tok: Tokenizer, meta: dict, optimizer=None,
+                    tensors: dict[str, torch.Tensor] | None = None) -> None:
     path = str(path).rstrip("/")
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

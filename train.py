@@ -31,8 +31,8 @@ from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, 
                    pick_device, save_checkpoint, train_tokenizer)
 
 PRESETS = {  # model size, SFT budget and group sizes; RL knobs not listed keep RLConfig's defaults
-    "tiny": dict(d_model=128, n_layer=4, n_head=4, vocab=1024, sft_steps=1500, sft_batch=32, n=4, K=4,
-                 train_worlds=64, val_worlds=2, test_worlds=4, steps="6,3,3"),
+    "tiny": dict(d_model=128, n_layer=4, n_head=4, vocab=1024, sft_steps=2500, sft_batch=32, n=4, K=4,
+                 train_worlds=128, val_worlds=2, test_worlds=4, steps="6,3,3"),
     "gpu": dict(d_model=384, n_layer=8, n_head=6, vocab=2048, sft_steps=6000, sft_batch=64, n=16, K=4,
                 train_worlds=256, val_worlds=4, test_worlds=16, steps="10,5,5"),
 }
@@ -102,21 +102,12 @@ def load_data(args):
     ranges, so train, val and test never share a world."""
     if args.data == "locomo":
         try:
-            raw = json.loads(Path(args.locomo_path).read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read LoCoMo file {args.locomo_path}: {e}")
-        try:
-            split = E.locomo_split([E.parse_conversation(s) for s in raw])
-        except (E.DataError, KeyError, TypeError) as e:
-            raise UserError(f"bad LoCoMo file {args.locomo_path}: {e}")
+            split = E.locomo_split(E.load_locomo(args.locomo_path))
+        except E.DataError as e:
+            raise UserError(str(e))
         return {k: (None, v) for k, v in split.items()}
-    pre, base = PRESETS[args.preset], 100_000 * (1 + args.seed % 1000)
-    out = {}
-    for k, (offset, n) in {"train": (0, pre["train_worlds"]), "val": (50_000, pre["val_worlds"]),
-                            "test": (90_000, pre["test_worlds"])}.items():
-        samples = [E.make_world(base + offset + i, args.sessions) for i in range(n)]
-        out[k] = (samples, [E.parse_conversation(s) for s in samples])
-    return out
+    pre = PRESETS[args.preset]
+    return E.synthetic_split({k: pre[f"{k}_worlds"] for k in ("train", "val", "test")}, args.sessions)
 
 
 def sft_examples(samples, convs, cfg: RLConfig, noise: float, seed: int) -> list:
@@ -147,7 +138,8 @@ def sft_examples(samples, convs, cfg: RLConfig, noise: float, seed: int) -> list
 def sft(model, tok, examples, args, device, log) -> None:
     """Supervised warm start: cross-entropy on target tokens only, computed with the same
     fused log-prob kernel the RL loss uses (loss = -mean token log-prob). The manager gets
-    the most samples: it is the hard role (cpu-feasibility note 3)."""
+    the most samples: it is the hard role (cpu-feasibility note 3); the answerer, frozen
+    after this, sets the quality of every reward."""
     rng = random.Random(args.seed)
     max_len = model.cfg.max_seq_len
     data = {}
@@ -155,7 +147,7 @@ def sft(model, tok, examples, args, device, log) -> None:
         p, t = encode(tok, prompt), encode(tok, target) + [EOS_ID]
         if len(p) + len(t) <= max_len:
             data.setdefault(role, []).append(Cell(p, t, True))
-    weights = {"ext": 0.25, "mgr": 0.45, "ans": 0.30}
+    weights = {"ext": 0.25, "mgr": 0.40, "ans": 0.35}
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.1, betas=(0.9, 0.95))
     steps, bs, warm = args.sft_steps, PRESETS[args.preset]["sft_batch"], min(100, args.sft_steps // 10 + 1)
     model.train()
@@ -216,6 +208,7 @@ def main(argv=None) -> dict:
     elif (run / "last").exists():
         raise UserError(f"{run} already holds a run: pass --resume {run} or another --name")
     cfg = rl_config(args)
+    data = load_data(args)  # before anything is written: a bad data path leaves no half run behind
     run.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         (run / "args.json").write_text(json.dumps({"argv": argv if argv is not None else sys.argv[1:], "cfg": asdict(cfg)}, indent=1))
@@ -223,11 +216,15 @@ def main(argv=None) -> dict:
     metrics_f = run / "metrics.jsonl"
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    data = load_data(args)
 
     def log(rec):
         with open(metrics_f, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        pos["lines"] += 1  # saved with every checkpoint: a resume cuts the log back to it
+
+    pos = {"stage": 0, "step": 0, "best": None, "gstep": 0, "fails": 0, "lines": 0}
+    if metrics_f.exists() and not args.resume:
+        metrics_f.unlink()  # a fresh run (e.g. one that failed before its first checkpoint)
 
     # --- SFT warm start (or a given / saved one); it also becomes the frozen answerer and the KL reference
     sft_dir = Path(args.init) if args.init else run / "sft"
@@ -259,7 +256,6 @@ def main(argv=None) -> dict:
     # --- RL curriculum; `pos` is where we are, restored on resume
     rng, gen = random.Random(args.seed), torch.Generator(device=device)
     gen.manual_seed(args.seed)
-    pos = {"stage": 0, "step": 0, "best": None, "gstep": 0, "fails": 0}
     opt = None
     if args.resume and (run / "last").exists():
         ck = load_ckpt(run / "last", device)
@@ -271,7 +267,7 @@ def main(argv=None) -> dict:
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01)
         opt.load_state_dict(ck["optimizer_state"])
         # metrics written after the checkpoint was saved would be repeated: drop them
-        lines = [l for l in metrics_f.read_text().splitlines() if json.loads(l).get("gstep", -1) < pos["gstep"]]
+        lines = metrics_f.read_text().splitlines()[:pos["lines"]]
         metrics_f.write_text("".join(l + "\n" for l in lines))
         print(f"resumed {run} at stage {pos['stage']} step {pos['step']}")
     train_convs = data["train"][1]
@@ -331,6 +327,12 @@ def main(argv=None) -> dict:
         result["test"] = table
         write_report(run, args, cfg, table, result["minutes"])
         print(E.report_table(table))
+        vals = [json.loads(l) for l in metrics_f.read_text().splitlines()]
+        names = list(table)
+        (run / "result.json").write_text(json.dumps({
+            "algo": cfg.algo, "stages": args.stages, "steps": args.steps, "seed": args.seed, "minutes": result["minutes"],
+            "base": table[names[0]], "trained": table[names[1]], "oracle": table.get(names[2]) if len(names) > 2 else None,
+            "val_curve": [(r["gstep"], r["f1_overall"]) for r in vals if r["phase"] == "val"]}, indent=1))
     log({"phase": "done", **result})
     return result
 

@@ -1,3 +1,4 @@
+"""Micro-benchmarks. Run: python bench.py"""
 import multiprocessing as mp
 import resource
 import statistics
@@ -5,9 +6,50 @@ import time
 
 import torch
 
-from _fused import fused_logprobs
+from memr2 import fused_logprobs
+from model import BOS_ID, ModelConfig, Transformer, generate, left_pad
 
 
+@torch.no_grad()
+def greedy_by_recompute(model, prompts, max_new_tokens):
+    """Naive sampler: every step runs the full masked forward over the whole left-padded batch, no cache."""
+    idx, pos, mask = left_pad(prompts, "cpu")  # (B, L)
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = model(idx, pos=pos, attn_mask=mask)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        out.append(nxt)
+        idx = torch.cat([idx, nxt], 1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt, dtype=torch.bool)], 1)
+    return torch.cat(out, 1).tolist()
+
+
+def bench_kv_cache():
+    # One thread: this tiny model gains little from two, and a second busy process on the 2 cores makes
+    # multi-threaded torch ops stall badly (seen: 300x), which would turn the timings into noise.
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(max_seq_len=256)).eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(8, 33, (16,), generator=g).tolist()  # 16 prompts of 8..32 tokens
+    prompts = [[BOS_ID] + torch.randint(7, 1024, (n - 1,), generator=g).tolist() for n in lengths]
+    n_new = 128
+    generate(model, prompts[:2], 4, temperature=0)  # warm-up
+
+    t0 = time.perf_counter()
+    fast, finished = generate(model, prompts, n_new, temperature=0, eos_id=None)  # no EOS: full length
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    slow = greedy_by_recompute(model, prompts, n_new)
+    t_slow = time.perf_counter() - t0
+
+    assert fast == slow, "KV-cache and recompute samplers disagree"
+    assert all(len(r) == n_new for r in fast) and not any(finished)
+    print(f"kv-cache sampling: {t_fast:.2f} s, recompute: {t_slow:.2f} s, "
+          f"speed-up {t_slow / t_fast:.1f}x (target >= 5x)")
+
+
+# ============================================================================ fused log-prob head
 def _logprob_step(method, h, W, y, g, chunk):
     """One forward + backward of the head log-probs with a random per-token upstream grad."""
     if method == "fused":
@@ -89,4 +131,5 @@ def bench_logprob(n=4096, v=32768, h=256, chunk=256, repeats=3):
 
 
 if __name__ == "__main__":
-    bench_logprob()
+    for bench in [bench_kv_cache, bench_logprob]:
+        bench()
