@@ -483,7 +483,12 @@ def compare(run_dirs: list, out_dir: Path) -> str:
     difference between arms that share seeds, and the mean validation curve per arm
     (a PNG too when matplotlib happens to be installed; nothing needs it)."""
     import numpy as np
-    runs = [json.loads((Path(d) / "result.json").read_text()) for d in run_dirs]
+    runs = []
+    for d in run_dirs:  # the test result, plus the validation curve from the run's log
+        r = json.loads((Path(d) / "result.json").read_text())
+        vals = [json.loads(l) for l in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+        r["val_curve"] = [(v["stage"], v["step"], v["f1_overall"]) for v in vals if v["phase"] == "val"]
+        runs.append(r)
     arms = {}
     for r in runs:
         arms.setdefault(f"{r['algo']} {'->'.join(map(str, r['stages']))}", []).append(r)
@@ -508,15 +513,16 @@ def compare(run_dirs: list, out_dir: Path) -> str:
                 boot = rng.choice(d, (2000, len(d))).mean(1)
                 md.append(f"- {a} vs {b}: {d.mean():+.1f} F1 over {len(d)} seeds, CI [{np.percentile(boot, 2.5):+.1f}, "
                           f"{np.percentile(boot, 97.5):+.1f}]")
-    md += ["", "Validation F1 by RL step (mean over seeds; step 0 = the SFT model):", ""]
+    md += ["", "Validation F1, mean over seeds, as sessions:step (step 0 of a stage = its warm start, the "
+               "previous stage's best checkpoint; 8:0 = the SFT model):", ""]
     curves = {}
     for arm, rs in arms.items():
         pts = {}
         for r in rs:
-            for g, f in r["val_curve"]:
-                pts.setdefault(g, []).append(f)
-        curves[arm] = sorted((g, float(np.mean(v))) for g, v in pts.items())
-        md.append(f"- {arm}: " + " ".join(f"{g}:{f:.1f}" for g, f in curves[arm]))
+            for stage, step, f in r["val_curve"]:
+                pts.setdefault((r["stages"].index(stage), stage, step), []).append(f)
+        curves[arm] = [(f"{s}:{t}", float(np.mean(v))) for (_, s, t), v in sorted(pts.items())]
+        md.append(f"- {arm}: " + " ".join(f"{k}={f:.1f}" for k, f in curves[arm]))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "runs.json").write_text(json.dumps(runs, indent=1))
     (out_dir / "table.md").write_text("\n".join(md) + "\n")
@@ -525,8 +531,8 @@ def compare(run_dirs: list, out_dir: Path) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         for arm, pts in curves.items():
-            plt.plot(*zip(*pts), marker="o", label=arm)
-        plt.xlabel("RL step"), plt.ylabel("val F1"), plt.legend(), plt.savefig(out_dir / "val_curves.png", dpi=100)
+            plt.plot(range(len(pts)), [f for _, f in pts], marker="o", label=arm)
+        plt.xlabel("validation point"), plt.ylabel("val F1"), plt.legend(), plt.savefig(out_dir / "val_curves.png", dpi=100)
     except ImportError:
         pass
     return "\n".join(md)

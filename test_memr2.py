@@ -1144,11 +1144,13 @@ def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
             metrics = {"f1_overall": f1, "m_fail": 5.0}
             (d / "result.json").write_text(json.dumps({
                 "algo": algo, "stages": [8, 16], "steps": [1, 1], "seed": seed, "minutes": 1.0,
-                "base": {"f1_overall": 10.0}, "trained": metrics, "oracle": {"f1_overall": 60.0},
-                "val_curve": [(0, 10.0), (1, f1)]}))
+                "base": {"f1_overall": 10.0}, "trained": metrics, "oracle": {"f1_overall": 60.0}}))
+            (d / "metrics.jsonl").write_text("".join(json.dumps(v) + "\n" for v in [
+                {"phase": "sft", "step": 0, "loss": 1.0}, {"phase": "val", "stage": 8, "step": 0, "f1_overall": 10.0},
+                {"phase": "val", "stage": 16, "step": 1, "f1_overall": f1}]))
             runs.append(d)
     md = E.compare(runs, tmp_path / "results")
     assert "| logo 8->16 | 2 | 32.0 ± 2.8 |" in md and "| grpo 8->16 | 2 | 23.0 ± 4.2 |" in md
     assert "logo 8->16 vs grpo 8->16: +9.0 F1 over 2 seeds" in md
-    assert "- logo 8->16: 0:10.0 1:32.0" in md
+    assert "- logo 8->16: 8:0=10.0 16:1=32.0" in md
     assert json.loads((tmp_path / "results" / "runs.json").read_text())[0]["seed"] == 1

@@ -260,7 +260,9 @@ def main(argv=None) -> dict:
     # --- RL curriculum; `pos` is where we are, restored on resume
     rng, gen = random.Random(args.seed), torch.Generator(device=device)
     gen.manual_seed(args.seed)
-    opt = None
+    opt, new_opt = None, lambda: torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.999))
+    if args.resume and not (run / "last").exists() and metrics_f.exists():
+        pos["lines"] = len(metrics_f.read_text().splitlines())  # interrupted before RL began: keep the SFT log
     if args.resume and (run / "last").exists():
         ck = load_ckpt(run / "last", device)
         policy.load_state_dict(ck["model"].state_dict())
@@ -268,7 +270,7 @@ def main(argv=None) -> dict:
         rng.setstate(_tuple(ck["meta"]["py_rng"]))
         gen.set_state(ck["tensors"]["torch_gen"])
         torch.set_rng_state(ck["tensors"]["torch_rng"])
-        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01)
+        opt = new_opt()
         opt.load_state_dict(ck["optimizer_state"])
         # metrics written after the checkpoint was saved would be repeated: drop them
         lines = metrics_f.read_text().splitlines()[:pos["lines"]]
@@ -282,7 +284,7 @@ def main(argv=None) -> dict:
                 best_dir = run / f"best-stage{si - 1}"
                 if best_dir.exists():
                     policy.load_state_dict(load_ckpt(best_dir, device)["model"].state_dict())
-            opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.999))
+            opt = new_opt()  # each stage starts its optimizer afresh, from the warm-start weights
         if pos["step"] == 0:  # validate before training; the start is the first best candidate
             v = E.evaluate(policy, tok, answerer, val, cfg)
             pos["best"] = v["f1_overall"]
@@ -329,25 +331,24 @@ def main(argv=None) -> dict:
         if samples is not None:
             table["oracle memory (teacher)"] = E.score(answerer, E.oracle_banks(samples, test, cfg), test)
         result["test"] = table
-        write_report(run, args, cfg, table, result["minutes"])
+        write_report(run, args, cfg, table, result["minutes"], device)
         print(E.report_table(table))
-        vals = [json.loads(l) for l in metrics_f.read_text().splitlines()]
         names = list(table)
         (run / "result.json").write_text(json.dumps({
             "algo": cfg.algo, "stages": args.stages, "steps": args.steps, "seed": args.seed, "minutes": result["minutes"],
-            "base": table[names[0]], "trained": table[names[1]], "oracle": table.get(names[2]) if len(names) > 2 else None,
-            "val_curve": [(r["gstep"], r["f1_overall"]) for r in vals if r["phase"] == "val"]}, indent=1))
+            "base": table[names[0]], "trained": table[names[1]], "oracle": table.get(names[2]) if len(names) > 2 else None},
+            indent=1))
     log({"phase": "done", **result})
     return result
 
 
-def write_report(run, args, cfg, table, minutes):
+def write_report(run, args, cfg, table, minutes, device):
     val = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     curve = " ".join(f"{r['stage']}:{r['step']}={r['f1_overall']:.1f}" for r in val if r.get("phase") == "val")
     (run / "report.md").write_text(
         f"# Memory-R2 run `{run.name}`\n\n"
         f"algo {cfg.algo}, stages {args.stages}, steps {args.steps}, n={cfg.n} K={cfg.K} p={cfg.p} "
-        f"lambda={cfg.lam} phi={cfg.phi}, data {args.data}, seed {args.seed}, {minutes:.1f} min on {args.device}\n\n"
+        f"lambda={cfg.lam} phi={cfg.phi}, data {args.data}, seed {args.seed}, {minutes:.1f} min on {device}\n\n"
         f"## Test (x100)\n\n{E.report_table(table)}\n\n## Validation F1 (stage:step=F1)\n\n{curve}\n")
 
 
