@@ -33,8 +33,8 @@ from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, 
 PRESETS = {  # model size, SFT budget and group sizes; RL knobs not listed keep RLConfig's defaults
     "tiny": dict(d_model=128, n_layer=4, n_head=4, vocab=1024, sft_steps=2500, sft_batch=32, n=4, K=4,
                  train_worlds=800, val_worlds=2, test_worlds=4, steps="10,5,5"),
-    "gpu": dict(d_model=384, n_layer=8, n_head=6, vocab=2048, sft_steps=6000, sft_batch=64, n=16, K=4,
-                train_worlds=256, val_worlds=4, test_worlds=16, steps="10,5,5"),
+    "gpu": dict(d_model=384, n_layer=8, n_head=6, vocab=2048, sft_steps=8000, sft_batch=64, n=16, K=4,
+                train_worlds=2000, val_worlds=4, test_worlds=16, steps="10,5,5"),
 }
 
 
