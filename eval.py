@@ -502,7 +502,7 @@ def compare(run_dirs: list, out_dir: Path) -> str:
     base = [r["base"]["f1_overall"] for r in runs]
     md += ["", f"Base pipeline (SFT only) test F1: {np.mean(base):.1f}; oracle memory: "
                f"{np.mean([r['oracle']['f1_overall'] for r in runs if r.get('oracle')] or [float('nan')]):.1f}", "",
-           "Paired differences of test F1 (row arm minus column arm, same seeds; 95% bootstrap CI over seeds):", ""]
+           "Paired differences of test F1 (first arm minus second, same seeds; 95% bootstrap CI over seeds):", ""]
     rng, names = np.random.default_rng(0), list(arms)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
