@@ -3,6 +3,7 @@
 The loader turns one LoCoMo-schema sample into plain dataclasses and repairs the
 file's known quirks in one place, so nothing downstream ever sees raw JSON.
 """
+import copy
 import datetime
 import json
 import random
@@ -11,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memory import MemoryBank, retrieve_for_facts, short_date
-from memr2 import AnswerAgent, RLConfig, bleu1, chunk_turns, exact_match, read_conversations, token_f1
-from model import encode
+from memr2 import AnswerAgent, RLConfig, bleu1, chunk_turns, exact_match, memory_tokens, read_conversations, token_f1
 
 # =============================================================================
 # LoCoMo data loading (spec §7)
@@ -306,12 +306,14 @@ def _questions(a, b, gold):
 
 # --------------------------------------------------------------------------- the teacher
 def _template_regex(template):
-    return re.compile("^" + re.escape(template).replace(r"\{s\}", "(?P<s>.+?)").replace(r"\{v\}", "(?P<v>.+)") + "$")
+    """"{s} lives in {v}" -> a regex with named groups s, o (the other speaker) and v."""
+    rx = re.escape(template).replace(r"\{s\}", "(?P<s>.+?)").replace(r"\{o\}", "(?P<o>.+?)")
+    return re.compile("^" + rx.replace(r"\{v\}", "(?P<v>.+)") + "$")
 
 
 _FACT_RE = {attr: _template_regex(t) for attr, t in FACT.items()}
-_Q_RE = [(kind, attr, _template_regex(t)) for kind, table in (("now", QUESTION), ("when", WHEN))
-         for attr, t in table.items()] + [("pair", attr, re.compile("^" + re.escape(t).replace(r"\{s\}", "(?P<s>.+?)").replace(r"\{o\}", "(?P<o>.+?)") + "$")) for attr, t in PAIR.items()]
+_Q_RE = [(kind, attr, _template_regex(t)) for kind, table in (("now", QUESTION), ("when", WHEN), ("pair", PAIR))
+         for attr, t in table.items()]
 
 
 def read_fact(content: str):
@@ -382,32 +384,27 @@ def teacher_ops(facts: list, retrieved: list, rng=None, noise: float = 0.0) -> l
 
 def teacher_trace(sample: dict, conv, n_chunks: int, noise: float = 0.0, seed: int = 0,
                   per_fact: int = 2, cap: int = 6):
-    """Replay the world with the teacher. Yields, per chunk: (session, chunk_turns,
-    gold_facts, retrieved_memories, ops) and applies ops to the teacher's own bank, so later
-    chunks see the (possibly noisy) memory the teacher made. Returns the final bank via
-    StopIteration.value; use `teacher_memory` for just the bank."""
+    """Replay the world with the teacher -> (steps, final bank). One step per chunk:
+    (session, chunk_turns, gold_facts, retrieved_memories, ops); the ops are applied to the
+    teacher's own bank, so later chunks see the (possibly noisy) memory the teacher made."""
     rng = random.Random(seed)
-    bank = MemoryBank()
+    bank, steps = MemoryBank(), []
     gold = sample["gold_facts"]
     for sess in conv.sessions:
         for chunk in chunk_turns(sess.turns, n_chunks):
             facts = [{"speaker": gold[t.dia_id]["speaker"], "dia_id": t.dia_id, "fact": gold[t.dia_id]["fact"]}
                      for t in chunk if t.dia_id in gold and not (noise and rng.random() < noise / 2)]
-            retrieved = retrieve_for_facts(bank, facts, per_fact, cap)
+            # copies: later UPDATEs rewrite entries in place, and a step must show the memory as it was
+            retrieved = [copy.copy(e) for e in retrieve_for_facts(bank, facts, per_fact, cap)]
             ops = teacher_ops(facts, retrieved, rng, noise)
-            yield sess, chunk, facts, retrieved, ops
+            steps.append((sess, chunk, facts, retrieved, ops))
             bank.apply(ops, sess.index, short_date(sess.date))
-    return bank
+    return steps, bank
 
 
 def teacher_memory(sample, conv, n_chunks, noise=0.0, seed=0) -> MemoryBank:
     """The bank the teacher ends with; at noise 0 this is the oracle (gold) memory."""
-    it = teacher_trace(sample, conv, n_chunks, noise, seed)
-    while True:
-        try:
-            next(it)
-        except StopIteration as stop:
-            return stop.value
+    return teacher_trace(sample, conv, n_chunks, noise, seed)[1]
 
 
 # ============================================================================ evaluation
@@ -430,7 +427,7 @@ def score(answerer, banks: list, convs: list, names=CATEGORIES) -> dict:
     out = {f"{m}_{k}": 100 * sum(v) / len(v) for k, d in per.items() for m, v in d.items()}
     out |= {"n_questions": len(pairs), "m_fail": 100 * (1 - sum(ev) / len(ev)) if ev else 0.0,
             "mem_entries": sum(len(b.entries) for b in banks) / len(banks),
-            "mem_tokens": sum(b.num_tokens(lambda s: len(encode(answerer.tok, s))) for b in banks) / len(banks)}
+            "mem_tokens": sum(memory_tokens(answerer.tok, b) for b in banks) / len(banks)}
     return out
 
 

@@ -257,8 +257,12 @@ def dialogue_tokens(tok, conv) -> list:
     return out
 
 
+def memory_tokens(tok, bank) -> int:
+    return bank.num_tokens(lambda s: len(encode(tok, s)))
+
+
 def penalty(tok, bank, T: int, cfg: RLConfig) -> float:
-    return cfg.lam * bloat_cost(bank.num_tokens(lambda s: len(encode(tok, s))), T, cfg.phi)
+    return cfg.lam * bloat_cost(memory_tokens(tok, bank), T, cfg.phi)
 
 
 def global_rewards(f1: list, qas: list, n_sessions: int, penalties: list, finished: list) -> list:
@@ -514,7 +518,7 @@ def logo_step(policy, ref, answerer: AnswerAgent, tok, conv, S: int, cfg: RLConf
     stats.update(assign_advantages(pool))
     stats.update(ppo_update(policy, ref, pool, cfg, opt))
     qa_f1 = [sum(row) / max(1, len(row)) for row in f1]
-    mem_tok = [b.num_tokens(lambda s: len(encode(tok, s))) for b in banks]
+    mem_tok = [memory_tokens(tok, b) for b in banks]
     stats.update({
         "reward_global": sum(map(sum, r_global)) / (cfg.n * S), "train_f1": sum(qa_f1) / cfg.n,
         "branches": len(branches), "local_share": len(local_rows) / max(1, len(pool)),

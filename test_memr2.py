@@ -354,7 +354,7 @@ def test_world_is_reproducible_changes_state_and_noise_hurts():
     assert E.make_world(5) == E.make_world(5) and E.make_world(5) != E.make_world(6)
     sample = E.make_world(7)
     conv = E.parse_conversation(sample)
-    ops = [op["op"] for *_, o in E.teacher_trace(sample, conv, 2) for op in o]
+    ops = [op["op"] for *_, o in E.teacher_trace(sample, conv, 2)[0] for op in o]
     assert {"INSERT", "UPDATE", "DELETE"} <= set(ops)  # moves, new jobs, pets that die
     f1 = lambda bank: sum(M.token_f1(E.lookup_answer(q.question, retrieve_for_question(bank, q.question, 4)), q.answer)
                           for q in conv.qa) / len(conv.qa)

@@ -117,14 +117,8 @@ def sft_examples(samples, convs, cfg: RLConfig, noise: float, seed: int) -> list
     agent the exact-lookup answer over what retrieval shows it."""
     ex = []
     for i, (s, c) in enumerate(zip(samples, convs)):
-        trace = E.teacher_trace(s, c, cfg.chunks, noise, seed + i)
-        bank, last = None, 0
-        while True:
-            try:
-                sess, chunk, facts, shown, ops = next(trace)
-            except StopIteration as stop:
-                bank = stop.value
-                break
+        steps, bank = E.teacher_trace(s, c, cfg.chunks, noise, seed + i)
+        for sess, chunk, facts, shown, ops in steps:
             ex.append(("ext", extractor_prompt(chunk), facts_target(facts)))
             if facts:
                 ex.append(("mgr", manager_prompt(shown, facts), ops_target(ops)))
