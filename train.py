@@ -47,7 +47,7 @@ def parse_args(argv=None):
     ap.add_argument("--preset", choices=PRESETS, default="tiny")
     ap.add_argument("--algo", choices=["logo", "grpo", "local"], default="logo")
     ap.add_argument("--stages", default="8,16,32", help="session caps of the curriculum; '32' trains directly")
-    ap.add_argument("--steps-per-stage", default=None, help="RL steps per stage, e.g. 6,3,3 (preset default)")
+    ap.add_argument("--steps-per-stage", default=None, help="RL steps per stage, e.g. 10,5,5 (preset default)")
     ap.add_argument("--val-every", type=int, default=5, help="validate every this many RL steps")
     for name in ("n", "K", "chunks", "ppo_epochs"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
@@ -255,8 +255,6 @@ def main(argv=None) -> dict:
     rng, gen = random.Random(args.seed), torch.Generator(device=device)
     gen.manual_seed(args.seed)
     opt, new_opt = None, lambda: torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.999))
-    if args.resume and not (run / "last").exists() and metrics_f.exists():
-        pos["lines"] = len(metrics_f.read_text().splitlines())  # interrupted before RL began: keep the SFT log
     if args.resume and (run / "last").exists():
         ck = load_ckpt(run / "last", device)
         policy.load_state_dict(ck["model"].state_dict())
@@ -270,6 +268,8 @@ def main(argv=None) -> dict:
         lines = metrics_f.read_text().splitlines()[:pos["lines"]]
         metrics_f.write_text("".join(l + "\n" for l in lines))
         print(f"resumed {run} at stage {pos['stage']} step {pos['step']}")
+    elif args.resume and metrics_f.exists():
+        pos["lines"] = len(metrics_f.read_text().splitlines())  # interrupted before RL began: keep the SFT log
     train_convs = data["train"][1]
     for si in range(pos["stage"], len(args.stages)):
         S = args.stages[si]
