@@ -6,13 +6,16 @@ file's known quirks in one place, so nothing downstream ever sees raw JSON.
 import copy
 import datetime
 import json
+import math
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from memory import MemoryBank, retrieve_for_facts, short_date
-from memr2 import AnswerAgent, RLConfig, bleu1, chunk_turns, exact_match, memory_tokens, read_conversations, token_f1
+from memory import MemoryBank, bloat_cost, retrieve_for_facts, short_date
+from memr2 import (AnswerAgent, RLConfig, bleu1, chunk_turns, dialogue_tokens, exact_match, memory_tokens, qa_scores,
+                   read_conversations, token_f1)
 
 # =============================================================================
 # LoCoMo data loading (spec §7)
@@ -211,10 +214,13 @@ SAY = {
     "book": ["I read a book called {v}.", "I finished reading {v}.", "I loved the book {v}."],
     "pet-": ["Sadly my pet {v} died.", "We lost {v}, my pet, this week."],
     "plan-": ["I cancelled my trip to {v}.", "The trip to {v} is off, I cancelled it."],
+    "job-": ["I quit my job as a {v}.", "I am no longer a {v}, I quit."],
+    "hobby-": ["I gave up {v}, no time.", "I stopped doing {v}."],
 }
 FACT = {"city": "{s} lives in {v}", "job": "{s} works as a {v}", "hobby": "{s} enjoys {v}",
         "pet": "{s} has a pet named {v}", "plan": "{s} plans a trip to {v}", "visit": "{s} visited {v}",
-        "book": "{s} read the book {v}", "pet-": "{s}'s pet {v} died", "plan-": "{s} cancelled the trip to {v}"}
+        "book": "{s} read the book {v}", "pet-": "{s}'s pet {v} died", "plan-": "{s} cancelled the trip to {v}",
+        "job-": "{s} quit the job as a {v}", "hobby-": "{s} gave up {v}"}
 QUESTION = {"city": "Where does {s} live?", "job": "What work does {s} do?", "hobby": "What hobby does {s} enjoy?",
             "pet": "What is the name of {s}'s pet?", "plan": "Where does {s} plan a trip?"}
 WHEN = {"city": "When did {s} move to {v}?", "visit": "When did {s} visit {v}?", "book": "When did {s} read {v}?"}
@@ -223,6 +229,7 @@ SMALL_TALK = ["How have you been?", "The weather is lovely today.", "Haha, that 
               "I had a long day at home.", "Did you sleep well?", "That sounds great!", "Tell me more.",
               "I am a bit tired today.", "Good to hear from you!", "What a week it has been.", "Same here, honestly."]
 STATE, EVENTS = ("city", "job", "hobby", "pet", "plan"), ("visit", "book")
+REMOVABLE = ("pet", "plan", "job", "hobby")  # a state that can end: the answer becomes "none"
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
           "October", "November", "December"]
 
@@ -233,8 +240,8 @@ def _made_up(rng, capital):
     return w.capitalize() if capital else w
 
 
-def make_world(seed: int, n_sessions: int = 32, facts_per_session: int = 2, noise_turns: int = 2,
-               event_rate: float = 0.5, delete_rate: float = 0.3, novel_rate: float = 0.3) -> dict:
+def make_world(seed: int, n_sessions: int = 32, facts_per_session: int = 2, noise_turns: int = 1,
+               event_rate: float = 0.25, delete_rate: float = 0.45, novel_rate: float = 0.3) -> dict:
     """One conversation in LoCoMo's schema. Knobs: sessions, facts and small-talk turns per
     session, share of one-off events, how often a pet dies / a trip is cancelled, and the
     share of made-up values. Same seed -> identical world."""
@@ -261,8 +268,8 @@ def make_world(seed: int, n_sessions: int = 32, facts_per_session: int = 2, nois
                 attr = rng.choice(EVENTS)
             changed.add((s, attr))
             cur = state[s].get(attr)
-            if attr in ("pet", "plan") and cur and rng.random() < delete_rate:
-                attr, v = attr + "-", cur[0]  # the pet dies / the trip is cancelled
+            if attr in REMOVABLE and cur and rng.random() < delete_rate:
+                attr, v = attr + "-", cur[0]  # the pet dies, the trip is cancelled, a job or hobby is given up
                 del state[s][attr[:-1]]
             else:
                 pool = POOLS[attr]
@@ -298,7 +305,7 @@ def _questions(a, b, gold):
                        "evidence": [dia], "category": 2})
     for attr in PAIR:
         (va, da, _), (vb, db, _) = last.get((a, attr), ("",) * 3), last.get((b, attr), ("",) * 3)
-        if va and vb and va != vb:  # (set-based F1 would not give 1 to "X and X")
+        if va and vb and va != vb and "none" not in (va, vb):  # set-based F1 would not give 1 to "X and X"
             qa.append({"question": PAIR[attr].format(s=a, o=b), "answer": f"{va} and {vb}",
                        "evidence": [da, db], "category": 1})
     return qa
@@ -326,25 +333,30 @@ def read_fact(content: str):
 
 
 def lookup_answer(question: str, entries: list) -> str:
-    """The ideal reader: answer a world question by exact lookup in `entries`, the newest
-    matching entry winning (spec §1.3: prefer the newest memory on conflicts). Gives the
-    answer agent's SFT targets and checks that the teacher's gold memory answers everything."""
+    """The exact reader: answer a world question by lookup in `entries` (what retrieval shows),
+    the newest matching entry winning (the paper's answer agent prefers the newest memory on
+    conflicts). A stored ending ("X's pet Rex died") is read as the state's removal, as any
+    competent reader would. It is the synthetic world's frozen answer agent, gives the learned
+    answerer its SFT targets, and checks that the teacher's gold memory answers everything."""
     def newest(speaker, attr, value=None):
-        hits = [(e.session, int(e.memory_id[1:]), e) for e in entries if (f := read_fact(e.content))
-                and f[0] == attr and f[1] == speaker and value in (None, f[2])]
+        hits = [(e.session, int(e.memory_id[1:]), f) for e in entries if (f := read_fact(e.content))
+                and f[0].rstrip("-") == attr and f[1] == speaker and value in (None, f[2])]
         return max(hits, key=lambda h: h[:2])[2] if hits else None
+
+    def current(speaker, attr):
+        f = newest(speaker, attr)
+        return f[2] if f and not f[0].endswith("-") else "none"
     for kind, attr, rx in _Q_RE:
         m = rx.match(question)
         if not m:
             continue
         if kind == "now":
-            e = newest(m["s"], attr)
-            return read_fact(e.content)[2] if e else "none"
+            return current(m["s"], attr)
         if kind == "when":
-            e = newest(m["s"], attr, m["v"])
-            return e.session_time if e else "none"
-        vals = [newest(sp, attr) for sp in (m["s"], m["o"])]
-        return " and ".join(read_fact(e.content)[2] if e else "none" for e in vals)
+            e = [e for e in entries if (f := read_fact(e.content)) == (attr, m["s"], m["v"])]
+            return max(e, key=lambda e: (e.session, int(e.memory_id[1:]))).session_time if e else "none"
+        vals = [current(sp, attr) for sp in (m["s"], m["o"])]
+        return "none" if vals == ["none", "none"] else " and ".join(vals)
     return "none"
 
 
@@ -382,12 +394,20 @@ def teacher_ops(facts: list, retrieved: list, rng=None, noise: float = 0.0) -> l
     return ops
 
 
+def noisy_teacher(noise: float):
+    """The SFT teacher: gold ops corrupted at rate `noise` (see teacher_ops)."""
+    return lambda facts, shown, rng: teacher_ops(facts, shown, rng, noise)
+
+
 def teacher_trace(sample: dict, conv, n_chunks: int, noise: float = 0.0, seed: int = 0,
-                  per_fact: int = 2, cap: int = 6):
+                  per_fact: int = 2, cap: int = 6, manager=None):
     """Replay the world with the teacher -> (steps, final bank). One step per chunk:
     (session, chunk_turns, gold_facts, retrieved_memories, ops); the ops are applied to the
-    teacher's own bank, so later chunks see the (possibly noisy) memory the teacher made."""
+    teacher's own bank, so later chunks see the (possibly noisy) memory the teacher made.
+    `manager(facts, shown, rng) -> ops` replaces the teacher's manager (the scripted ones
+    of `SCRIPTED`); the facts are gold, missed at rate noise / 2."""
     rng = random.Random(seed)
+    manager = manager or noisy_teacher(noise)
     bank, steps = MemoryBank(), []
     gold = sample["gold_facts"]
     for sess in conv.sessions:
@@ -396,19 +416,118 @@ def teacher_trace(sample: dict, conv, n_chunks: int, noise: float = 0.0, seed: i
                      for t in chunk if t.dia_id in gold and not (noise and rng.random() < noise / 2)]
             # copies: later UPDATEs rewrite entries in place, and a step must show the memory as it was
             retrieved = [copy.copy(e) for e in retrieve_for_facts(bank, facts, per_fact, cap)]
-            ops = teacher_ops(facts, retrieved, rng, noise)
+            ops = manager(facts, retrieved, rng)
             steps.append((sess, chunk, facts, retrieved, ops))
             bank.apply(ops, sess.index, short_date(sess.date))
     return steps, bank
 
 
-def teacher_memory(sample, conv, n_chunks, noise=0.0, seed=0) -> MemoryBank:
+def teacher_memory(sample, conv, n_chunks, noise=0.0, seed=0, manager=None) -> MemoryBank:
     """The bank the teacher ends with; at noise 0 this is the oracle (gold) memory."""
-    return teacher_trace(sample, conv, n_chunks, noise, seed)[1]
+    return teacher_trace(sample, conv, n_chunks, noise, seed, manager=manager)[1]
+
+
+# ------------------------------------------------------------------ scripted managers (reward sensitivity)
+def _insert(f):
+    return {"op": "INSERT", "content": f["fact"], "speaker": f["speaker"], "dia_id": f["dia_id"]}
+
+
+def _swap(kind, new):
+    """The teacher, with every `kind` op replaced by new(fact) (None: dropped)."""
+    def manager(facts, shown, rng):
+        ops = [new(f) if o["op"] == kind else o for f, o in zip(facts, teacher_ops(facts, shown))]
+        return [o for o in ops if o is not None]
+    return manager
+
+
+# Each one fails at exactly one kind of decision, fed the gold facts; the reward must notice.
+SCRIPTED = {
+    "oracle": lambda facts, shown, rng: teacher_ops(facts, shown),
+    "insert-only": lambda facts, shown, rng: [_insert(f) for f in facts],  # never UPDATE or DELETE
+    "no-delete": _swap("DELETE", lambda f: {"op": "NOOP"}),
+    "duplicate-updates": _swap("UPDATE", _insert),  # a new entry instead of rewriting the old one
+    "drop-half": lambda facts, shown, rng: [o for o in teacher_ops(facts, shown)
+                                            if o["op"] != "INSERT" or rng.random() < 0.5],
+    "empty": lambda facts, shown, rng: [],
+}
+
+
+def exact_answerer(cfg: RLConfig) -> AnswerAgent:
+    """The synthetic world's frozen answer agent: `lookup_answer` over what retrieval shows."""
+    return AnswerAgent(lambda items: [lookup_answer(q, mem) for mem, q in items], cfg, "exact")
+
+
+def sensitivity(samples: list, convs: list, tok, cfg: RLConfig) -> dict:
+    """name -> test metrics of each scripted manager: F1 per category, the final bloat cost
+    c(M_S, T_S), and the reward F1 - lam * c as a local reward computes it (the global reward
+    of a session is the same F1 restricted to that session's questions, minus the same
+    penalty). A reward that cannot rank these cannot teach memory management."""
+    answerer, out = exact_answerer(cfg), {}
+    for name, manager in SCRIPTED.items():
+        banks = [teacher_memory(s, c, cfg.chunks, manager=manager) for s, c in zip(samples, convs)]
+        res = score(answerer, tok, banks, convs)
+        T = [dialogue_tokens(tok, c)[-1] for c in convs]
+        res["bloat_c"] = 100 * sum(bloat_cost(memory_tokens(tok, b), t, cfg.phi) for b, t in zip(banks, T)) / len(banks)
+        rewards = []
+        for b, c, t in zip(banks, convs, T):
+            f1, pen = qa_scores(answerer, tok, [b], c.qa, t, cfg)
+            rewards.append(sum(f1[0]) / len(f1[0]) - pen[0])
+        res["reward"] = 100 * sum(rewards) / len(rewards)
+        out[name] = res
+    return out
+
+
+# ------------------------------------------------------------------ decisions scored against the teacher
+def _wrote(ops, kind, content=None, memory_id=None):
+    """Whether `ops` hold a `kind` op with this content / memory id (None: any)."""
+    return any(str(o.get("op", "")).upper() == kind and content in (None, o.get("content"))
+               and memory_id in (None, o.get("memory_id")) for o in ops)
+
+
+def decision_counts(decisions: list, gold: dict) -> Counter:
+    """Score chunks' decisions (memr2.Decision) against the teacher, given the SAME facts and
+    the SAME shown memories: extractor facts vs the chunk's gold facts (exact text), and per
+    extracted fact the manager's op vs the teacher's (INSERT of the fact, UPDATE / DELETE of
+    the right id, NOOP = the fact not written). `right` counts gold facts extracted exactly
+    AND handled as the teacher would: a row's true quality is right / fact_gold."""
+    c = Counter()
+    for d in decisions:
+        want = {t.dia_id: gold[t.dia_id]["fact"] for t in d.turns if t.dia_id in gold}
+        c["fact_gold"] += len(want)
+        c["fact_pred"] += len(d.facts)
+        exact = {f["dia_id"] for f in d.facts if want.get(f["dia_id"]) == f["fact"]}
+        c["fact_hit"] += len(exact)
+        done = set()
+        for f, op in zip(d.facts, teacher_ops(d.facts, d.shown)):
+            kind, mid = op["op"], op.get("memory_id")
+            ok = (not _wrote(d.ops, "INSERT", f["fact"]) and not _wrote(d.ops, "UPDATE", f["fact"]) if kind == "NOOP"
+                  else _wrote(d.ops, kind, None if kind == "DELETE" else f["fact"], mid))
+            c[f"{kind}_gold"] += 1
+            c[f"{kind}_hit"] += ok
+            if ok and f["dia_id"] in exact and f["dia_id"] not in done:
+                done.add(f["dia_id"])
+                c["right"] += 1
+    return c
+
+
+def decision_metrics(c: Counter) -> dict:
+    """Counts -> per-op accuracy (x100; NaN where the teacher never asked for that op)."""
+    pct = lambda a, b: 100 * c[a] / c[b] if c[b] else float("nan")
+    return {"fact_recall": pct("fact_hit", "fact_gold"), "fact_precision": pct("fact_hit", "fact_pred"),
+            **{f"acc_{k}": pct(f"{k}_hit", f"{k}_gold") for k in ("INSERT", "UPDATE", "DELETE", "NOOP")}}
+
+
+def make_judge(sample: dict):
+    """judge(session, decisions) -> the share of the session's gold facts extracted and
+    handled right: the true quality of one row, for the credit-assignment diagnostic."""
+    def judge(sess, decisions):
+        c = decision_counts(decisions, sample["gold_facts"])
+        return c["right"] / c["fact_gold"] if c["fact_gold"] else float("nan")
+    return judge
 
 
 # ============================================================================ evaluation
-def score(answerer, banks: list, convs: list, names=CATEGORIES) -> dict:
+def score(answerer, tok, banks: list, convs: list, names=CATEGORIES) -> dict:
     """Answer every question of each conversation from its final bank; F1, BLEU-1 and exact
     match overall and per category (x100), M-Fail, memory size. M-Fail is the share of the
     questions' gold evidence turns missing from the bank; answers of "none" (a removed
@@ -427,15 +546,19 @@ def score(answerer, banks: list, convs: list, names=CATEGORIES) -> dict:
     out = {f"{m}_{k}": 100 * sum(v) / len(v) for k, d in per.items() for m, v in d.items()}
     out |= {"n_questions": len(pairs), "m_fail": 100 * (1 - sum(ev) / len(ev)) if ev else 0.0,
             "mem_entries": sum(len(b.entries) for b in banks) / len(banks),
-            "mem_tokens": sum(memory_tokens(answerer.tok, b) for b in banks) / len(banks)}
+            "mem_tokens": sum(memory_tokens(tok, b) for b in banks) / len(banks)}
     return out
 
 
-def evaluate(model, tok, answerer, convs: list, cfg: RLConfig) -> dict:
-    """Greedy read of each whole conversation (test n = 1), then `score`, plus the ops mix."""
-    banks, counts, unfinished = read_conversations(model, tok, convs, cfg, temperature=0.0)
+def evaluate(model, tok, answerer, convs: list, cfg: RLConfig, samples=None) -> dict:
+    """Greedy read of each whole conversation (test n = 1), then `score`, plus the ops mix;
+    with the synthetic `samples`, every decision is also scored against the teacher."""
+    trace = []
+    banks, counts, unfinished = read_conversations(model, tok, convs, cfg, temperature=0.0, trace=trace)
     ops = sum(counts[k] for k in ("INSERT", "UPDATE", "DELETE")) or 1
-    out = score(answerer, banks, convs)
+    out = score(answerer, tok, banks, convs)
+    if samples is not None:
+        out |= decision_metrics(sum((decision_counts([d], samples[d.b]["gold_facts"]) for d in trace), Counter()))
     out |= {f"share_{k}": 100 * counts[k] / ops for k in ("INSERT", "UPDATE", "DELETE")}
     out |= {"rejected_ops": sum(v for k, v in counts.items() if k.startswith("rejected_")) / len(convs),
             "unfinished_calls": unfinished}
@@ -447,18 +570,22 @@ def oracle_banks(samples: list, convs: list, cfg: RLConfig) -> list:
     return [teacher_memory(s, c, cfg.chunks) for s, c in zip(samples, convs)]
 
 
-REPORT_COLS = [("F1", "f1_overall"), ("BLEU-1", "bleu1_overall"), ("EM", "em_overall")] + [
-    (f"F1 {n}", f"f1_{n}") for n in ("single-hop", "multi-hop", "temporal", "open-domain")] + [
+F1_COLS = [("F1", "f1_overall")] + [(f"F1 {n}", f"f1_{n}") for n in ("single-hop", "multi-hop", "temporal", "open-domain")]
+REPORT_COLS = F1_COLS[:1] + [("BLEU-1", "bleu1_overall"), ("EM", "em_overall")] + F1_COLS[1:] + [
     ("M-Fail", "m_fail"), ("mem tokens", "mem_tokens"), ("entries", "mem_entries"),
     ("INSERT %", "share_INSERT"), ("UPDATE %", "share_UPDATE"), ("DELETE %", "share_DELETE")]
+DECISION_COLS = [("fact recall", "fact_recall"), ("fact precision", "fact_precision")] + [
+    (f"{k} acc", f"acc_{k}") for k in ("INSERT", "UPDATE", "DELETE", "NOOP")]
+SENSITIVITY_COLS = F1_COLS + [("c (x100)", "bloat_c"), ("mem tokens", "mem_tokens"), ("reward F1 - lam c", "reward")]
 
 
-def report_table(results: dict) -> str:
+def report_table(results: dict, columns=REPORT_COLS) -> str:
     """{name: metrics} -> a markdown table (x100 scores; '-' where a metric does not apply)."""
-    cols = [(h, k) for h, k in REPORT_COLS if any(k in r for r in results.values())]
+    cols = [(h, k) for h, k in columns if any(k in r for r in results.values())]
     lines = ["| model | " + " | ".join(h for h, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.1f}" if k in r else "-" for _, k in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.1f}" if r.get(k, math.nan) == r.get(k, math.nan) and k in r
+                                               else "-" for _, k in cols) + " |")
     return "\n".join(lines)
 
 
@@ -545,6 +672,26 @@ def find_checkpoint(path: Path) -> Path:
     return stages[-1]
 
 
+def world_tokenizer(samples: list, vocab: int = 1024):
+    """A BPE over the worlds' dialogue and facts, to count tokens where no run gives one."""
+    from model import train_tokenizer
+    texts = [t["text"] for s in samples for k, v in s["conversation"].items() if k.startswith("session_")
+             and isinstance(v, list) for t in v] + [g["fact"] for s in samples for g in s["gold_facts"].values()]
+    return train_tokenizer(texts, vocab)
+
+
+def run_answerer(path: Path, data: str, cfg: RLConfig, tok):
+    """The answer agent a run was trained with (its args.json says), else the exact reader
+    on the synthetic world and the run's SFT model on LoCoMo."""
+    from model import load_checkpoint
+    args = next((json.loads((p / "args.json").read_text()) for p in (path, path.parent) if (p / "args.json").exists()), {})
+    if data == "synthetic" and args.get("answerer", "exact") == "exact":
+        return exact_answerer(cfg)
+    sft = next((p for p in (path / "sft", path.parent / "sft") if (p / "model.safetensors").exists()), path)
+    from memr2 import model_reader
+    return AnswerAgent(model_reader(load_checkpoint(sft)["model"], tok, cfg), cfg, f"learned:{sft}")
+
+
 def main(argv=None):
     import argparse
     import sys
@@ -560,30 +707,46 @@ def main(argv=None):
             raise SystemExit(f"error: no result.json in {missing[0]} (did that run finish its test evaluation?)")
         print(compare(args.runs, Path(args.out)))
         return
+    if argv[:1] == ["sensitivity"]:  # python eval.py sensitivity [--worlds 16]
+        ap = argparse.ArgumentParser(prog="eval.py sensitivity",
+                                     description="Reward of scripted managers fed the gold facts, on the test worlds.")
+        ap.add_argument("--worlds", type=int, default=16, help="synthetic test worlds")
+        args = ap.parse_args(argv[1:])
+        if args.worlds < 1:
+            raise SystemExit("error: --worlds must be >= 1")
+        cfg = RLConfig()
+        samples, convs = synthetic_split({"test": args.worlds})["test"]
+        tok = world_tokenizer(synthetic_split({"train": 50})["train"][0])
+        res = sensitivity(samples, convs, tok, cfg)
+        print(f"{args.worlds} test worlds, {sum(len(c.qa) for c in convs)} questions, exact reader, "
+              f"lambda {cfg.lam}, phi {cfg.phi} (x100)\n")
+        print(report_table(res, SENSITIVITY_COLS))
+        return
     ap = argparse.ArgumentParser(description="Evaluate a Memory-R2 checkpoint: F1, BLEU-1, EM per category, M-Fail, memory size, ops.")
     ap.add_argument("path", help="a run dir (runs/<name>) or a checkpoint dir")
     ap.add_argument("--data", choices=["synthetic", "locomo"], default="synthetic")
     ap.add_argument("--split", choices=["val", "test"], default="test")
     ap.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"))
-    ap.add_argument("--worlds", type=int, default=4, help="synthetic worlds in the split")
+    ap.add_argument("--worlds", type=int, default=24, help="synthetic worlds in the split")
     ap.add_argument("--chunks", type=int, default=None, help="chunks per session (default: 2, LoCoMo: 10)")
     args = ap.parse_args(argv)
     try:
         ckpt = find_checkpoint(Path(args.path))
         ck = load_checkpoint(ckpt)
-        sft = next((p for p in (ckpt / "sft", ckpt.parent / "sft") if (p / "model.safetensors").exists()), ckpt)
         if args.data == "locomo":
             samples, convs = None, locomo_split(load_locomo(args.locomo_path))[args.split]
         else:
             samples, convs = synthetic_split({args.split: args.worlds})[args.split]
+        cfg = RLConfig(chunks=args.chunks or (10 if args.data == "locomo" else 2))
+        answerer = run_answerer(Path(args.path), args.data, cfg, ck["tok"])
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"error: {e}")
-    cfg = RLConfig(chunks=args.chunks or (10 if args.data == "locomo" else 2))
-    answerer = AnswerAgent(load_checkpoint(sft)["model"], ck["tok"], cfg)
-    table = {f"{ckpt} (answerer {sft.name})": evaluate(ck["model"], ck["tok"], answerer, convs, cfg)}
+    table = {f"{ckpt} (answerer {answerer.name})": evaluate(ck["model"], ck["tok"], answerer, convs, cfg, samples)}
     if samples is not None:
-        table["oracle memory (teacher)"] = score(answerer, oracle_banks(samples, convs, cfg), convs)
+        table["oracle memory (teacher)"] = score(answerer, ck["tok"], oracle_banks(samples, convs, cfg), convs)
     print(report_table(table))
+    if samples is not None:
+        print("\nDecisions against the teacher (x100):\n\n" + report_table(table, DECISION_COLS))
     out = ckpt / f"eval-{args.data}-{args.split}.json"
     out.write_text(json.dumps(table, indent=1))
     print(f"wrote {out}")

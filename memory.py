@@ -183,34 +183,38 @@ def bm25(query: str, docs: list, k1=1.2, b=0.75) -> list:
     return scores
 
 
+def rank(bank: MemoryBank, query: str) -> list:
+    """Entries with a positive BM25 score for `query`, best first. One score for the whole
+    bank: the statistics (idf, average length) come from ALL entries, so scores of two
+    speakers' entries are comparable. Ties go to the newest entry (latest session, then
+    latest written), so a stale duplicate never hides the current one."""
+    ents = list(bank.entries.values())  # dict order = write order; UPDATE keeps the position
+    scores = bm25(query, [e.content for e in ents])
+    order = sorted(range(len(ents)), key=lambda i: (-scores[i], -ents[i].session, -i))
+    return [ents[i] for i in order if scores[i] > 0]
+
+
 def retrieve_for_facts(bank: MemoryBank, facts: list, per_fact=2, cap=6) -> list:
-    """Manager retrieval (spec §1.3, scaled down): per fact the top `per_fact` memories of the
-    same speaker with a positive score, merged in order, de-duplicated, capped."""
+    """Manager retrieval (paper Sec. 3, scaled down): per fact the top `per_fact` memories of
+    the same speaker, merged in order, de-duplicated, capped."""
     out = []
     for f in facts:
-        cands = [e for e in bank.entries.values() if e.speaker == f["speaker"]]
-        scores = bm25(f["fact"], [e.content for e in cands])
-        ranked = sorted(zip(scores, range(len(cands))), key=lambda x: (-x[0], x[1]))
-        for s, i in ranked[:per_fact]:
-            if s > 0 and cands[i] not in out:
-                out.append(cands[i])
+        same = [e for e in rank(bank, f["fact"]) if e.speaker == f["speaker"]]
+        out += [e for e in same[:per_fact] if e not in out]
     return out[:cap]
 
 
 def retrieve_for_question(bank: MemoryBank, question: str, per_speaker=4) -> list:
-    """Answer-agent retrieval (spec §1.3, scaled down): per speaker the top `per_speaker`
-    memories with a positive score. Ordered by score, then newest first: the spec orders by
-    session for an LLM reader; a tiny reader learns far more easily that the answer sits in
-    the first line that matches."""
-    by_speaker = {}
-    for e in bank.entries.values():
-        by_speaker.setdefault(e.speaker, []).append(e)
-    picked = []
-    for ents in by_speaker.values():
-        scores = bm25(question, [e.content for e in ents])
-        ranked = sorted(zip(scores, range(len(ents))), key=lambda x: (-x[0], x[1]))
-        picked += [(-s, -ents[i].session, ents[i].memory_id, ents[i]) for s, i in ranked[:per_speaker] if s > 0]
-    return [p[-1] for p in sorted(picked, key=lambda p: p[:3])]
+    """Answer-agent retrieval (paper Sec. 3, scaled down): the top `per_speaker` memories of
+    each speaker, in the order of one score over the whole bank. The asked speaker's entries
+    share the question's name, so they come first; the paper orders by session for an LLM
+    reader, a best-match-first order is easier for a tiny learned one."""
+    kept, out = Counter(), []
+    for e in rank(bank, question):
+        if kept[e.speaker] < per_speaker:
+            kept[e.speaker] += 1
+            out.append(e)
+    return out
 
 
 # ----------------------------------------------------------------------------- bloat cost

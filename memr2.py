@@ -17,6 +17,7 @@ LoGo-GRPO = GRPO groups of two kinds in one pool:
 Both go through one turn-level clipped PPO-style loss (§2.4) whose log-probs come from a
 fused, chunked LM-head kernel that never holds the full (tokens x vocab) logits.
 """
+import copy
 import json
 import math
 import random
@@ -24,6 +25,7 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -90,7 +92,7 @@ class RLConfig:
     chunks: int = 2  # chunks per session (spec 6; our sessions have ~4 turns)
     temperature: float = 1.0  # sampling AND log-prob temperature, global and local alike
     lam: float = 0.3  # bloat penalty weight
-    phi: float = 0.7  # free share of the dialogue length
+    phi: float = 0.1  # free share of the dialogue length (paper 0.7, for LoCoMo; see README)
     q_global: int = 64  # reward questions per step (global), shared by all rollouts
     q_local: int = 16  # reward questions per branch (local), shared by its K branches
     per_fact: int = 2  # manager retrieval: top per fact (spec 5) ...
@@ -100,6 +102,7 @@ class RLConfig:
     lr: float = 3e-5  # spec 2e-6 is for a 7B model; 1e-4 drifted (val F1 fell within 10 steps)
     ppo_epochs: int = 2
     minibatch: int = 64  # cells per optimizer step, fixed order
+    minibatches: int = 0  # > 0: that many mini-batches per epoch whatever the pool size (equal steps per algo)
     eps: float = 0.2  # ratio clip
     dual_clip: float = 3.0  # bound on the loss of a negative advantage
     ratio_cap: float = 3.0  # cap on the turn's mean log-ratio
@@ -119,14 +122,35 @@ class Cell:
     finished: bool
 
 
+class Group(NamedTuple):
+    """A GRPO group id. Global: all rollouts' rows of session t for one role. Local: the K
+    branches re-rolled from rollout `source`'s memory before session t, for one role."""
+    kind: str  # "G" (global) or "L" (local)
+    session: int
+    role: str
+    source: int = -1  # the rollout a local group branched from
+
+
+@dataclass
+class Decision:
+    """What one chunk's two calls decided for batch member b: the facts extracted from
+    `turns`, the memories the manager was shown, and the operations it wrote."""
+    b: int
+    turns: list
+    facts: list
+    shown: list
+    ops: list
+
+
 @dataclass
 class Row:
     """One role's calls for one (rollout, session) pair (spec §1.4)."""
     role: str
-    group: tuple  # ("G", t, role) or ("L", t, m, role): the GRPO group it belongs to
+    group: Group = None  # the GRPO group it belongs to
     cells: list = field(default_factory=list)
     reward: float = 0.0
     adv: float = 0.0
+    quality: float = float("nan")  # diagnostic only: share of gold decisions right (synthetic world)
 
     @property
     def finished(self) -> bool:
@@ -141,12 +165,14 @@ def sample(model, tok, prompts: list, role: str, cfg: RLConfig, temperature: flo
     return [Cell(p, o, d) for p, o, d in zip(ids, outs, done)]
 
 
-def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperature: float, gen=None):
+def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperature: float, gen=None, trace=None):
     """Run sessions[b] on banks[b] for every b in one batch, writing to the banks in place.
     Training passes one session n (rollouts) or K (branches) times; evaluation passes
-    session t of several conversations. Returns (extractor rows, manager rows, op counts)."""
+    session t of several conversations. Returns (extractor rows, manager rows, op counts).
+    With a `trace` list, every chunk's decisions are appended to it as a Decision, so that
+    they can be scored against a teacher (the synthetic world has one; LoCoMo does not)."""
     B = len(banks)
-    ext, mgr, counts = [Row("ext", ()) for _ in range(B)], [Row("mgr", ()) for _ in range(B)], Counter()
+    ext, mgr, counts = [Row("ext") for _ in range(B)], [Row("mgr") for _ in range(B)], Counter()
     chunks = [chunk_turns(s.turns, cfg.chunks) for s in sessions]
     for k in range(max(map(len, chunks))):
         # Extractor: the new turns only. In training all B prompts are the same chunk.
@@ -163,22 +189,30 @@ def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperat
         todo = [b for b in live if facts[b]]
         shown = {b: retrieve_for_facts(banks[b], facts[b], cfg.per_fact, cfg.mem_cap) for b in todo}
         cells = sample(model, tok, [manager_prompt(shown[b], facts[b]) for b in todo], "mgr", cfg, temperature, gen)
+        ops = {b: [] for b in live}
         for b, c in zip(todo, cells):
             mgr[b].cells.append(c)
-            ops, why = parse_operations(decode(tok, c.response)) if c.finished else ([], "unfinished")
+            ops[b], why = parse_operations(decode(tok, c.response)) if c.finished else ([], "unfinished")
             counts["bad_ops_json"] += why == "invalid_json"
-            counts.update(banks[b].apply(ops, sessions[b].index, short_date(sessions[b].date)))
+        for b in live:
+            if trace is not None:  # copies: a later UPDATE rewrites entries in place
+                trace.append(Decision(b, chunks[b][k], facts[b], [copy.copy(e) for e in shown.get(b, [])], ops[b]))
+            counts.update(banks[b].apply(ops[b], sessions[b].index, short_date(sessions[b].date)))
     return ext, mgr, counts
 
 
-def read_conversations(model, tok, convs: list, cfg: RLConfig, temperature: float = 0.0, gen=None):
+def read_conversations(model, tok, convs: list, cfg: RLConfig, temperature: float = 0.0, gen=None, trace=None):
     """One rollout of each whole conversation from an empty memory, all conversations in one
-    batch (evaluation: greedy). Returns (final banks, op counts, unfinished call count)."""
+    batch (evaluation: greedy). Returns (final banks, op counts, unfinished call count); with
+    a `trace` list, each Decision's b is rewritten to the index of its conversation."""
     banks, counts, unfinished = [MemoryBank() for _ in convs], Counter(), 0
     for t in range(max(len(c.sessions) for c in convs)):
         live = [i for i, c in enumerate(convs) if t < len(c.sessions)]
+        steps = []
         ext, mgr, c = run_session(model, tok, [banks[i] for i in live], [convs[i].sessions[t] for i in live],
-                                  cfg, temperature, gen)
+                                  cfg, temperature, gen, steps)
+        if trace is not None:
+            trace += [Decision(live[d.b], d.turns, d.facts, d.shown, d.ops) for d in steps]
         counts += c
         unfinished += sum(not cell.finished for r in ext + mgr for cell in r.cells)
     return banks, counts, unfinished
@@ -186,24 +220,36 @@ def read_conversations(model, tok, convs: list, cfg: RLConfig, temperature: floa
 
 # ============================================================================ answer agent
 class AnswerAgent:
-    """The frozen answer agent: top-k memories per speaker + question -> short answer, greedy.
-    It is never updated (spec §1.3), so answers are cached by prompt."""
+    """The frozen answer agent (paper Sec. 3): retrieval shows the top memories per speaker,
+    a reader answers from them. It is never updated, so answers are cached by what the reader
+    sees. `read([(memories, question)]) -> [answer]` is either `model_reader` (a learned model,
+    the only option on LoCoMo) or the synthetic world's exact reader (eval.py); `name` says
+    which, and every run records it."""
 
-    def __init__(self, model, tok, cfg: RLConfig):
-        self.model, self.tok, self.cfg, self.cache = model, tok, cfg, {}
-        for p in model.parameters():
-            p.requires_grad_(False)
+    def __init__(self, read, cfg: RLConfig, name: str):
+        self.read, self.top_k, self.name, self.cache = read, cfg.qa_top_k, name, {}
 
     def answer(self, pairs: list) -> list:
         """pairs: [(bank, question)] -> [answer string]."""
-        prompts = [answer_prompt(retrieve_for_question(bank, q, self.cfg.qa_top_k), q) for bank, q in pairs]
-        todo = sorted({p for p in prompts if p not in self.cache})
-        for i in range(0, len(todo), 64):
-            batch = todo[i:i + 64]
-            outs, _ = generate(self.model, [encode(self.tok, p) for p in batch], self.cfg.max_new["ans"], temperature=0.0)
-            for p, o in zip(batch, outs):
-                self.cache[p] = extract_answer(decode(self.tok, o))
-        return [self.cache[p] for p in prompts]
+        shown = [(retrieve_for_question(bank, q, self.top_k), q) for bank, q in pairs]
+        keys = [(q, tuple((e.memory_id, e.session, e.content, e.session_time) for e in mem)) for mem, q in shown]
+        todo = {k: s for k, s in zip(keys, shown) if k not in self.cache}
+        self.cache.update(zip(todo, self.read(list(todo.values()))))
+        return [self.cache[k] for k in keys]
+
+
+def model_reader(model, tok, cfg: RLConfig):
+    """A frozen model in the answerer role, greedy, in batches of 64 prompts."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def read(items):
+        prompts, out = [answer_prompt(mem, q) for mem, q in items], []
+        for i in range(0, len(prompts), 64):
+            outs, _ = generate(model, [encode(tok, p) for p in prompts[i:i + 64]], cfg.max_new["ans"], temperature=0.0)
+            out += [extract_answer(decode(tok, o)) for o in outs]
+        return out
+    return read
 
 
 def extract_answer(text: str) -> str:
@@ -303,10 +349,33 @@ def assign_advantages(rows: list) -> dict:
             m.adv = a
         if len(members) > 1:
             std = torch.tensor(rewards).std().item()
-            stds[gid[0]].append(std)
-            zero[gid[0]] += std < 1e-9
+            stds[gid.kind].append(std)
+            zero[gid.kind] += std < 1e-9
     return {f"zero_var_frac_{k}": zero[k] / max(1, len(v)) for k, v in stds.items()} | {
         f"group_std_{k}": sum(v) / max(1, len(v)) for k, v in stds.items()}
+
+
+def credit_correlation(rows: list) -> dict:
+    """Does a row's advantage say how good its own decisions were? Per group kind, the
+    pooled within-group correlation between advantage and true quality (a teacher's score
+    of the row's decisions), over manager rows of groups whose rewards vary. Advantages are
+    already centred per group; qualities are centred here. Local groups compare branches
+    from one memory, global groups mix in every other session's luck: local should be higher."""
+    groups = {}
+    for r in rows:
+        if r.role == "mgr" and r.quality == r.quality:
+            groups.setdefault(r.group, []).append(r)
+    out = {}
+    for kind in ("G", "L"):
+        a, q = [], []
+        for gid, members in groups.items():
+            if gid.kind == kind and len(members) > 1 and max(m.reward for m in members) > min(m.reward for m in members):
+                qm = sum(m.quality for m in members) / len(members)
+                a += [m.adv for m in members]
+                q += [m.quality - qm for m in members]
+        den = math.sqrt(sum(x * x for x in a) * sum(y * y for y in q))
+        out[f"credit_corr_{kind}"] = sum(x * y for x, y in zip(a, q)) / den if den > 0 else float("nan")
+    return out
 
 
 # ============================================================================ fused log-probs
@@ -466,68 +535,99 @@ def sample_questions(qas: list, max_sessions: int, k: int, rng: random.Random) -
     return rng.sample(pool, min(k, len(pool)))
 
 
+def qa_scores(answerer: AnswerAgent, tok, banks: list, qs: list, T: int, cfg: RLConfig):
+    """The reward's two parts for each bank, as both group kinds use them: F1 per question
+    [b][q] (answered from that bank) and the bloat penalty lam * c(M, T) [b]."""
+    answers = answerer.answer([(b, q.question) for b in banks for q in qs])
+    f1 = [[token_f1(answers[i * len(qs) + j], q.answer) for j, q in enumerate(qs)] for i in range(len(banks))]
+    return f1, [penalty(tok, b, T, cfg) for b in banks]
+
+
 def logo_step(policy, ref, answerer: AnswerAgent, tok, conv, S: int, cfg: RLConfig, opt,
-              rng: random.Random, gen: torch.Generator) -> dict:
+              data_rng: random.Random, algo_rng: random.Random, gen: torch.Generator, judge=None) -> dict:
     """One policy update: global rollouts, local rerollouts from snapshots, rewards,
-    advantages, one merged pool, ppo_epochs of the clipped loss."""
+    advantages, one merged pool, ppo_epochs of the clipped loss (paper Alg. 1).
+    Two random streams: `data_rng` picks the questions, `algo_rng` the branch points (and
+    `gen` the samples), so every algorithm run with one seed is asked the same questions.
+    `judge(session, decisions) -> quality in [0, 1]` (optional) scores a row's decisions
+    against a teacher, for the credit-assignment diagnostic; it never touches the reward."""
     T = dialogue_tokens(tok, conv)
     S = min(S, len(conv.sessions))
     use_local = cfg.algo in ("logo", "local")
+    q_global = sample_questions(conv.qa, S, cfg.q_global, data_rng)
+    q_seed = data_rng.random()  # local subsets derive from it, so no arm shifts another's draws
+    pairs = lambda ext, mgr: list(zip(ext, mgr))  # (extractor row, manager row) of one rollout or branch
+
+    def judged(sess, ext, mgr, trace):
+        for i, (e, m) in enumerate(pairs(ext, mgr)):
+            e.quality = m.quality = judge(sess, [d for d in trace if d.b == i]) if judge else float("nan")
+
     # 1-2. Global rollouts, with a coin per session for a local branch point. The snapshot
     # is the chosen rollout's memory BEFORE session t (a deepcopy taken now).
-    banks, rows, counts, branches = [MemoryBank() for _ in range(cfg.n)], [], Counter(), []
-    finished = [[True] * S for _ in range(cfg.n)]
+    banks, glob, branches, counts = [MemoryBank() for _ in range(cfg.n)], [], [], Counter()
     for t, sess in enumerate(conv.sessions[:S], 1):
-        if use_local and rng.random() < cfg.p:
-            m = rng.randrange(cfg.n)
+        if use_local and algo_rng.random() < cfg.p:
+            m = algo_rng.randrange(cfg.n)
             branches.append((t, m, banks[m].snapshot()))
-        ext, mgr, c = run_session(policy, tok, banks, [sess] * cfg.n, cfg, cfg.temperature, gen)
+        trace = []
+        ext, mgr, c = run_session(policy, tok, banks, [sess] * cfg.n, cfg, cfg.temperature, gen, trace)
         counts += c
-        for i in range(cfg.n):
-            ext[i].group, mgr[i].group = ("G", t, "ext"), ("G", t, "mgr")
-            finished[i][t - 1] = ext[i].finished and mgr[i].finished
-            rows.append((i, t, ext[i], mgr[i]))
+        judged(sess, ext, mgr, trace)
+        for e, m in pairs(ext, mgr):
+            e.group, m.group = Group("G", t, "ext"), Group("G", t, "mgr")
+        glob.append(pairs(ext, mgr))  # glob[t-1][i]
     # 3. Local rerollouts, still with theta_old: K copies of the snapshot rerun session t,
     # SAMPLING at the training temperature; branches never continue.
-    local_rows, stats = [], {"local_reward": 0.0, "local_distinct": 0.0}
+    local = []  # (t, [(ext, mgr)] * K, K banks)
     for t, m, snap in branches:
-        kb = [snap.snapshot() for _ in range(cfg.K)]
-        ext, mgr, _ = run_session(policy, tok, kb, [conv.sessions[t - 1]] * cfg.K, cfg, cfg.temperature, gen)
-        qs = sample_questions(conv.qa, t, cfg.q_local, rng)
-        answers = answerer.answer([(b, q.question) for b in kb for q in qs])
-        for k, b in enumerate(kb):
-            f1 = [token_f1(answers[k * len(qs) + j], q.answer) for j, q in enumerate(qs)]
-            r = (sum(f1) / len(f1) if f1 else 0.0) - penalty(tok, b, T[t - 1], cfg)
-            r = r if ext[k].finished and mgr[k].finished else 0.0
-            ext[k].group, mgr[k].group = ("L", t, m, "ext"), ("L", t, m, "mgr")
-            ext[k].reward = mgr[k].reward = r
-            local_rows += [ext[k], mgr[k]]
-            stats["local_reward"] += r / (len(branches) * cfg.K)
-        stats["local_distinct"] += len({json.dumps(sorted((e.speaker, e.content) for e in b.entries.values())) for b in kb}) / len(branches)
-    # 4. Global rewards from each rollout's FINAL memory, on one shared question subset.
-    qs = sample_questions(conv.qa, S, cfg.q_global, rng)
-    answers = answerer.answer([(b, q.question) for b in banks for q in qs])
-    f1 = [[token_f1(answers[i * len(qs) + j], q.answer) for j, q in enumerate(qs)] for i in range(cfg.n)]
-    pens = [penalty(tok, b, T[S - 1], cfg) for b in banks]
-    r_global = global_rewards(f1, qs, S, pens, finished)
-    for i, t, e, m in rows:
-        e.reward = m.reward = r_global[i][t - 1]
-    global_rows = [r for _, _, e, m in rows for r in (e, m)]
+        kb, trace = [snap.snapshot() for _ in range(cfg.K)], []
+        ext, mgr, _ = run_session(policy, tok, kb, [conv.sessions[t - 1]] * cfg.K, cfg, cfg.temperature, gen, trace)
+        judged(conv.sessions[t - 1], ext, mgr, trace)
+        for e, mg in pairs(ext, mgr):
+            e.group, mg.group = Group("L", t, "ext", m), Group("L", t, "mgr", m)
+        local.append((t, pairs(ext, mgr), kb))
+    # 4. Rewards, one function for both kinds. Global: each rollout's FINAL memory, F1 of
+    # the questions whose evidence lies in session t, penalty at T_S. Local: the branch's
+    # memory right after session t, its own question subset, penalty at T_t.
+    f1, pens = qa_scores(answerer, tok, banks, q_global, T[S - 1], cfg)
+    finished = [[e.finished and m.finished for e, m in (glob[t][i] for t in range(S))] for i in range(cfg.n)]
+    r_global = global_rewards(f1, q_global, S, pens, finished)
+    for t in range(S):
+        for i, (e, m) in enumerate(glob[t]):
+            e.reward = m.reward = r_global[i][t]
+    for t, prs, kb in local:
+        qs = sample_questions(conv.qa, t, cfg.q_local, random.Random(f"{q_seed}:{t}"))
+        lf1, lpen = qa_scores(answerer, tok, kb, qs, T[t - 1], cfg)
+        for (e, m), f, p in zip(prs, lf1, lpen):
+            e.reward = m.reward = (sum(f) / len(f) if f else 0.0) - p if e.finished and m.finished else 0.0
     # 5-6. Advantages per (group, role), then one merged pool with no weight between parts.
+    global_rows = [r for prs in glob for pr in prs for r in pr]
+    local_rows = [r for _, prs, _ in local for pr in prs for r in pr]
     pool = (global_rows if cfg.algo != "local" else []) + local_rows
-    stats.update(assign_advantages(pool))
+    stats = assign_advantages(pool) | credit_correlation(pool)
     stats.update(ppo_update(policy, ref, pool, cfg, opt))
     qa_f1 = [sum(row) / max(1, len(row)) for row in f1]
     mem_tok = [memory_tokens(tok, b) for b in banks]
+    n_local = len(local_rows) // 2
     stats.update({
         "reward_global": sum(map(sum, r_global)) / (cfg.n * S), "train_f1": sum(qa_f1) / cfg.n,
+        "local_reward": sum(r.reward for r in local_rows) / max(1, 2 * n_local),
+        "local_distinct": sum(len({json.dumps(sorted((e.speaker, e.content) for e in b.entries.values())) for b in kb})
+                              for _, _, kb in local) / max(1, len(local)),
         "branches": len(branches), "local_share": len(local_rows) / max(1, len(pool)),
         "unfinished_frac": 1 - sum(map(sum, finished)) / (cfg.n * S),
         "mem_tokens": sum(mem_tok) / cfg.n, "mem_entries": sum(len(b.entries) for b in banks) / cfg.n,
         "bloat": sum(pens) / (cfg.n * cfg.lam) if cfg.lam else 0.0,
+        "quality_G": _mean([r.quality for r in global_rows if r.role == "mgr"]),
+        "quality_L": _mean([r.quality for r in local_rows if r.role == "mgr"]),
         "ops": {k: v / cfg.n for k, v in counts.items()},
     })
-    return dict(stats)
+    return stats
+
+
+def _mean(xs):
+    xs = [x for x in xs if x == x]  # NaN-free
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def ppo_update(policy, ref, pool: list, cfg: RLConfig, opt) -> dict:
@@ -538,7 +638,8 @@ def ppo_update(policy, ref, pool: list, cfg: RLConfig, opt) -> dict:
     if not cells:
         return {"cells": 0, "skipped_updates": 0}
     dev = next(policy.parameters()).device
-    batches = [cells[i:i + cfg.minibatch] for i in range(0, len(cells), cfg.minibatch)]
+    size = math.ceil(len(cells) / cfg.minibatches) if cfg.minibatches > 0 else cfg.minibatch
+    batches = [cells[i:i + size] for i in range(0, len(cells), size)]
     with torch.no_grad():
         olds = [cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in batches]
         refs = [cell_logprobs(ref, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in batches]

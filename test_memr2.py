@@ -389,9 +389,9 @@ def test_group_advantage_is_standardised_with_unbiased_std():
 
 
 def test_groups_are_per_role_and_zero_variance_groups_are_counted():
-    rows = [M.Row("ext", ("G", 1, "ext"), reward=r) for r in (0.0, 1.0)] + \
-           [M.Row("mgr", ("G", 1, "mgr"), reward=r) for r in (0.0, 1.0)] + \
-           [M.Row("mgr", ("L", 1, 0, "mgr"), reward=0.3) for _ in range(2)]
+    rows = [M.Row("ext", M.Group("G", 1, "ext"), reward=r) for r in (0.0, 1.0)] + \
+           [M.Row("mgr", M.Group("G", 1, "mgr"), reward=r) for r in (0.0, 1.0)] + \
+           [M.Row("mgr", M.Group("L", 1, "mgr", 0), reward=0.3) for _ in range(2)]
     stats = M.assign_advantages(rows)
     assert rows[1].adv == rows[3].adv > 0 > rows[0].adv  # roles grouped apart, same rewards -> same advantages
     assert stats["zero_var_frac_L"] == 1.0 and stats["zero_var_frac_G"] == 0.0
@@ -489,8 +489,8 @@ def test_local_branches_start_from_identical_memory_and_never_leak(tiny, monkeyp
     monkeypatch.setattr(M, "run_session", spy)
     cfg = M.RLConfig(n=3, K=2, p=1.0, minibatch=8, ppo_epochs=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    answerer = M.AnswerAgent(Transformer(model.cfg), tok, cfg)
-    stats = M.logo_step(model, model, answerer, tok, conv, 3, cfg, opt, random.Random(0), torch.Generator())
+    answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
+    stats = M.logo_step(model, model, answerer, tok, conv, 3, cfg, opt, random.Random(0), random.Random(1), torch.Generator())
     glob, local = calls[:3], calls[3:]
     assert len(local) == 3 and stats["branches"] == 3  # p = 1: every session branches
     global_banks = glob[0][0]
@@ -510,9 +510,9 @@ def test_algo_switch_selects_the_pool(tiny, monkeypatch, algo, share):
     conv, tok, model = tiny
     monkeypatch.setattr(M, "sample", scripted_sample(random.Random(2)))
     cfg = M.RLConfig(algo=algo, n=2, K=2, p=0.0 if algo == "grpo" else 1.0, ppo_epochs=1)
-    answerer = M.AnswerAgent(Transformer(model.cfg), tok, cfg)
+    answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    stats = M.logo_step(model, model, answerer, tok, conv, 2, cfg, opt, random.Random(0), torch.Generator())
+    stats = M.logo_step(model, model, answerer, tok, conv, 2, cfg, opt, random.Random(0), random.Random(1), torch.Generator())
     assert stats["local_share"] == share
 
 
@@ -522,11 +522,11 @@ def test_unfinished_generations_get_zero_reward(tiny, monkeypatch):
     cfg = M.RLConfig(n=2, K=2, p=1.0, lam=0.0, ppo_epochs=1)
     seen = []
     monkeypatch.setattr(M, "assign_advantages", lambda rows: seen.extend(rows) or {})
-    answerer = M.AnswerAgent(Transformer(model.cfg), tok, cfg)
+    answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
     answerer.answer = lambda pairs: [q for _, q in pairs]  # would score F1 = 1 on everything
     monkeypatch.setattr(M, "token_f1", lambda p, g: 1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    M.logo_step(model, model, answerer, tok, conv, 2, cfg, opt, random.Random(0), torch.Generator())
+    M.logo_step(model, model, answerer, tok, conv, 2, cfg, opt, random.Random(0), random.Random(1), torch.Generator())
     assert seen and all(r.reward == 0.0 for r in seen)
 
 
@@ -549,9 +549,9 @@ def test_logprob_temperature_equals_sampling_temperature(tiny, monkeypatch):
         return real_lp(h, w, y, temperature, *a)
     monkeypatch.setattr(M, "sample", sample)
     monkeypatch.setattr(M, "fused_logprobs", lp)
-    answerer = M.AnswerAgent(Transformer(model.cfg), tok, cfg)
+    answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    M.logo_step(model, model, answerer, tok, conv, 2, cfg, opt, random.Random(0), torch.Generator())
+    M.logo_step(model, model, answerer, tok, conv, 2, cfg, opt, random.Random(0), random.Random(1), torch.Generator())
     assert temps["sample"] == temps["logprob"] == {0.7}  # global and local rollouts, old/ref/new log-probs
 
 

@@ -25,16 +25,16 @@ from tqdm import tqdm
 
 import eval as E
 from memr2 import (AnswerAgent, Cell, RLConfig, answer_prompt, cell_logprobs, extractor_prompt, facts_target,
-                   logo_step, manager_prompt, ops_target)
+                   logo_step, manager_prompt, model_reader, ops_target)
 from memory import retrieve_for_question
 from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, load_checkpoint,
                    pick_device, save_checkpoint, train_tokenizer)
 
 PRESETS = {  # model size, SFT budget and group sizes; RL knobs not listed keep RLConfig's defaults
     "tiny": dict(d_model=128, n_layer=4, n_head=4, vocab=1024, sft_steps=2500, sft_batch=32, n=4, K=4,
-                 train_worlds=800, val_worlds=2, test_worlds=4, steps="10,5,5"),
+                 train_worlds=800, val_worlds=4, test_worlds=24, steps="10,5,5"),
     "gpu": dict(d_model=384, n_layer=8, n_head=6, vocab=2048, sft_steps=8000, sft_batch=64, n=16, K=4,
-                train_worlds=2000, val_worlds=4, test_worlds=16, steps="10,5,5"),
+                train_worlds=2000, val_worlds=8, test_worlds=48, steps="10,5,5"),
 }
 
 
@@ -53,6 +53,12 @@ def parse_args(argv=None):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     for name in ("p", "lam", "phi", "lr"):
         ap.add_argument("--" + name, type=float, default=None)
+    ap.add_argument("--answerer", choices=["exact", "learned"], default=None,
+                    help="frozen answer agent: the exact reader over retrieved lines (synthetic default) or the SFT "
+                         "model in the answer role (LoCoMo, and an option)")
+    ap.add_argument("--minibatches", type=int, default=None,
+                    help="split each step's pool into this many mini-batches (equal optimizer steps for every algo) "
+                         "instead of mini-batches of a fixed number of cells")
     ap.add_argument("--sft-steps", type=int, default=None)
     ap.add_argument("--sft-lr", type=float, default=2e-3)
     ap.add_argument("--teacher-noise", type=float, default=0.6,
@@ -81,12 +87,15 @@ def parse_args(argv=None):
     if len(args.steps) != len(args.stages) or min(args.stages) < 1 or min(args.steps) < 0:
         raise UserError(f"--steps-per-stage needs one count >= 0 per stage ({len(args.stages)} stages)")
     args.name = args.name or f"{args.algo}-{'-'.join(map(str, args.stages))}-s{args.seed}"
+    args.answerer = args.answerer or ("learned" if args.data == "locomo" else "exact")
+    if args.answerer == "exact" and args.data == "locomo":
+        raise UserError("--answerer exact reads the synthetic world's facts only: use --answerer learned on LoCoMo")
     return args
 
 
 def rl_config(args) -> RLConfig:
     cfg = RLConfig(algo=args.algo, n=PRESETS[args.preset]["n"], K=PRESETS[args.preset]["K"])
-    for f in ("n", "K", "chunks", "ppo_epochs", "p", "lam", "phi", "lr"):
+    for f in ("n", "K", "chunks", "ppo_epochs", "minibatches", "p", "lam", "phi", "lr"):
         if getattr(args, f) is not None:
             setattr(cfg, f, getattr(args, f))
     cfg.p = 0.0 if cfg.algo == "grpo" else cfg.p  # plain GRPO = LoGo without local rerollouts
@@ -111,10 +120,10 @@ def load_data(args):
     return E.synthetic_split({k: pre[f"{k}_worlds"] for k in ("train", "val", "test")}, args.sessions)
 
 
-def sft_examples(samples, convs, cfg: RLConfig, noise: float, seed: int) -> list:
+def sft_examples(samples, convs, cfg: RLConfig, noise: float, seed: int, answer_role: bool) -> list:
     """(role, prompt, target) triples from the teacher: the gold extractor output, the
-    (noisy) teacher's manager ops given the memory it has made so far, and for the answer
-    agent the exact-lookup answer over what retrieval shows it."""
+    (noisy) teacher's manager ops given the memory it has made so far, and (when the
+    answerer is learned) the exact-lookup answer over what retrieval shows it."""
     ex = []
     for i, (s, c) in enumerate(zip(samples, convs)):
         steps, bank = E.teacher_trace(s, c, cfg.chunks, noise, seed + i)
@@ -122,7 +131,7 @@ def sft_examples(samples, convs, cfg: RLConfig, noise: float, seed: int) -> list
             ex.append(("ext", extractor_prompt(chunk), facts_target(facts)))
             if facts:
                 ex.append(("mgr", manager_prompt(shown, facts), ops_target(ops)))
-        for b in (bank, E.teacher_memory(s, c, cfg.chunks)):  # noisy and clean memories alike
+        for b in (bank, E.teacher_memory(s, c, cfg.chunks)) if answer_role else ():  # noisy and clean memories
             for q in c.qa:
                 mem = retrieve_for_question(b, q.question, cfg.qa_top_k)
                 ex.append(("ans", answer_prompt(mem, q.question), E.lookup_answer(q.question, mem)))
@@ -142,7 +151,7 @@ def sft(model, tok, examples, args, device, log) -> None:
         p, t = encode(tok, prompt), encode(tok, target) + [EOS_ID]
         if len(p) + len(t) <= max_len:
             data.setdefault(role, []).append(Cell(p, t, True))
-    weights = {"ext": 0.2, "mgr": 0.4, "ans": 0.4}
+    weights = {"ext": 0.3, "mgr": 0.7} | ({"ans": 0.4} if "ans" in data else {})
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.1, betas=(0.9, 0.95))
     steps, bs, warm = args.sft_steps, PRESETS[args.preset]["sft_batch"], min(100, args.sft_steps // 10 + 1)
     model.train()
@@ -166,9 +175,9 @@ def sft(model, tok, examples, args, device, log) -> None:
 
 
 # ============================================================================ checkpoints
-def save_rl_state(path, policy, tok, opt, meta, rng, gen):
-    """Everything a resume needs: weights, optimizer, curriculum position, both RNGs."""
-    meta = meta | {"py_rng": _jsonable(rng.getstate())}
+def save_rl_state(path, policy, tok, opt, meta, data_rng, algo_rng, gen):
+    """Everything a resume needs: weights, optimizer, curriculum position, every RNG."""
+    meta = meta | {"data_rng": _jsonable(data_rng.getstate()), "algo_rng": _jsonable(algo_rng.getstate())}
     save_checkpoint(path, policy, tok, meta, opt, {"torch_gen": gen.get_state(), "torch_rng": torch.get_rng_state()})
 
 
@@ -209,7 +218,8 @@ def main(argv=None) -> dict:
     data = load_data(args)  # before anything is written: a bad data path leaves no half run behind
     run.mkdir(parents=True, exist_ok=True)
     if not args.resume:
-        (run / "args.json").write_text(json.dumps({"argv": argv if argv is not None else sys.argv[1:], "cfg": asdict(cfg)}, indent=1))
+        (run / "args.json").write_text(json.dumps({"argv": argv if argv is not None else sys.argv[1:], "answerer": args.answerer,
+                                                   "cfg": asdict(cfg)}, indent=1))
     t0 = time.time()
     metrics_f = run / "metrics.jsonl"
     random.seed(args.seed)
@@ -236,7 +246,7 @@ def main(argv=None) -> dict:
         if args.data == "locomo":
             raise UserError("--data locomo has no teacher traces: pass --init <an SFT checkpoint> (e.g. runs/<name>/sft)")
         samples, convs = data["train"]
-        examples = sft_examples(samples, convs, cfg, args.teacher_noise, args.seed)
+        examples = sft_examples(samples, convs, cfg, args.teacher_noise, args.seed, args.answerer == "learned")
         tok = train_tokenizer([p + t for _, p, t in examples[:20000]], PRESETS[args.preset]["vocab"])
         pre = PRESETS[args.preset]
         model = Transformer(ModelConfig(vocab_size=tok.get_vocab_size(), d_model=pre["d_model"], n_layer=pre["n_layer"],
@@ -244,22 +254,27 @@ def main(argv=None) -> dict:
         print(f"SFT: {len(examples)} examples, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device}")
         sft(model, tok, examples, args, device, log)
         save_checkpoint(sft_dir, model, tok, {"kind": "sft"})
-    ref = copy.deepcopy(model).eval()  # KL reference: the SFT model, frozen
+    sft_model = copy.deepcopy(model).eval()
+    ref = copy.deepcopy(model).eval()  # KL reference: reset to each stage's warm start
     for p in ref.parameters():
         p.requires_grad_(False)
-    answerer = AnswerAgent(copy.deepcopy(model).eval(), tok, cfg)  # frozen answer agent
+    # The frozen answer agent: the exact reader (synthetic world) or the SFT model as reader.
+    answerer = (E.exact_answerer(cfg) if args.answerer == "exact" else
+                AnswerAgent(model_reader(copy.deepcopy(model).eval(), tok, cfg), cfg, f"learned:{sft_dir}"))
     policy = model
-    val = data["val"][1]
 
-    # --- RL curriculum; `pos` is where we are, restored on resume
-    rng, gen = random.Random(args.seed), torch.Generator(device=device)
+    # --- RL curriculum; `pos` is where we are, restored on resume. Two random streams: data
+    # (training conversation, question subsets) and algorithm (branch coins; `gen` samples),
+    # so every algorithm run with one seed trains on the same conversations and questions.
+    data_rng, algo_rng, gen = random.Random(args.seed), random.Random(f"algo-{args.seed}"), torch.Generator(device=device)
     gen.manual_seed(args.seed)
     opt, new_opt = None, lambda: torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.999))
     if args.resume and (run / "last").exists():
         ck = load_ckpt(run / "last", device)
         policy.load_state_dict(ck["model"].state_dict())
         pos = ck["meta"]["pos"]
-        rng.setstate(_tuple(ck["meta"]["py_rng"]))
+        data_rng.setstate(_tuple(ck["meta"]["data_rng"]))
+        algo_rng.setstate(_tuple(ck["meta"]["algo_rng"]))
         gen.set_state(ck["tensors"]["torch_gen"])
         torch.set_rng_state(ck["tensors"]["torch_rng"])
         opt = new_opt()
@@ -271,27 +286,36 @@ def main(argv=None) -> dict:
     elif args.resume and metrics_f.exists():
         pos["lines"] = len(metrics_f.read_text().splitlines())  # interrupted before RL began: keep the SFT log
     train_convs = data["train"][1]
+    judges = {c.sample_id: E.make_judge(s) for s, c in zip(*data["train"])} if data["train"][0] else {}
+    val_samples, val = data["val"]
     for si in range(pos["stage"], len(args.stages)):
         S = args.stages[si]
+        # Warm start: the previous stage's best checkpoint (the SFT model for the first stage).
+        # It is also this stage's KL reference, as in the official trainer.
+        start = load_ckpt(run / f"best-stage{si - 1}", device)["model"] if si > 0 else sft_model
+        ref.load_state_dict(start.state_dict())
         if opt is None or pos["step"] == 0:
-            if si > 0 and pos["step"] == 0:  # warm start from the previous stage's best
-                best_dir = run / f"best-stage{si - 1}"
-                if best_dir.exists():
-                    policy.load_state_dict(load_ckpt(best_dir, device)["model"].state_dict())
+            if pos["step"] == 0:
+                policy.load_state_dict(start.state_dict())
             opt = new_opt()  # each stage starts its optimizer afresh, from the warm-start weights
-        if pos["step"] == 0:  # validate before training; the start is the first best candidate
-            v = E.evaluate(policy, tok, answerer, val, cfg)
-            pos["best"] = v["f1_overall"]
-            save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0})
+        if pos["step"] == 0:
+            # Validate before training: logged, NOT a candidate. Only checkpoints trained in
+            # this stage compete for its best (official trainer: best starts at -1 per stage),
+            # so the next stage always starts from a model this stage trained.
+            v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
+            pos["best"] = -1.0
             log({"phase": "val", "stage": S, "step": 0, "gstep": pos["gstep"], **v})
             print(f"stage {S} sessions: val F1 {v['f1_overall']:.1f} before training")
+            if args.steps[si] == 0:  # nothing to train: the warm start passes through
+                save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0})
         bar = tqdm(range(pos["step"], args.steps[si]), desc=f"RL {S} sessions", dynamic_ncols=True)
         for step in bar:
             ts = time.time()
-            conv = train_convs[rng.randrange(len(train_convs))]
+            conv = train_convs[data_rng.randrange(len(train_convs))]
             policy.train()
             with autocast(device):
-                stats = logo_step(policy, ref, answerer, tok, conv, S, cfg, opt, rng, gen)
+                stats = logo_step(policy, ref, answerer, tok, conv, S, cfg, opt, data_rng, algo_rng, gen,
+                                  judges.get(conv.sample_id))
             pos["step"], pos["gstep"] = step + 1, pos["gstep"] + 1
             ops = stats.pop("ops")
             rec = {"phase": "rl", "stage": S, "step": step + 1, "gstep": pos["gstep"], "algo": cfg.algo,
@@ -302,17 +326,17 @@ def main(argv=None) -> dict:
                     raise UserError(f"non-finite loss in {pos['fails']} steps: stopping (lower --lr?)")
             bar.set_postfix(reward=f"{stats['reward_global']:.3f}", f1=f"{stats['train_f1']:.3f}", loss=f"{stats.get('loss', 0):.3f}")
             if (step + 1) % args.val_every == 0 or step + 1 == args.steps[si]:
-                v = E.evaluate(policy, tok, answerer, val, cfg)
+                v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
                 rec["val_f1"] = v["f1_overall"]
                 log({"phase": "val", "stage": S, "step": step + 1, "gstep": pos["gstep"], **v})
                 if v["f1_overall"] > pos["best"]:
                     pos["best"] = v["f1_overall"]
                     save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": step + 1})
             log(rec)
-            save_rl_state(run / "last", policy, tok, opt, {"pos": pos}, rng, gen)
+            save_rl_state(run / "last", policy, tok, opt, {"pos": pos}, data_rng, algo_rng, gen)
         print(f"stage {S} sessions: best val F1 {pos['best']:.1f}")
         pos.update(stage=si + 1, step=0)
-        save_rl_state(run / "last", policy, tok, opt, {"pos": pos}, rng, gen)
+        save_rl_state(run / "last", policy, tok, opt, {"pos": pos}, data_rng, algo_rng, gen)
 
     # --- final: the last stage's best checkpoint vs. the base pipeline and the oracle memory
     final = load_ckpt(run / f"best-stage{len(args.stages) - 1}", device)["model"] if args.stages else policy
@@ -320,30 +344,37 @@ def main(argv=None) -> dict:
     if not args.no_final_eval:
         samples, test = data["test"]
         base = load_ckpt(sft_dir, device)["model"]
-        table = {"base pipeline (SFT only)": E.evaluate(base, tok, answerer, test, cfg),
-                 f"Memory-R2 ({cfg.algo}, {'->'.join(map(str, args.stages))})": E.evaluate(final, tok, answerer, test, cfg)}
+        table = {"base pipeline (SFT only)": E.evaluate(base, tok, answerer, test, cfg, samples),
+                 f"Memory-R2 ({cfg.algo}, {'->'.join(map(str, args.stages))})": E.evaluate(final, tok, answerer, test, cfg, samples)}
         if samples is not None:
-            table["oracle memory (teacher)"] = E.score(answerer, E.oracle_banks(samples, test, cfg), test)
+            table["oracle memory (teacher)"] = E.score(answerer, tok, E.oracle_banks(samples, test, cfg), test)
         result["test"] = table
-        write_report(run, args, cfg, table, result["minutes"], device)
+        write_report(run, args, cfg, table, result["minutes"], device, answerer.name)
         print(E.report_table(table))
+        if samples is not None:
+            print(E.report_table({k: v for k, v in table.items() if "fact_recall" in v}, E.DECISION_COLS))
         names = list(table)
         (run / "result.json").write_text(json.dumps({
             "algo": cfg.algo, "stages": args.stages, "steps": args.steps, "seed": args.seed, "minutes": result["minutes"],
+            "answerer": answerer.name, "minibatches": cfg.minibatches,
             "base": table[names[0]], "trained": table[names[1]], "oracle": table.get(names[2]) if len(names) > 2 else None},
             indent=1))
     log({"phase": "done", **result})
     return result
 
 
-def write_report(run, args, cfg, table, minutes, device):
+def write_report(run, args, cfg, table, minutes, device, answerer_name):
     val = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     curve = " ".join(f"{r['stage']}:{r['step']}={r['f1_overall']:.1f}" for r in val if r.get("phase") == "val")
+    decisions = {k: v for k, v in table.items() if "fact_recall" in v}
     (run / "report.md").write_text(
         f"# Memory-R2 run `{run.name}`\n\n"
         f"algo {cfg.algo}, stages {args.stages}, steps {args.steps}, n={cfg.n} K={cfg.K} p={cfg.p} "
-        f"lambda={cfg.lam} phi={cfg.phi}, data {args.data}, seed {args.seed}, {minutes:.1f} min on {device}\n\n"
-        f"## Test (x100)\n\n{E.report_table(table)}\n\n## Validation F1 (stage:step=F1)\n\n{curve}\n")
+        f"lambda={cfg.lam} phi={cfg.phi}, data {args.data}, answer agent {answerer_name}, seed {args.seed}, "
+        f"{minutes:.1f} min on {device}\n\n"
+        f"## Test (x100)\n\n{E.report_table(table)}\n\n"
+        + (f"## Decisions against the teacher (x100)\n\n{E.report_table(decisions, E.DECISION_COLS)}\n\n" if decisions else "")
+        + f"## Validation F1 (stage:step=F1; step 0 = the stage's warm start, logged only)\n\n{curve}\n")
 
 
 if __name__ == "__main__":
