@@ -601,65 +601,124 @@ def synthetic_split(sizes: dict, n_sessions: int = 32) -> dict:
     return out
 
 
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (no scipy at run time).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
+
+
+def t_interval(xs: list) -> tuple:
+    """Mean and t-based 95 % interval of the mean: mean -+ t(0.975, n-1) * sd / sqrt(n)."""
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    half = T975.get(n - 1, 1.96) * math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n)
+    return mean, mean - half, mean + half
+
+
+def _arm(r: dict) -> str:
+    return f"{r['algo']} {'->'.join(map(str, r['stages']))}" + (f" mb{r['minibatch']}" if r.get("minibatch", 64) != 64 else "")
+
+
+def _fmt(ci, digits=1) -> str:
+    return "{:+.{d}f} [{:+.{d}f}, {:+.{d}f}]".format(*ci, d=digits)
+
+
 def compare(run_dirs: list, out_dir: Path) -> str:
-    """Experiment table from finished runs (their result.json): per arm (algo x curriculum)
-    the mean +- std over seeds of the test metrics, a paired bootstrap CI of the F1
-    difference between arms that share seeds, and the mean validation curve per arm
-    (a PNG too when matplotlib happens to be installed; nothing needs it)."""
-    import numpy as np
+    """Experiment report from finished runs (result.json + metrics.jsonl), written to out_dir:
+    per arm the mean +- std over seeds of the test metrics and the cost (optimizer steps,
+    generated tokens, minutes); paired differences of test F1 between arms with a t-based
+    95 % interval over seeds and the per-seed values; the credit diagnostic per stage (the
+    within-group correlation of advantage and true quality, local vs global rows); mean
+    validation curves. PNGs of the curves where matplotlib is installed (not needed)."""
     runs = []
-    for d in run_dirs:  # the test result, plus the validation curve from the run's log
+    for d in run_dirs:
         r = json.loads((Path(d) / "result.json").read_text())
-        vals = [json.loads(l) for l in (Path(d) / "metrics.jsonl").read_text().splitlines()]
-        r["val_curve"] = [(v["stage"], v["step"], v["f1_overall"]) for v in vals if v["phase"] == "val"]
+        lines = [json.loads(l) for l in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+        r["val_curve"] = [(v["stage"], v["step"], v["f1_overall"]) for v in lines if v["phase"] == "val"]
+        rl = [v for v in lines if v["phase"] == "rl"]
+        r["cost"] = {"updates": sum(v.get("updates", 0) for v in rl), "gen_tokens": sum(v.get("gen_tokens", 0) for v in rl)}
+        r["credit"] = {}  # stage -> (mean corr of global rows, of local rows) over its steps
+        for s in r["stages"]:
+            for kind in ("G", "L"):
+                xs = [v[f"credit_corr_{kind}"] for v in rl if v["stage"] == s and v.get(f"credit_corr_{kind}", math.nan) == v.get(f"credit_corr_{kind}", math.nan)]
+                r["credit"].setdefault(str(s), {})[kind] = sum(xs) / len(xs) if xs else math.nan
         runs.append(r)
     arms = {}
     for r in runs:
-        arms.setdefault(f"{r['algo']} {'->'.join(map(str, r['stages']))}", []).append(r)
-    cols = ["f1_overall", "bleu1_overall", "f1_single-hop", "f1_multi-hop", "f1_temporal", "m_fail", "mem_tokens",
-            "share_INSERT", "share_UPDATE", "share_DELETE"]
-    md = ["| arm | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+        arms.setdefault(_arm(r), []).append(r)
+    cols = ["f1_overall", "f1_single-hop", "f1_multi-hop", "f1_temporal", "m_fail", "mem_tokens",
+            "acc_INSERT", "acc_UPDATE", "acc_DELETE", "fact_recall"]
+    sd = lambda v: (sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+    md = ["| arm | seeds | " + " | ".join(cols) + " | optimizer steps | generated tokens | minutes |", "|---" * (len(cols) + 5) + "|"]
     for arm, rs in arms.items():
-        cells = [f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"
-                 for v in ([r["trained"].get(c, 0.0) for r in rs] for c in cols)]
-        md.append(f"| {arm} | {len(rs)} | " + " | ".join(cells) + " |")
+        cells = [f"{sum(v) / len(v):.1f} ± {sd(v):.1f}" for v in ([r["trained"].get(c, math.nan) for r in rs] for c in cols)]
+        cost = [sum(r["cost"][k] for r in rs) / len(rs) for k in ("updates", "gen_tokens")] + [sum(r["minutes"] for r in rs) / len(rs)]
+        md.append(f"| {arm} | {len(rs)} | " + " | ".join(cells) + f" | {cost[0]:.0f} | {cost[1]:.0f} | {cost[2]:.1f} |")
     base = [r["base"]["f1_overall"] for r in runs]
-    md += ["", f"Base pipeline (SFT only) test F1: {np.mean(base):.1f}; oracle memory: "
-               f"{np.mean([r['oracle']['f1_overall'] for r in runs if r.get('oracle')] or [float('nan')]):.1f}", "",
-           "Paired differences of test F1 (first arm minus second, same seeds; 95% bootstrap CI over seeds):", ""]
-    rng, names = np.random.default_rng(0), list(arms)
+    oracle = [r["oracle"]["f1_overall"] for r in runs if r.get("oracle")]
+    nq = runs[0]["trained"].get("n_questions", "?") if runs else "?"
+    md += ["", f"Test questions per run: {nq}. Base pipeline (SFT only) test F1: {sum(base) / len(base):.1f}; "
+               f"oracle memory: {sum(oracle) / len(oracle) if oracle else math.nan:.1f}.", "",
+           "Paired differences of test F1, first arm minus second, same seeds: mean [t-based 95 % interval] and per seed:", ""]
+    names = list(arms)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             sa = {r["seed"]: r["trained"]["f1_overall"] for r in arms[a]}
             sb = {r["seed"]: r["trained"]["f1_overall"] for r in arms[b]}
-            d = np.array([sa[s] - sb[s] for s in sorted(sa.keys() & sb.keys())])
-            if len(d):
-                boot = rng.choice(d, (2000, len(d))).mean(1)
-                md.append(f"- {a} vs {b}: {d.mean():+.1f} F1 over {len(d)} seeds, CI [{np.percentile(boot, 2.5):+.1f}, "
-                          f"{np.percentile(boot, 97.5):+.1f}]")
-    md += ["", "Validation F1, mean over seeds, as sessions:step (step 0 of a stage = its warm start, the "
-               "previous stage's best checkpoint; 8:0 = the SFT model):", ""]
+            d = [sa[s] - sb[s] for s in sorted(sa.keys() & sb.keys())]
+            if d:
+                md.append(f"- {a} vs {b}: {_fmt(t_interval(d))} over {len(d)} seeds; per seed "
+                          + ", ".join(f"{x:+.1f}" for x in d))
+    md += ["", "Credit diagnostic: within-group correlation of a row's advantage with its true quality (teacher-scored "
+               "decisions), mean over a stage's steps, then mean [t-based 95 % interval] over seeds; L - G paired by seed:", ""]
+    for arm, rs in arms.items():
+        for s in map(str, rs[0]["stages"]):
+            g = [r["credit"][s]["G"] for r in rs if r["credit"][s]["G"] == r["credit"][s]["G"]]
+            l = [r["credit"][s]["L"] for r in rs if r["credit"][s]["L"] == r["credit"][s]["L"]]
+            dl = [r["credit"][s]["L"] - r["credit"][s]["G"] for r in rs if r["credit"][s]["L"] - r["credit"][s]["G"] == r["credit"][s]["L"] - r["credit"][s]["G"]]
+            md.append(f"- {arm}, {s} sessions: global {_fmt(t_interval(g), 2) if g else '-'}, local "
+                      f"{_fmt(t_interval(l), 2) if l else '-'}, local - global {_fmt(t_interval(dl), 2) if dl else '-'}")
+    md += ["", "Validation F1, mean over seeds, as sessions:step (step 0 = the stage's warm start, logged only):", ""]
     curves = {}
     for arm, rs in arms.items():
         pts = {}
         for r in rs:
             for stage, step, f in r["val_curve"]:
                 pts.setdefault((r["stages"].index(stage), stage, step), []).append(f)
-        curves[arm] = [(f"{s}:{t}", float(np.mean(v))) for (_, s, t), v in sorted(pts.items())]
+        curves[arm] = [(f"{s}:{t}", sum(v) / len(v)) for (_, s, t), v in sorted(pts.items())]
         md.append(f"- {arm}: " + " ".join(f"{k}={f:.1f}" for k, f in curves[arm]))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "runs.json").write_text(json.dumps(runs, indent=1))
     (out_dir / "table.md").write_text("\n".join(md) + "\n")
+    _plots(arms, curves, out_dir)
+    return "\n".join(md)
+
+
+def _plots(arms: dict, curves: dict, out_dir: Path) -> None:
+    """Validation curves and the credit diagnostic per stage, as PNG, if matplotlib is there."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        for arm, pts in curves.items():
-            plt.plot(range(len(pts)), [f for _, f in pts], marker="o", label=arm)
-        plt.xlabel("validation point"), plt.ylabel("val F1"), plt.legend(), plt.savefig(out_dir / "val_curves.png", dpi=100)
     except ImportError:
-        pass
-    return "\n".join(md)
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    for arm, pts in curves.items():
+        ax[0].plot(range(len(pts)), [f for _, f in pts], marker="o", label=arm)
+    ax[0].set(xlabel="validation point", ylabel="val F1", title="validation F1 (mean over seeds)")
+    ax[0].legend(fontsize=7)
+    for arm, rs in arms.items():
+        for kind, style in (("G", "--"), ("L", "-")):
+            ys = [t_interval([r["credit"][str(s)][kind] for r in rs if r["credit"][str(s)][kind] == r["credit"][str(s)][kind]] or [math.nan])
+                  for s in rs[0]["stages"]]
+            ax[1].errorbar([str(s) for s in rs[0]["stages"]], [y[0] for y in ys], yerr=[[y[0] - y[1] for y in ys], [y[2] - y[0] for y in ys]],
+                           linestyle=style, marker="o", capsize=3, label=f"{arm} {'global' if kind == 'G' else 'local'}")
+    ax[1].axhline(0, color="grey", lw=0.5)
+    ax[1].set(xlabel="stage (sessions)", ylabel="corr(advantage, true quality)", title="credit diagnostic (95 % t-interval)")
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "curves.png", dpi=100)
 
 
 def find_checkpoint(path: Path) -> Path:

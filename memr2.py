@@ -102,7 +102,6 @@ class RLConfig:
     lr: float = 3e-5  # spec 2e-6 is for a 7B model; 1e-4 drifted (val F1 fell within 10 steps)
     ppo_epochs: int = 2
     minibatch: int = 64  # cells per optimizer step, fixed order
-    minibatches: int = 0  # > 0: that many mini-batches per epoch whatever the pool size (equal steps per algo)
     eps: float = 0.2  # ratio clip
     dual_clip: float = 3.0  # bound on the loss of a negative advantage
     ratio_cap: float = 3.0  # cap on the turn's mean log-ratio
@@ -615,6 +614,7 @@ def logo_step(policy, ref, answerer: AnswerAgent, tok, conv, S: int, cfg: RLConf
         "local_distinct": sum(len({json.dumps(sorted((e.speaker, e.content) for e in b.entries.values())) for b in kb})
                               for _, _, kb in local) / max(1, len(local)),
         "branches": len(branches), "local_share": len(local_rows) / max(1, len(pool)),
+        "gen_tokens": sum(len(c.response) for r in global_rows + local_rows for c in r.cells),
         "unfinished_frac": 1 - sum(map(sum, finished)) / (cfg.n * S),
         "mem_tokens": sum(mem_tok) / cfg.n, "mem_entries": sum(len(b.entries) for b in banks) / cfg.n,
         "bloat": sum(pens) / (cfg.n * cfg.lam) if cfg.lam else 0.0,
@@ -638,8 +638,7 @@ def ppo_update(policy, ref, pool: list, cfg: RLConfig, opt) -> dict:
     if not cells:
         return {"cells": 0, "skipped_updates": 0}
     dev = next(policy.parameters()).device
-    size = math.ceil(len(cells) / cfg.minibatches) if cfg.minibatches > 0 else cfg.minibatch
-    batches = [cells[i:i + size] for i in range(0, len(cells), size)]
+    batches = [cells[i:i + cfg.minibatch] for i in range(0, len(cells), cfg.minibatch)]
     with torch.no_grad():
         olds = [cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in batches]
         refs = [cell_logprobs(ref, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in batches]
@@ -659,4 +658,4 @@ def ppo_update(policy, ref, pool: list, cfg: RLConfig, opt) -> dict:
             opt.step()
             agg.update(s | {"loss": loss.item()})
             n += 1
-    return {k: v / max(1, n) for k, v in agg.items()} | {"cells": len(cells), "skipped_updates": skipped}
+    return {k: v / max(1, n) for k, v in agg.items()} | {"cells": len(cells), "updates": n, "skipped_updates": skipped}

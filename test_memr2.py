@@ -3,6 +3,7 @@ and the issues is a test that can fail. Tiny models only; the whole file runs in
 on 2 CPU cores."""
 import collections
 import json
+import math
 import os
 import random
 import subprocess
@@ -14,7 +15,7 @@ import torch
 
 from eval import (CATEGORIES, LOCOMO_SPLIT, DataError, load_locomo, locomo_split,
                   parse_conversation, parse_date, short_date)
-from memory import MemoryBank, bloat_cost, parse_facts, parse_operations, retrieve_for_facts, retrieve_for_question
+from memory import MemoryBank, bloat_cost, bm25, parse_facts, parse_operations, retrieve_for_facts, retrieve_for_question
 from memr2 import fused_logprobs
 from model import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, CheckpointError, ModelConfig, Transformer, decode,
                    encode, generate, left_pad, load_checkpoint, load_tokenizer, save_checkpoint, save_tokenizer,
@@ -338,16 +339,98 @@ def test_retrieval_is_lexical_deterministic_and_per_speaker():
     assert got == retrieve_for_question(b, "Where does Ann live?", per_speaker=1)
 
 
+def test_retrieval_ranks_all_entries_with_one_score_asked_speaker_first():
+    # The issue's case: Peggy's entry written first, Nina's second. Scored per speaker, both
+    # got the same within-speaker score and Peggy's came first; one score over the bank puts
+    # the entry that shares the asked name first.
+    b = MemoryBank()
+    b.apply([{"op": "INSERT", "speaker": "Peggy", "content": "Peggy lives in Tokyo"},
+             {"op": "INSERT", "speaker": "Peggy", "content": "Peggy works as a chef"},
+             {"op": "INSERT", "speaker": "Nina", "content": "Nina lives in Paris"}], 1, "1 May 2023")
+    got = retrieve_for_question(b, "Where does Nina live?", per_speaker=2)
+    assert got[0].content == "Nina lives in Paris" and got[1].content == "Peggy lives in Tokyo"
+    scores = dict(zip([e.content for e in b.entries.values()], bm25("Where does Nina live?", [e.content for e in b.entries.values()])))
+    assert [e.content for e in got] == sorted(scores, key=lambda c: -scores[c])[:2]
+
+
+def test_retrieval_ties_go_to_the_newest_entry():
+    b = MemoryBank()
+    for s, city in enumerate(["Oslo", "Lima", "Rome"], 1):  # three equal-length duplicates
+        b.apply([{"op": "INSERT", "speaker": "Ann", "content": f"Ann lives in {city}"}], s, f"{s} May 2023")
+    assert [e.content for e in retrieve_for_question(b, "Where does Ann live?", 2)] == ["Ann lives in Rome", "Ann lives in Lima"]
+    assert retrieve_for_facts(b, [{"speaker": "Ann", "dia_id": "D4:1", "fact": "Ann lives in Quito"}], 1)[0].content == "Ann lives in Rome"
+
+
 # ============================================================================ synthetic world (spec §7 format)
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_teacher_gold_memory_answers_every_question_exactly(seed):
+def test_exact_answerer_reads_the_oracle_memory_perfectly(seed):
+    # The frozen answer agent on the teacher's memory, through retrieval as in training:
+    # F1 100 in every category, "none" answers and made-up values included.
     sample = E.make_world(seed, n_sessions=32)
     conv = E.parse_conversation(sample)
     bank = E.teacher_memory(sample, conv, n_chunks=2)
-    entries = sorted(bank.entries.values(), key=lambda e: e.session)
+    res = E.score(E.exact_answerer(M.RLConfig()), train_tokenizer(["Ann lives in Oslo"], 300), [bank], [conv])
     assert len(conv.qa) > 20 and {q.category for q in conv.qa} == {1, 2, 4}
-    for q in conv.qa:
-        assert M.token_f1(E.lookup_answer(q.question, entries), q.answer) == 1.0, q.question
+    assert any(q.answer == "none" for q in conv.qa)
+    assert [res[f"f1_{c}"] for c in ("overall", "single-hop", "multi-hop", "temporal")] == [100.0] * 4
+
+
+def test_exact_reader_takes_the_newest_line_and_reads_endings_as_none():
+    def bank_of(*contents):
+        b = MemoryBank()
+        for s, c in enumerate(contents, 1):
+            b.apply([{"op": "INSERT", "speaker": c.split()[0].split("'")[0], "content": c}], s, f"{s} May 2023")
+        return list(b.entries.values())
+    assert E.lookup_answer("Where does Nina live?", bank_of("Nina lives in Paris", "Nina lives in Gofon")) == "Gofon"
+    assert E.lookup_answer("What is the name of Nina's pet?", bank_of("Nina has a pet named Rex", "Nina's pet Rex died")) == "none"
+    assert E.lookup_answer("What work does Nina do?", bank_of("Nina quit the job as a chef", "Nina works as a pilot")) == "pilot"
+    assert E.lookup_answer("Where do Nina and Bob live?", bank_of("Bob works as a chef")) == "none"
+    assert E.lookup_answer("When did Nina visit Oslo?", bank_of("Nina visited Lima", "Nina visited Oslo")) == "2 May 2023"
+
+
+def test_reward_ranks_scripted_managers_oracle_first_empty_last():
+    # The reward must tell each single kind of memory mistake from the right decisions.
+    samples, convs = E.synthetic_split({"test": 4})["test"]
+    tok = E.world_tokenizer(E.synthetic_split({"train": 8})["train"][0], 512)
+    res = {k: v["reward"] for k, v in E.sensitivity(samples, convs, tok, M.RLConfig()).items()}
+    assert set(res) == {"oracle", "insert-only", "no-delete", "duplicate-updates", "drop-half", "empty"}
+    assert res["oracle"] >= 90 and res["empty"] <= 10
+    for name in ("insert-only", "no-delete", "duplicate-updates", "drop-half"):
+        assert res["empty"] < res[name] < res["oracle"] - 4, name
+
+
+def _decision(shown, facts, ops, turns=None):
+    turns = turns or [E.Turn(f["speaker"], f["dia_id"], "...") for f in facts]
+    return M.Decision(0, turns, facts, shown, ops)
+
+
+def test_decisions_are_scored_against_the_teacher_on_the_same_memories():
+    b = filled_bank()  # m1 Ann lives in Oslo, m2 Ann works as a baker, m3 Bo lives in Rome
+    gold = {"D2:1": {"fact": "Ann lives in Lima"}, "D2:2": {"fact": "Bo read the book Dune"}}
+    facts = [{"speaker": "Ann", "dia_id": "D2:1", "fact": "Ann lives in Lima"},
+             {"speaker": "Bo", "dia_id": "D2:2", "fact": "Bo read the book Dune"}]
+    shown = list(b.entries.values())
+    right = [{"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima"},
+             {"op": "INSERT", "speaker": "Bo", "content": "Bo read the book Dune"}]
+    c = E.decision_counts([_decision(shown, facts, right)], gold)
+    assert (c["UPDATE_gold"], c["UPDATE_hit"], c["INSERT_gold"], c["INSERT_hit"], c["right"]) == (1, 1, 1, 1, 2)
+    wrong_id = [dict(right[0], memory_id="m2"), right[1]]
+    duplicate = [{"op": "INSERT", "speaker": "Ann", "content": "Ann lives in Lima"}, right[1]]
+    for ops in (wrong_id, duplicate):
+        c = E.decision_counts([_decision(shown, facts, ops)], gold)
+        assert (c["UPDATE_hit"], c["INSERT_hit"], c["right"]) == (0, 1, 1)
+    # a removal: DELETE of the right id only; a fact the extractor miscopied is never "right"
+    gone = [{"speaker": "Ann", "dia_id": "D3:1", "fact": "Ann quit the job as a baker"}]
+    c = E.decision_counts([_decision(shown, gone, [{"op": "DELETE", "memory_id": "m2"}])], {"D3:1": {"fact": gone[0]["fact"]}})
+    assert (c["DELETE_gold"], c["DELETE_hit"], c["right"]) == (1, 1, 1)
+    c = E.decision_counts([_decision(shown, gone, [{"op": "DELETE", "memory_id": "m1"}])], {"D3:1": {"fact": gone[0]["fact"]}})
+    assert c["DELETE_hit"] == 0 and c["right"] == 0
+    typo = [dict(facts[1], fact="Bo read the book Dume")]
+    turns = [E.Turn(f["speaker"], f["dia_id"], "...") for f in facts]
+    c = E.decision_counts([_decision(shown, typo, [dict(right[1], content="Bo read the book Dume")], turns)], gold)
+    assert (c["fact_gold"], c["fact_pred"], c["fact_hit"], c["right"]) == (2, 1, 0, 0)
+    m = E.decision_metrics(c)
+    assert m["fact_recall"] == 0.0 and m["acc_UPDATE"] != m["acc_UPDATE"]  # NaN: the teacher asked for none
 
 
 def test_world_is_reproducible_changes_state_and_noise_hurts():
@@ -514,6 +597,53 @@ def test_algo_switch_selects_the_pool(tiny, monkeypatch, algo, share):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     stats = M.logo_step(model, model, answerer, tok, conv, 2, cfg, opt, random.Random(0), random.Random(1), torch.Generator())
     assert stats["local_share"] == share
+
+
+def test_credit_correlation_is_within_group_and_per_kind():
+    def row(kind, src, reward, adv, quality):
+        return M.Row("mgr", M.Group(kind, 1, "mgr", src), reward=reward, adv=adv, quality=quality)
+    # local: advantage follows quality inside each group; global: against it. Group offsets
+    # in quality (0.1 vs 0.9) must not count: only within-group differences do.
+    rows = [row("L", 0, 1.0, 1.0, 0.2), row("L", 0, 0.0, -1.0, 0.1),
+            row("L", 1, 1.0, 1.0, 0.9), row("L", 1, 0.0, -1.0, 0.8),
+            row("G", -1, 1.0, 1.0, 0.1), row("G", -1, 0.0, -1.0, 0.9),
+            row("G", 2, 0.5, 0.0, 0.3), row("G", 2, 0.5, 0.0, 0.9)]  # no reward variance: left out
+    c = M.credit_correlation(rows)
+    assert c["credit_corr_L"] == pytest.approx(1.0) and c["credit_corr_G"] == pytest.approx(-1.0)
+    assert M.credit_correlation(rows[6:])["credit_corr_G"] != M.credit_correlation(rows[6:])["credit_corr_G"]  # NaN
+
+
+def test_one_seed_gives_every_algo_the_same_questions(tiny, monkeypatch):
+    conv, tok, model = tiny
+    asked = {}
+    real = M.sample_questions
+    for algo in ("logo", "grpo"):
+        monkeypatch.setattr(M, "sample", scripted_sample(random.Random(5)))
+        seen = asked.setdefault(algo, [])
+        monkeypatch.setattr(M, "sample_questions", lambda qas, s, k, rng, seen=seen: seen.append(r := real(qas, s, k, rng)) or r)
+        cfg = M.RLConfig(algo=algo, n=2, K=2, p=1.0 if algo == "logo" else 0.0, ppo_epochs=1)
+        answerer = E.exact_answerer(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+        data_rng = random.Random(7)
+        M.logo_step(model, model, answerer, tok, conv, 3, cfg, opt, data_rng, random.Random(algo), torch.Generator())
+        asked[algo + "_next"] = data_rng.random()  # the data stream advanced by the same draws
+    assert asked["logo"][0] == asked["grpo"][0]  # the global subset, drawn before any branch coin
+    assert len(asked["logo"]) > 1 == len(asked["grpo"])  # logo also drew local subsets...
+    assert asked["logo_next"] == asked["grpo_next"]  # ...without shifting the next step's draws
+
+
+def test_logo_step_logs_the_credit_diagnostic(tiny, monkeypatch):
+    conv, tok, model = tiny
+    monkeypatch.setattr(M, "sample", scripted_sample(random.Random(6)))
+    cfg = M.RLConfig(n=3, K=3, p=1.0, ppo_epochs=1)
+    seen = []
+    judge = lambda sess, decisions: seen.append((sess.index, len(decisions))) or 0.5
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    stats = M.logo_step(model, model, E.exact_answerer(cfg), tok, conv, 3, cfg, opt, random.Random(0), random.Random(1),
+                        torch.Generator(), judge)
+    assert stats["quality_G"] == stats["quality_L"] == 0.5
+    assert len(seen) == 3 * 3 + stats["branches"] * 3 and all(n >= 1 for _, n in seen)  # one call per row, its chunks
+    assert "credit_corr_G" in stats and "credit_corr_L" in stats
 
 
 def test_unfinished_generations_get_zero_reward(tiny, monkeypatch):
@@ -1140,12 +1270,24 @@ def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
             (d / "result.json").write_text(json.dumps({
                 "algo": algo, "stages": [8, 16], "steps": [1, 1], "seed": seed, "minutes": 1.0,
                 "base": {"f1_overall": 10.0}, "trained": metrics, "oracle": {"f1_overall": 60.0}}))
+            corr = {"credit_corr_G": 0.1 * seed, "credit_corr_L": 0.1 * seed + (0.3 if algo == "logo" else math.nan)}
             (d / "metrics.jsonl").write_text("".join(json.dumps(v) + "\n" for v in [
                 {"phase": "sft", "step": 0, "loss": 1.0}, {"phase": "val", "stage": 8, "step": 0, "f1_overall": 10.0},
+                {"phase": "rl", "stage": 8, "step": 1, "updates": 4, "gen_tokens": 100, **corr},
+                {"phase": "rl", "stage": 16, "step": 1, "updates": 2, "gen_tokens": 50, **corr},
                 {"phase": "val", "stage": 16, "step": 1, "f1_overall": f1}]))
             runs.append(d)
     md = E.compare(runs, tmp_path / "results")
     assert "| logo 8->16 | 2 | 32.0 ± 2.8 |" in md and "| grpo 8->16 | 2 | 23.0 ± 4.2 |" in md
-    assert "logo 8->16 vs grpo 8->16: +9.0 F1 over 2 seeds" in md
+    assert "| 6 | 150 | 1.0 |" in md  # optimizer steps, generated tokens, minutes per run
+    # d = (+10, +8): mean 9, sd sqrt(2), se 1, t(0.975, 1 df) = 12.706
+    assert "logo 8->16 vs grpo 8->16: +9.0 [-3.7, +21.7] over 2 seeds; per seed +10.0, +8.0" in md
+    assert "logo 8->16, 16 sessions: global +0.15 [-0.49, +0.79], local +0.45 [-0.19, +1.09], local - global +0.30 [+0.30, +0.30]" in md
+    assert "grpo 8->16, 8 sessions: global +0.15 [-0.49, +0.79], local -, local - global -" in md
     assert "- logo 8->16: 8:0=10.0 16:1=32.0" in md
     assert json.loads((tmp_path / "results" / "runs.json").read_text())[0]["seed"] == 1
+
+
+def test_t_interval_matches_the_textbook_formula():
+    mean, lo, hi = E.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # sd 1.5811, se 0.7071, t(4) = 2.776
+    assert mean == 3.0 and lo == pytest.approx(3 - 2.776 * 0.70711, abs=1e-4) and hi == pytest.approx(3 + 2.776 * 0.70711, abs=1e-4)
