@@ -276,14 +276,15 @@ def token_f1(pred: str, gold: str) -> float:
 
 
 def bleu1(pred: str, gold: str) -> float:
-    """BLEU-1: clipped unigram precision x brevity penalty, no smoothing (reported only)."""
-    tok = lambda s: re.findall(r"\w+|[^\w\s]", str(s).lower())
-    p, r = tok(pred), tok(gold)
+    """BLEU-1 as the official reward manager computes it (reported only): both strings get the
+    same SQuAD normalisation as F1; clipped unigram precision x brevity penalty, BP = 1 if
+    |pred| >= |gold| else exp(1 - |gold| / |pred|); 0 when either side is empty."""
+    p, r = normalize_answer(pred), normalize_answer(gold)
     if not p or not r:
-        return float(p == r)
+        return 0.0
     rc = Counter(r)
     p1 = sum(min(c, rc[w]) for w, c in Counter(p).items()) / len(p)
-    bp = 1.0 if len(p) > len(r) else math.exp(1 - len(r) / len(p))
+    bp = 1.0 if len(p) >= len(r) else math.exp(1 - len(r) / len(p))
     return bp * p1
 
 
@@ -522,8 +523,14 @@ def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig)
     kl = torch.clamp(torch.exp(d) - d - 1, -10, 10).mean()
     ent = entropy.mean() if entropy is not None else torch.zeros((), device=logp.device)
     loss = pg - cfg.beta_h * ent + cfg.beta_kl * kl
-    clipped = ((ratio - 1).abs() > cfg.eps)[valid].float().mean()
-    return loss, {"pg_loss": pg.item(), "kl": kl.item(), "entropy": ent.item(), "clip_frac": clipped.item()}
+    # The official metrics: a clip counts only where it is active (the clipped term wins the
+    # max), the dual clip only where it bounds a negative advantage's loss, and the cap apart.
+    clipped = -adv * torch.clamp(ratio, 1 - cfg.eps, 1 + cfg.eps) > -adv * ratio
+    dual = (adv < 0) & (torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.eps, 1 + cfg.eps)) > -adv * cfg.dual_clip)
+    capped = log_ratio > cfg.ratio_cap
+    frac = lambda m: m[valid].float().mean().item()
+    return loss, {"pg_loss": pg.item(), "kl": kl.item(), "entropy": ent.item(), "clip_frac": frac(clipped),
+                  "dual_clip_frac": frac(dual), "ratio_cap_frac": frac(capped)}
 
 
 # ============================================================================ one LoGo-GRPO step (spec §2.6)

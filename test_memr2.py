@@ -457,10 +457,15 @@ def test_token_f1_is_squad_normalised_set_overlap():
     assert M.token_f1("7", 7) == 1.0  # int gold answers are cast with str()
 
 
-def test_bleu1_is_clipped_unigram_precision_times_brevity_penalty():
+def test_bleu1_is_the_official_squad_normalised_clipped_precision_times_brevity_penalty():
     assert M.bleu1("paris paris", "paris") == pytest.approx(0.5)  # clipped count 1 of 2
     assert M.bleu1("rome", "rome in italy") == pytest.approx(M.math.exp(1 - 3))
     assert M.bleu1("8 May 2023", "8 May 2023") == 1.0
+    # the official tokenisation: punctuation and articles are not tokens
+    assert M.bleu1("homeless shelter, gym, church", "books, movies, dreams") == 0.0
+    assert M.bleu1("The cat.", "a cat") == 1.0
+    assert M.bleu1("the dog, a cat", "dog cat bird") == pytest.approx(M.math.exp(1 - 3 / 2))
+    assert M.bleu1("", "") == 0.0 and M.bleu1("", "x") == 0.0 and M.bleu1("x", "the") == 0.0
 
 
 # ============================================================================ advantages (spec §2.3)
@@ -510,6 +515,17 @@ def test_dual_clip_bounds_the_loss_of_negative_advantages():
     assert _loss([2.0], [0.0], [-1.0], [0]) == pytest.approx(3.0)
     # the log-ratio cap: l = 10 -> r = e^3, A > 0 clipped at 1 + eps anyway
     assert _loss([10.0], [0.0], [1.0], [0]) == pytest.approx(-1.2)
+
+
+def test_clip_fractions_count_only_active_clips_as_the_official_metrics():
+    cfg = M.RLConfig(beta_kl=0.0, beta_h=0.0)
+    lp = torch.tensor([0.5, 0.5, -0.5, -0.5, 2.0, 10.0])   # log-ratios of six one-token cells
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0, 1.0])
+    _, s = M.logo_grpo_loss(lp, torch.zeros(6), lp, None, torch.arange(6), adv, cfg)
+    # r = e^0.5 > 1.2 clips only for A > 0 (cells 0, 5); r = e^-0.5 < 0.8 only for A < 0 (cell 3);
+    # cell 4 (r = e^2, A < 0) is not clipped but dual-clipped; cell 5's log-ratio is capped
+    assert s["clip_frac"] == pytest.approx(3 / 6)
+    assert s["dual_clip_frac"] == pytest.approx(1 / 6) and s["ratio_cap_frac"] == pytest.approx(1 / 6)
 
 
 def test_kl_term_is_k3_and_entropy_is_a_bonus():
