@@ -61,8 +61,9 @@ def parse_args(argv=None):
                          "p=0.5: GRPO with 43 makes as many optimizer steps as LoGo with 64")
     ap.add_argument("--sft-steps", type=int, default=None)
     ap.add_argument("--sft-lr", type=float, default=2e-3)
-    ap.add_argument("--teacher-noise", type=float, default=0.6,
-                    help="rate of wrong/missing teacher ops in SFT data: above 0.5 the SFT model's greedy choice is wrong too")
+    ap.add_argument("--teacher-noise", type=float, default=0.3,
+                    help="rate of wrong/missing teacher ops in SFT data (0: a perfect teacher, which leaves RL nothing "
+                         "to fix in this world; see README)")
     ap.add_argument("--sessions", type=int, default=32, help="sessions per synthetic conversation")
     ap.add_argument("--data", choices=["synthetic", "locomo"], default="synthetic")
     ap.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"))
