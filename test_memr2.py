@@ -28,6 +28,7 @@ import train
 # model.py: tokenizer, transformer, KV-cache sampling, checkpoints
 # ##########################################################################################
 TINY = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=48)
+CK = ModelConfig(vocab_size=300, n_layer=1, n_head=4, n_kv_head=2, d_model=32, max_seq_len=48)  # fits the `tok` fixture
 
 
 def varied_model(cfg=TINY, seed=0):
@@ -154,7 +155,7 @@ def test_tokenizer_round_trip_and_special_ids(tok, tmp_path):
 
 
 def test_checkpoint_round_trip_logits_optimizer_and_tensors(tok, tmp_path):
-    model = varied_model()
+    model = varied_model(CK)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.tensor([[1, 2, 3]])).sum().backward()
     opt.step()
@@ -186,7 +187,7 @@ def test_checkpoint_round_trip_logits_optimizer_and_tensors(tok, tmp_path):
 
 
 def test_checkpoint_without_optimizer_or_tensors(tok, tmp_path):
-    save_checkpoint(tmp_path / "c", Transformer(TINY), tok, {})
+    save_checkpoint(tmp_path / "c", Transformer(CK), tok, {})
     ck = load_checkpoint(tmp_path / "c")
     assert ck["optimizer_state"] is None and ck["tensors"] == {}
 
@@ -195,17 +196,17 @@ def test_corrupt_or_missing_checkpoint_raises_checkpoint_error(tok, tmp_path):
     with pytest.raises(CheckpointError, match="no such directory"):
         load_checkpoint(tmp_path / "nope")
     path = tmp_path / "ckpt"
-    save_checkpoint(path, Transformer(TINY), tok, {"step": 1})
+    save_checkpoint(path, Transformer(CK), tok, {"step": 1})
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     with pytest.raises(CheckpointError, match="model.safetensors") as e:
         load_checkpoint(path)
     assert "\n" not in str(e.value)
-    save_checkpoint(path, Transformer(TINY), tok, {"step": 1})
+    save_checkpoint(path, Transformer(CK), tok, {"step": 1})
     (path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json"):
         load_checkpoint(path)
-    save_checkpoint(path, Transformer(TINY), tok, {"step": 1})
+    save_checkpoint(path, Transformer(CK), tok, {"step": 1})
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(dict(cfg, d_model=64)))
     with pytest.raises(CheckpointError, match="do not match"):
@@ -217,10 +218,59 @@ def test_corrupt_or_missing_checkpoint_raises_checkpoint_error(tok, tmp_path):
 
 def test_atomic_save_replaces_existing_and_leaves_no_temp_dirs(tok, tmp_path):
     path = tmp_path / "ckpt"
-    save_checkpoint(path, Transformer(TINY), tok, {"step": 1})
-    save_checkpoint(path, Transformer(TINY), tok, {"step": 2})
+    save_checkpoint(path, Transformer(CK), tok, {"step": 1})
+    os.makedirs(tmp_path / "ckpt.tmp-99999")  # what a SIGKILL during a save leaves behind
+    os.makedirs(tmp_path / "ckpt@7")
+    save_checkpoint(path, Transformer(CK), tok, {"step": 2})
     assert load_checkpoint(path)["meta"] == {"step": 2}
-    assert os.listdir(tmp_path) == ["ckpt"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "ckpt@2"] and os.readlink(path) == "ckpt@2"
+
+
+def test_a_save_interrupted_at_any_instant_leaves_the_old_or_the_new_checkpoint(tok, tmp_path, monkeypatch):
+    import model as model_module
+    path, prev, k, done = tmp_path / "ckpt", 0, 0, False
+    save_checkpoint(path, Transformer(CK), tok, {"step": 0})
+    while not done:  # crash at the k-th file-system step of a save, for every k until one save completes
+        k, calls = k + 1, []
+
+        def crash_at_k(real):
+            def f(*a, **kw):
+                calls.append(real)
+                if len(calls) == k:
+                    raise OSError("simulated crash")
+                return real(*a, **kw)
+            return f
+        with monkeypatch.context() as m:
+            for mod, name in ((os, "rename"), (os, "replace"), (os, "symlink"), (model_module, "_fsync")):
+                m.setattr(mod, name, crash_at_k(getattr(mod, name)))
+            try:
+                save_checkpoint(path, Transformer(CK), tok, {"step": k})
+                done = True
+            except OSError:
+                pass
+        step = load_checkpoint(path)["meta"]["step"]
+        assert step in (prev, k)
+        prev = step
+    assert k > 5 and prev == k  # every instant of a save was interrupted once
+    save_checkpoint(path, Transformer(CK), tok, {"step": -1})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", os.readlink(path)]  # the stale pieces are gone
+
+
+def test_non_finite_weights_are_never_saved_nor_loaded(tok, tmp_path):
+    model = Transformer(CK)
+    save_checkpoint(tmp_path / "c", model, tok, {"step": 1})
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    with pytest.raises(CheckpointError, match="non-finite"):
+        save_checkpoint(tmp_path / "c", model, tok, {"step": 2})
+    assert load_checkpoint(tmp_path / "c")["meta"] == {"step": 1}  # the good one stays
+    from safetensors.torch import load_file, save_file
+    f = tmp_path / "c" / "model.safetensors"
+    sd = load_file(f)
+    sd["norm.weight"][0] = float("inf")
+    save_file(sd, f)
+    with pytest.raises(CheckpointError, match="non-finite weights in norm.weight"):
+        load_checkpoint(tmp_path / "c")
 
 
 def test_pick_device_and_autocast():
