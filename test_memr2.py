@@ -333,35 +333,47 @@ def test_an_id_is_touched_at_most_once_per_call():
     assert c == {"UPDATE": 1, "rejected_id_twice": 1} and "m1" in b.entries
 
 
-def test_parsers_and_apply_never_raise_on_fuzzed_model_output():
+def test_parsers_and_apply_never_raise_on_fuzzed_model_output(tok):
     rng = random.Random(0)
     valid = ['{"facts":[{"speaker":"Ann","dia_id":"D1:1","fact":"Ann skis"}]}',
              '{"operations":[{"op":"INSERT","speaker":"Ann","content":"Ann skis","dia_id":"D1:1"},'
              '{"op":"UPDATE","memory_id":"m1","content":"Ann lives in Lima"},{"op":"DELETE","memory_id":"m2"}]}']
-    alphabet = '{}[]":,opINSERTUPDATEfacts 0123null-truem1'
+    alphabet = ['{', '}', '[', ']', '"', ':', ',', ' ', 'op', 'INSERT', 'facts', '0', 'null', 'm1', '\\', '\\u',
+                '\\ud800', '\\udfff', '\\n', '\\"', 'é', '\x00']  # escapes too: "\ud800" is a lone surrogate
+    kinds = collections.Counter()
     for i in range(3000):
         s = rng.choice(valid)
         if i % 3 == 0:  # near-JSON: a few random edits of a valid output
             s = list(s)
             for _ in range(rng.randint(1, 4)):
                 j = rng.randrange(len(s))
-                s[j:j + rng.randint(0, 2)] = rng.choice(alphabet) * rng.randint(0, 1)
+                s[j:j + rng.randint(0, 2)] = [rng.choice(alphabet)] * rng.randint(0, 1)
             s = "".join(s)
         elif i % 3 == 1:
             s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         else:  # valid JSON, wrong types
             s = json.dumps({rng.choice(["facts", "operations", "x"]): rng.choice(
                 [None, 3, "s", [1, None, {"op": 5}], [{"op": "INSERT", "speaker": 1, "content": []}], {"a": 1}])})
-        facts, _ = parse_facts(s)
-        assert all(isinstance(f["fact"], str) for f in facts)
+        facts, why = parse_facts(s)
+        kinds[why] += 1
+        for f in facts:  # what reaches a prompt must be text the tokenizer encodes
+            assert set(f) == {"speaker", "dia_id", "fact"} and all(v and v == v.strip() for v in f.values())
+            encode(tok, " ".join(f.values()))
         ops, reason = parse_operations(s)
         b = filled_bank()
         before = state(b)
         counts = b.apply(ops, 2, "x")
         if not any(counts[k] for k in ("INSERT", "UPDATE", "DELETE")):
             assert state(b) == before
+        for e in b.entries.values():
+            encode(tok, f"{e.speaker} {e.content}")
+    assert kinds["unencodable_text"] > 0 and kinds[""] > 0  # the fuzz reached both
     assert parse_operations("not json") == ([], "invalid_json")
     assert parse_facts('{"facts": 3}') == ([], "facts_not_a_list")
+    lone = '{"facts":[{"speaker":"Ann","dia_id":"D1:1","fact":"Ann skis \\ud800"}]}'
+    assert parse_facts(lone) == ([], "unencodable_text")
+    assert parse_operations(lone.replace("facts", "operations")) == ([], "unencodable_text")
+    assert parse_facts(lone.replace("\\ud800", "\\u00e9"))[0][0]["fact"] == "Ann skis é"  # valid escapes still pass
 
 
 def test_snapshot_is_isolated_both_ways():
@@ -1136,15 +1148,21 @@ def test_resume_after_interrupt_gives_the_same_metrics(tmp_path, tiny_preset, mo
     assert resumed == straight
 
 
-def test_non_finite_loss_skips_the_update(monkeypatch):
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_non_finite_loss_or_gradient_skips_the_update(monkeypatch, poison):
     torch.manual_seed(0)
     model = train.Transformer(train.ModelConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, n_kv_head=2))
     before = [p.detach().clone() for p in model.parameters()]
-    monkeypatch.setattr(M, "logo_grpo_loss", lambda *a: (torch.tensor(float("nan"), requires_grad=True), {}))
+    if poison == "loss":
+        monkeypatch.setattr(M, "logo_grpo_loss", lambda *a: (torch.tensor(float("nan"), requires_grad=True), {}))
+    else:  # a finite loss whose backward pass yields NaN in one parameter
+        model.norm.weight.register_hook(lambda g: g * float("nan"))
     row = M.Row("mgr", ("G", 1, "mgr"), [M.Cell([3, 4, 5], [6, 2], True)], adv=1.0)
-    stats = M.ppo_update(model, model, [row], M.RLConfig(ppo_epochs=2), torch.optim.AdamW(model.parameters()))
+    opt = torch.optim.AdamW(model.parameters())
+    stats = M.ppo_update(model, model, [row], M.RLConfig(ppo_epochs=2), opt)
     assert stats["skipped_updates"] == 2
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state  # no moment was updated either
 
 
 def test_repeated_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, tiny_preset, monkeypatch):
