@@ -432,7 +432,7 @@ def load_checkpoint(path, device="cpu") -> dict:
         try:
             return reader(f)
         except Exception as e:  # corrupt or truncated: report one line, keep the cause chained
-            raise CheckpointError(f"checkpoint {path}: corrupt {name} ({_one_line(e)})") from e
+            raise CheckpointError(f"checkpoint {path}: corrupt {name} ({one_line(e)})") from e
 
     cfg_dict = load("config.json", _read_json)
     weights = load("model.safetensors", load_file)
@@ -441,7 +441,7 @@ def load_checkpoint(path, device="cpu") -> dict:
     try:
         cfg = ModelConfig(**cfg_dict)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path}: bad config.json ({_one_line(e)})") from e
+        raise CheckpointError(f"checkpoint {path}: bad config.json ({one_line(e)})") from e
     if non_finite(weights):  # NaN weights would evaluate to F1 0 and look like a result
         raise CheckpointError(f"checkpoint {path}: non-finite weights in {non_finite(weights)}")
     if tok.get_vocab_size() > cfg.vocab_size:  # a larger id would index past the embedding
@@ -453,7 +453,7 @@ def load_checkpoint(path, device="cpu") -> dict:
             weights["lm_head.weight"] = weights["tok_emb.weight"]  # copied into the one shared parameter
         model.load_state_dict(weights)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path}: weights do not match config ({_one_line(e)})") from e
+        raise CheckpointError(f"checkpoint {path}: weights do not match config ({one_line(e)})") from e
     opt_tensors = load("optimizer.safetensors", load_file, optional=True)
     opt_json = load("optimizer.json", _read_json, optional=True)
     optimizer_state = None
@@ -471,7 +471,7 @@ def load_checkpoint(path, device="cpu") -> dict:
             groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
                       for g in opt_json["param_groups"]]
         except Exception as e:
-            raise CheckpointError(f"checkpoint {path}: bad optimizer state ({_one_line(e)})") from e
+            raise CheckpointError(f"checkpoint {path}: bad optimizer state ({one_line(e)})") from e
         optimizer_state = {"state": state, "param_groups": groups}
     tensors = load("tensors.safetensors", load_file, optional=True) or {}
     return {"model": model.to(device), "tok": tok, "meta": meta, "optimizer_state": optimizer_state,
@@ -483,6 +483,6 @@ def _read_json(f):
         return json.load(fh)
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}".strip()

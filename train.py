@@ -30,7 +30,7 @@ from memr2 import (AnswerAgent, Cell, RLConfig, answer_prompt, cell_logprobs, ex
                    guarded_step, logo_step, manager_prompt, ops_target)
 from memory import retrieve_for_question
 from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, load_checkpoint, non_finite,
-                   pick_device, save_checkpoint, train_tokenizer)
+                   one_line, pick_device, save_checkpoint, train_tokenizer)
 
 PRESETS = {  # model size, SFT budget and group sizes; RL knobs not listed keep RLConfig's defaults
     "tiny": dict(d_model=128, n_layer=4, n_head=4, vocab=1024, sft_steps=2500, sft_batch=32, n=4, K=4,
@@ -251,14 +251,10 @@ def restore_rl_state(run, device, policy, rng, gen, new_opt, lr):
         opt = new_opt()
         opt.load_state_dict(ck["optimizer_state"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{run / 'last'} cannot be resumed: missing or bad {_one_line(e)}")
+        raise UserError(f"{run / 'last'} cannot be resumed ({one_line(e)})")
     for g in opt.param_groups:
         g["lr"] = lr  # the run's lr, which --override lr may have changed
     return opt, pos
-
-
-def _one_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # ============================================================================ run directory: lock, flags, log
@@ -311,7 +307,7 @@ def resumed_args(run: Path, argv: list):
         saved = json.loads((run / "args.json").read_text())["argv"]
         run_flags = vars(build_parser().parse_args(saved))
     except (OSError, ValueError, KeyError, TypeError, UserError) as e:
-        raise UserError(f"--resume {run}: args.json is unreadable ({_one_line(e)}); the run cannot be resumed")
+        raise UserError(f"--resume {run}: args.json is unreadable ({one_line(e)}); the run cannot be resumed")
     given = given_flags(argv)
     given.pop("resume", None)
     override = {f.strip().replace("-", "_") for f in given.pop("override", "").split(",") if f.strip()}
@@ -322,8 +318,11 @@ def resumed_args(run: Path, argv: list):
     differ = {k: v for k, v in given.items() if v != run_flags[k]}
     refused = [f"--{k.replace('_', '-')} {v} (run: {run_flags[k]})" for k, v in differ.items() if k not in override]
     if refused:
-        raise UserError(f"--resume {run}: flags differ from the run's: {'; '.join(refused)}. Drop them, or pass "
-                        f"--override {','.join(k for k in differ if k not in override)} where allowed ({', '.join(allowed)})")
+        can = [k for k in differ if k not in override and k in allowed]
+        fixed = [k for k in differ if k not in override and k not in allowed]
+        raise UserError(f"--resume {run}: flags differ from the run's: {'; '.join(refused)}."
+                        + (f" To change {', '.join(can)}, add --override {','.join(can)}." if can else "")
+                        + (f" {', '.join(fixed)} cannot change on resume: drop them, or start a new run (--name)." if fixed else ""))
     for k, v in differ.items():  # the overrides, appended: argparse keeps the last value
         saved = saved + [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     args = parse_args(saved)
