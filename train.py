@@ -186,7 +186,7 @@ def sft(model, tok, examples, args, device, log, run) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.1, betas=(0.9, 0.95))
     steps, bs, warm = args.sft_steps, PRESETS[args.preset]["sft_batch"], min(100, args.sft_steps // 10 + 1)
     model.train()
-    fix = f"nothing was saved; rerun the SFT with a lower --sft-lr: python train.py --resume {run} --sft-lr {args.sft_lr / 10:g} --override sft_lr"
+    fix = f"nothing was saved; rerun the SFT with a lower --sft-lr: python train.py --resume {run} --sft-lr {min(args.sft_lr / 10, build_parser().get_default('sft_lr')):g} --override sft_lr"
     streak = 0  # non-finite steps in a row: a few are skipped, a diverged model is stopped
     bar = tqdm(range(steps), desc="SFT", dynamic_ncols=True, disable=steps == 0)
     for step in bar:
@@ -459,7 +459,7 @@ def main(argv=None) -> dict:
             with autocast(device):
                 stats = logo_step(policy, ref, answerer, tok, conv, S, cfg, opt, rng, gen)
             pos["step"], pos["gstep"] = step + 1, pos["gstep"] + 1
-            lower_lr = f"resume with a lower --lr: python train.py --resume {run} --lr {cfg.lr / 10:g} --override lr"
+            lower_lr = f"resume with a lower --lr: python train.py --resume {run} --lr {min(cfg.lr / 10, RLConfig.lr):g} --override lr"
             check_finite(policy, f"stage {S} step {step + 1}", f"{run / 'last'} holds the step before; {lower_lr}")
             ops = stats.pop("ops")
             rec = {"phase": "rl", "stage": S, "step": step + 1, "gstep": pos["gstep"], "algo": cfg.algo,
