@@ -274,11 +274,17 @@ def test_non_finite_weights_are_never_saved_nor_loaded(tok, tmp_path):
         load_checkpoint(tmp_path / "c")
 
 
-def test_pick_device_and_autocast():
+def test_pick_device_and_autocast(monkeypatch):
     import contextlib
     from model import autocast, pick_device
     assert pick_device("cpu") == torch.device("cpu")
-    assert pick_device("auto").type in ("cpu", "cuda")
+    for cuda in (False, True):  # "auto" follows CUDA's availability; asking for a missing GPU is an error
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert pick_device("auto") == torch.device("cuda" if cuda else "cpu")
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        pick_device("cuda")
     with pytest.raises(ValueError, match="unknown device"):
         pick_device("gpu")
     assert isinstance(autocast("cpu"), contextlib.nullcontext)
@@ -572,11 +578,11 @@ def test_local_branches_start_from_identical_memory_and_never_leak(tiny, monkeyp
 def test_algo_switch_selects_the_pool(tiny, monkeypatch, algo, share):
     conv, tok, model = tiny
     monkeypatch.setattr(M, "sample", scripted_sample(random.Random(2)))
-    cfg = M.RLConfig(algo=algo, n=2, K=2, p=0.0 if algo == "grpo" else 1.0, ppo_epochs=1)
+    cfg = M.RLConfig(algo=algo, n=2, K=2, p=1.0, ppo_epochs=1)  # p = 1 for both: grpo must branch nowhere by itself
     answerer = M.AnswerAgent(Transformer(model.cfg), tok, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     stats = M.logo_step(model, model, answerer, tok, conv, 2, cfg, opt, random.Random(0), torch.Generator())
-    assert stats["local_share"] == share
+    assert stats["local_share"] == share and stats["branches"] == (0 if algo == "grpo" else 2)
 
 
 def test_unfinished_generations_get_zero_reward(tiny, monkeypatch):

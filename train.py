@@ -186,7 +186,8 @@ def sft(model, tok, examples, args, device, log, run) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.1, betas=(0.9, 0.95))
     steps, bs, warm = args.sft_steps, PRESETS[args.preset]["sft_batch"], min(100, args.sft_steps // 10 + 1)
     model.train()
-    fix = f"nothing was saved; rerun the SFT with a lower --sft-lr: python train.py --resume {run} --sft-lr {min(args.sft_lr / 10, build_parser().get_default('sft_lr')):g} --override sft_lr"
+    lower = min(args.sft_lr / 10, build_parser().get_default("sft_lr"))
+    fix = f"nothing was saved; rerun the SFT with a lower --sft-lr: python train.py --resume {run} --sft-lr {lower:g} --override sft_lr"
     streak = 0  # non-finite steps in a row: a few are skipped, a diverged model is stopped
     bar = tqdm(range(steps), desc="SFT", dynamic_ncols=True, disable=steps == 0)
     for step in bar:
