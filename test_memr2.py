@@ -1155,7 +1155,7 @@ def rl_lines(run):
 
 
 def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset):
-    res = train.main(["--sessions", "3", "--stages", "2,3", "--out", str(tmp_path), "--name", "smoke"])
+    res = train.main(["--sessions", "3", "--stages", "2,3", "--out", str(tmp_path), "--name", "smoke", "--threads", "1"])
     run = tmp_path / "smoke"
     for d in ("sft", "best-stage0", "best-stage1", "last"):
         assert (run / d / "model.safetensors").exists(), d
@@ -1170,7 +1170,7 @@ def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset):
 
 def test_resume_after_interrupt_gives_the_same_metrics_and_weights(tmp_path, tiny_preset, monkeypatch):
     base = ["--sessions", "3", "--stages", "2,3", "--steps-per-stage", "2,1", "--val-every", "1", "--out", str(tmp_path),
-            "--no-final-eval"]
+            "--no-final-eval", "--threads", "1"]
     train.main(base + ["--name", "sft-src", "--steps-per-stage", "0"])  # one shared SFT model for every run
     init = ["--init", str(tmp_path / "sft-src" / "sft")]
     train.main(base + init + ["--name", "straight"])
@@ -1234,7 +1234,7 @@ def test_a_run_that_cannot_continue_stops_with_the_fix_and_keeps_only_finite_che
     monkeypatch.setattr(train, *patch)
     with pytest.raises(train.UserError, match=message) as e:
         train.main(["--sessions", "3", "--stages", "2", "--steps-per-stage", "5", "--val-every", "9",
-                    "--out", str(tmp_path), "--name", "r", "--no-final-eval"])
+                    "--out", str(tmp_path), "--name", "r", "--no-final-eval", "--threads", "1"])
     assert f"--resume {tmp_path / 'r'} --{'sft-' if phase == 'sft' else ''}lr" in str(e.value)  # says how to go on
     assert f"--override {'sft_' if phase == 'sft' else ''}lr" in str(e.value)
     assert [d for d in ("sft", "best-stage0", "last") if (tmp_path / "r" / d).exists()] == saved
@@ -1244,10 +1244,22 @@ def test_a_run_that_cannot_continue_stops_with_the_fix_and_keeps_only_finite_che
     assert phase != "sft" or sum("skipped" in r for r in log) == 3  # skipped steps are logged
 
 
+def test_a_resume_before_the_first_rl_checkpoint_repeats_no_log_line(tmp_path):
+    # killed during SFT, or right after the first validation: nothing after the SFT model may stay
+    log = [{"phase": "sft", "step": 0}, {"phase": "sft", "step": 7}, {"phase": "val", "stage": 2, "step": 0}]
+    for keep_sft, kept in ((True, log[:2]), (False, [])):  # without its SFT model, SFT is redone and logs afresh
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        assert train.restart_log(tmp_path, keep_sft) == len(kept)
+        assert [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == kept
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"phase": "rl", "step": 1}) + "\n")
+    with pytest.raises(train.UserError, match="last is missing although RL steps were logged"):
+        train.restart_log(tmp_path, True)
+
+
 def test_a_second_writer_on_a_run_is_refused(tmp_path, tiny_preset):
     import fcntl
     argv = ["--sessions", "3", "--stages", "2", "--steps-per-stage", "0", "--out", str(tmp_path), "--name", "r",
-            "--no-final-eval"]
+            "--no-final-eval", "--threads", "1"]
     (tmp_path / "r").mkdir()
     with open(tmp_path / "r" / ".lock", "a+") as other:  # another process's lock (flock is per open file)
         fcntl.flock(other, fcntl.LOCK_EX)
@@ -1268,12 +1280,12 @@ def test_a_second_writer_on_a_run_is_refused(tmp_path, tiny_preset):
 def test_resume_refuses_changed_flags_unless_overridden(tmp_path, tiny_preset):
     run = tmp_path / "r"
     train.main(["--sessions", "3", "--stages", "2", "--steps-per-stage", "0", "--out", str(tmp_path), "--name", "r",
-                "--no-final-eval", "--threads", "2"])
+                "--no-final-eval", "--threads", "1"])
     saved = (run / "args.json").read_text()
     for argv, message in [
         (["--lr", "5", "--stages", "32", "--algo", "grpo", "--seed", "7"],
          "flags differ from the run's: --lr 5.0 (run: None); --stages 32 (run: 2); --algo grpo (run: logo); --seed 7 (run: 0)"),
-        (["--threads", "1"], "--threads 1 (run: 2). To change threads, add --override threads."),
+        (["--threads", "2"], "--threads 2 (run: 1). To change threads, add --override threads."),
         (["--seed", "7", "--lr", "1"], "To change lr, add --override lr. seed cannot change on resume"),
         (["--stages", "32", "--override", "stages"], "--override stages: on resume only lr, threads, device, no_final_eval"),
         (["--sft-lr", "1", "--override", "sft_lr"], "--override sft_lr: on resume only"),  # the SFT model exists
@@ -1281,12 +1293,13 @@ def test_resume_refuses_changed_flags_unless_overridden(tmp_path, tiny_preset):
         with pytest.raises(train.UserError, match=re.escape(message)):
             train.main(["--resume", str(run), *argv])
     assert (run / "args.json").read_text() == saved
-    train.main(["--resume", str(run), "--lr", "1e-05", "--threads", "1", "--override", "lr,threads"])
-    assert json.loads((run / "args.json").read_text())["argv"][-4:] == ["--lr", "1e-05", "--threads", "1"]
-    assert torch.get_num_threads() == 1
-    torch.set_num_threads(2)
+    train.main(["--resume", str(run), "--lr", "1e-05", "--threads", "2", "--override", "lr,threads"])
+    assert json.loads((run / "args.json").read_text())["argv"][-4:] == ["--lr", "1e-05", "--threads", "2"]
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
     train.main(["--resume", str(run), "--lr", "1e-05"])  # now the run's own value
-    assert torch.get_num_threads() == 1  # the run's threads, not the default
+    assert torch.get_num_threads() == 2  # the run's threads, not the command line's default
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -1297,7 +1310,8 @@ def interrupted_run(tmp_path_factory):
         m.setitem(train.PRESETS, "tiny", TINY_PRESET)
         interrupt_on_call(m, train, "logo_step", 2)
         with pytest.raises(KeyboardInterrupt):
-            train.main(["--sessions", "3", "--stages", "2,3", "--out", str(out), "--name", "r", "--no-final-eval"])
+            train.main(["--sessions", "3", "--stages", "2,3", "--out", str(out), "--name", "r", "--no-final-eval",
+                        "--threads", "1"])
     return out / "r"
 
 
@@ -1416,7 +1430,7 @@ def test_user_mistakes_give_one_error_line_and_no_traceback(argv, message, tmp_p
 
 def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, tiny_preset):
     train.main(["--sessions", "3", "--stages", "2", "--steps-per-stage", "0", "--out", str(tmp_path), "--name", "r",
-                "--no-final-eval"])
+                "--no-final-eval", "--threads", "1"])
     (tmp_path / "r" / "sft" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(train.UserError, match="model.safetensors"):
         train.main(["--init", str(tmp_path / "r" / "sft"), "--out", str(tmp_path), "--name", "r2", "--no-final-eval"])
