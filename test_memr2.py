@@ -1315,6 +1315,11 @@ def interrupted_run(tmp_path_factory):
     return out / "r"
 
 
+def copy_run(run, tmp_path):
+    import shutil
+    return Path(shutil.copytree(run, tmp_path / run.name, symlinks=True))  # links stay links: checkpoint names
+
+
 def _nan_weights(ck):
     from safetensors.torch import load_file, save_file
     sd = load_file(ck / "model.safetensors")
@@ -1335,9 +1340,7 @@ def _nan_weights(ck):
     (lambda r: _nan_weights(r / "last"), "non-finite weights in norm.weight"),
 ])
 def test_a_damaged_run_is_a_one_line_error_on_resume(interrupted_run, tmp_path, tiny_preset, damage, message):
-    import shutil
-    run = tmp_path / "r"
-    shutil.copytree(interrupted_run, run, symlinks=True)
+    run = copy_run(interrupted_run, tmp_path)
     damage(run)
     with pytest.raises(train.UserError, match=re.escape(message)) as e:
         train.main(["--resume", str(run)])
@@ -1363,9 +1366,7 @@ def _vocab_10(ck):
     (lambda r: (r / "result.json").write_text("{}") or os.remove(r / "metrics.jsonl"), ["compare"], "metrics.jsonl"),
 ])
 def test_eval_mistakes_are_one_line_errors(interrupted_run, tmp_path, damage, argv, message):
-    import shutil
-    run = tmp_path / "r"
-    shutil.copytree(interrupted_run, run, symlinks=True)
+    run = copy_run(interrupted_run, tmp_path)
     if damage:
         damage(run)
     argv = ["compare", str(run), "--out", str(tmp_path / "res")] if argv == ["compare"] else [str(run), *argv]
