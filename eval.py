@@ -3,6 +3,7 @@
 The loader turns one LoCoMo-schema sample into plain dataclasses and repairs the
 file's known quirks in one place, so nothing downstream ever sees raw JSON.
 """
+import argparse
 import copy
 import datetime
 import json
@@ -164,11 +165,52 @@ def load_locomo(path) -> list[Conversation]:
         raise DataError(f"LoCoMo file {path}: expected a list of samples, got {type(data).__name__}")
     convs = []
     for i, sample in enumerate(data):
+        problem = sample_problem(sample)
+        if problem:
+            sid = sample.get("sample_id") if isinstance(sample, dict) else None
+            raise DataError(f"LoCoMo file {path}: sample {i}{f' ({sid})' if isinstance(sid, str) else ''}: {problem}")
         try:
             convs.append(parse_conversation(sample))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DataError(f"LoCoMo file {path}: sample {i} is malformed ({type(e).__name__}: {e})") from e
     return convs
+
+
+def sample_problem(sample) -> str:
+    """What is wrong with one LoCoMo sample, as "field must be ...", or "". The parser trusts
+    these types; checked here, a bad file names its sample and field instead of silently
+    dropping questions or turning a null text into "None"."""
+    def bad(v, types, where, what):
+        return not isinstance(v, types) or isinstance(v, bool), f"{where} must be {what}, got {json.dumps(v)[:40]}"
+
+    def checks():  # (failed, message), lazily, in reading order
+        yield bad(sample, dict, "the sample", "an object")
+        conv = sample.get("conversation")
+        yield bad(sample.get("sample_id"), str, "sample_id", "a string")
+        yield bad(conv, dict, "conversation", "an object")
+        for key in filter(SESSION_KEY.match, conv):
+            date = conv.get(f"{key}_date_time")
+            yield bad(date, str, f"{key}_date_time", "a date string")
+            try:
+                parse_date(date)
+            except DataError as e:
+                yield True, f"{key}_date_time: {e} (expected e.g. '1:56 pm on 8 May, 2023')"
+            yield bad(conv[key], list, key, "a list of turns")
+            for j, t in enumerate(conv[key]):
+                yield bad(t, dict, f"{key}[{j}]", "an object")
+                for f in ("speaker", "dia_id", "text"):
+                    yield bad(t.get(f), str, f"{key}[{j}].{f}", "a string")
+                yield bad(t.get("blip_caption", ""), (str, type(None)), f"{key}[{j}].blip_caption", "a string")
+        yield bad(sample.get("qa"), list, "qa", "a list")
+        for j, q in enumerate(sample["qa"]):
+            yield bad(q, dict, f"qa[{j}]", "an object")
+            yield bad(q.get("question"), str, f"qa[{j}].question", "a string")
+            yield bad(q.get("category"), int, f"qa[{j}].category", "an integer")
+            yield bad(q.get("evidence"), list, f"qa[{j}].evidence", "a list of dia_id strings")
+            for e in q["evidence"]:
+                yield bad(e, str, f"qa[{j}].evidence", "a list of dia_id strings")
+            yield bad(q.get("answer", ""), (str, int, float), f"qa[{j}].answer", "a string or a number")
+    return next((msg for failed, msg in checks() if failed), "")
 
 
 def locomo_split(convs: list[Conversation]) -> dict[str, list[Conversation]]:
@@ -633,17 +675,7 @@ def compare(run_dirs: list, out_dir: Path) -> str:
     validation curves. PNGs of the curves where matplotlib is installed (not needed)."""
     runs = []
     for d in run_dirs:
-        r = json.loads((Path(d) / "result.json").read_text())
-        lines = [json.loads(l) for l in (Path(d) / "metrics.jsonl").read_text().splitlines()]
-        r["val_curve"] = [(v["stage"], v["step"], v["f1_overall"]) for v in lines if v["phase"] == "val"]
-        rl = [v for v in lines if v["phase"] == "rl"]
-        r["cost"] = {"updates": sum(v.get("updates", 0) for v in rl), "gen_tokens": sum(v.get("gen_tokens", 0) for v in rl)}
-        r["credit"] = {}  # stage -> (mean corr of global rows, of local rows) over its steps
-        for s in r["stages"]:
-            for kind in ("G", "L"):
-                xs = [v[f"credit_corr_{kind}"] for v in rl if v["stage"] == s and v.get(f"credit_corr_{kind}", math.nan) == v.get(f"credit_corr_{kind}", math.nan)]
-                r["credit"].setdefault(str(s), {})[kind] = sum(xs) / len(xs) if xs else math.nan
-        runs.append(r)
+        runs.append(read_run_result(Path(d)))
     arms = {}
     for r in runs:
         arms.setdefault(_arm(r), []).append(r)
@@ -721,11 +753,34 @@ def _plots(arms: dict, curves: dict, out_dir: Path) -> None:
     fig.savefig(out_dir / "curves.png", dpi=100)
 
 
+def read_run_result(d: Path) -> dict:
+    """A finished run's result.json plus its validation curve; a missing or damaged file is a DataError."""
+    try:
+        r = json.loads((d / "result.json").read_text())
+        vals = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+        r["val_curve"] = [(v["stage"], v["step"], v["f1_overall"]) for v in vals if v["phase"] == "val"]
+        for k in ("algo", "stages", "seed", "base", "trained"):
+            r[k]
+        rl = [v for v in vals if v["phase"] == "rl"]
+        r["cost"] = {"updates": sum(v.get("updates", 0) for v in rl), "gen_tokens": sum(v.get("gen_tokens", 0) for v in rl)}
+        r["credit"] = {}  # stage -> {kind: mean over its steps of the credit correlation}
+        for s in r["stages"]:
+            for kind in ("G", "L"):
+                xs = [x for v in rl if v["stage"] == s and (x := v.get(f"credit_corr_{kind}", math.nan)) == x]
+                r["credit"].setdefault(str(s), {})[kind] = sum(xs) / len(xs) if xs else math.nan
+        float(r["trained"]["f1_overall"]) + float(r["base"]["f1_overall"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{d}: not a finished run's result.json and metrics.jsonl ({type(e).__name__}: {e})") from e
+    return r
+
+
 def find_checkpoint(path: Path) -> Path:
-    """A checkpoint dir, or a run dir -> its last stage's best checkpoint."""
+    """A checkpoint dir, or a run dir -> its last stage's best checkpoint. Only names
+    `best-stage<k>` count: `best-stage<k>@<n>` versions and `.tmp-*` leftovers are not checkpoints."""
     if (path / "model.safetensors").exists():
         return path
-    stages = sorted(path.glob("best-stage*"), key=lambda p: int(p.name[len("best-stage"):]))
+    stages = sorted((p for p in path.glob("best-stage*") if re.fullmatch(r"best-stage\d+", p.name)),
+                    key=lambda p: int(p.name[len("best-stage"):]))
     if not stages:
         raise DataError(f"{path}: no checkpoint (model.safetensors) and no best-stage* inside")
     return stages[-1]
@@ -751,28 +806,43 @@ def run_answerer(path: Path, data: str, cfg: RLConfig, tok):
     return AnswerAgent(model_reader(load_checkpoint(sft)["model"], tok, cfg), cfg, f"learned:{sft}")
 
 
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer >= 1")
+    return v
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage + error lines -> one line, exit status 1
+        raise SystemExit(f"error: {message}")
+
+
 def main(argv=None):
-    import argparse
     import sys
     from model import CheckpointError, load_checkpoint
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:  # python eval.py compare RUN_DIR... [--out results]
-        ap = argparse.ArgumentParser(prog="eval.py compare", description="Table of an experiment's runs.")
+        ap = OneLineParser(prog="eval.py compare", description="Table of an experiment's runs.")
         ap.add_argument("runs", nargs="+")
         ap.add_argument("--out", default="results")
         args = ap.parse_args(argv[1:])
         missing = [d for d in args.runs if not (Path(d) / "result.json").exists()]
         if missing:
             raise SystemExit(f"error: no result.json in {missing[0]} (did that run finish its test evaluation?)")
-        print(compare(args.runs, Path(args.out)))
+        try:
+            print(compare(args.runs, Path(args.out)))
+        except (DataError, OSError) as e:
+            raise SystemExit(f"error: {e}")
         return
-    if argv[:1] == ["sensitivity"]:  # python eval.py sensitivity [--worlds 16]
-        ap = argparse.ArgumentParser(prog="eval.py sensitivity",
-                                     description="Reward of scripted managers fed the gold facts, on the test worlds.")
-        ap.add_argument("--worlds", type=int, default=16, help="synthetic test worlds")
+    if argv[:1] == ["sensitivity"]:  # python eval.py sensitivity [--worlds 24]
+        ap = OneLineParser(prog="eval.py sensitivity",
+                           description="Reward of scripted managers fed the gold facts, on the test worlds.")
+        ap.add_argument("--worlds", type=positive_int, default=24, help="synthetic test worlds")
         args = ap.parse_args(argv[1:])
-        if args.worlds < 1:
-            raise SystemExit("error: --worlds must be >= 1")
         cfg = RLConfig()
         samples, convs = synthetic_split({"test": args.worlds})["test"]
         tok = world_tokenizer(synthetic_split({"train": 50})["train"][0])
@@ -781,32 +851,35 @@ def main(argv=None):
               f"lambda {cfg.lam}, phi {cfg.phi} (x100)\n")
         print(report_table(res, SENSITIVITY_COLS))
         return
-    ap = argparse.ArgumentParser(description="Evaluate a Memory-R2 checkpoint: F1, BLEU-1, EM per category, M-Fail, memory size, ops.")
+    ap = OneLineParser(description="Evaluate a Memory-R2 checkpoint: F1, BLEU-1, EM per category, M-Fail, memory size, ops.")
     ap.add_argument("path", help="a run dir (runs/<name>) or a checkpoint dir")
     ap.add_argument("--data", choices=["synthetic", "locomo"], default="synthetic")
     ap.add_argument("--split", choices=["val", "test"], default="test")
     ap.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"))
-    ap.add_argument("--worlds", type=int, default=24, help="synthetic worlds in the split")
-    ap.add_argument("--chunks", type=int, default=None, help="chunks per session (default: 2, LoCoMo: 10)")
+    ap.add_argument("--worlds", type=positive_int, default=24, help="synthetic worlds in the split")
+    ap.add_argument("--chunks", type=positive_int, default=None, help="chunks per session (default: 2, LoCoMo: 10)")
     args = ap.parse_args(argv)
     try:
         ckpt = find_checkpoint(Path(args.path))
         ck = load_checkpoint(ckpt)
+        out = ckpt / f"eval-{args.data}-{args.split}.json"
+        out.write_text("{}")  # fail now, not after the whole evaluation, if the result cannot be written
         if args.data == "locomo":
             samples, convs = None, locomo_split(load_locomo(args.locomo_path))[args.split]
         else:
             samples, convs = synthetic_split({args.split: args.worlds})[args.split]
-        cfg = RLConfig(chunks=args.chunks or (10 if args.data == "locomo" else 2))
+        cfg = RLConfig(chunks=args.chunks if args.chunks is not None else (10 if args.data == "locomo" else 2))
         answerer = run_answerer(Path(args.path), args.data, cfg, ck["tok"])
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"error: {e}")
+    except OSError as e:  # the result file, tried first: a read-only checkpoint fails before the evaluation
+        raise SystemExit(f"error: cannot write {e.filename}: {e.strerror or e}")
     table = {f"{ckpt} (answerer {answerer.name})": evaluate(ck["model"], ck["tok"], answerer, convs, cfg, samples)}
     if samples is not None:
         table["oracle memory (teacher)"] = score(answerer, ck["tok"], oracle_banks(samples, convs, cfg), convs)
     print(report_table(table))
     if samples is not None:
         print("\nDecisions against the teacher (x100):\n\n" + report_table(table, DECISION_COLS))
-    out = ckpt / f"eval-{args.data}-{args.split}.json"
     out.write_text(json.dumps(table, indent=1))
     print(f"wrote {out}")
 

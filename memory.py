@@ -117,12 +117,25 @@ def _load_list(text, key):
         obj = json.loads(text)
     except (ValueError, TypeError, RecursionError):
         return [], "invalid_json"
+    if not _encodable(obj):
+        return [], "unencodable_text"
     if not isinstance(obj, dict) or key not in obj:
         return [], f"no_{key}_key"
     items = obj[key]
     if not isinstance(items, list):
         return [], f"{key}_not_a_list"
     return items, ""
+
+
+def _encodable(obj) -> bool:
+    """False when a string in the parsed JSON is not valid Unicode text: a "\\ud800" escape
+    decodes to a lone surrogate, which the tokenizer cannot encode, so one such fact in the
+    memory would crash every later prompt that shows it."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_facts(text: str) -> tuple[list, str]:

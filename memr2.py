@@ -640,7 +640,7 @@ def _mean(xs):
 def ppo_update(policy, ref, pool: list, cfg: RLConfig, opt) -> dict:
     """Old and reference log-probs once (no grad, the same kernel and temperature as the
     update, so the first ratio is exactly 1), then ppo_epochs passes over fixed-order
-    mini-batches of cells. A non-finite loss skips that update and is counted."""
+    mini-batches of cells. A non-finite loss or gradient skips that update and is counted."""
     cells = [(c, r.adv) for r in pool for c in r.cells if c.response]
     if not cells:
         return {"cells": 0, "skipped_updates": 0}
@@ -656,13 +656,26 @@ def ppo_update(policy, ref, pool: list, cfg: RLConfig, opt) -> dict:
             logp, ent, owner = cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk, True)
             adv = torch.tensor([a for _, a in mb], dtype=torch.float32, device=dev)
             loss, s = logo_grpo_loss(logp, old, rf, ent, owner, adv, cfg)
-            opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
+            s["grad_norm"] = guarded_step(policy, loss, opt, cfg.grad_clip)
+            if s["grad_norm"] is None:
                 skipped += 1
                 continue
-            loss.backward()
-            s["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
-            opt.step()
             agg.update(s | {"loss": loss.item()})
             n += 1
     return {k: v / max(1, n) for k, v in agg.items()} | {"cells": len(cells), "updates": n, "skipped_updates": skipped}
+
+
+def guarded_step(model, loss, opt, clip: float) -> float | None:
+    """Backward, clip, step -> the gradient norm; or None, changing nothing, when the loss or
+    the gradient norm is not finite. A finite loss can still have NaN gradients, and one NaN
+    step would turn every weight (and every later checkpoint) into NaN."""
+    opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return None
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+    if not math.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        return None
+    opt.step()
+    return norm

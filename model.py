@@ -3,6 +3,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 
@@ -306,7 +307,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: a directory of safetensors + JSON, written atomically. No pickle anywhere.
+# Checkpoints: a directory of safetensors + JSON, no pickle anywhere. Versioned: the files of a
+# save go to `<path>@<n>` and `<path>` is a symlink to the current version, renamed over in one
+# step, so a crash at any instant leaves `<path>` naming a complete checkpoint, old or new.
 
 
 class CheckpointError(Exception):
@@ -316,41 +319,95 @@ class CheckpointError(Exception):
 def save_checkpoint(path, model: Transformer, tok: Tokenizer, meta: dict, optimizer=None,
                     tensors: dict[str, torch.Tensor] | None = None) -> None:
     path = str(path).rstrip("/")
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        del sd["lm_head.weight"]  # same storage as tok_emb.weight; safetensors refuses shared tensors
+    opt_tensors, scalars, osd = {}, {}, None
+    if optimizer is not None:
+        # Tensors (exp_avg, step, ...) go to safetensors as state.{param_idx}.{name}; the rest to JSON.
+        osd = optimizer.state_dict()
+        for i, state in osd["state"].items():
+            for name, v in state.items():
+                if torch.is_tensor(v):
+                    opt_tensors[f"state.{i}.{name}"] = v.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(i), {})[name] = v
+    bad = non_finite(sd | opt_tensors)  # a NaN checkpoint must never replace a good one
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: refusing to save non-finite values in {bad}")
+    head, name = os.path.split(path)
+    if os.path.isdir(head or "."):
+        remove_stale(head or ".", name)  # what an interrupted save left, e.g. our own tmp name
     tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        if model.cfg.tie_embeddings:
-            del sd["lm_head.weight"]  # same storage as tok_emb.weight; safetensors refuses shared tensors
         save_file(sd, os.path.join(tmp, "model.safetensors"))
         _write_json(os.path.join(tmp, "config.json"), asdict(model.cfg))
         _write_json(os.path.join(tmp, "meta.json"), meta)
         tok.save(os.path.join(tmp, "tokenizer.json"))
         if optimizer is not None:
-            # Tensors (exp_avg, step, ...) go to safetensors as state.{param_idx}.{name}; the rest to JSON.
-            osd = optimizer.state_dict()
-            opt_tensors, scalars = {}, {}
-            for i, state in osd["state"].items():
-                for name, v in state.items():
-                    if torch.is_tensor(v):
-                        opt_tensors[f"state.{i}.{name}"] = v.detach().cpu().contiguous()
-                    else:
-                        scalars.setdefault(str(i), {})[name] = v
             save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
             _write_json(os.path.join(tmp, "optimizer.json"), {"scalars": scalars, "param_groups": osd["param_groups"]})
         if tensors:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                       os.path.join(tmp, "tensors.safetensors"))
+        for f in os.listdir(tmp):  # on disk before anything points at them
+            _fsync(os.path.join(tmp, f))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # Swap in with renames: at every instant `path` is either the complete old or the complete new checkpoint.
-    old = f"{path}.old-{os.getpid()}"
-    if os.path.exists(path):
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    _swap_in(path, tmp)
+
+
+def non_finite(tensors: dict) -> str:
+    """Names of the floating-point tensors holding NaN or inf, joined; "" when all are finite."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+
+
+def _swap_in(path: str, tmp: str) -> None:
+    """Make the complete directory `tmp` the checkpoint at `path`: rename it to the next
+    version, then rename a fresh symlink over `path` (one atomic step), then drop the rest."""
+    head, name = os.path.split(path)
+    head = head or "."
+    version = f"{name}@{1 + max(checkpoint_versions(head, name), default=0)}"
+    os.rename(tmp, os.path.join(head, version))
+    link = f"{path}.tmp-{os.getpid()}"
+    os.symlink(version, link)  # relative: the run directory can be moved
+    if os.path.isdir(path) and not os.path.islink(path):  # a checkpoint saved before versioning
+        os.rename(path, os.path.join(head, f"{name}@0"))
+    os.replace(link, path)
+    _fsync(head)
+    remove_stale(head, name)
+
+
+def checkpoint_versions(head: str, name: str) -> list[int]:
+    pattern = re.compile(re.escape(name) + r"@(\d+)")
+    return [int(m[1]) for m in map(pattern.fullmatch, os.listdir(head)) if m]
+
+
+def remove_stale(head: str, name: str) -> None:
+    """Delete what interrupted saves of `name` left behind: temporary dirs and links, and
+    every version the symlink does not name. Callers hold the run's lock (one writer)."""
+    link = os.path.join(head, name)
+    current = os.readlink(link) if os.path.islink(link) else None
+    versions = {f"{name}@{n}" for n in checkpoint_versions(head, name)}
+    for f in os.listdir(head):
+        if f == current or not (f in versions or f.startswith((f"{name}.tmp-", f"{name}.old-"))):
+            continue
+        p = os.path.join(head, f)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            os.unlink(p)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_json(path, obj):
@@ -375,7 +432,7 @@ def load_checkpoint(path, device="cpu") -> dict:
         try:
             return reader(f)
         except Exception as e:  # corrupt or truncated: report one line, keep the cause chained
-            raise CheckpointError(f"checkpoint {path}: corrupt {name} ({_one_line(e)})") from e
+            raise CheckpointError(f"checkpoint {path}: corrupt {name} ({one_line(e)})") from e
 
     cfg_dict = load("config.json", _read_json)
     weights = load("model.safetensors", load_file)
@@ -384,7 +441,11 @@ def load_checkpoint(path, device="cpu") -> dict:
     try:
         cfg = ModelConfig(**cfg_dict)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path}: bad config.json ({_one_line(e)})") from e
+        raise CheckpointError(f"checkpoint {path}: bad config.json ({one_line(e)})") from e
+    if non_finite(weights):  # NaN weights would evaluate to F1 0 and look like a result
+        raise CheckpointError(f"checkpoint {path}: non-finite weights in {non_finite(weights)}")
+    if tok.get_vocab_size() > cfg.vocab_size:  # a larger id would index past the embedding
+        raise CheckpointError(f"checkpoint {path}: tokenizer has {tok.get_vocab_size()} tokens, the model only {cfg.vocab_size}")
     try:
         with torch.random.fork_rng(devices=[]):  # building the model must not disturb the caller's RNG
             model = Transformer(cfg)
@@ -392,22 +453,25 @@ def load_checkpoint(path, device="cpu") -> dict:
             weights["lm_head.weight"] = weights["tok_emb.weight"]  # copied into the one shared parameter
         model.load_state_dict(weights)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path}: weights do not match config ({_one_line(e)})") from e
+        raise CheckpointError(f"checkpoint {path}: weights do not match config ({one_line(e)})") from e
     opt_tensors = load("optimizer.safetensors", load_file, optional=True)
     opt_json = load("optimizer.json", _read_json, optional=True)
     optimizer_state = None
     if opt_tensors is not None or opt_json is not None:
         if opt_tensors is None or opt_json is None:
             raise CheckpointError(f"checkpoint {path}: optimizer.safetensors and optimizer.json must come together")
-        state = {}
-        for key, v in opt_tensors.items():
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-        for i, d in opt_json["scalars"].items():
-            state.setdefault(int(i), {}).update(d)
-        # JSON turned tuples (AdamW's betas) into lists; only "params" is a real list.
-        groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
-                  for g in opt_json["param_groups"]]
+        try:
+            state = {}
+            for key, v in opt_tensors.items():
+                _, i, name = key.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+            for i, d in opt_json["scalars"].items():
+                state.setdefault(int(i), {}).update(d)
+            # JSON turned tuples (AdamW's betas) into lists; only "params" is a real list.
+            groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+                      for g in opt_json["param_groups"]]
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path}: bad optimizer state ({one_line(e)})") from e
         optimizer_state = {"state": state, "param_groups": groups}
     tensors = load("tensors.safetensors", load_file, optional=True) or {}
     return {"model": model.to(device), "tok": tok, "meta": meta, "optimizer_state": optimizer_state,
@@ -419,6 +483,6 @@ def _read_json(f):
         return json.load(fh)
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}".strip()

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ import train
 # model.py: tokenizer, transformer, KV-cache sampling, checkpoints
 # ##########################################################################################
 TINY = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=48)
+CK = ModelConfig(vocab_size=300, n_layer=1, n_head=4, n_kv_head=2, d_model=32, max_seq_len=48)  # fits the `tok` fixture
 
 
 def varied_model(cfg=TINY, seed=0):
@@ -155,7 +157,7 @@ def test_tokenizer_round_trip_and_special_ids(tok, tmp_path):
 
 
 def test_checkpoint_round_trip_logits_optimizer_and_tensors(tok, tmp_path):
-    model = varied_model()
+    model = varied_model(CK)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.tensor([[1, 2, 3]])).sum().backward()
     opt.step()
@@ -187,7 +189,7 @@ def test_checkpoint_round_trip_logits_optimizer_and_tensors(tok, tmp_path):
 
 
 def test_checkpoint_without_optimizer_or_tensors(tok, tmp_path):
-    save_checkpoint(tmp_path / "c", Transformer(TINY), tok, {})
+    save_checkpoint(tmp_path / "c", Transformer(CK), tok, {})
     ck = load_checkpoint(tmp_path / "c")
     assert ck["optimizer_state"] is None and ck["tensors"] == {}
 
@@ -196,17 +198,17 @@ def test_corrupt_or_missing_checkpoint_raises_checkpoint_error(tok, tmp_path):
     with pytest.raises(CheckpointError, match="no such directory"):
         load_checkpoint(tmp_path / "nope")
     path = tmp_path / "ckpt"
-    save_checkpoint(path, Transformer(TINY), tok, {"step": 1})
+    save_checkpoint(path, Transformer(CK), tok, {"step": 1})
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     with pytest.raises(CheckpointError, match="model.safetensors") as e:
         load_checkpoint(path)
     assert "\n" not in str(e.value)
-    save_checkpoint(path, Transformer(TINY), tok, {"step": 1})
+    save_checkpoint(path, Transformer(CK), tok, {"step": 1})
     (path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json"):
         load_checkpoint(path)
-    save_checkpoint(path, Transformer(TINY), tok, {"step": 1})
+    save_checkpoint(path, Transformer(CK), tok, {"step": 1})
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(dict(cfg, d_model=64)))
     with pytest.raises(CheckpointError, match="do not match"):
@@ -218,17 +220,72 @@ def test_corrupt_or_missing_checkpoint_raises_checkpoint_error(tok, tmp_path):
 
 def test_atomic_save_replaces_existing_and_leaves_no_temp_dirs(tok, tmp_path):
     path = tmp_path / "ckpt"
-    save_checkpoint(path, Transformer(TINY), tok, {"step": 1})
-    save_checkpoint(path, Transformer(TINY), tok, {"step": 2})
+    save_checkpoint(path, Transformer(CK), tok, {"step": 1})
+    os.makedirs(tmp_path / "ckpt.tmp-99999")  # what a SIGKILL during a save leaves behind
+    os.makedirs(tmp_path / "ckpt@7")
+    save_checkpoint(path, Transformer(CK), tok, {"step": 2})
     assert load_checkpoint(path)["meta"] == {"step": 2}
-    assert os.listdir(tmp_path) == ["ckpt"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "ckpt@2"] and os.readlink(path) == "ckpt@2"
 
 
-def test_pick_device_and_autocast():
+def test_a_save_interrupted_at_any_instant_leaves_the_old_or_the_new_checkpoint(tok, tmp_path, monkeypatch):
+    import model as model_module
+    path, prev, k, done = tmp_path / "ckpt", 0, 0, False
+    save_checkpoint(path, Transformer(CK), tok, {"step": 0})
+    while not done:  # crash at the k-th file-system step of a save, for every k until one save completes
+        k, calls = k + 1, []
+
+        def crash_at_k(real):
+            def f(*a, **kw):
+                calls.append(real)
+                if len(calls) == k:
+                    raise OSError("simulated crash")
+                return real(*a, **kw)
+            return f
+        with monkeypatch.context() as m:
+            for mod, name in ((os, "rename"), (os, "replace"), (os, "symlink"), (model_module, "_fsync")):
+                m.setattr(mod, name, crash_at_k(getattr(mod, name)))
+            try:
+                save_checkpoint(path, Transformer(CK), tok, {"step": k})
+                done = True
+            except OSError:
+                pass
+        step = load_checkpoint(path)["meta"]["step"]
+        assert step in (prev, k)
+        prev = step
+    assert k > 5 and prev == k  # every instant of a save was interrupted once
+    save_checkpoint(path, Transformer(CK), tok, {"step": -1})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", os.readlink(path)]  # the stale pieces are gone
+
+
+def test_non_finite_weights_are_never_saved_nor_loaded(tok, tmp_path):
+    model = Transformer(CK)
+    save_checkpoint(tmp_path / "c", model, tok, {"step": 1})
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    with pytest.raises(CheckpointError, match="non-finite"):
+        save_checkpoint(tmp_path / "c", model, tok, {"step": 2})
+    assert load_checkpoint(tmp_path / "c")["meta"] == {"step": 1}  # the good one stays
+    from safetensors.torch import load_file, save_file
+    f = tmp_path / "c" / "model.safetensors"
+    sd = load_file(f)
+    sd["norm.weight"][0] = float("inf")
+    save_file(sd, f)
+    with pytest.raises(CheckpointError, match="non-finite weights in norm.weight"):
+        load_checkpoint(tmp_path / "c")
+
+
+def test_pick_device_and_autocast(monkeypatch):
     import contextlib
     from model import autocast, pick_device
     assert pick_device("cpu") == torch.device("cpu")
-    assert pick_device("auto").type in ("cpu", "cuda")
+    for cuda in (False, True):  # "auto" follows CUDA's availability; asking for a missing GPU is an error
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert pick_device("auto") == torch.device("cuda" if cuda else "cpu")
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        pick_device("cuda")
     with pytest.raises(ValueError, match="unknown device"):
         pick_device("gpu")
     assert isinstance(autocast("cpu"), contextlib.nullcontext)
@@ -284,35 +341,47 @@ def test_an_id_is_touched_at_most_once_per_call():
     assert c == {"UPDATE": 1, "rejected_id_twice": 1} and "m1" in b.entries
 
 
-def test_parsers_and_apply_never_raise_on_fuzzed_model_output():
+def test_parsers_and_apply_never_raise_on_fuzzed_model_output(tok):
     rng = random.Random(0)
     valid = ['{"facts":[{"speaker":"Ann","dia_id":"D1:1","fact":"Ann skis"}]}',
              '{"operations":[{"op":"INSERT","speaker":"Ann","content":"Ann skis","dia_id":"D1:1"},'
              '{"op":"UPDATE","memory_id":"m1","content":"Ann lives in Lima"},{"op":"DELETE","memory_id":"m2"}]}']
-    alphabet = '{}[]":,opINSERTUPDATEfacts 0123null-truem1'
+    alphabet = ['{', '}', '[', ']', '"', ':', ',', ' ', 'op', 'INSERT', 'facts', '0', 'null', 'm1', '\\', '\\u',
+                '\\ud800', '\\udfff', '\\n', '\\"', 'é', '\x00']  # escapes too: "\ud800" is a lone surrogate
+    kinds = collections.Counter()
     for i in range(3000):
         s = rng.choice(valid)
         if i % 3 == 0:  # near-JSON: a few random edits of a valid output
             s = list(s)
             for _ in range(rng.randint(1, 4)):
                 j = rng.randrange(len(s))
-                s[j:j + rng.randint(0, 2)] = rng.choice(alphabet) * rng.randint(0, 1)
+                s[j:j + rng.randint(0, 2)] = [rng.choice(alphabet)] * rng.randint(0, 1)
             s = "".join(s)
         elif i % 3 == 1:
             s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         else:  # valid JSON, wrong types
             s = json.dumps({rng.choice(["facts", "operations", "x"]): rng.choice(
                 [None, 3, "s", [1, None, {"op": 5}], [{"op": "INSERT", "speaker": 1, "content": []}], {"a": 1}])})
-        facts, _ = parse_facts(s)
-        assert all(isinstance(f["fact"], str) for f in facts)
+        facts, why = parse_facts(s)
+        kinds[why] += 1
+        for f in facts:  # what reaches a prompt must be text the tokenizer encodes
+            assert set(f) == {"speaker", "dia_id", "fact"} and all(v and v == v.strip() for v in f.values())
+            encode(tok, " ".join(f.values()))
         ops, reason = parse_operations(s)
         b = filled_bank()
         before = state(b)
         counts = b.apply(ops, 2, "x")
         if not any(counts[k] for k in ("INSERT", "UPDATE", "DELETE")):
             assert state(b) == before
+        for e in b.entries.values():
+            encode(tok, f"{e.speaker} {e.content}")
+    assert kinds["unencodable_text"] > 0 and kinds[""] > 0  # the fuzz reached both
     assert parse_operations("not json") == ([], "invalid_json")
     assert parse_facts('{"facts": 3}') == ([], "facts_not_a_list")
+    lone = '{"facts":[{"speaker":"Ann","dia_id":"D1:1","fact":"Ann skis \\ud800"}]}'
+    assert parse_facts(lone) == ([], "unencodable_text")
+    assert parse_operations(lone.replace("facts", "operations")) == ([], "unencodable_text")
+    assert parse_facts(lone.replace("\\ud800", "\\u00e9"))[0][0]["fact"] == "Ann skis é"  # valid escapes still pass
 
 
 def test_snapshot_is_isolated_both_ways():
@@ -608,11 +677,11 @@ def test_local_branches_start_from_identical_memory_and_never_leak(tiny, monkeyp
 def test_algo_switch_selects_the_pool(tiny, monkeypatch, algo, share):
     conv, tok, model = tiny
     monkeypatch.setattr(M, "sample", scripted_sample(random.Random(2)))
-    cfg = M.RLConfig(algo=algo, n=2, K=2, p=0.0 if algo == "grpo" else 1.0, ppo_epochs=1)
+    cfg = M.RLConfig(algo=algo, n=2, K=2, p=1.0, ppo_epochs=1)  # p = 1 for both: grpo must branch nowhere by itself
     answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     stats = M.logo_step(model, model, answerer, tok, conv, 2, cfg, opt, random.Random(0), random.Random(1), torch.Generator())
-    assert stats["local_share"] == share
+    assert stats["local_share"] == share and stats["branches"] == (0 if algo == "grpo" else 2)
 
 
 def test_credit_correlation_is_within_group_and_per_kind():
@@ -1159,7 +1228,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(DataError, match="list of samples"):
         load_locomo(bad)
     bad.write_text('[{"sample_id": "conv-1", "qa": []}]')
-    with pytest.raises(DataError, match="sample 0 is malformed"):
+    with pytest.raises(DataError, match=r"sample 0 \(conv-1\): conversation must be an object"):
         load_locomo(bad)
     with pytest.raises(DataError, match="conv-43"):
         locomo_split([])
@@ -1175,14 +1244,49 @@ def test_dates():
         parse_date("yesterday")
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d[0]["conversation"].update(session_1_date_time="2023-05-08"), r"conv-26\): session_1_date_time: unparseable"),
+    (lambda d: d[0]["qa"][0].update(evidence="D1:3"), r"conv-26\): qa\[0\].evidence must be a list"),
+    (lambda d: d[1]["conversation"]["session_2"][0].update(text=None), r"conv-30\): session_2\[0\].text must be a string"),
+    (lambda d: d[1]["qa"][2].update(category="2"), r"conv-30\): qa\[2\].category must be an integer"),
+    (lambda d: d[1]["conversation"].pop("session_3_date_time"), r"session_3_date_time must be a date string"),
+])
+def test_loader_names_the_sample_and_field_of_bad_data(raw, tmp_path, damage, message):
+    data = json.loads(json.dumps(raw))
+    damage(data)
+    (tmp_path / "l.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match=message):
+        load_locomo(tmp_path / "l.json")
+
+
 # ##########################################################################################
 # train.py: the whole loop, resume, guards, user errors
 # ##########################################################################################
 # ============================================================================ the whole loop (train.py)
+TINY_PRESET = dict(d_model=32, n_layer=1, n_head=2, vocab=300, sft_steps=8, sft_batch=8, n=2, K=2, train_worlds=2,
+                   val_worlds=1, test_worlds=1, steps="1")
+
+
 @pytest.fixture
 def tiny_preset(monkeypatch):
-    monkeypatch.setitem(train.PRESETS, "tiny", dict(d_model=32, n_layer=1, n_head=2, vocab=300, sft_steps=8, sft_batch=8,
-                                                    n=2, K=2, train_worlds=2, val_worlds=1, test_worlds=1, steps="1"))
+    monkeypatch.setitem(train.PRESETS, "tiny", TINY_PRESET)
+
+
+def interrupt_on_call(monkeypatch, module, name, n, when=lambda *a, **k: True):
+    """Raise KeyboardInterrupt instead of the n-th call of module.name for which when(...) holds."""
+    real, calls = getattr(module, name), []
+    def f(*a, **k):
+        if when(*a, **k):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, f)
+
+
+def checkpoint_tensors(path):
+    ck = load_checkpoint(path)
+    return ck["model"].state_dict(), ck["optimizer_state"], ck["tensors"]
 
 
 def rl_lines(run):
@@ -1197,7 +1301,7 @@ def rl_lines(run):
 
 
 def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset):
-    res = train.main(["--sessions", "3", "--stages", "2,3", "--out", str(tmp_path), "--name", "smoke"])
+    res = train.main(["--sessions", "3", "--stages", "2,3", "--out", str(tmp_path), "--name", "smoke", "--threads", "1"])
     run = tmp_path / "smoke"
     for d in ("sft", "best-stage0", "best-stage1", "last"):
         assert (run / d / "model.safetensors").exists(), d
@@ -1210,55 +1314,260 @@ def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset):
     assert "| model | F1 |" in (run / "report.md").read_text()
 
 
-def test_resume_after_interrupt_gives_the_same_metrics(tmp_path, tiny_preset, monkeypatch):
+def test_resume_after_interrupt_gives_the_same_metrics_and_weights(tmp_path, tiny_preset, monkeypatch):
     base = ["--sessions", "3", "--stages", "2,3", "--steps-per-stage", "2,1", "--val-every", "1", "--out", str(tmp_path),
-            "--no-final-eval"]
-    train.main(base + ["--name", "sft-src", "--steps-per-stage", "0"])  # one shared SFT model for both runs
+            "--no-final-eval", "--threads", "1"]
+    train.main(base + ["--name", "sft-src", "--steps-per-stage", "0"])  # one shared SFT model for every run
     init = ["--init", str(tmp_path / "sft-src" / "sft")]
     train.main(base + init + ["--name", "straight"])
-    real, calls = M.logo_step, []
-    def crash_on_third(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(train, "logo_step", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(base + init + ["--name", "broken"])
-    monkeypatch.setattr(train, "logo_step", real)
-    train.main(["--resume", str(tmp_path / "broken")])
-    straight, resumed = rl_lines(tmp_path / "straight"), rl_lines(tmp_path / "broken")
-    assert len(straight) == len(resumed) == 8  # stage 2: val, (val, rl) x 2; stage 3: val, val, rl
-    assert resumed == straight
+    # interrupted in the third RL step, and inside the swap of the third `last` save (its files written, not yet in place)
+    with monkeypatch.context() as m:
+        interrupt_on_call(m, train, "logo_step", 3)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(base + init + ["--name", "in-step"])
+    with monkeypatch.context() as m:
+        interrupt_on_call(m, os, "replace", 3, when=lambda src, dst: str(dst).endswith("last"))
+        with pytest.raises(KeyboardInterrupt):
+            train.main(base + init + ["--name", "in-save"])
+    assert any(".tmp-" in f or "@" in f for f in os.listdir(tmp_path / "in-save"))  # the save really was cut
+    straight = rl_lines(tmp_path / "straight")
+    assert len(straight) == 8  # stage 2: val, (val, rl) x 2; stage 3: val, val, rl
+    for name in ("in-step", "in-save"):
+        run = tmp_path / name
+        train.main(["--resume", str(run)])
+        assert rl_lines(run) == straight, name
+        for ck in ("last", "best-stage0", "best-stage1"):
+            (w1, o1, t1), (w2, o2, t2) = checkpoint_tensors(tmp_path / "straight" / ck), checkpoint_tensors(run / ck)
+            assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1), (name, ck)
+            assert (o1 is None) == (o2 is None) and t1.keys() == t2.keys()
+            if o1:
+                assert all(torch.equal(o1["state"][i]["exp_avg"], o2["state"][i]["exp_avg"]) for i in o1["state"])
+        assert sorted(f for f in os.listdir(run) if ".tmp-" in f) == []
 
 
-def test_non_finite_loss_skips_the_update(monkeypatch):
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_non_finite_loss_or_gradient_skips_the_update(monkeypatch, poison):
     torch.manual_seed(0)
     model = train.Transformer(train.ModelConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, n_kv_head=2))
     before = [p.detach().clone() for p in model.parameters()]
-    monkeypatch.setattr(M, "logo_grpo_loss", lambda *a: (torch.tensor(float("nan"), requires_grad=True), {}))
+    if poison == "loss":
+        monkeypatch.setattr(M, "logo_grpo_loss", lambda *a: (torch.tensor(float("nan"), requires_grad=True), {}))
+    else:  # a finite loss whose backward pass yields NaN in one parameter
+        model.norm.weight.register_hook(lambda g: g * float("nan"))
     row = M.Row("mgr", ("G", 1, "mgr"), [M.Cell([3, 4, 5], [6, 2], True)], adv=1.0)
-    stats = M.ppo_update(model, model, [row], M.RLConfig(ppo_epochs=2), torch.optim.AdamW(model.parameters()))
+    opt = torch.optim.AdamW(model.parameters())
+    stats = M.ppo_update(model, model, [row], M.RLConfig(ppo_epochs=2), opt)
     assert stats["skipped_updates"] == 2
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state  # no moment was updated either
 
 
-def test_repeated_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, tiny_preset, monkeypatch):
-    monkeypatch.setattr(train, "logo_step", lambda *a, **k: {"skipped_updates": 1, "ops": {}, "reward_global": 0, "train_f1": 0})
-    with pytest.raises(train.UserError, match="non-finite loss"):
+def _nan_weights_step(policy, *a, **k):
+    with torch.no_grad():
+        policy.norm.weight[0] = float("nan")  # what a finite but huge update does
+    return {"skipped_updates": 0, "ops": {}, "reward_global": 0, "train_f1": 0}
+
+
+@pytest.mark.parametrize("phase, patch, message, saved", [
+    # best-stage0 is never written before a stage has trained: the pre-stage validation is not a candidate
+    ("rl", ("logo_step", lambda *a, **k: {"skipped_updates": 1, "ops": {}, "reward_global": 0, "train_f1": 0}),
+     "non-finite loss or gradients in 3 steps", ["sft", "last"]),
+    ("rl", ("logo_step", _nan_weights_step), "stage 2 step 1: weights became non-finite", ["sft"]),
+    ("sft", ("cell_logprobs", lambda *a, **k: (torch.full((3,), float("nan"), requires_grad=True), None, None)),
+     "SFT: non-finite loss or gradients in 3 steps in a row", []),
+])
+def test_a_run_that_cannot_continue_stops_with_the_fix_and_keeps_only_finite_checkpoints(
+        tmp_path, tiny_preset, monkeypatch, phase, patch, message, saved):
+    monkeypatch.setattr(train, *patch)
+    with pytest.raises(train.UserError, match=message) as e:
         train.main(["--sessions", "3", "--stages", "2", "--steps-per-stage", "5", "--val-every", "9",
-                    "--out", str(tmp_path), "--no-final-eval"])
+                    "--out", str(tmp_path), "--name", "r", "--no-final-eval", "--threads", "1"])
+    assert f"--resume {tmp_path / 'r'} --{'sft-' if phase == 'sft' else ''}lr" in str(e.value)  # says how to go on
+    assert f"--override {'sft_' if phase == 'sft' else ''}lr" in str(e.value)
+    assert [d for d in ("sft", "best-stage0", "last") if (tmp_path / "r" / d).exists()] == saved
+    for d in saved:
+        load_checkpoint(tmp_path / "r" / d)  # loads: finite
+    log = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert phase != "sft" or sum("skipped" in r for r in log) == 3  # skipped steps are logged
+
+
+def test_a_resume_before_the_first_rl_checkpoint_repeats_no_log_line(tmp_path):
+    # killed during SFT, or right after the first validation: nothing after the SFT model may stay
+    log = [{"phase": "sft", "step": 0}, {"phase": "sft", "step": 7}, {"phase": "val", "stage": 2, "step": 0}]
+    for keep_sft, kept in ((True, log[:2]), (False, [])):  # without its SFT model, SFT is redone and logs afresh
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        assert train.restart_log(tmp_path, keep_sft) == len(kept)
+        assert [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == kept
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"phase": "rl", "step": 1}) + "\n")
+    with pytest.raises(train.UserError, match="last is missing although RL steps were logged"):
+        train.restart_log(tmp_path, True)
+
+
+def test_a_second_writer_on_a_run_is_refused(tmp_path, tiny_preset):
+    import fcntl
+    argv = ["--sessions", "3", "--stages", "2", "--steps-per-stage", "0", "--out", str(tmp_path), "--name", "r",
+            "--no-final-eval", "--threads", "1"]
+    (tmp_path / "r").mkdir()
+    with open(tmp_path / "r" / ".lock", "a+") as other:  # another process's lock (flock is per open file)
+        fcntl.flock(other, fcntl.LOCK_EX)
+        other.write("4242")
+        other.flush()
+        with pytest.raises(train.UserError, match=r"in use by another train.py \(pid 4242\)"):
+            train.main(argv)
+        assert os.listdir(tmp_path / "r") == [".lock"]  # nothing written
+        (tmp_path / "r" / "args.json").write_text(json.dumps({"argv": argv}))
+        with pytest.raises(train.UserError, match="in use by another train.py"):
+            train.main(["--resume", str(tmp_path / "r")])
+    (tmp_path / "r" / "args.json").unlink()
+    train.main(argv)  # the lock is free again
+    with pytest.raises(train.UserError, match="already holds a run"):  # the same command again, other SFT data
+        train.main(argv + ["--teacher-noise", "0.3"])
+
+
+def test_resume_refuses_changed_flags_unless_overridden(tmp_path, tiny_preset):
+    run = tmp_path / "r"
+    train.main(["--sessions", "3", "--stages", "2", "--steps-per-stage", "0", "--out", str(tmp_path), "--name", "r",
+                "--no-final-eval", "--threads", "1"])
+    saved = (run / "args.json").read_text()
+    for argv, message in [
+        (["--lr", "5", "--stages", "32", "--algo", "grpo", "--seed", "7"],
+         "flags differ from the run's: --lr 5.0 (run: None); --stages 32 (run: 2); --algo grpo (run: logo); --seed 7 (run: 0)"),
+        (["--threads", "2"], "--threads 2 (run: 1). To change threads, add --override threads."),
+        (["--seed", "7", "--lr", "1"], "To change lr, add --override lr. seed cannot change on resume"),
+        (["--stages", "32", "--override", "stages"], "--override stages: on resume only lr, threads, device, no_final_eval"),
+        (["--sft-lr", "1", "--override", "sft_lr"], "--override sft_lr: on resume only"),  # the SFT model exists
+    ]:
+        with pytest.raises(train.UserError, match=re.escape(message)):
+            train.main(["--resume", str(run), *argv])
+    assert (run / "args.json").read_text() == saved
+    train.main(["--resume", str(run), "--lr", "1e-05", "--threads", "2", "--override", "lr,threads"])
+    assert json.loads((run / "args.json").read_text())["argv"][-4:] == ["--lr", "1e-05", "--threads", "2"]
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    train.main(["--resume", str(run), "--lr", "1e-05"])  # now the run's own value
+    assert torch.get_num_threads() == 2  # the run's threads, not the command line's default
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+    """A run stopped in the first RL step of its second stage: sft, best-stage0 (stage 2 has trained no candidate yet), last, a log."""
+    out = tmp_path_factory.mktemp("interrupted")
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(train.PRESETS, "tiny", TINY_PRESET)
+        interrupt_on_call(m, train, "logo_step", 2)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(["--sessions", "3", "--stages", "2,3", "--out", str(out), "--name", "r", "--no-final-eval",
+                        "--threads", "1"])
+    return out / "r"
+
+
+def copy_run(run, tmp_path):
+    import shutil
+    return Path(shutil.copytree(run, tmp_path / run.name, symlinks=True))  # links stay links: checkpoint names
+
+
+def _nan_weights(ck):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(ck / "model.safetensors")
+    sd["norm.weight"][0] = float("nan")
+    save_file(sd, ck / "model.safetensors")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: (r / "last" / "meta.json").write_text("{}"), "last cannot be resumed (KeyError: 'pos')"),
+    (lambda r: os.remove(r / "last" / "tensors.safetensors"), "last cannot be resumed (KeyError: 'torch_gen')"),
+    (lambda r: os.remove(r / "last" / "optimizer.json") or os.remove(r / "last" / "optimizer.safetensors"),
+     "(KeyError: 'optimizer.safetensors')"),
+    (lambda r: (r / "last" / "optimizer.json").write_text('{"bogus": 1}'), "bad optimizer state (KeyError"),
+    (lambda r: (r / "args.json").write_text("garbage"), "args.json is unreadable"),
+    (lambda r: os.remove(r / "metrics.jsonl"), "metrics.jsonl is missing"),
+    (lambda r: os.remove(r / "best-stage0"), "best-stage0 is missing: stage 2 has no warm start"),
+    (lambda r: os.remove(r / "last"), "last is missing although RL steps were logged"),
+    (lambda r: _nan_weights(r / "last"), "non-finite weights in norm.weight"),
+])
+def test_a_damaged_run_is_a_one_line_error_on_resume(interrupted_run, tmp_path, tiny_preset, damage, message):
+    run = copy_run(interrupted_run, tmp_path)
+    damage(run)
+    with pytest.raises(train.UserError, match=re.escape(message)) as e:
+        train.main(["--resume", str(run)])
+    assert "\n" not in str(e.value)
+
+
+def _vocab_10(ck):
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps(dict(cfg, vocab_size=10)))
+
+
+@pytest.mark.parametrize("damage, argv, message", [
+    # (a corrupt sft/ no longer matters here: the run's answer agent is the exact reader)
+    (lambda r: (r / "best-stage0" / "model.safetensors").write_bytes(b"\0" * 50), [], "corrupt model.safetensors"),
+    (lambda r: _nan_weights(r / "best-stage0"), [], "non-finite weights in norm.weight"),
+    (lambda r: _vocab_10(r / "best-stage0"), [], "tokenizer has 300 tokens, the model only 10"),
+    # an unwritable result (as root, chmod cannot make one); a stale save of a later stage is no checkpoint
+    (lambda r: os.makedirs(r / "best-stage7.tmp-1") or (r / "best-stage0" / "eval-synthetic-test.json").mkdir(), [],
+     "cannot write"),
+    (None, ["--worlds", "0"], "--worlds: '0' is not an integer >= 1"),
+    (None, ["--chunks", "0"], "--chunks: '0' is not an integer >= 1"),
+    (None, ["--chunks", "-1"], "--chunks: '-1' is not an integer >= 1"),
+    (lambda r: (r / "result.json").write_text("garbage"), ["compare"], "not a finished run's result.json"),
+    (lambda r: (r / "result.json").write_text("{}") or os.remove(r / "metrics.jsonl"), ["compare"], "metrics.jsonl"),
+])
+def test_eval_mistakes_are_one_line_errors(interrupted_run, tmp_path, damage, argv, message):
+    run = copy_run(interrupted_run, tmp_path)
+    if damage:
+        damage(run)
+    argv = ["compare", str(run), "--out", str(tmp_path / "res")] if argv == ["compare"] else [str(run), *argv]
+    with pytest.raises(SystemExit) as e:
+        E.main(argv)
+    assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train.py", "--stages", "8,x"], "comma-separated integers"),
-    (["train.py", "--steps-per-stage", "1,2"], "one count >= 0 per stage"),
-    (["train.py", "--n", "0"], "bad RL config"),
-    (["train.py", "--resume", "/no/such/run"], "not a run directory"),
+    (["--threads", "0"], "--threads 0: must be an integer >= 1"),
+    (["--val-every", "0"], "--val-every 0: must be an integer >= 1"),
+    (["--sessions", "0"], "--sessions 0: must be an integer >= 1"),
+    (["--ppo-epochs", "0"], "--ppo-epochs 0: must be an integer >= 1"),
+    (["--sft-steps", "-5"], "--sft-steps -5: must be an integer >= 0"),
+    (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+    (["--lr", "inf"], "--lr inf: must be a finite number > 0"),
+    (["--sft-lr", "-1"], "--sft-lr -1.0: must be a finite number > 0"),
+    (["--lam", "-1"], "--lam -1.0: must be a finite number >= 0"),
+    (["--lam", "nan"], "--lam nan: must be a finite number >= 0"),
+    (["--phi", "-3"], "--phi -3.0: must be a finite number >= 0"),
+    (["--phi", "inf"], "--phi inf: must be a finite number >= 0"),
+    (["--p", "nan"], "--p nan: must be a number in [0, 1]"),
+    (["--teacher-noise", "2"], "--teacher-noise 2.0: must be a number in [0, 1]"),
+    (["--name", "../../escape"], "--name ../../escape: must be letters"),
+    (["--stages", "0"], "--stages 0: every stage needs >= 1 session"),
+    (["--stages", "8,x"], "comma-separated integers"),
+    (["--steps-per-stage", "1,2"], "one count >= 0 per stage"),
+    (["--n", "x"], "argument --n: invalid int value: 'x'"),
+    (["--override", "lr"], "--override only applies with --resume"),
+    (["--resume", "/no/such/run"], "not a run directory"),
+    (["--device", "tpu"], "unknown device"),
+])
+def test_bad_flags_are_refused_before_anything_runs(tmp_path, argv, message):
+    with pytest.raises(train.UserError, match=re.escape(message)):
+        train.main([*argv, "--out", str(tmp_path)])
+    assert os.listdir(tmp_path) == []
+
+
+def test_out_that_cannot_hold_a_run_and_stages_alone(tmp_path, tiny_preset, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(train.UserError, match="cannot write the run directory"):
+        train.main(["--sessions", "3", "--stages", "2", "--out", str(tmp_path / "file")])
+    monkeypatch.setitem(train.PRESETS, "tiny", dict(TINY_PRESET, steps="10,5,5"))
+    for stages, steps in (("32", [10]), ("8,16", [10, 5]), ("8,16,32,64", [10, 5, 5, 5])):  # cut or padded
+        assert train.parse_args(["--stages", stages]).steps == steps
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train.py", "--val-every", "0"], "--val-every 0: must be"),
     (["train.py", "--init", "/no/such/sft", "--data", "locomo"], "no checkpoint there"),
     (["train.py", "--data", "locomo", "--locomo-path", "/no/such.json"], "cannot read"),
     (["eval.py", "/no/such/run"], "no checkpoint"),
-    (["train.py", "--device", "tpu"], "unknown device"),
+    (["eval.py", "x", "--worlds", "0"], "--worlds"),
 ])
 def test_user_mistakes_give_one_error_line_and_no_traceback(argv, message, tmp_path):
     p = subprocess.run([sys.executable, *argv, *(["--out", str(tmp_path)] if argv[0] == "train.py" else [])],
@@ -1270,7 +1579,7 @@ def test_user_mistakes_give_one_error_line_and_no_traceback(argv, message, tmp_p
 
 def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, tiny_preset):
     train.main(["--sessions", "3", "--stages", "2", "--steps-per-stage", "0", "--out", str(tmp_path), "--name", "r",
-                "--no-final-eval"])
+                "--no-final-eval", "--threads", "1"])
     (tmp_path / "r" / "sft" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(train.UserError, match="model.safetensors"):
         train.main(["--init", str(tmp_path / "r" / "sft"), "--out", str(tmp_path), "--name", "r2", "--no-final-eval"])

@@ -11,10 +11,12 @@ continues an interrupted run from its last checkpoint.
 """
 import argparse
 import copy
+import fcntl
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, fields
@@ -25,10 +27,10 @@ from tqdm import tqdm
 
 import eval as E
 from memr2 import (AnswerAgent, Cell, RLConfig, answer_prompt, cell_logprobs, extractor_prompt, facts_target,
-                   logo_step, manager_prompt, model_reader, ops_target)
+                   guarded_step, logo_step, manager_prompt, model_reader, ops_target)
 from memory import retrieve_for_question
-from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, load_checkpoint,
-                   pick_device, save_checkpoint, train_tokenizer)
+from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, load_checkpoint, non_finite,
+                   one_line, pick_device, save_checkpoint, train_tokenizer)
 
 PRESETS = {  # model size, SFT budget and group sizes; RL knobs not listed keep RLConfig's defaults
     "tiny": dict(d_model=128, n_layer=4, n_head=4, vocab=1024, sft_steps=2500, sft_batch=32, n=4, K=4,
@@ -42,12 +44,38 @@ class UserError(Exception):
     """A mistake in flags or files: reported as one line, never a traceback."""
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage + error lines -> our one line
+        raise UserError(message)
+
+
+# flag -> (test, what it must be): checked at parse time, before anything runs or is written
+FLAG_CHECKS = {
+    **{f: (lambda v: v >= 1, "an integer >= 1") for f in ("n", "K", "chunks", "ppo_epochs", "val_every", "sessions", "threads")},
+    **{f: (lambda v: v >= 0, "an integer >= 0") for f in ("sft_steps", "seed")},
+    **{f: (lambda v: 0 <= v <= 1, "a number in [0, 1]") for f in ("p", "teacher_noise")},
+    **{f: (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0") for f in ("lam", "phi")},
+    **{f: (lambda v: math.isfinite(v) and v > 0, "a finite number > 0") for f in ("lr", "sft_lr")},
+    "name": (lambda v: re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=-]*", v), "letters, digits, '_', '.', '-', '=' (no path)"),
+}
+# what may change when a run is resumed (--override); the rest would silently mix two runs
+OVERRIDABLE = ("lr", "threads", "device", "no_final_eval")
+OVERRIDABLE_BEFORE_SFT = ("sft_lr", "sft_steps", "teacher_noise")  # while the run has no SFT model yet
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    return finish_args(args)
+
+
+def build_parser():
+    ap = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--preset", choices=PRESETS, default="tiny")
     ap.add_argument("--algo", choices=["logo", "grpo", "local"], default="logo")
     ap.add_argument("--stages", default="8,16,32", help="session caps of the curriculum; '32' trains directly")
-    ap.add_argument("--steps-per-stage", default=None, help="RL steps per stage, e.g. 10,5,5 (preset default)")
+    ap.add_argument("--steps-per-stage", default=None,
+                    help="RL steps per stage, e.g. 10,5,5 (preset default: 10,5,5, cut or padded to the stages)")
     ap.add_argument("--val-every", type=int, default=5, help="validate every this many RL steps")
     for name in ("n", "K", "chunks", "ppo_epochs"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
@@ -75,7 +103,15 @@ def parse_args(argv=None):
     ap.add_argument("--name", default=None, help="run name (default: <algo>-<stages>-s<seed>)")
     ap.add_argument("--resume", default=None, help="continue runs/<name> from its last checkpoint")
     ap.add_argument("--no-final-eval", action="store_true", help="skip the test evaluation (experiments)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--override", default="", help="with --resume: flags allowed to differ from the run's, e.g. lr,threads")
+    return ap
+
+
+def finish_args(args):
+    for flag, (ok, what) in FLAG_CHECKS.items():
+        v = getattr(args, flag)
+        if v is not None and not ok(v):
+            raise UserError(f"--{flag.replace('_', '-')} {v}: must be {what}")
     pre = PRESETS[args.preset]
     args.sft_steps = args.sft_steps if args.sft_steps is not None else pre["sft_steps"]
     try:
@@ -83,9 +119,13 @@ def parse_args(argv=None):
         args.steps = [int(s) for s in (args.steps_per_stage or pre["steps"]).split(",")]
     except ValueError:
         raise UserError("--stages and --steps-per-stage take comma-separated integers, e.g. 8,16,32")
+    if min(args.stages) < 1:
+        raise UserError(f"--stages {','.join(map(str, args.stages))}: every stage needs >= 1 session")
+    if args.steps_per_stage is None:  # the preset's schedule, cut or padded to the stages: '--stages 32' alone works
+        args.steps = (args.steps + args.steps[-1:] * len(args.stages))[:len(args.stages)]
     if len(args.steps) == 1:
         args.steps *= len(args.stages)
-    if len(args.steps) != len(args.stages) or min(args.stages) < 1 or min(args.steps) < 0:
+    if len(args.steps) != len(args.stages) or min(args.steps) < 0:
         raise UserError(f"--steps-per-stage needs one count >= 0 per stage ({len(args.stages)} stages)")
     args.name = args.name or f"{args.algo}-{'-'.join(map(str, args.stages))}-s{args.seed}"
     args.answerer = args.answerer or ("learned" if args.data == "locomo" else "exact")
@@ -140,7 +180,7 @@ def sft_examples(samples, convs, cfg: RLConfig, noise: float, seed: int, answer_
 
 
 # ============================================================================ SFT
-def sft(model, tok, examples, args, device, log) -> None:
+def sft(model, tok, examples, args, device, log, run) -> None:
     """Supervised warm start: cross-entropy on target tokens only, computed with the same
     fused log-prob kernel the RL loss uses (loss = -mean token log-prob). The manager gets
     the most samples: it is the hard role (cpu-feasibility note 3); the answerer, frozen
@@ -156,6 +196,9 @@ def sft(model, tok, examples, args, device, log) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.1, betas=(0.9, 0.95))
     steps, bs, warm = args.sft_steps, PRESETS[args.preset]["sft_batch"], min(100, args.sft_steps // 10 + 1)
     model.train()
+    lower = min(args.sft_lr / 10, build_parser().get_default("sft_lr"))
+    fix = f"nothing was saved; rerun the SFT with a lower --sft-lr: python train.py --resume {run} --sft-lr {lower:g} --override sft_lr"
+    streak = 0  # non-finite steps in a row: a few are skipped, a diverged model is stopped
     bar = tqdm(range(steps), desc="SFT", dynamic_ncols=True, disable=steps == 0)
     for step in bar:
         lr = args.sft_lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -166,10 +209,14 @@ def sft(model, tok, examples, args, device, log) -> None:
         with autocast(device):
             logp, _, _ = cell_logprobs(model, batch, 1.0, 256)
         loss = -logp.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        if guarded_step(model, loss, opt, 1.0) is None:
+            streak += 1
+            log({"phase": "sft", "step": step, "skipped": "non-finite loss or gradient", "lr": lr})
+            if streak >= 3:
+                raise UserError(f"SFT: non-finite loss or gradients in {streak} steps in a row (step {step}); {fix}")
+            continue
+        streak = 0
+        check_finite(model, f"SFT step {step}", fix)
         if step % 50 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             log({"phase": "sft", "step": step, "loss": loss.item(), "lr": lr})
@@ -197,30 +244,154 @@ def load_ckpt(path, device):
         raise UserError(str(e))
 
 
+def restore_rl_state(run, device, policy, data_rng, algo_rng, gen, new_opt, lr):
+    """-> (optimizer, pos) from run/last, with every piece checked: a damaged checkpoint is a
+    one-line error, never a silent restart."""
+    ck = load_ckpt(run / "last", device)
+    try:
+        pos = ck["meta"]["pos"]
+        missing = {"stage", "step", "best", "gstep", "fails", "lines"} - set(pos)
+        if missing:
+            raise KeyError(f"pos.{min(missing)}")
+        if ck["optimizer_state"] is None:
+            raise KeyError("optimizer.safetensors")
+        policy.load_state_dict(ck["model"].state_dict())
+        data_rng.setstate(_tuple(ck["meta"]["data_rng"]))
+        algo_rng.setstate(_tuple(ck["meta"]["algo_rng"]))
+        gen.set_state(ck["tensors"]["torch_gen"])
+        torch.set_rng_state(ck["tensors"]["torch_rng"])
+        opt = new_opt()
+        opt.load_state_dict(ck["optimizer_state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{run / 'last'} cannot be resumed ({one_line(e)})")
+    for g in opt.param_groups:
+        g["lr"] = lr  # the run's lr, which --override lr may have changed
+    return opt, pos
+
+
+# ============================================================================ run directory: lock, flags, log
+_LOCKS = {}  # run dir -> its open lock file, held until this process runs another main() on it
+
+
+def lock_run(run: Path) -> None:
+    """Create the run directory and take its lock: a second train.py on the same run (same
+    --out/--name, or a --resume of it) is refused instead of interleaving its writes."""
+    key = str(run.absolute())
+    if key in _LOCKS:
+        _LOCKS.pop(key).close()  # this process ran main() on it before (tests, notebooks)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        f = open(run / ".lock", "a+")
+    except OSError as e:
+        raise UserError(f"cannot write the run directory {run}: {e.strerror or e} (choose another --out)")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        raise UserError(f"{run} is in use by another train.py (pid {f.read().strip() or '?'}): wait for it or pass another --name")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    _LOCKS[key] = f
+
+
+def write_run_args(run: Path, argv: list, cfg: RLConfig, answerer: str) -> None:
+    tmp = run / "args.json.tmp"
+    tmp.write_text(json.dumps({"argv": argv, "answerer": answerer, "cfg": asdict(cfg)}, indent=1))
+    os.replace(tmp, run / "args.json")
+
+
+def given_flags(argv: list) -> dict:
+    """The flags a command line sets explicitly (argparse fills no defaults into a namespace
+    that claims to have every attribute already)."""
+    class Given(argparse.Namespace):
+        def __getattr__(self, name):
+            if name.startswith("_"):
+                raise AttributeError(name)
+            return None
+    return vars(build_parser().parse_args(argv, namespace=Given()))
+
+
+def resumed_args(run: Path, argv: list):
+    """The run's own flags. Flags given with --resume must match them, except those named in
+    --override (from OVERRIDABLE), which then become the run's flags from here on."""
+    try:
+        saved = json.loads((run / "args.json").read_text())["argv"]
+        run_flags = vars(build_parser().parse_args(saved))
+    except (OSError, ValueError, KeyError, TypeError, UserError) as e:
+        raise UserError(f"--resume {run}: args.json is unreadable ({one_line(e)}); the run cannot be resumed")
+    given = given_flags(argv)
+    given.pop("resume", None)
+    override = {f.strip().replace("-", "_") for f in given.pop("override", "").split(",") if f.strip()}
+    allowed = OVERRIDABLE + (() if run_flags["init"] or (run / "sft").exists() else OVERRIDABLE_BEFORE_SFT)
+    if override - set(allowed):
+        raise UserError(f"--override {','.join(sorted(override - set(allowed)))}: on resume only "
+                        f"{', '.join(allowed)} may change")
+    differ = {k: v for k, v in given.items() if v != run_flags[k]}
+    refused = [f"--{k.replace('_', '-')} {v} (run: {run_flags[k]})" for k, v in differ.items() if k not in override]
+    if refused:
+        can = [k for k in differ if k not in override and k in allowed]
+        fixed = [k for k in differ if k not in override and k not in allowed]
+        raise UserError(f"--resume {run}: flags differ from the run's: {'; '.join(refused)}."
+                        + (f" To change {', '.join(can)}, add --override {','.join(can)}." if can else "")
+                        + (f" {', '.join(fixed)} cannot change on resume: drop them, or start a new run (--name)." if fixed else ""))
+    for k, v in differ.items():  # the overrides, appended: argparse keeps the last value
+        saved = saved + [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    args = parse_args(saved)
+    if differ:
+        write_run_args(run, saved, rl_config(args), args.answerer)
+        print(f"resume with changed flags: {', '.join(differ)}")
+    args.resume = str(run)
+    return args
+
+
+def restart_log(run: Path, keep_sft: bool) -> int:
+    """Before a resume that has no RL checkpoint yet: keep the SFT log only if the SFT model
+    it belongs to exists (else SFT is redone and logs afresh), drop the rest. -> lines kept."""
+    f = run / "metrics.jsonl"
+    try:
+        recs = [json.loads(l) for l in f.read_text().splitlines()] if f.exists() else []
+    except ValueError:
+        raise UserError(f"{f} is not a JSON-lines log: cannot resume")
+    if any(r.get("phase") == "rl" for r in recs):
+        raise UserError(f"{run / 'last'} is missing although RL steps were logged: cannot resume (start a new run)")
+    kept = [json.dumps(r) for r in recs if keep_sft and r.get("phase") == "sft"]
+    f.write_text("".join(l + "\n" for l in kept))
+    return len(kept)
+
+
+def check_finite(model, what: str, fix: str) -> None:
+    """Stop before non-finite weights go anywhere (a validation, a checkpoint, the next step)."""
+    bad = non_finite(model.state_dict())
+    if bad:
+        raise UserError(f"{what}: weights became non-finite ({bad}); {fix}")
+
+
 # ============================================================================ the run
 def main(argv=None) -> dict:
+    argv = argv if argv is not None else sys.argv[1:]
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    try:
-        device = pick_device(args.device)
-    except ValueError as e:
-        raise UserError(str(e))
     run = Path(args.out) / args.name
     if args.resume:
         run = Path(args.resume)
         if not (run / "args.json").exists():
             raise UserError(f"--resume {run}: not a run directory (no args.json)")
-        saved = json.loads((run / "args.json").read_text())
-        args = parse_args(saved["argv"])  # the run continues with the flags it started with
-        args.resume = str(run)
-    elif (run / "last").exists():
-        raise UserError(f"{run} already holds a run: pass --resume {run} or another --name")
+        lock_run(run)
+        args = resumed_args(run, argv)  # the run continues with the flags it started with
+    elif args.override:
+        raise UserError("--override only applies with --resume")
+    torch.set_num_threads(args.threads)
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        raise UserError(str(e))
     cfg = rl_config(args)
     data = load_data(args)  # before anything is written: a bad data path leaves no half run behind
-    run.mkdir(parents=True, exist_ok=True)
     if not args.resume:
-        (run / "args.json").write_text(json.dumps({"argv": argv if argv is not None else sys.argv[1:], "answerer": args.answerer,
-                                                   "cfg": asdict(cfg)}, indent=1))
+        lock_run(run)
+        if (run / "args.json").exists():  # even a run killed during SFT: its sft/ and log must not be mixed in
+            raise UserError(f"{run} already holds a run: pass --resume {run} or another --name")
+        write_run_args(run, argv, cfg, args.answerer)
     t0 = time.time()
     metrics_f = run / "metrics.jsonl"
     random.seed(args.seed)
@@ -234,6 +405,8 @@ def main(argv=None) -> dict:
     pos = {"stage": 0, "step": 0, "best": None, "gstep": 0, "fails": 0, "lines": 0}
     if metrics_f.exists() and not args.resume:
         metrics_f.unlink()  # a fresh run (e.g. one that failed before its first checkpoint)
+    elif args.resume and not (run / "last").exists():
+        pos["lines"] = restart_log(run, keep_sft=not args.init and (run / "sft" / "model.safetensors").exists())
 
     # --- SFT warm start (or a given / saved one); it also becomes the frozen answerer and the KL reference
     sft_dir = Path(args.init) if args.init else run / "sft"
@@ -253,7 +426,7 @@ def main(argv=None) -> dict:
         model = Transformer(ModelConfig(vocab_size=tok.get_vocab_size(), d_model=pre["d_model"], n_layer=pre["n_layer"],
                                         n_head=pre["n_head"], n_kv_head=pre["n_head"])).to(device)
         print(f"SFT: {len(examples)} examples, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device}")
-        sft(model, tok, examples, args, device, log)
+        sft(model, tok, examples, args, device, log, run)
         save_checkpoint(sft_dir, model, tok, {"kind": "sft"})
     sft_model = copy.deepcopy(model).eval()
     ref = copy.deepcopy(model).eval()  # KL reference: reset to each stage's warm start
@@ -271,21 +444,13 @@ def main(argv=None) -> dict:
     gen.manual_seed(args.seed)
     opt, new_opt = None, lambda: torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.999))
     if args.resume and (run / "last").exists():
-        ck = load_ckpt(run / "last", device)
-        policy.load_state_dict(ck["model"].state_dict())
-        pos = ck["meta"]["pos"]
-        data_rng.setstate(_tuple(ck["meta"]["data_rng"]))
-        algo_rng.setstate(_tuple(ck["meta"]["algo_rng"]))
-        gen.set_state(ck["tensors"]["torch_gen"])
-        torch.set_rng_state(ck["tensors"]["torch_rng"])
-        opt = new_opt()
-        opt.load_state_dict(ck["optimizer_state"])
+        opt, pos = restore_rl_state(run, device, policy, data_rng, algo_rng, gen, new_opt, cfg.lr)
         # metrics written after the checkpoint was saved would be repeated: drop them
-        lines = metrics_f.read_text().splitlines()[:pos["lines"]]
+        lines = metrics_f.read_text().splitlines()[:pos["lines"]] if metrics_f.exists() else []
+        if len(lines) < pos["lines"]:
+            raise UserError(f"{metrics_f} is missing or shorter than its checkpoint says ({pos['lines']} lines): cannot resume")
         metrics_f.write_text("".join(l + "\n" for l in lines))
         print(f"resumed {run} at stage {pos['stage']} step {pos['step']}")
-    elif args.resume and metrics_f.exists():
-        pos["lines"] = len(metrics_f.read_text().splitlines())  # interrupted before RL began: keep the SFT log
     train_convs = data["train"][1]
     judges = {c.sample_id: E.make_judge(s) for s, c in zip(*data["train"])} if data["train"][0] else {}
     val_samples, val = data["val"]
@@ -293,6 +458,9 @@ def main(argv=None) -> dict:
         S = args.stages[si]
         # Warm start: the previous stage's best checkpoint (the SFT model for the first stage).
         # It is also this stage's KL reference, as in the official trainer.
+        if si > 0 and not (run / f"best-stage{si - 1}").exists():
+            raise UserError(f"{run / f'best-stage{si - 1}'} is missing: stage {si + 1} has no warm start "
+                            "(restore it or start a new run)")
         start = load_ckpt(run / f"best-stage{si - 1}", device)["model"] if si > 0 else sft_model
         ref.load_state_dict(start.state_dict())
         if opt is None or pos["step"] == 0:
@@ -318,13 +486,15 @@ def main(argv=None) -> dict:
                 stats = logo_step(policy, ref, answerer, tok, conv, S, cfg, opt, data_rng, algo_rng, gen,
                                   judges.get(conv.sample_id))
             pos["step"], pos["gstep"] = step + 1, pos["gstep"] + 1
+            lower_lr = f"resume with a lower --lr: python train.py --resume {run} --lr {min(cfg.lr / 10, RLConfig.lr):g} --override lr"
+            check_finite(policy, f"stage {S} step {step + 1}", f"{run / 'last'} holds the step before; {lower_lr}")
             ops = stats.pop("ops")
             rec = {"phase": "rl", "stage": S, "step": step + 1, "gstep": pos["gstep"], "algo": cfg.algo,
                    "conv": conv.sample_id, "step_time": time.time() - ts, **stats, **{f"ops_{k}": v for k, v in ops.items()}}
             if stats.get("skipped_updates"):
                 pos["fails"] += 1
                 if pos["fails"] >= 3:
-                    raise UserError(f"non-finite loss in {pos['fails']} steps: stopping (lower --lr?)")
+                    raise UserError(f"non-finite loss or gradients in {pos['fails']} steps: stopping; {lower_lr}")
             bar.set_postfix(reward=f"{stats['reward_global']:.3f}", f1=f"{stats['train_f1']:.3f}", loss=f"{stats.get('loss', 0):.3f}")
             if (step + 1) % args.val_every == 0 or step + 1 == args.steps[si]:
                 v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
