@@ -8,11 +8,12 @@ import datetime
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from memory import MemoryBank, retrieve_for_facts, short_date
-from memr2 import AnswerAgent, RLConfig, bleu1, chunk_turns, exact_match, memory_tokens, read_conversations, token_f1
+from memr2 import (CHAT_MAX_NEW, AnswerAgent, RLConfig, bleu1, chunk_turns, exact_match, memory_tokens, read_conversations,
+                   token_f1)
 
 # =============================================================================
 # LoCoMo data loading (spec §7)
@@ -537,8 +538,8 @@ def compare(run_dirs: list, out_dir: Path) -> str:
 
 def find_checkpoint(path: Path) -> Path:
     """A checkpoint dir, or a run dir -> its last stage's best checkpoint."""
-    if (path / "model.safetensors").exists():
-        return path
+    if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
+        return path  # ours, or a Hugging Face model dir (sharded or not)
     stages = sorted(path.glob("best-stage*"), key=lambda p: int(p.name[len("best-stage"):]))
     if not stages:
         raise DataError(f"{path}: no checkpoint (model.safetensors) and no best-stage* inside")
@@ -567,6 +568,9 @@ def main(argv=None):
     ap.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"))
     ap.add_argument("--worlds", type=int, default=4, help="synthetic worlds in the split")
     ap.add_argument("--chunks", type=int, default=None, help="chunks per session (default: 2, LoCoMo: 10)")
+    ap.add_argument("--convs", type=int, default=None, help="evaluate only the first N conversations of the split")
+    ap.add_argument("--sessions", type=int, default=None,
+                    help="keep the first N sessions of each conversation and the questions about them")
     args = ap.parse_args(argv)
     try:
         ckpt = find_checkpoint(Path(args.path))
@@ -576,9 +580,16 @@ def main(argv=None):
             samples, convs = None, locomo_split(load_locomo(args.locomo_path))[args.split]
         else:
             samples, convs = synthetic_split({args.split: args.worlds})[args.split]
+        samples, convs = samples and samples[:args.convs], convs[:args.convs]
+        if args.sessions:  # a slice: earlier sessions, only questions whose evidence lies in them
+            convs = [replace(c, sessions=c.sessions[:args.sessions],
+                             qa=[q for q in c.qa if max(q.sessions) <= c.sessions[:args.sessions][-1].index])
+                     for c in convs]
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"error: {e}")
     cfg = RLConfig(chunks=args.chunks or (10 if args.data == "locomo" else 2))
+    if ck["model"].cfg.chat_format:  # a pretrained instruct model: room for its JSON
+        cfg.max_new = dict(CHAT_MAX_NEW)
     answerer = AnswerAgent(load_checkpoint(sft)["model"], ck["tok"], cfg)
     table = {f"{ckpt} (answerer {sft.name})": evaluate(ck["model"], ck["tok"], answerer, convs, cfg)}
     if samples is not None:

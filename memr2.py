@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd.function import once_differentiable
 
-from model import EOS_ID, decode, encode, generate
+from model import chat_prompt, decode, encode, generate
 from memory import (MemoryBank, bloat_cost, parse_facts, parse_operations, retrieve_for_facts,
                     retrieve_for_question, short_date)
 
@@ -61,6 +61,50 @@ def manager_prompt(memories, facts) -> str:
 def answer_prompt(memories, question: str) -> str:
     mem = "".join(f"{e.content} ({e.session_time})\n" for e in memories)
     return ROLE["ans"] + "Q: " + question + "\n" + mem + SEP
+
+
+# An instruct model (one whose config names a chat format) gets the same inputs inside its own
+# chat template, after a system prompt that states the role's task and output schema in the
+# paper's words: that is all the prompt engineering a pretrained model gets before RL. The tiny
+# model's prompts above are untouched; this is the one place where the two formats part.
+CHAT_SYSTEM = {
+    "ext": "You are the fact extractor of a memory agent. You read new turns of a long conversation between "
+           "two people, each turn ending with its id in parentheses, and extract every fact worth remembering "
+           "about the speakers: personal details, events, plans, preferences, relationships and their dates.",
+    "mgr": "You are the memory manager of a memory agent. You get new facts, each with the id of its source "
+           "turn, and the related memories already stored, each with its id in brackets. For each new fact you "
+           "choose one operation: INSERT it as a new memory; UPDATE a memory it changes or extends (keep the "
+           "memory_id, write the merged content); DELETE a memory it contradicts or makes obsolete; NOOP if the "
+           "memory already holds it.",
+    "ans": "You answer questions about a long conversation between two people, using only the memories given, "
+           "each with the date of its session. When memories conflict, trust the most recent one.",
+}
+# The reply format comes last in the user turn, right before the answer: small models follow an
+# instruction they have just read far more often than one in the system prompt (SmolLM2-135M
+# went on with the dialogue instead of writing JSON when it was only in the system prompt).
+CHAT_USER = {
+    "ext": ("New turns:\n", '\n\nExtract the facts, one per item, at most 20 words each, naming the person. Reply '
+            'with JSON only: {"facts": [{"fact": "...", "speaker": "<whom the fact is about>", "dia_id": "<id of '
+            'its turn>"}]}, or {"facts": []} if there is nothing to remember.'),
+    "mgr": ("New facts:\n", '\nReply with JSON only: {"operations": [{"op": "INSERT", "content": "...", "speaker": '
+            '"...", "dia_id": "..."}, {"op": "UPDATE", "content": "...", "memory_id": "m1", "dia_id": "..."}, '
+            '{"op": "DELETE", "memory_id": "m2"}, {"op": "NOOP"}]}'),
+    "ans": ("", "\nAnswer in a few words (a name, a date, a short phrase), with no explanation."),
+}
+CHAT_MAX_NEW = {"ext": 256, "mgr": 256, "ans": 32}  # JSON in a real tokenizer takes more tokens
+
+
+def as_chat(model, role: str, prompt: str) -> str:
+    """A role prompt as the model reads it: unchanged for the tiny model, else in its chat format."""
+    fmt = model.cfg.chat_format
+    if not fmt:
+        return prompt
+    body = prompt[len(ROLE[role]):].removesuffix(SEP)
+    if role == "ans":  # "Q: question\n" + memory lines -> the memories first, the question last
+        q, _, mem = body.partition("\n")
+        body = f"Memories:\n{mem}\nQuestion: {q[3:]}"
+    head, tail = CHAT_USER[role]
+    return chat_prompt(fmt, [("system", CHAT_SYSTEM[role]), ("user", head + body + tail)])
 
 
 def facts_target(facts) -> str:
@@ -136,8 +180,8 @@ class Row:
 def sample(model, tok, prompts: list, role: str, cfg: RLConfig, temperature: float, gen=None):
     """Batched KV-cache sampling -> list of Cells. Training rollouts sample plainly (no top-k,
     no top-p) so the log-probs of §2.4 belong to the distribution that was sampled."""
-    ids = [encode(tok, p) for p in prompts]
-    outs, done = generate(model, ids, cfg.max_new[role], temperature=temperature, eos_id=EOS_ID, generator=gen)
+    ids = [encode(tok, as_chat(model, role, p)) for p in prompts]
+    outs, done = generate(model, ids, cfg.max_new[role], temperature=temperature, eos_id=model.cfg.eos_id, generator=gen)
     return [Cell(p, o, d) for p, o, d in zip(ids, outs, done)]
 
 
@@ -200,7 +244,8 @@ class AnswerAgent:
         todo = sorted({p for p in prompts if p not in self.cache})
         for i in range(0, len(todo), 64):
             batch = todo[i:i + 64]
-            outs, _ = generate(self.model, [encode(self.tok, p) for p in batch], self.cfg.max_new["ans"], temperature=0.0)
+            outs, _ = generate(self.model, [encode(self.tok, as_chat(self.model, "ans", p)) for p in batch],
+                               self.cfg.max_new["ans"], temperature=0.0)
             for p, o in zip(batch, outs):
                 self.cache[p] = extract_answer(decode(self.tok, o))
         return [self.cache[p] for p in prompts]
