@@ -373,11 +373,7 @@ class CheckpointError(Exception):
 
 def save_checkpoint(path, model: Transformer, tok: Tokenizer, meta: dict, optimizer=None,
                     tensors: dict[str, torch.Tensor] | None = None) -> None:
-    path = str(path).rstrip("/")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    def write(tmp):
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         if model.cfg.tie_embeddings:
             del sd["lm_head.weight"]  # same storage as tok_emb.weight; safetensors refuses shared tensors
@@ -400,11 +396,20 @@ def save_checkpoint(path, model: Transformer, tok: Tokenizer, meta: dict, optimi
         if tensors:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                       os.path.join(tmp, "tensors.safetensors"))
+    _atomic_dir(path, write)
+
+
+def _atomic_dir(path, write) -> None:
+    """write(tmp_dir), then swap it in with renames: `path` is always either complete old or complete new."""
+    path = str(path).rstrip("/")
+    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # Swap in with renames: at every instant `path` is either the complete old or the complete new checkpoint.
-    old = f"{path}.old-{os.getpid()}"
     if os.path.exists(path):
         os.rename(path, old)
     os.rename(tmp, path)
@@ -685,23 +690,6 @@ def save_hf(path, model: Transformer, tok: Tokenizer, chat_template: str | None 
                     {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id})
         tok.save(os.path.join(tmp, "tokenizer.json"))
     _atomic_dir(path, write)
-
-
-def _atomic_dir(path, write) -> None:
-    """write(tmp_dir), then swap it in with renames: `path` is always either complete old or complete new."""
-    path = str(path).rstrip("/")
-    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(path):
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
