@@ -91,6 +91,20 @@ CHAT_USER = {
             '{"op": "DELETE", "memory_id": "m2"}, {"op": "NOOP"}]}'),
     "ans": ("", "\nAnswer in a few words (a name, a date, a short phrase), with no explanation."),
 }
+# One worked example per role, as a first user/assistant exchange: with it SmolLM2-135M wrote valid
+# facts JSON for 6 of 6 LoCoMo chunks, without it for none (it broke the list or ran on).
+CHAT_EXAMPLE = {
+    "ext": ("Anna: I just adopted a puppy named Rex! (D1:1)\nTom: Congrats! I started a new job as a nurse last week. (D1:2)",
+            '{"facts": [{"fact": "Anna adopted a puppy named Rex", "speaker": "Anna", "dia_id": "D1:1"}, '
+            '{"fact": "Tom started a new job as a nurse", "speaker": "Tom", "dia_id": "D1:2"}]}'),
+    "mgr": ("Tom works as a teacher now (D3:2)\nAnna's puppy Rex died (D3:5)\nTom moved to Berlin (D3:7)\nMemory:\n"
+            "Tom started a new job as a nurse [m2]\nAnna adopted a puppy named Rex [m1]\n",
+            '{"operations": [{"op": "UPDATE", "content": "Tom works as a teacher, before that as a nurse", '
+            '"memory_id": "m2", "dia_id": "D3:2"}, {"op": "DELETE", "memory_id": "m1"}, {"op": "INSERT", '
+            '"content": "Tom moved to Berlin", "speaker": "Tom", "dia_id": "D3:7"}]}'),
+    "ans": ("Memories:\nAnna adopted a puppy named Rex (8 May 2023)\nTom started a new job as a nurse (8 May 2023)\n"
+            "Question: What is the name of Anna's puppy?", "Rex"),
+}
 CHAT_MAX_NEW = {"ext": 256, "mgr": 256, "ans": 32}  # JSON in a real tokenizer takes more tokens
 
 
@@ -104,7 +118,9 @@ def as_chat(model, role: str, prompt: str) -> str:
         q, _, mem = body.partition("\n")
         body = f"Memories:\n{mem}\nQuestion: {q[3:]}"
     head, tail = CHAT_USER[role]
-    return chat_prompt(fmt, [("system", CHAT_SYSTEM[role]), ("user", head + body + tail)])
+    example, reply = CHAT_EXAMPLE[role]
+    return chat_prompt(fmt, [("system", CHAT_SYSTEM[role]), ("user", head + example + tail), ("assistant", reply),
+                             ("user", head + body + tail)])
 
 
 def facts_target(facts) -> str:

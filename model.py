@@ -575,8 +575,8 @@ def hf_config(c: dict, where: str) -> ModelConfig:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3"):
         raise CheckpointError(f"{where}: unsupported RoPE scaling {kind!r} (supported: default, llama3)")
-    heads, d = c["num_attention_heads"], c["hidden_size"]
     try:
+        heads, d = c["num_attention_heads"], c["hidden_size"]
         return ModelConfig(
             vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=heads,
             n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, max_seq_len=c.get("max_position_embeddings", 4096),
@@ -725,8 +725,11 @@ def convert_gguf(gguf_path, out_dir) -> None:
     from tokenizers import AddedToken
     if not os.path.isfile(str(gguf_path)):
         raise CheckpointError(f"{gguf_path}: no such GGUF file")
-    r = gguf.GGUFReader(str(gguf_path))
-    meta = {k: v.contents() for k, v in r.fields.items() if not k.startswith("GGUF.")}
+    try:
+        r = gguf.GGUFReader(str(gguf_path))
+        meta = {k: v.contents() for k, v in r.fields.items() if not k.startswith("GGUF.")}
+    except Exception as e:  # not a GGUF file, or a truncated one
+        raise CheckpointError(f"{gguf_path}: unreadable GGUF file ({_one_line(e)})") from e
     if meta.get("general.architecture") != "llama" or meta.get("tokenizer.ggml.model") != "gpt2":
         raise CheckpointError(f"{gguf_path}: unsupported GGUF (need the llama architecture with a gpt2 BPE vocabulary)")
     a = "llama."

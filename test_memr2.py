@@ -345,10 +345,11 @@ def test_hf_tokenizer_and_chat_format_equal_the_library(hf_dir, locomo_turns):
     # the role prompts memr2 sends an instruct model are exactly the library's rendering of them
     conv = load_locomo(LOCOMO_FILE)[0]
     p = M.as_chat(ck["model"], "ext", M.extractor_prompt(conv.sessions[0].turns[:3]))
-    sys_msg, user_msg = M.CHAT_SYSTEM["ext"], M.CHAT_USER["ext"][0] + "\n".join(
-        f"{t.speaker}: {t.text} ({t.dia_id})" for t in conv.sessions[0].turns[:3]) + M.CHAT_USER["ext"][1]
-    assert p == ht.apply_chat_template([{"role": "system", "content": sys_msg}, {"role": "user", "content": user_msg}],
-                                       tokenize=False, add_generation_prompt=True)
+    (head, tail), (example, reply) = M.CHAT_USER["ext"], M.CHAT_EXAMPLE["ext"]
+    user = head + "\n".join(f"{t.speaker}: {t.text} ({t.dia_id})" for t in conv.sessions[0].turns[:3]) + tail
+    msgs = [("system", M.CHAT_SYSTEM["ext"]), ("user", head + example + tail), ("assistant", reply), ("user", user)]
+    assert p == ht.apply_chat_template([{"role": r, "content": t} for r, t in msgs], tokenize=False,
+                                       add_generation_prompt=True)
 
 
 def test_saved_hf_dir_loads_in_the_library_with_equal_logits(hf_dir, tmp_path, locomo_turns):
@@ -394,6 +395,7 @@ def test_unsupported_or_incomplete_hf_dirs_are_one_line_errors(hf_dir, tmp_path)
     cases = {"arch": ("config.json", lambda c: c | {"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture GPT2LMHeadModel"),
              "rope": ("config.json", lambda c: c | {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "unsupported RoPE"),
              "tok": ("tokenizer.json", None, "missing tokenizer.json"),
+             "key": ("config.json", lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, "config.json lacks hidden_size"),
              "weights": ("model.safetensors", None, r"missing model.safetensors \(or model.safetensors.index.json\)")}
     for name, (f, edit, msg) in cases.items():
         d = tmp_path / name
@@ -484,6 +486,9 @@ def test_convert_gguf_errors_are_one_line(tmp_path):
     pytest.importorskip("gguf")
     with pytest.raises(CheckpointError, match="no such GGUF file"):
         convert_gguf(tmp_path / "none.gguf", tmp_path / "out")
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(CheckpointError, match="unreadable GGUF file"):
+        convert_gguf(tmp_path / "bad.gguf", tmp_path / "out")
     r = subprocess.run([sys.executable, "model.py", "convert-gguf", str(tmp_path / "none.gguf"), str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=Path(__file__).parent)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "no such GGUF file" in r.stderr
