@@ -64,9 +64,10 @@ def answer_prompt(memories, question: str) -> str:
 
 
 # An instruct model (one whose config names a chat format) gets the same inputs inside its own
-# chat template, after a system prompt that states the role's task and output schema in the
-# paper's words: that is all the prompt engineering a pretrained model gets before RL. The tiny
-# model's prompts above are untouched; this is the one place where the two formats part.
+# chat template: a system prompt with the role's task as the paper describes it, one worked
+# example, then the real input with the reply schema. That is all the prompt engineering a
+# pretrained model gets before RL. The tiny model's prompts above are untouched; this is the one
+# place where the two formats part.
 CHAT_SYSTEM = {
     "ext": "You are the fact extractor of a memory agent. You read new turns of a long conversation between "
            "two people, each turn ending with its id in parentheses, and extract every fact worth remembering "

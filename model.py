@@ -629,13 +629,15 @@ def load_hf(path, device="cpu") -> dict:
     cfg.chat_format = detect_chat_format(tc.get("chat_template"))
     if not cfg.chat_format and os.path.exists(f("chat_template.jinja")):  # where transformers 5 writes it
         cfg.chat_format = detect_chat_format(open(f("chat_template.jinja")).read())
-    eos = tid(tc.get("eos_token")) if tid(tc.get("eos_token")) is not None else first(gc.get("eos_token_id", c.get("eos_token_id")))
-    bos = tid(tc.get("bos_token")) if tid(tc.get("bos_token")) is not None else gc.get("bos_token_id", c.get("bos_token_id"))
+    def special(name):  # the tokenizer config's token first, then the id in generation_config / config
+        i = tid(tc.get(f"{name}_token"))
+        return i if i is not None else first(gc.get(f"{name}_token_id", c.get(f"{name}_token_id")))
+    eos, bos = special("eos"), special("bos")
     cfg.eos_id = tok.token_to_id(END_OF_TURN[cfg.chat_format]) if cfg.chat_format else eos
     if cfg.eos_id is None:
         raise CheckpointError(f"{path}: no EOS token in tokenizer_config.json, generation_config.json or config.json")
     cfg.bos_id = bos if bos is not None else cfg.eos_id
-    cfg.pad_id = tid(tc.get("pad_token")) if tid(tc.get("pad_token")) is not None else eos
+    cfg.pad_id = special("pad") if special("pad") is not None else cfg.eos_id
     names = hf_names(cfg)
     missing = [h for h in names.values() if h not in weights]
     if missing:
