@@ -268,7 +268,7 @@ def make_hf_dir(path, arch, texts, seed=0):
     tok.add_special_tokens(control)
     ids = {t: tok.token_to_id(t) for t in control}
     common = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5)
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5)
     if llama:
         conf = tf.LlamaConfig(**common, rope_theta=500000.0, tie_word_embeddings=False, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -515,7 +515,7 @@ def test_pretrained_model_trains_one_step_and_evaluates_through_the_cli(tmp_path
     d = make_hf_dir(tmp_path / "qwen", "qwen2", locomo_turns[:3000])
     data = locomo_slice(tmp_path / "slice.json")
     res = train.main(["--init-hf", str(d), "--data", "locomo", "--locomo-path", str(data), "--stages", "2",
-                      "--steps-per-stage", "1", "--n", "2", "--K", "2", "--chunks", "1", "--grad-ckpt", "--threads", "1",
+                      "--steps-per-stage", "1", "--n", "2", "--K", "2", "--chunks", "2", "--grad-ckpt", "--threads", "1",
                       "--out", str(tmp_path), "--name", "hf", "--no-final-eval"])
     out = capsys.readouterr().out
     assert "estimated GPU memory" in out and "chat format chatml" in out
