@@ -98,6 +98,8 @@ def rl_config(args) -> RLConfig:
         if getattr(args, f) is not None:
             setattr(cfg, f, getattr(args, f))
     cfg.p = 0.0 if cfg.algo == "grpo" else cfg.p  # plain GRPO = LoGo without local rerollouts
+    if args.init_hf and args.chunks is None:
+        cfg.chunks = 6  # the paper's N for a pretrained model; the tiny model's short context needs 2
     if cfg.n < 1 or cfg.K < 1 or not 0 <= cfg.p <= 1 or cfg.chunks < 1 or cfg.lr <= 0:
         raise UserError(f"bad RL config: need n, K, chunks >= 1, 0 <= p <= 1, lr > 0 (got {cfg})")
     if cfg.algo == "local" and cfg.p == 0:
@@ -205,10 +207,8 @@ def memory_estimate(c: ModelConfig, rl: RLConfig, grad_ckpt: bool, prompt_len: i
 
 
 def prepare_pretrained(model, cfg: RLConfig, args, device) -> None:
-    """A pretrained start: no SFT, the paper's N = 6 chunks per session unless --chunks says
-    otherwise, room for a real tokenizer's JSON, optional gradient checkpointing, and the
-    memory estimate printed before anything heavy runs."""
-    cfg.chunks = args.chunks or 6
+    """A pretrained start (no SFT; N = 6 chunks, set in rl_config): room for a real tokenizer's
+    JSON, optional gradient checkpointing, and the memory estimate printed before anything heavy."""
     if model.cfg.chat_format:
         cfg.max_new = dict(CHAT_MAX_NEW)
     model.grad_ckpt = args.grad_ckpt
