@@ -11,12 +11,12 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from memory import MemoryBank, bloat_cost, retrieve_for_facts, short_date
-from memr2 import (AnswerAgent, RLConfig, bleu1, chunk_turns, dialogue_tokens, exact_match, memory_tokens, qa_scores,
-                   read_conversations, token_f1)
+from memr2 import (CHAT_MAX_NEW, AnswerAgent, RLConfig, bleu1, chunk_turns, dialogue_tokens, exact_match, memory_tokens,
+                   qa_scores, read_conversations, token_f1)
 
 # =============================================================================
 # LoCoMo data loading (spec §7)
@@ -777,8 +777,8 @@ def read_run_result(d: Path) -> dict:
 def find_checkpoint(path: Path) -> Path:
     """A checkpoint dir, or a run dir -> its last stage's best checkpoint. Only names
     `best-stage<k>` count: `best-stage<k>@<n>` versions and `.tmp-*` leftovers are not checkpoints."""
-    if (path / "model.safetensors").exists():
-        return path
+    if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
+        return path  # ours, or a Hugging Face model dir (sharded or not)
     stages = sorted((p for p in path.glob("best-stage*") if re.fullmatch(r"best-stage\d+", p.name)),
                     key=lambda p: int(p.name[len("best-stage"):]))
     if not stages:
@@ -858,6 +858,9 @@ def main(argv=None):
     ap.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"))
     ap.add_argument("--worlds", type=positive_int, default=24, help="synthetic worlds in the split")
     ap.add_argument("--chunks", type=positive_int, default=None, help="chunks per session (default: 2, LoCoMo: 10)")
+    ap.add_argument("--convs", type=positive_int, default=None, help="evaluate only the first N conversations of the split")
+    ap.add_argument("--sessions", type=positive_int, default=None,
+                    help="keep the first N sessions of each conversation and the questions about them")
     args = ap.parse_args(argv)
     try:
         ckpt = find_checkpoint(Path(args.path))
@@ -868,7 +871,14 @@ def main(argv=None):
             samples, convs = None, locomo_split(load_locomo(args.locomo_path))[args.split]
         else:
             samples, convs = synthetic_split({args.split: args.worlds})[args.split]
+        samples, convs = samples and samples[:args.convs], convs[:args.convs]
+        if args.sessions:  # a slice: earlier sessions, only questions whose evidence lies in them
+            convs = [replace(c, sessions=c.sessions[:args.sessions],
+                             qa=[q for q in c.qa if max(q.sessions) <= c.sessions[:args.sessions][-1].index])
+                     for c in convs]
         cfg = RLConfig(chunks=args.chunks if args.chunks is not None else (10 if args.data == "locomo" else 2))
+        if ck["model"].cfg.chat_format:  # a pretrained instruct model: room for its JSON
+            cfg.max_new = dict(CHAT_MAX_NEW)
         answerer = run_answerer(Path(args.path), args.data, cfg, ck["tok"])
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"error: {e}")

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from model import EOS_ID, decode, encode, generate
+from model import chat_prompt, decode, encode, generate
 from memory import (MemoryBank, bloat_cost, parse_facts, parse_operations, retrieve_for_facts,
                     retrieve_for_question, short_date)
 
@@ -63,6 +63,67 @@ def manager_prompt(memories, facts) -> str:
 def answer_prompt(memories, question: str) -> str:
     mem = "".join(f"{e.content} ({e.session_time})\n" for e in memories)
     return ROLE["ans"] + "Q: " + question + "\n" + mem + SEP
+
+
+# An instruct model (one whose config names a chat format) gets the same inputs inside its own
+# chat template: a system prompt with the role's task as the paper describes it, one worked
+# example, then the real input with the reply schema. That is all the prompt engineering a
+# pretrained model gets before RL. The tiny model's prompts above are untouched; this is the one
+# place where the two formats part.
+CHAT_SYSTEM = {
+    "ext": "You are the fact extractor of a memory agent. You read new turns of a long conversation between "
+           "two people, each turn ending with its id in parentheses, and extract every fact worth remembering "
+           "about the speakers: personal details, events, plans, preferences, relationships and their dates.",
+    "mgr": "You are the memory manager of a memory agent. You get new facts, each with the id of its source "
+           "turn, and the related memories already stored, each with its id in brackets. For each new fact you "
+           "choose one operation: INSERT it as a new memory; UPDATE a memory it changes or extends (keep the "
+           "memory_id, write the merged content); DELETE a memory it contradicts or makes obsolete; NOOP if the "
+           "memory already holds it.",
+    "ans": "You answer questions about a long conversation between two people, using only the memories given, "
+           "each with the date of its session. When memories conflict, trust the most recent one.",
+}
+# The reply format comes last in the user turn, right before the answer: small models follow an
+# instruction they have just read far more often than one in the system prompt (SmolLM2-135M
+# went on with the dialogue instead of writing JSON when it was only in the system prompt).
+CHAT_USER = {
+    "ext": ("New turns:\n", '\n\nExtract the facts, one per item, at most 20 words each, naming the person. Reply '
+            'with JSON only: {"facts": [{"fact": "...", "speaker": "<whom the fact is about>", "dia_id": "<id of '
+            'its turn>"}]}, or {"facts": []} if there is nothing to remember.'),
+    "mgr": ("New facts:\n", '\nReply with JSON only: {"operations": [{"op": "INSERT", "content": "...", "speaker": '
+            '"...", "dia_id": "..."}, {"op": "UPDATE", "content": "...", "memory_id": "m1", "dia_id": "..."}, '
+            '{"op": "DELETE", "memory_id": "m2"}, {"op": "NOOP"}]}'),
+    "ans": ("", "\nAnswer in a few words (a name, a date, a short phrase), with no explanation."),
+}
+# One worked example per role, as a first user/assistant exchange: with it SmolLM2-135M wrote valid
+# facts JSON for 6 of 6 LoCoMo chunks, without it for none (it broke the list or ran on).
+CHAT_EXAMPLE = {
+    "ext": ("Anna: I just adopted a puppy named Rex! (D1:1)\nTom: Congrats! I started a new job as a nurse last week. (D1:2)",
+            '{"facts": [{"fact": "Anna adopted a puppy named Rex", "speaker": "Anna", "dia_id": "D1:1"}, '
+            '{"fact": "Tom started a new job as a nurse", "speaker": "Tom", "dia_id": "D1:2"}]}'),
+    "mgr": ("Tom works as a teacher now (D3:2)\nAnna's puppy Rex died (D3:5)\nTom moved to Berlin (D3:7)\nMemory:\n"
+            "Tom started a new job as a nurse [m2]\nAnna adopted a puppy named Rex [m1]\n",
+            '{"operations": [{"op": "UPDATE", "content": "Tom works as a teacher, before that as a nurse", '
+            '"memory_id": "m2", "dia_id": "D3:2"}, {"op": "DELETE", "memory_id": "m1"}, {"op": "INSERT", '
+            '"content": "Tom moved to Berlin", "speaker": "Tom", "dia_id": "D3:7"}]}'),
+    "ans": ("Memories:\nAnna adopted a puppy named Rex (8 May 2023)\nTom started a new job as a nurse (8 May 2023)\n"
+            "Question: What is the name of Anna's puppy?", "Rex"),
+}
+CHAT_MAX_NEW = {"ext": 256, "mgr": 256, "ans": 32}  # JSON in a real tokenizer takes more tokens
+
+
+def as_chat(model, role: str, prompt: str) -> str:
+    """A role prompt as the model reads it: unchanged for the tiny model, else in its chat format."""
+    fmt = model.cfg.chat_format
+    if not fmt:
+        return prompt
+    body = prompt[len(ROLE[role]):].removesuffix(SEP)
+    if role == "ans":  # "Q: question\n" + memory lines -> the memories first, the question last
+        q, _, mem = body.partition("\n")
+        body = f"Memories:\n{mem}\nQuestion: {q[3:]}"
+    head, tail = CHAT_USER[role]
+    example, reply = CHAT_EXAMPLE[role]
+    return chat_prompt(fmt, [("system", CHAT_SYSTEM[role]), ("user", head + example + tail), ("assistant", reply),
+                             ("user", head + body + tail)])
 
 
 def facts_target(facts) -> str:
@@ -159,8 +220,8 @@ class Row:
 def sample(model, tok, prompts: list, role: str, cfg: RLConfig, temperature: float, gen=None):
     """Batched KV-cache sampling -> list of Cells. Training rollouts sample plainly (no top-k,
     no top-p) so the log-probs of §2.4 belong to the distribution that was sampled."""
-    ids = [encode(tok, p) for p in prompts]
-    outs, done = generate(model, ids, cfg.max_new[role], temperature=temperature, eos_id=EOS_ID, generator=gen)
+    ids = [encode(tok, as_chat(model, role, p)) for p in prompts]
+    outs, done = generate(model, ids, cfg.max_new[role], temperature=temperature, eos_id=model.cfg.eos_id, generator=gen)
     return [Cell(p, o, d) for p, o, d in zip(ids, outs, done)]
 
 
@@ -245,7 +306,8 @@ def model_reader(model, tok, cfg: RLConfig):
     def read(items):
         prompts, out = [answer_prompt(mem, q) for mem, q in items], []
         for i in range(0, len(prompts), 64):
-            outs, _ = generate(model, [encode(tok, p) for p in prompts[i:i + 64]], cfg.max_new["ans"], temperature=0.0)
+            outs, _ = generate(model, [encode(tok, as_chat(model, "ans", p)) for p in prompts[i:i + 64]],
+                              cfg.max_new["ans"], temperature=0.0)
             out += [extract_answer(decode(tok, o)) for o in outs]
         return out
     return read

