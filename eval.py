@@ -1,4 +1,5 @@
-"""Evaluation for Memory-R2: LoCoMo data loading (spec §7), then evaluation.
+"""Evaluation for Memory-R2: LoCoMo data loading (Maharana et al. 2024; the paper's split), the synthetic world,
+then evaluation.
 
 The loader turns one LoCoMo-schema sample into plain dataclasses and repairs the
 file's known quirks in one place, so nothing downstream ever sees raw JSON.
@@ -19,7 +20,7 @@ from memr2 import (CHAT_MAX_NEW, AnswerAgent, RLConfig, bleu1, chunk_turns, dial
                    qa_scores, read_conversations, token_f1)
 
 # =============================================================================
-# LoCoMo data loading (spec §7)
+# LoCoMo data loading
 # =============================================================================
 
 # The integers do NOT follow the paper's listing order, and mem0-derived papers

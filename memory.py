@@ -1,4 +1,4 @@
-"""The memory bank: the environment the agent writes (spec §1.1, §1.3, §3.3).
+"""The memory bank: the environment the agent writes (paper Sec. 3: memory, retrieval, bloat penalty).
 
 A bank is a plain dict memory_id -> Entry. The model never touches it directly: it emits
 JSON, `parse_facts` / `parse_operations` read that JSON without ever raising, and
@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-MAX_FACT_WORDS = 20  # spec §1.2: one fact per entry, at most 20 words
+MAX_FACT_WORDS = 20  # the paper's prompts: one fact per entry, at most 20 words
 OPS = ("INSERT", "UPDATE", "DELETE", "NOOP")
 
 
@@ -44,7 +44,7 @@ class MemoryBank:
         """Execute ops in order, at once. Returns counts of applied ops by kind and of
         rejected ones as "rejected_<reason>". A rejected op changes nothing."""
         counts = Counter()
-        touched = set()  # each existing id may be touched once per call (spec §1.2)
+        touched = set()  # each existing id may be touched once per call (the manager prompt's rule)
         for op in ops:
             counts[self._apply_one(op, session, session_time, touched)] += 1
         return counts
@@ -89,7 +89,7 @@ class MemoryBank:
 
     def num_tokens(self, count) -> int:
         """Memory size in tokens of the contents, with `count(str) -> int` the same tokenizer
-        that counts the dialogue (spec §9.8: one tokenizer for both)."""
+        that counts the dialogue (one tokenizer for both; the official code mixes two)."""
         return sum(count(e.content) for e in self.entries.values())
 
     def dia_ids(self) -> set:
@@ -232,7 +232,7 @@ def retrieve_for_question(bank: MemoryBank, question: str, per_speaker=4) -> lis
 
 # ----------------------------------------------------------------------------- bloat cost
 def bloat_cost(memory_tokens: int, dialogue_tokens: int, phi: float = 0.7) -> float:
-    """c(M, T_t) = max(0, tok(M) - phi*T_t) / T_t (spec §3.3): memory up to phi of the
+    """c(M, T_t) = max(0, tok(M) - phi*T_t) / T_t (paper Eq. for the compression penalty): memory up to phi of the
     dialogue read so far is free, beyond that the cost grows linearly."""
     if dialogue_tokens <= 0:
         return 0.0

@@ -1,4 +1,4 @@
-"""Memory-R2 / LoGo-GRPO: the algorithm, top to bottom (spec §1-4).
+"""Memory-R2 / LoGo-GRPO: the algorithm, top to bottom (paper Sec. 3-4; official code where more specific).
 
 One transformer plays three roles, switched only by a role token and a short instruction:
 the fact extractor and the memory manager (the trained policy) and the answer agent (a
@@ -35,7 +35,7 @@ from memory import (MemoryBank, bloat_cost, parse_facts, parse_operations, retri
                     retrieve_for_question, short_date)
 
 # ============================================================================ role prompts
-# The JSON schemas of the outputs are the spec's (§1.2); the inputs are compact lines, since
+# The JSON schemas of the outputs are the paper's; the inputs are compact lines, since
 # the tiny model's context is 256 tokens. Histories reset at every chunk (not only at every
 # session, as in the paper): a chunk's prompt plus output already fills the short context.
 ROLE = {"ext": "<ext>Extract facts.\n", "mgr": "<mgr>Update memory.\n", "ans": "<ans>Answer.\n"}
@@ -136,7 +136,7 @@ def ops_target(ops) -> str:
 
 
 def chunk_turns(turns, n_chunks: int) -> list:
-    """N chunks of ceil(#turns/N) consecutive turns (spec §1.2); fewer if turns run out."""
+    """N chunks of ceil(#turns/N) consecutive turns (the official code's chunking); fewer if turns run out."""
     size = max(1, math.ceil(len(turns) / n_chunks))
     return [turns[i:i + size] for i in range(0, len(turns), size)]
 
@@ -144,21 +144,21 @@ def chunk_turns(turns, n_chunks: int) -> list:
 # ============================================================================ configuration
 @dataclass
 class RLConfig:
-    """LoGo-GRPO knobs. Defaults are the spec's where they fit a ~1M-parameter model on a
+    """LoGo-GRPO knobs. Defaults are the paper's where they fit a ~1M-parameter model on a
     CPU; the README lists every deviation and why."""
     algo: str = "logo"  # logo | grpo (p = 0, global only) | local (local groups only)
-    n: int = 4  # global group size (spec 16)
+    n: int = 4  # global group size (paper 16)
     K: int = 4  # local group size
     p: float = 0.5  # per-session branch probability
-    chunks: int = 2  # chunks per session (spec 6; our sessions have ~4 turns)
+    chunks: int = 2  # chunks per session (paper 6; our sessions have 3 turns)
     temperature: float = 1.0  # sampling AND log-prob temperature, global and local alike
     lam: float = 0.3  # bloat penalty weight
     phi: float = 0.1  # free share of the dialogue length (paper 0.7, for LoCoMo; see README)
     q_global: int = 64  # reward questions per step (global), shared by all rollouts
     q_local: int = 16  # reward questions per branch (local), shared by its K branches
-    per_fact: int = 2  # manager retrieval: top per fact (spec 5) ...
-    mem_cap: int = 6  # ... capped overall (spec 25)
-    qa_top_k: int = 4  # answer retrieval: top per speaker (spec 30)
+    per_fact: int = 2  # manager retrieval: top per fact (paper 5) ...
+    mem_cap: int = 6  # ... capped overall (paper 25)
+    qa_top_k: int = 4  # answer retrieval: top per speaker (paper 30)
     max_new: dict = field(default_factory=lambda: {"ext": 96, "mgr": 128, "ans": 16})
     lr: float = 3e-5  # spec 2e-6 is for a 7B model; 1e-4 drifted (val F1 fell within 10 steps)
     ppo_epochs: int = 2
@@ -204,7 +204,7 @@ class Decision:
 
 @dataclass
 class Row:
-    """One role's calls for one (rollout, session) pair (spec §1.4)."""
+    """One role's calls for one (rollout, session) pair (the official code's row)."""
     role: str
     group: Group = None  # the GRPO group it belongs to
     cells: list = field(default_factory=list)
@@ -318,7 +318,7 @@ def extract_answer(text: str) -> str:
     return (m.group(1) if m else text).strip()
 
 
-# ============================================================================ metrics (spec §3.1)
+# ============================================================================ metrics (token F1 of the official code, BLEU-1 of its reward manager)
 def normalize_answer(s: str) -> list:
     """SQuAD-style: lower-case, no punctuation, no articles, collapsed whitespace."""
     s = "".join(ch for ch in str(s).lower() if ch not in set(string.punctuation))
@@ -354,10 +354,10 @@ def exact_match(pred: str, gold: str) -> float:
     return float(normalize_answer(pred) == normalize_answer(gold))
 
 
-# ============================================================================ rewards (spec §3.2)
+# ============================================================================ rewards (official code: per-session global, immediate local)
 def dialogue_tokens(tok, conv) -> list:
     """T_t: cumulative dialogue tokens after each session, counted with the model's tokenizer
-    (the same one that counts memory, spec §9.8)."""
+    (the same one that counts memory)."""
     total, out = 0, []
     for s in conv.sessions:
         total += sum(len(encode(tok, f"{t.speaker}: {t.text}")) for t in s.turns)
@@ -389,7 +389,7 @@ def global_rewards(f1: list, qas: list, n_sessions: int, penalties: list, finish
     return out
 
 
-# ============================================================================ advantages (spec §2.3)
+# ============================================================================ advantages (GRPO: per group and role)
 def group_advantages(rewards: list) -> list:
     """(r - mean) / (std + 1e-6) with the unbiased std; a singleton group keeps A = r."""
     r = torch.tensor(rewards, dtype=torch.float64)
@@ -442,7 +442,7 @@ def credit_correlation(rows: list) -> dict:
 
 # ============================================================================ fused log-probs
 # ---------------------------------------------------------------------------
-# Fused, chunked LM-head log-probs (spec: shared/spec/fused-logprob-and-grpo-pitfalls.md)
+# Fused, chunked LM-head log-probs (derivation: README, 'The fused log-prob kernel')
 # Never holds the full (N, V) logits: rows go through in chunks of C, each chunk's
 # fp32 logits buffer is reused, and backward recomputes them; only O(N) row stats
 # (max m, log-sum s, entropy) are saved besides h, W, y.
@@ -564,7 +564,7 @@ def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entro
     return logp, ent, owner
 
 
-# ============================================================================ the loss (spec §2.4)
+# ============================================================================ the loss (turn-level clipped surrogate, official code)
 def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig):
     """Turn-level clipped surrogate averaged over (row, chunk) cells, minus an entropy bonus,
     plus a k3 KL to the reference. Tokens: logp/old/ref/entropy/owner (N,); cells: adv (C,).
@@ -595,7 +595,7 @@ def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig)
                   "dual_clip_frac": frac(dual), "ratio_cap_frac": frac(capped)}
 
 
-# ============================================================================ one LoGo-GRPO step (spec §2.6)
+# ============================================================================ one LoGo-GRPO step (paper Alg. 1)
 def sample_questions(qas: list, max_sessions: int, k: int, rng: random.Random) -> list:
     """Up to k questions whose evidence lies within the first max_sessions sessions; one
     subset shared by every member of a group, so rewards stay comparable."""

@@ -1,4 +1,4 @@
-"""The tests of memr2. They read like the spec: each rule of the paper, the kernel design note
+"""The tests of memr2. Each rule of the paper, of the official code, of the kernel's derivation
 and the issues is a test that can fail. Tiny models only; the whole file runs in a few minutes
 on 2 CPU cores."""
 import collections
@@ -605,7 +605,7 @@ def filled_bank():
     return b
 
 
-# ============================================================================ memory bank (spec §1.1)
+# ============================================================================ memory bank
 def test_operations_apply_in_order_update_keeps_id_delete_removes():
     b = filled_bank()
     c = b.apply([{"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima", "dia_id": "D2:1"},
@@ -728,7 +728,7 @@ def test_retrieval_ties_go_to_the_newest_entry():
     assert retrieve_for_facts(b, [{"speaker": "Ann", "dia_id": "D4:1", "fact": "Ann lives in Quito"}], 1)[0].content == "Ann lives in Rome"
 
 
-# ============================================================================ synthetic world (spec §7 format)
+# ============================================================================ synthetic world (LoCoMo's format)
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_exact_answerer_reads_the_oracle_memory_perfectly(seed):
     # The frozen answer agent on the teacher's memory, through retrieval as in training:
@@ -816,7 +816,7 @@ def test_sessions_are_chunked_into_consecutive_runs():
     assert M.chunk_turns(list(range(4)), 6) == [[0], [1], [2], [3]]
 
 
-# ============================================================================ metrics (spec §3.1)
+# ============================================================================ metrics
 def test_token_f1_is_squad_normalised_set_overlap():
     assert M.token_f1("The Paris!", "paris") == 1.0
     assert M.token_f1("Paris and Rome", "Rome") == pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
@@ -835,7 +835,7 @@ def test_bleu1_is_the_official_squad_normalised_clipped_precision_times_brevity_
     assert M.bleu1("", "") == 0.0 and M.bleu1("", "x") == 0.0 and M.bleu1("x", "the") == 0.0
 
 
-# ============================================================================ advantages (spec §2.3)
+# ============================================================================ advantages
 def test_group_advantage_is_standardised_with_unbiased_std():
     a = M.group_advantages([1.0, 2.0, 3.0])
     assert a == pytest.approx([-1 / (1 + 1e-6), 0.0, 1 / (1 + 1e-6)])
@@ -852,7 +852,7 @@ def test_groups_are_per_role_and_zero_variance_groups_are_counted():
     assert stats["zero_var_frac_L"] == 1.0 and stats["zero_var_frac_G"] == 0.0
 
 
-# ============================================================================ the loss (spec §2.4)
+# ============================================================================ the loss
 def _loss(logp, old, adv, owner, **kw):
     cfg = M.RLConfig(beta_kl=0.0, beta_h=0.0, **kw)
     t = lambda x: torch.tensor(x, dtype=torch.float32)
@@ -904,7 +904,7 @@ def test_kl_term_is_k3_and_entropy_is_a_bonus():
     assert loss.item() == pytest.approx(s["kl"] - 0.5 * 3.0)
 
 
-# ============================================================================ rewards (spec §3.2)
+# ============================================================================ rewards
 def test_global_reward_credits_each_evidence_session_and_zeroes_unfinished():
     qa = [E.QA("q1", "a", ["D1:1"], 4, [1]), E.QA("q2", "a", ["D1:2", "D3:1"], 1, [1, 3])]
     f1 = [[1.0, 0.0], [0.5, 1.0]]
@@ -1078,7 +1078,7 @@ def test_first_update_is_on_policy_ratio_exactly_one(tiny):
 
 
 # ##########################################################################################
-# the fused log-prob kernel (fused-logprob spec §8)
+# the fused log-prob kernel (README: the fused log-prob kernel)
 # ##########################################################################################
 torch.set_float32_matmul_precision("highest")   # no TF32: fp32 tolerances below are real
 
@@ -1382,7 +1382,7 @@ def test_fused_peak_memory_under_quarter_of_dense_on_gpu():
 
 
 # ##########################################################################################
-# the LoCoMo loader (spec §7)
+# the LoCoMo loader
 # ##########################################################################################
 LOCOMO = Path(__file__).parent / "data" / "locomo10.json"
 
