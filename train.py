@@ -70,42 +70,54 @@ def parse_args(argv=None):
 
 
 def build_parser():
+    """Flags, grouped; every RL default lives in RLConfig (memr2.py) or the preset, and its help says which."""
+    d = RLConfig()
     ap = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", choices=PRESETS, default="tiny")
-    ap.add_argument("--algo", choices=["logo", "grpo", "local"], default="logo")
-    ap.add_argument("--stages", default="8,16,32", help="session caps of the curriculum; '32' trains directly")
-    ap.add_argument("--steps-per-stage", default=None,
-                    help="RL steps per stage, e.g. 10,5,5 (preset default: 10,5,5, cut or padded to the stages)")
-    ap.add_argument("--val-every", type=int, default=5, help="validate every this many RL steps")
-    for name in ("n", "K", "chunks", "ppo_epochs"):
-        ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
-    for name in ("p", "lam", "phi", "lr"):
-        ap.add_argument("--" + name, type=float, default=None)
-    ap.add_argument("--answerer", choices=["exact", "learned"], default=None,
-                    help="frozen answer agent: the exact reader over retrieved lines (synthetic default) or the SFT "
-                         "model in the answer role (LoCoMo, and an option)")
-    ap.add_argument("--minibatch", type=int, default=None,
-                    help="cells per optimizer step (default 64). LoGo's local rows make ~1.5x GRPO's pool at n=K=4, "
-                         "p=0.5: GRPO with 43 makes as many optimizer steps as LoGo with 64")
-    ap.add_argument("--sft-steps", type=int, default=None)
-    ap.add_argument("--sft-lr", type=float, default=2e-3)
-    ap.add_argument("--teacher-noise", type=float, default=0.3,
-                    help="rate of wrong/missing teacher ops in SFT data (0: a perfect teacher, which leaves RL nothing "
-                         "to fix in this world; see README)")
-    ap.add_argument("--sessions", type=int, default=32, help="sessions per synthetic conversation")
-    ap.add_argument("--data", choices=["synthetic", "locomo"], default="synthetic")
-    ap.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"))
-    ap.add_argument("--init", default=None, help="start RL from this SFT checkpoint dir instead of training one")
-    ap.add_argument("--init-hf", default=None, help="start RL from a pretrained Hugging Face Llama/Qwen2 model dir (no SFT)")
-    ap.add_argument("--grad-ckpt", action="store_true", help="recompute each block in backward (less memory, ~1/3 more time)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="runs")
-    ap.add_argument("--name", default=None, help="run name (default: <algo>-<stages>-s<seed>)")
-    ap.add_argument("--resume", default=None, help="continue runs/<name> from its last checkpoint")
-    ap.add_argument("--no-final-eval", action="store_true", help="skip the test evaluation (experiments)")
-    ap.add_argument("--override", default="", help="with --resume: flags allowed to differ from the run's, e.g. lr,threads")
+    g = ap.add_argument_group("model and data")
+    g.add_argument("--preset", choices=PRESETS, default="tiny", help="model size, SFT budget, group sizes, world counts")
+    g.add_argument("--data", choices=["synthetic", "locomo"], default="synthetic", help="training/evaluation data")
+    g.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"), help="LoCoMo JSON file")
+    g.add_argument("--sessions", type=int, default=32, help="sessions per synthetic conversation")
+    g.add_argument("--init", default=None, help="start RL from this SFT checkpoint dir instead of training one")
+    g.add_argument("--init-hf", default=None, help="start RL from a pretrained Hugging Face Llama/Qwen2 model dir (no SFT)")
+    g.add_argument("--answerer", choices=["exact", "learned"], default=None,
+                   help="frozen answer agent: the exact reader over retrieved lines (synthetic default) or the SFT "
+                        "model in the answer role (LoCoMo's default, and an option)")
+    g = ap.add_argument_group("SFT warm start")
+    g.add_argument("--sft-steps", type=int, default=None, help="SFT steps (preset: tiny 2500, gpu 8000)")
+    g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate (cosine to 10 %%)")
+    g.add_argument("--teacher-noise", type=float, default=0.3,
+                   help="rate of wrong/missing teacher ops in SFT data (0: a perfect teacher, which leaves RL nothing "
+                        "to fix in this world; see README)")
+    g = ap.add_argument_group("LoGo-GRPO")
+    g.add_argument("--algo", choices=["logo", "grpo", "local"], default="logo",
+                   help="logo: global + local groups; grpo: global only (p = 0); local: local groups only")
+    g.add_argument("--n", type=int, default=None, help="global group size: rollouts per step (preset: tiny 4, gpu 16)")
+    g.add_argument("--K", type=int, default=None, help=f"local group size: branches per snapshot (RLConfig: {d.K})")
+    g.add_argument("--p", type=float, default=None, help=f"per-session branch probability (RLConfig: {d.p})")
+    g.add_argument("--chunks", type=int, default=None, help=f"chunks per session (RLConfig: {d.chunks}; --init-hf: 6)")
+    g.add_argument("--lam", type=float, default=None, help=f"bloat penalty weight lambda (RLConfig: {d.lam})")
+    g.add_argument("--phi", type=float, default=None, help=f"free memory share phi of the dialogue (RLConfig: {d.phi})")
+    g.add_argument("--lr", type=float, default=None, help=f"RL learning rate, constant (RLConfig: {d.lr})")
+    g.add_argument("--ppo-epochs", type=int, default=None, help=f"passes over each step's pool (RLConfig: {d.ppo_epochs})")
+    g.add_argument("--minibatch", type=int, default=None,
+                   help=f"cells per optimizer step (RLConfig: {d.minibatch}). LoGo's local rows make ~1.5x GRPO's pool "
+                        "at n=K=4, p=0.5: GRPO with 43 makes as many optimizer steps as LoGo with 64")
+    g.add_argument("--grad-ckpt", action="store_true", help="recompute each block in backward (less memory, ~1/3 more time)")
+    g = ap.add_argument_group("curriculum")
+    g.add_argument("--stages", default="8,16,32", help="session caps of the curriculum; '32' trains directly")
+    g.add_argument("--steps-per-stage", default=None,
+                   help="RL steps per stage, e.g. 10,5,5 (preset default: 10,5,5, cut or padded to the stages)")
+    g.add_argument("--val-every", type=int, default=5, help="validate every this many RL steps")
+    g = ap.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seeds SFT, data and algorithm streams")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    g.add_argument("--threads", type=int, default=2, help="torch CPU threads (use 1 for parallel runs)")
+    g.add_argument("--out", default="runs", help="directory of run directories")
+    g.add_argument("--name", default=None, help="run name (default: <algo>-<stages>-s<seed>)")
+    g.add_argument("--resume", default=None, help="continue runs/<name> from its last checkpoint")
+    g.add_argument("--no-final-eval", action="store_true", help="skip the test evaluation (experiments)")
+    g.add_argument("--override", default="", help="with --resume: flags allowed to differ from the run's, e.g. lr,threads")
     return ap
 
 
