@@ -15,9 +15,10 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from model import CheckpointError, load_checkpoint, train_tokenizer
 from memory import MemoryBank, bloat_cost, retrieve_for_facts, short_date
 from memr2 import (CHAT_MAX_NEW, AnswerAgent, RLConfig, bleu1, chunk_turns, dialogue_tokens, exact_match, memory_tokens,
-                   qa_scores, read_conversations, token_f1)
+                   model_reader, qa_scores, read_conversations, token_f1)
 
 # =============================================================================
 # LoCoMo data loading
@@ -789,7 +790,6 @@ def find_checkpoint(path: Path) -> Path:
 
 def world_tokenizer(samples: list, vocab: int = 1024):
     """A BPE over the worlds' dialogue and facts, to count tokens where no run gives one."""
-    from model import train_tokenizer
     texts = [t["text"] for s in samples for k, v in s["conversation"].items() if k.startswith("session_")
              and isinstance(v, list) for t in v] + [g["fact"] for s in samples for g in s["gold_facts"].values()]
     return train_tokenizer(texts, vocab)
@@ -798,12 +798,10 @@ def world_tokenizer(samples: list, vocab: int = 1024):
 def run_answerer(path: Path, data: str, cfg: RLConfig, tok):
     """The answer agent a run was trained with (its args.json says), else the exact reader
     on the synthetic world and the run's SFT model on LoCoMo."""
-    from model import load_checkpoint
     args = next((json.loads((p / "args.json").read_text()) for p in (path, path.parent) if (p / "args.json").exists()), {})
     if data == "synthetic" and args.get("answerer", "exact") == "exact":
         return exact_answerer(cfg)
     sft = next((p for p in (path / "sft", path.parent / "sft") if (p / "model.safetensors").exists()), path)
-    from memr2 import model_reader
     return AnswerAgent(model_reader(load_checkpoint(sft)["model"], tok, cfg), cfg, f"learned:{sft}")
 
 
@@ -824,7 +822,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 def main(argv=None):
     import sys
-    from model import CheckpointError, load_checkpoint
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:  # python eval.py compare RUN_DIR... [--out results]
         ap = OneLineParser(prog="eval.py compare", description="Table of an experiment's runs.")
