@@ -32,11 +32,12 @@ from memory import retrieve_for_question
 from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, is_hf_dir, load_checkpoint,
                    non_finite, one_line, pick_device, save_checkpoint, train_tokenizer)
 
-PRESETS = {  # model size, SFT budget and group sizes; RL knobs not listed keep RLConfig's defaults
-    "tiny": dict(d_model=128, n_layer=4, n_head=4, vocab=1024, sft_steps=2500, sft_batch=32, n=4, K=4,
-                 train_worlds=800, val_worlds=4, test_worlds=24, steps="10,5,5"),
-    "gpu": dict(d_model=384, n_layer=8, n_head=6, vocab=2048, sft_steps=8000, sft_batch=64, n=16, K=4,
-                train_worlds=2000, val_worlds=8, test_worlds=48, steps="10,5,5"),
+TINY = dict(d_model=128, n_layer=4, n_head=4, vocab=1024, sft_steps=2500, sft_batch=32,
+            train_worlds=800, val_worlds=4, test_worlds=24, steps="10,5,5")
+PRESETS = {  # model, SFT budget, world counts, steps; RL knobs come from RLConfig unless a preset names them
+    "tiny": TINY,
+    "gpu": TINY | dict(d_model=384, n_layer=8, n_head=6, vocab=2048, sft_steps=8000, sft_batch=64, n=16,
+                       train_worlds=2000, val_worlds=8, test_worlds=48),  # only what differs from tiny
 }
 
 
@@ -92,7 +93,7 @@ def build_parser():
     g = ap.add_argument_group("LoGo-GRPO")
     g.add_argument("--algo", choices=["logo", "grpo", "local"], default="logo",
                    help="logo: global + local groups; grpo: global only (p = 0); local: local groups only")
-    g.add_argument("--n", type=int, default=None, help="global group size: rollouts per step (preset: tiny 4, gpu 16)")
+    g.add_argument("--n", type=int, default=None, help="global group size: rollouts per step (RLConfig: 4; preset gpu: 16)")
     g.add_argument("--K", type=int, default=None, help=f"local group size: branches per snapshot (RLConfig: {d.K})")
     g.add_argument("--p", type=float, default=None, help=f"per-session branch probability (RLConfig: {d.p})")
     g.add_argument("--chunks", type=int, default=None, help=f"chunks per session (RLConfig: {d.chunks}; --init-hf: 6)")
@@ -155,7 +156,7 @@ def finish_args(args):
 
 
 def rl_config(args) -> RLConfig:
-    cfg = RLConfig(algo=args.algo, n=PRESETS[args.preset]["n"], K=PRESETS[args.preset]["K"])
+    cfg = RLConfig(algo=args.algo, **{k: PRESETS[args.preset][k] for k in ("n", "K") if k in PRESETS[args.preset]})
     for f in ("n", "K", "chunks", "ppo_epochs", "minibatch", "p", "lam", "phi", "lr"):
         if getattr(args, f) is not None:
             setattr(cfg, f, getattr(args, f))
