@@ -153,7 +153,7 @@ class RLConfig:
     chunks: int = 2  # chunks per session (paper 6; our sessions have 3 turns)
     temperature: float = 1.0  # sampling AND log-prob temperature, global and local alike
     lam: float = 0.3  # bloat penalty weight
-    phi: float = 0.1  # free share of the dialogue length (paper 0.7, for LoCoMo; see README)
+    phi: float = 0.3  # free share of the dialogue length (paper 0.7, for LoCoMo; see README)
     q_global: int = 64  # reward questions per step (global), shared by all rollouts
     q_local: int = 16  # reward questions per branch (local), shared by its K branches
     per_fact: int = 2  # manager retrieval: top per fact (paper 5) ...
