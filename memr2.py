@@ -577,8 +577,10 @@ def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig)
     count = torch.zeros(C, device=logp.device).index_add_(0, owner, torch.ones_like(logp))
     log_ratio = torch.zeros(C, device=logp.device).index_add_(0, owner, logp - old_logp) / count.clamp(min=1)
     ratio = torch.exp(torch.clamp(log_ratio, max=cfg.ratio_cap))  # (C,)
-    surr = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.eps, 1 + cfg.eps))
-    surr = torch.where(adv < 0, torch.minimum(surr, -adv * cfg.dual_clip), surr)
+    plain, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.eps, 1 + cfg.eps)  # (C,) each
+    ppo = torch.maximum(plain, clipped)
+    dual = (adv < 0) & (ppo > -adv * cfg.dual_clip)  # where the dual clip bounds the loss
+    surr = torch.where(dual, -adv * cfg.dual_clip, ppo)
     valid = count > 0
     pg = surr[valid].mean()
     d = ref_logp - logp
@@ -587,11 +589,9 @@ def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig)
     loss = pg - cfg.beta_h * ent + cfg.beta_kl * kl
     # The official metrics: a clip counts only where it is active (the clipped term wins the
     # max), the dual clip only where it bounds a negative advantage's loss, and the cap apart.
-    clipped = -adv * torch.clamp(ratio, 1 - cfg.eps, 1 + cfg.eps) > -adv * ratio
-    dual = (adv < 0) & (torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.eps, 1 + cfg.eps)) > -adv * cfg.dual_clip)
     capped = log_ratio > cfg.ratio_cap
     frac = lambda m: m[valid].float().mean().item()
-    return loss, {"pg_loss": pg.item(), "kl": kl.item(), "entropy": ent.item(), "clip_frac": frac(clipped),
+    return loss, {"pg_loss": pg.item(), "kl": kl.item(), "entropy": ent.item(), "clip_frac": frac(clipped > plain),
                   "dual_clip_frac": frac(dual), "ratio_cap_frac": frac(capped)}
 
 
