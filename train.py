@@ -504,7 +504,7 @@ def main(argv=None) -> dict:
         p.requires_grad_(False)
     # The frozen answer agent: the exact reader (synthetic world) or the SFT model as reader.
     answerer = (E.exact_answerer(cfg) if args.answerer == "exact" else
-                AnswerAgent(model_reader(copy.deepcopy(model).eval(), tok, cfg), cfg, f"learned:{sft_dir}"))
+                AnswerAgent(model_reader(sft_model, tok, cfg), cfg, f"learned:{sft_dir}"))
     policy = model
 
     # --- RL curriculum; `pos` is where we are, restored on resume. Two random streams: data
