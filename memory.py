@@ -1,4 +1,5 @@
-"""The memory bank: the environment the agent writes (paper Sec. 3: memory, retrieval, bloat penalty).
+"""The memory bank: the environment the agent writes (paper Sec. 3: memory, retrieval, bloat penalty),
+and the dialogue it reads (Turn, Session, QA, Conversation).
 
 A bank is a plain dict memory_id -> Entry. The model never touches it directly: it emits
 JSON, `parse_facts` / `parse_operations` read that JSON without ever raising, and
@@ -14,6 +15,42 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+# ----------------------------------------------------------------------------- the dialogue
+# What the agent reads, session by session. eval.py fills these from LoCoMo or from the
+# synthetic world; memr2.py only reads them, so they live here, left of the algorithm.
+@dataclass
+class Turn:
+    speaker: str
+    dia_id: str  # "D<session>:<turn>"
+    text: str  # image turns carry their caption, since the images are not released
+
+
+@dataclass
+class Session:
+    index: int  # the n of session_<n>
+    date: str  # raw date string; parse_date / short_date interpret it
+    turns: list[Turn]
+
+
+@dataclass
+class QA:
+    question: str
+    answer: str
+    evidence: list[str]  # cleaned dia_ids, each one a real turn of this conversation
+    category: int
+    sessions: list[int]  # sorted distinct session indices of the evidence
+
+
+@dataclass
+class Conversation:
+    sample_id: str
+    speakers: tuple[str, str]
+    sessions: list[Session]  # sorted by session index
+    qa: list[QA]
+    dropped: dict  # what cleaning dropped or repaired, for reporting
+
+
+# ----------------------------------------------------------------------------- the bank
 MAX_FACT_WORDS = 20  # the paper's prompts: one fact per entry, at most 20 words
 OPS = ("INSERT", "UPDATE", "DELETE", "NOOP")
 
