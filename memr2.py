@@ -7,15 +7,22 @@ writes facts, retrieval finds related memories, the manager writes INSERT / UPDA
 DELETE / NOOP operations, and they are applied at once. The reward is the answer agent's
 token F1 on questions about the conversation, minus a memory-bloat penalty.
 
-LoGo-GRPO = GRPO groups of two kinds in one pool:
+LoGo-GRPO in PPO terms. The episode is one conversation; the state is the dialogue so far
+plus the memory bank; an action is one model call (a chunk's facts, or its operations), and
+a row is one role's calls in one session, all sharing the row's reward. There is no critic:
+the baseline of a row is the mean reward of its group, the advantage (r - mean) / std goes to
+every call of the row, and the PPO ratio is taken per call (the call's mean token log-ratio,
+exponentiated, then clipped). What a group compares decides the credit:
   global: n rollouts of sessions 1..S; the group is the n rows at the same session index,
           rewarded by F1 on the questions whose evidence lies in that session, answered
-          from each rollout's FINAL memory;
+          from each rollout's FINAL memory. The members entered the session with different
+          memories, so part of a reward gap is the luck of other sessions;
   local:  a session re-rolled K times from one rollout's snapshot of the memory before it,
           rewarded right after that session: the K branches start from identical memory,
           so their reward differences come from that session's actions alone.
-Both go through one turn-level clipped PPO-style loss (§2.4) whose log-probs come from a
-fused, chunked LM-head kernel that never holds the full (tokens x vocab) logits.
+Both kinds go into one pool and one clipped loss. The file reads in the method's order:
+role prompts, rollouts, the answer agent, rewards, advantages, the loss, one step; the fused
+log-prob kernel that keeps the loss from holding (tokens x vocab) logits is the appendix.
 """
 import copy
 import json
@@ -160,7 +167,7 @@ class RLConfig:
     mem_cap: int = 6  # ... capped overall (paper 25)
     qa_top_k: int = 4  # answer retrieval: top per speaker (paper 30)
     max_new: dict = field(default_factory=lambda: {"ext": 96, "mgr": 128, "ans": 16})
-    lr: float = 3e-5  # spec 2e-6 is for a 7B model; 1e-4 drifted (val F1 fell within 10 steps)
+    lr: float = 3e-5  # the paper's 2e-6 is for a 7B model; 1e-4 drifted (val F1 fell within 10 steps)
     ppo_epochs: int = 2
     minibatch: int = 64  # cells per optimizer step, fixed order
     eps: float = 0.2  # ratio clip
@@ -219,7 +226,7 @@ class Row:
 
 def sample(model, tok, prompts: list, role: str, cfg: RLConfig, temperature: float, gen=None):
     """Batched KV-cache sampling -> list of Cells. Training rollouts sample plainly (no top-k,
-    no top-p) so the log-probs of §2.4 belong to the distribution that was sampled."""
+    no top-p) so the loss's log-probs belong to the distribution that was sampled."""
     ids = [encode(tok, as_chat(model, role, p)) for p in prompts]
     outs, done = generate(model, ids, cfg.max_new[role], temperature=temperature, eos_id=model.cfg.eos_id, generator=gen)
     return [Cell(p, o, d) for p, o, d in zip(ids, outs, done)]
@@ -373,20 +380,34 @@ def penalty(tok, bank, T: int, cfg: RLConfig) -> float:
     return cfg.lam * bloat_cost(memory_tokens(tok, bank), T, cfg.phi)
 
 
+def row_reward(f1: list, pen: float, finished: bool) -> float:
+    """The reward of one row, global or local alike: mean F1 over its questions minus its
+    bloat penalty lam * c(M, T). A row no question touches gets F1 0; a row whose calls did
+    not all finish gets 0 (its output was cut off, so it is not judged)."""
+    return (sum(f1) / len(f1) if f1 else 0.0) - pen if finished else 0.0
+
+
 def global_rewards(f1: list, qas: list, n_sessions: int, penalties: list, finished: list) -> list:
-    """r[i][t] = mean F1 (rollout i's final memory) over the sampled questions whose
-    evidence includes session t, minus rollout i's final bloat penalty. A question spanning
-    several sessions counts for each; a session no question touches gets F1 0; a session
-    row that did not finish gets 0. f1: [n][q], finished: [n][S]."""
-    out = []
-    for i in range(len(f1)):
-        row = []
-        for t in range(1, n_sessions + 1):
-            hits = [f1[i][j] for j, q in enumerate(qas) if t in q.sessions]
-            r = (sum(hits) / len(hits) if hits else 0.0) - penalties[i]
-            row.append(r if finished[i][t - 1] else 0.0)
-        out.append(row)
-    return out
+    """r[i][t] = row_reward of rollout i at session t: F1 (rollout i's FINAL memory) over the
+    sampled questions whose evidence includes session t, minus rollout i's final penalty. A
+    question spanning several sessions counts for each. f1: [n][q], finished: [n][S]."""
+    return [[row_reward([f1[i][j] for j, q in enumerate(qas) if t in q.sessions], penalties[i], finished[i][t - 1])
+             for t in range(1, n_sessions + 1)] for i in range(len(f1))]
+
+
+def sample_questions(qas: list, max_sessions: int, k: int, rng: random.Random) -> list:
+    """Up to k questions whose evidence lies within the first max_sessions sessions; one
+    subset shared by every member of a group, so rewards stay comparable."""
+    pool = [q for q in qas if q.sessions and max(q.sessions) <= max_sessions]
+    return rng.sample(pool, min(k, len(pool)))
+
+
+def qa_scores(answerer: AnswerAgent, tok, banks: list, qs: list, T: int, cfg: RLConfig):
+    """The reward's two parts for each bank, as both group kinds use them: F1 per question
+    [b][q] (answered from that bank) and the bloat penalty lam * c(M, T) [b]."""
+    answers = answerer.answer([(b, q.question) for b in banks for q in qs])
+    f1 = [[token_f1(answers[i * len(qs) + j], q.answer) for j, q in enumerate(qs)] for i in range(len(banks))]
+    return f1, [penalty(tok, b, T, cfg) for b in banks]
 
 
 # ============================================================================ advantages (GRPO: per group and role)
@@ -402,8 +423,8 @@ def assign_advantages(rows: list) -> dict:
     """Group rows by their group id and set row.adv. Zero-variance groups are KEPT with A = 0
     (as the official code does; they still add KL and entropy) and counted."""
     groups = {}
-    for r in rows:
-        groups.setdefault(r.group, []).append(r)
+    for row in rows:
+        groups.setdefault(row.group, []).append(row)
     zero, stds = Counter(), {"G": [], "L": []}
     for gid, members in groups.items():
         rewards = [m.reward for m in members]
@@ -424,9 +445,9 @@ def credit_correlation(rows: list) -> dict:
     already centred per group; qualities are centred here. Local groups compare branches
     from one memory, global groups mix in every other session's luck: local should be higher."""
     groups = {}
-    for r in rows:
-        if r.role == "mgr" and r.quality == r.quality:
-            groups.setdefault(r.group, []).append(r)
+    for row in rows:
+        if row.role == "mgr" and row.quality == row.quality:
+            groups.setdefault(row.group, []).append(row)
     out = {}
     for kind in ("G", "L"):
         a, q = [], []
@@ -440,13 +461,220 @@ def credit_correlation(rows: list) -> dict:
     return out
 
 
-# ============================================================================ fused log-probs
-# ---------------------------------------------------------------------------
-# Fused, chunked LM-head log-probs (derivation: README, 'The fused log-prob kernel')
-# Never holds the full (N, V) logits: rows go through in chunks of C, each chunk's
-# fp32 logits buffer is reused, and backward recomputes them; only O(N) row stats
-# (max m, log-sum s, entropy) are saved besides h, W, y.
-# ---------------------------------------------------------------------------
+# ============================================================================ the loss (turn-level clipped surrogate, official code)
+def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entropy=False):
+    """Log-probs of every response token of `cells` under `model` -> (logp (N,), ent (N,) or
+    None, cell index of each token (N,)). Sequences are prompt+response, right-padded, so
+    plain causal attention needs no mask; the head runs only on response positions."""
+    dev = next(model.parameters()).device
+    seqs = [c.prompt + c.response for c in cells]
+    T = max(len(s) for s in seqs)
+    idx = torch.zeros(len(seqs), T, dtype=torch.long)
+    sel = torch.zeros(len(seqs), T, dtype=torch.bool)  # (B, T): position t predicts token t+1
+    for b, (c, s) in enumerate(zip(cells, seqs)):
+        idx[b, :len(s)] = torch.tensor(s)
+        sel[b, len(c.prompt) - 1:len(s) - 1] = True
+    idx, sel = idx.to(dev), sel.to(dev)
+    h = model.hidden_states(idx)  # (B, T, D)
+    targets = idx[:, 1:][sel[:, :-1]]  # (N,)
+    out = fused_logprobs(h[sel], model.lm_head.weight, targets, temperature, with_entropy, chunk)
+    logp, ent = out if with_entropy else (out, None)
+    owner = torch.arange(len(cells), device=dev)[:, None].expand(-1, T)[sel]  # (N,)
+    return logp, ent, owner
+
+
+def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig):
+    """Turn-level clipped surrogate averaged over (row, chunk) cells, minus an entropy bonus,
+    plus a k3 KL to the reference. Tokens: logp/old/ref/entropy/owner (N,); cells: adv (C,).
+      l_c   = mean over the cell's tokens of (logp - old_logp)
+      r_c   = exp(min(l_c, ratio_cap))
+      L_c   = max(-A r_c, -A clip(r_c, 1-eps, 1+eps)); for A < 0 also min(L_c, -A * dual_clip)
+      loss  = mean_c L_c - beta_h * mean_tok(H) + beta_kl * mean_tok(KL_k3)
+    Cells, not tokens, are averaged: a long output weighs as much as a short one."""
+    C = adv.shape[0]
+    count = torch.zeros(C, device=logp.device).index_add_(0, owner, torch.ones_like(logp))
+    log_ratio = torch.zeros(C, device=logp.device).index_add_(0, owner, logp - old_logp) / count.clamp(min=1)
+    ratio = torch.exp(torch.clamp(log_ratio, max=cfg.ratio_cap))  # (C,)
+    plain, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.eps, 1 + cfg.eps)  # (C,) each
+    ppo = torch.maximum(plain, clipped)
+    dual = (adv < 0) & (ppo > -adv * cfg.dual_clip)  # where the dual clip bounds the loss
+    surr = torch.where(dual, -adv * cfg.dual_clip, ppo)
+    valid = count > 0
+    pg = surr[valid].mean()
+    d = ref_logp - logp
+    kl = torch.clamp(torch.exp(d) - d - 1, -10, 10).mean()
+    ent = entropy.mean() if entropy is not None else torch.zeros((), device=logp.device)
+    loss = pg - cfg.beta_h * ent + cfg.beta_kl * kl
+    # The official metrics: a clip counts only where it is active (the clipped term wins the
+    # max), the dual clip only where it bounds a negative advantage's loss, and the cap apart.
+    capped = log_ratio > cfg.ratio_cap
+    frac = lambda m: m[valid].float().mean().item()
+    return loss, {"pg_loss": pg.item(), "kl": kl.item(), "entropy": ent.item(), "clip_frac": frac(clipped > plain),
+                  "dual_clip_frac": frac(dual), "ratio_cap_frac": frac(capped)}
+
+
+
+# ============================================================================ one LoGo-GRPO step (paper Alg. 1)
+@dataclass
+class Branch:
+    """A local branch point: session t re-run K times from rollout `source`'s memory before t."""
+    session: int
+    source: int  # the global rollout whose memory was copied
+    memory: MemoryBank  # a deepcopy taken BEFORE the session ran
+    banks: list = field(default_factory=list)  # the K branches' memories after the session
+    pairs: list = field(default_factory=list)  # the K branches' (extractor row, manager row)
+
+
+def play_session(policy, tok, banks: list, session, group, cfg: RLConfig, gen, judge) -> tuple:
+    """Run one session on every bank (in place) -> ([(extractor row, manager row)] per bank, op
+    counts). `group(role)` names the GRPO group of the rows; `judge(session, decisions)` gives
+    each pair its true quality for the credit diagnostic (NaN without a teacher)."""
+    trace = []
+    ext, mgr, counts = run_session(policy, tok, banks, [session] * len(banks), cfg, cfg.temperature, gen, trace)
+    for i, (e, m) in enumerate(zip(ext, mgr)):
+        e.group, m.group = group("ext"), group("mgr")
+        e.quality = m.quality = judge(session, [d for d in trace if d.b == i]) if judge else float("nan")
+    return list(zip(ext, mgr)), counts
+
+
+def global_rollouts(policy, tok, conv, S: int, cfg: RLConfig, algo_rng, gen, judge) -> tuple:
+    """Global rollouts: n rollouts of sessions 1..S from an empty memory, with a coin per
+    session (probability p) for a local branch point, whose snapshot is taken BEFORE the session
+    runs. -> (final banks, pairs[t-1][i] of rollout i at session t, branch points, op counts)."""
+    banks, pairs, branches, counts = [MemoryBank() for _ in range(cfg.n)], [], [], Counter()
+    for t, session in enumerate(conv.sessions[:S], 1):
+        if cfg.algo in ("logo", "local") and algo_rng.random() < cfg.p:
+            i = algo_rng.randrange(cfg.n)
+            branches.append(Branch(t, i, banks[i].snapshot()))
+        prs, c = play_session(policy, tok, banks, session, lambda role: Group("G", t, role), cfg, gen, judge)
+        pairs.append(prs)
+        counts += c
+    return banks, pairs, branches, counts
+
+
+def local_rerollouts(policy, tok, conv, branches: list, cfg: RLConfig, gen, judge) -> None:
+    """Local rerollouts, still with theta_old: K copies of each snapshot rerun its session,
+    SAMPLING at the training temperature. Branches never continue past their session."""
+    for br in branches:
+        br.banks = [br.memory.snapshot() for _ in range(cfg.K)]
+        br.pairs, _ = play_session(policy, tok, br.banks, conv.sessions[br.session - 1],
+                                   lambda role: Group("L", br.session, role, br.source), cfg, gen, judge)
+
+
+def assign_rewards(answerer, tok, conv, S: int, banks: list, glob: list, branches: list, q_global: list,
+                   q_seed: float, cfg: RLConfig) -> tuple:
+    """Rewards, both kinds through `qa_scores` and `row_reward`. Global: each rollout's FINAL
+    memory, the sampled questions whose evidence lies in session t, penalty at T_S. Local: the
+    branch's memory right after session t, the branch point's own question subset (evidence
+    <= t), penalty at T_t. -> (global F1 [n][q], global penalties [n], finished [n][S], r [n][S])."""
+    T = dialogue_tokens(tok, conv)
+    f1, pens = qa_scores(answerer, tok, banks, q_global, T[S - 1], cfg)
+    finished = [[e.finished and m.finished for e, m in (glob[t][i] for t in range(S))] for i in range(cfg.n)]
+    r_global = global_rewards(f1, q_global, S, pens, finished)
+    for t in range(S):
+        for i, (e, m) in enumerate(glob[t]):
+            e.reward = m.reward = r_global[i][t]
+    for br in branches:  # one question subset per branch point, drawn from its own seed
+        qs = sample_questions(conv.qa, br.session, cfg.q_local, random.Random(f"{q_seed}:{br.session}"))
+        lf1, lpen = qa_scores(answerer, tok, br.banks, qs, T[br.session - 1], cfg)
+        for (e, m), f, p in zip(br.pairs, lf1, lpen):
+            e.reward = m.reward = row_reward(f, p, e.finished and m.finished)
+    return f1, pens, finished, r_global
+
+
+def logo_step(policy, ref, answerer: AnswerAgent, tok, conv, S: int, cfg: RLConfig, opt,
+              data_rng: random.Random, algo_rng: random.Random, gen: torch.Generator, judge=None) -> dict:
+    """One policy update (paper Alg. 1): global rollouts, local rerollouts, rewards, advantages,
+    and the update on one merged pool.
+    Two random streams: `data_rng` picks the questions, `algo_rng` the branch points (and
+    `gen` the samples), so every algorithm run with one seed is asked the same questions.
+    `judge(session, decisions) -> quality in [0, 1]` (optional) scores a row's decisions
+    against a teacher, for the credit-assignment diagnostic; it never touches the reward."""
+    S = min(S, len(conv.sessions))
+    q_global = sample_questions(conv.qa, S, cfg.q_global, data_rng)
+    q_seed = data_rng.random()  # local subsets derive from it, so no arm shifts another's draws
+    banks, glob, branches, counts = global_rollouts(policy, tok, conv, S, cfg, algo_rng, gen, judge)
+    local_rerollouts(policy, tok, conv, branches, cfg, gen, judge)
+    f1, pens, finished, r_global = assign_rewards(answerer, tok, conv, S, banks, glob, branches, q_global, q_seed, cfg)
+    # Advantages per (group, role), then one merged pool with no weight between its parts.
+    global_rows = [row for prs in glob for pr in prs for row in pr]
+    local_rows = [row for br in branches for pr in br.pairs for row in pr]
+    pool = (global_rows if cfg.algo != "local" else []) + local_rows
+    stats = assign_advantages(pool) | credit_correlation(pool)
+    stats.update(ppo_update(policy, ref, pool, cfg, opt))
+    mean = lambda xs: sum(xs) / max(1, len(xs))
+    stats.update({
+        "reward_global": sum(map(sum, r_global)) / (cfg.n * S), "train_f1": mean([mean(row) for row in f1]),
+        "local_reward": mean([row.reward for row in local_rows]),
+        "local_distinct": mean([len({json.dumps(sorted((e.speaker, e.content) for e in b.entries.values()))
+                                     for b in br.banks}) for br in branches]),
+        "branches": len(branches), "local_share": len(local_rows) / max(1, len(pool)),
+        "gen_tokens": sum(len(c.response) for row in global_rows + local_rows for c in row.cells),
+        "unfinished_frac": 1 - sum(map(sum, finished)) / (cfg.n * S),
+        "mem_tokens": mean([memory_tokens(tok, b) for b in banks]), "mem_entries": mean([len(b.entries) for b in banks]),
+        "bloat": sum(pens) / (cfg.n * cfg.lam) if cfg.lam else 0.0,
+        "quality_G": _nanmean([row.quality for row in global_rows if row.role == "mgr"]),
+        "quality_L": _nanmean([row.quality for row in local_rows if row.role == "mgr"]),
+        "ops": {k: v / cfg.n for k, v in counts.items()},
+    })
+    return stats
+
+
+def _nanmean(xs):
+    xs = [x for x in xs if x == x]  # NaN-free
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def ppo_update(policy, ref, pool: list, cfg: RLConfig, opt) -> dict:
+    """Old and reference log-probs once (no grad, the same kernel and temperature as the
+    update, so the first ratio is exactly 1), then ppo_epochs passes over fixed-order
+    mini-batches of cells. A non-finite loss or gradient skips that update and is counted."""
+    cells = [(c, r.adv) for r in pool for c in r.cells if c.response]
+    if not cells:
+        return {"cells": 0, "skipped_updates": 0}
+    dev = next(policy.parameters()).device
+    batches = [cells[i:i + cfg.minibatch] for i in range(0, len(cells), cfg.minibatch)]
+    with torch.no_grad():
+        olds = [cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in batches]
+        refs = [cell_logprobs(ref, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in batches]
+    agg, n, skipped = Counter(), 0, 0
+    policy.train()
+    for _ in range(cfg.ppo_epochs):
+        for mb, old, rf in zip(batches, olds, refs):
+            logp, ent, owner = cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk, True)
+            adv = torch.tensor([a for _, a in mb], dtype=torch.float32, device=dev)
+            loss, s = logo_grpo_loss(logp, old, rf, ent, owner, adv, cfg)
+            s["grad_norm"] = guarded_step(policy, loss, opt, cfg.grad_clip)
+            if s["grad_norm"] is None:
+                skipped += 1
+                continue
+            agg.update(s | {"loss": loss.item()})
+            n += 1
+    return {k: v / max(1, n) for k, v in agg.items()} | {"cells": len(cells), "updates": n, "skipped_updates": skipped}
+
+
+def guarded_step(model, loss, opt, clip: float) -> float | None:
+    """Backward, clip, step -> the gradient norm; or None, changing nothing, when the loss or
+    the gradient norm is not finite. A finite loss can still have NaN gradients, and one NaN
+    step would turn every weight (and every later checkpoint) into NaN."""
+    opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return None
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+    if not math.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        return None
+    opt.step()
+    return norm
+
+
+# ============================================================================ appendix: the fused log-prob kernel
+# An optimisation, not part of the method: `cell_logprobs` above could compute
+# log_softmax(h @ W.T / tau) and gather the targets, at the cost of the full (N, V) logits.
+# This kernel never holds them: rows go through in chunks of C, each chunk's fp32 logits
+# buffer is reused, and backward recomputes them; only O(N) row stats (max m, log-sum s,
+# entropy) are saved besides h, W, y. Derivation: README, 'The fused log-prob kernel'.
 
 def _chunk_logits(h, w32, inv_t, out):
     # (C, H) @ (H, V) -> (C, V), fp32; forward and backward share this so P matches lse
@@ -541,203 +769,3 @@ def fused_logprobs(hidden, weight, targets, temperature: float = 1.0, with_entro
     or (logp, ent) when with_entropy. Same code path for old / ref / current passes."""
     return FusedLogProb.apply(hidden, weight, targets.long(), float(temperature), bool(with_entropy),
                               int(chunk_size))
-
-
-def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entropy=False):
-    """Log-probs of every response token of `cells` under `model` -> (logp (N,), ent (N,) or
-    None, cell index of each token (N,)). Sequences are prompt+response, right-padded, so
-    plain causal attention needs no mask; the head runs only on response positions."""
-    dev = next(model.parameters()).device
-    seqs = [c.prompt + c.response for c in cells]
-    T = max(len(s) for s in seqs)
-    idx = torch.zeros(len(seqs), T, dtype=torch.long)
-    sel = torch.zeros(len(seqs), T, dtype=torch.bool)  # (B, T): position t predicts token t+1
-    for b, (c, s) in enumerate(zip(cells, seqs)):
-        idx[b, :len(s)] = torch.tensor(s)
-        sel[b, len(c.prompt) - 1:len(s) - 1] = True
-    idx, sel = idx.to(dev), sel.to(dev)
-    h = model.hidden_states(idx)  # (B, T, D)
-    targets = idx[:, 1:][sel[:, :-1]]  # (N,)
-    out = fused_logprobs(h[sel], model.lm_head.weight, targets, temperature, with_entropy, chunk)
-    logp, ent = out if with_entropy else (out, None)
-    owner = torch.arange(len(cells), device=dev)[:, None].expand(-1, T)[sel]  # (N,)
-    return logp, ent, owner
-
-
-# ============================================================================ the loss (turn-level clipped surrogate, official code)
-def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig):
-    """Turn-level clipped surrogate averaged over (row, chunk) cells, minus an entropy bonus,
-    plus a k3 KL to the reference. Tokens: logp/old/ref/entropy/owner (N,); cells: adv (C,).
-      l_c   = mean over the cell's tokens of (logp - old_logp)
-      r_c   = exp(min(l_c, ratio_cap))
-      L_c   = max(-A r_c, -A clip(r_c, 1-eps, 1+eps)); for A < 0 also min(L_c, -A * dual_clip)
-      loss  = mean_c L_c - beta_h * mean_tok(H) + beta_kl * mean_tok(KL_k3)
-    Cells, not tokens, are averaged: a long output weighs as much as a short one."""
-    C = adv.shape[0]
-    count = torch.zeros(C, device=logp.device).index_add_(0, owner, torch.ones_like(logp))
-    log_ratio = torch.zeros(C, device=logp.device).index_add_(0, owner, logp - old_logp) / count.clamp(min=1)
-    ratio = torch.exp(torch.clamp(log_ratio, max=cfg.ratio_cap))  # (C,)
-    plain, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.eps, 1 + cfg.eps)  # (C,) each
-    ppo = torch.maximum(plain, clipped)
-    dual = (adv < 0) & (ppo > -adv * cfg.dual_clip)  # where the dual clip bounds the loss
-    surr = torch.where(dual, -adv * cfg.dual_clip, ppo)
-    valid = count > 0
-    pg = surr[valid].mean()
-    d = ref_logp - logp
-    kl = torch.clamp(torch.exp(d) - d - 1, -10, 10).mean()
-    ent = entropy.mean() if entropy is not None else torch.zeros((), device=logp.device)
-    loss = pg - cfg.beta_h * ent + cfg.beta_kl * kl
-    # The official metrics: a clip counts only where it is active (the clipped term wins the
-    # max), the dual clip only where it bounds a negative advantage's loss, and the cap apart.
-    capped = log_ratio > cfg.ratio_cap
-    frac = lambda m: m[valid].float().mean().item()
-    return loss, {"pg_loss": pg.item(), "kl": kl.item(), "entropy": ent.item(), "clip_frac": frac(clipped > plain),
-                  "dual_clip_frac": frac(dual), "ratio_cap_frac": frac(capped)}
-
-
-# ============================================================================ one LoGo-GRPO step (paper Alg. 1)
-def sample_questions(qas: list, max_sessions: int, k: int, rng: random.Random) -> list:
-    """Up to k questions whose evidence lies within the first max_sessions sessions; one
-    subset shared by every member of a group, so rewards stay comparable."""
-    pool = [q for q in qas if q.sessions and max(q.sessions) <= max_sessions]
-    return rng.sample(pool, min(k, len(pool)))
-
-
-def qa_scores(answerer: AnswerAgent, tok, banks: list, qs: list, T: int, cfg: RLConfig):
-    """The reward's two parts for each bank, as both group kinds use them: F1 per question
-    [b][q] (answered from that bank) and the bloat penalty lam * c(M, T) [b]."""
-    answers = answerer.answer([(b, q.question) for b in banks for q in qs])
-    f1 = [[token_f1(answers[i * len(qs) + j], q.answer) for j, q in enumerate(qs)] for i in range(len(banks))]
-    return f1, [penalty(tok, b, T, cfg) for b in banks]
-
-
-def logo_step(policy, ref, answerer: AnswerAgent, tok, conv, S: int, cfg: RLConfig, opt,
-              data_rng: random.Random, algo_rng: random.Random, gen: torch.Generator, judge=None) -> dict:
-    """One policy update: global rollouts, local rerollouts from snapshots, rewards,
-    advantages, one merged pool, ppo_epochs of the clipped loss (paper Alg. 1).
-    Two random streams: `data_rng` picks the questions, `algo_rng` the branch points (and
-    `gen` the samples), so every algorithm run with one seed is asked the same questions.
-    `judge(session, decisions) -> quality in [0, 1]` (optional) scores a row's decisions
-    against a teacher, for the credit-assignment diagnostic; it never touches the reward."""
-    T = dialogue_tokens(tok, conv)
-    S = min(S, len(conv.sessions))
-    use_local = cfg.algo in ("logo", "local")
-    q_global = sample_questions(conv.qa, S, cfg.q_global, data_rng)
-    q_seed = data_rng.random()  # local subsets derive from it, so no arm shifts another's draws
-    pairs = lambda ext, mgr: list(zip(ext, mgr))  # (extractor row, manager row) of one rollout or branch
-
-    def judged(sess, ext, mgr, trace):
-        for i, (e, m) in enumerate(pairs(ext, mgr)):
-            e.quality = m.quality = judge(sess, [d for d in trace if d.b == i]) if judge else float("nan")
-
-    # 1-2. Global rollouts, with a coin per session for a local branch point. The snapshot
-    # is the chosen rollout's memory BEFORE session t (a deepcopy taken now).
-    banks, glob, branches, counts = [MemoryBank() for _ in range(cfg.n)], [], [], Counter()
-    for t, sess in enumerate(conv.sessions[:S], 1):
-        if use_local and algo_rng.random() < cfg.p:
-            m = algo_rng.randrange(cfg.n)
-            branches.append((t, m, banks[m].snapshot()))
-        trace = []
-        ext, mgr, c = run_session(policy, tok, banks, [sess] * cfg.n, cfg, cfg.temperature, gen, trace)
-        counts += c
-        judged(sess, ext, mgr, trace)
-        for e, m in pairs(ext, mgr):
-            e.group, m.group = Group("G", t, "ext"), Group("G", t, "mgr")
-        glob.append(pairs(ext, mgr))  # glob[t-1][i]
-    # 3. Local rerollouts, still with theta_old: K copies of the snapshot rerun session t,
-    # SAMPLING at the training temperature; branches never continue.
-    local = []  # (t, [(ext, mgr)] * K, K banks)
-    for t, m, snap in branches:
-        kb, trace = [snap.snapshot() for _ in range(cfg.K)], []
-        ext, mgr, _ = run_session(policy, tok, kb, [conv.sessions[t - 1]] * cfg.K, cfg, cfg.temperature, gen, trace)
-        judged(conv.sessions[t - 1], ext, mgr, trace)
-        for e, mg in pairs(ext, mgr):
-            e.group, mg.group = Group("L", t, "ext", m), Group("L", t, "mgr", m)
-        local.append((t, pairs(ext, mgr), kb))
-    # 4. Rewards, one function for both kinds. Global: each rollout's FINAL memory, F1 of
-    # the questions whose evidence lies in session t, penalty at T_S. Local: the branch's
-    # memory right after session t, its own question subset, penalty at T_t.
-    f1, pens = qa_scores(answerer, tok, banks, q_global, T[S - 1], cfg)
-    finished = [[e.finished and m.finished for e, m in (glob[t][i] for t in range(S))] for i in range(cfg.n)]
-    r_global = global_rewards(f1, q_global, S, pens, finished)
-    for t in range(S):
-        for i, (e, m) in enumerate(glob[t]):
-            e.reward = m.reward = r_global[i][t]
-    for t, prs, kb in local:
-        qs = sample_questions(conv.qa, t, cfg.q_local, random.Random(f"{q_seed}:{t}"))
-        lf1, lpen = qa_scores(answerer, tok, kb, qs, T[t - 1], cfg)
-        for (e, m), f, p in zip(prs, lf1, lpen):
-            e.reward = m.reward = (sum(f) / len(f) if f else 0.0) - p if e.finished and m.finished else 0.0
-    # 5-6. Advantages per (group, role), then one merged pool with no weight between parts.
-    global_rows = [r for prs in glob for pr in prs for r in pr]
-    local_rows = [r for _, prs, _ in local for pr in prs for r in pr]
-    pool = (global_rows if cfg.algo != "local" else []) + local_rows
-    stats = assign_advantages(pool) | credit_correlation(pool)
-    stats.update(ppo_update(policy, ref, pool, cfg, opt))
-    qa_f1 = [sum(row) / max(1, len(row)) for row in f1]
-    mem_tok = [memory_tokens(tok, b) for b in banks]
-    n_local = len(local_rows) // 2
-    stats.update({
-        "reward_global": sum(map(sum, r_global)) / (cfg.n * S), "train_f1": sum(qa_f1) / cfg.n,
-        "local_reward": sum(r.reward for r in local_rows) / max(1, 2 * n_local),
-        "local_distinct": sum(len({json.dumps(sorted((e.speaker, e.content) for e in b.entries.values())) for b in kb})
-                              for _, _, kb in local) / max(1, len(local)),
-        "branches": len(branches), "local_share": len(local_rows) / max(1, len(pool)),
-        "gen_tokens": sum(len(c.response) for r in global_rows + local_rows for c in r.cells),
-        "unfinished_frac": 1 - sum(map(sum, finished)) / (cfg.n * S),
-        "mem_tokens": sum(mem_tok) / cfg.n, "mem_entries": sum(len(b.entries) for b in banks) / cfg.n,
-        "bloat": sum(pens) / (cfg.n * cfg.lam) if cfg.lam else 0.0,
-        "quality_G": _mean([r.quality for r in global_rows if r.role == "mgr"]),
-        "quality_L": _mean([r.quality for r in local_rows if r.role == "mgr"]),
-        "ops": {k: v / cfg.n for k, v in counts.items()},
-    })
-    return stats
-
-
-def _mean(xs):
-    xs = [x for x in xs if x == x]  # NaN-free
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def ppo_update(policy, ref, pool: list, cfg: RLConfig, opt) -> dict:
-    """Old and reference log-probs once (no grad, the same kernel and temperature as the
-    update, so the first ratio is exactly 1), then ppo_epochs passes over fixed-order
-    mini-batches of cells. A non-finite loss or gradient skips that update and is counted."""
-    cells = [(c, r.adv) for r in pool for c in r.cells if c.response]
-    if not cells:
-        return {"cells": 0, "skipped_updates": 0}
-    dev = next(policy.parameters()).device
-    batches = [cells[i:i + cfg.minibatch] for i in range(0, len(cells), cfg.minibatch)]
-    with torch.no_grad():
-        olds = [cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in batches]
-        refs = [cell_logprobs(ref, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in batches]
-    agg, n, skipped = Counter(), 0, 0
-    policy.train()
-    for _ in range(cfg.ppo_epochs):
-        for mb, old, rf in zip(batches, olds, refs):
-            logp, ent, owner = cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk, True)
-            adv = torch.tensor([a for _, a in mb], dtype=torch.float32, device=dev)
-            loss, s = logo_grpo_loss(logp, old, rf, ent, owner, adv, cfg)
-            s["grad_norm"] = guarded_step(policy, loss, opt, cfg.grad_clip)
-            if s["grad_norm"] is None:
-                skipped += 1
-                continue
-            agg.update(s | {"loss": loss.item()})
-            n += 1
-    return {k: v / max(1, n) for k, v in agg.items()} | {"cells": len(cells), "updates": n, "skipped_updates": skipped}
-
-
-def guarded_step(model, loss, opt, clip: float) -> float | None:
-    """Backward, clip, step -> the gradient norm; or None, changing nothing, when the loss or
-    the gradient norm is not finite. A finite loss can still have NaN gradients, and one NaN
-    step would turn every weight (and every later checkpoint) into NaN."""
-    opt.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
-        return None
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-    if not math.isfinite(norm):
-        opt.zero_grad(set_to_none=True)
-        return None
-    opt.step()
-    return norm
