@@ -16,9 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from model import CheckpointError, load_checkpoint, train_tokenizer
-from memory import MemoryBank, bloat_cost, retrieve_for_facts, short_date
+from memory import QA, Conversation, MemoryBank, Session, Turn, bloat_cost, retrieve_for_facts, short_date
 from memr2 import (CHAT_MAX_NEW, AnswerAgent, RLConfig, bleu1, chunk_turns, dialogue_tokens, exact_match, memory_tokens,
-                   model_reader, qa_scores, read_conversations, token_f1)
+                   model_reader, qa_scores, read_conversations, row_reward, token_f1)
 
 # =============================================================================
 # LoCoMo data loading
@@ -44,38 +44,6 @@ BLIP_PREFIX = re.compile(r"^a photo(?:graphy)? of\s+", re.I)  # every BLIP capti
 
 class DataError(Exception):
     """A data file that is missing, unreadable or not in the LoCoMo schema."""
-
-
-@dataclass
-class Turn:
-    speaker: str
-    dia_id: str  # "D<session>:<turn>"
-    text: str  # image turns carry their caption, since the images are not released
-
-
-@dataclass
-class Session:
-    index: int  # the n of session_<n>
-    date: str  # raw date string; parse_date / short_date interpret it
-    turns: list[Turn]
-
-
-@dataclass
-class QA:
-    question: str
-    answer: str
-    evidence: list[str]  # cleaned dia_ids, each one a real turn of this conversation
-    category: int
-    sessions: list[int]  # sorted distinct session indices of the evidence
-
-
-@dataclass
-class Conversation:
-    sample_id: str
-    speakers: tuple[str, str]
-    sessions: list[Session]  # sorted by session index
-    qa: list[QA]
-    dropped: dict  # what cleaning dropped or repaired, for reporting
 
 
 def parse_date(s: str) -> datetime.datetime:
@@ -515,7 +483,7 @@ def sensitivity(samples: list, convs: list, tok, cfg: RLConfig) -> dict:
         rewards = []
         for b, c, t in zip(banks, convs, T):
             f1, pen = qa_scores(answerer, tok, [b], c.qa, t, cfg)
-            rewards.append(sum(f1[0]) / len(f1[0]) - pen[0])
+            rewards.append(row_reward(f1[0], pen[0], finished=True))
         res["reward"] = 100 * sum(rewards) / len(rewards)
         out[name] = res
     return out
@@ -820,35 +788,53 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(f"error: {message}")
 
 
-def main(argv=None):
-    import sys
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["compare"]:  # python eval.py compare RUN_DIR... [--out results]
-        ap = OneLineParser(prog="eval.py compare", description="Table of an experiment's runs.")
-        ap.add_argument("runs", nargs="+")
-        ap.add_argument("--out", default="results")
-        args = ap.parse_args(argv[1:])
-        missing = [d for d in args.runs if not (Path(d) / "result.json").exists()]
-        if missing:
-            raise SystemExit(f"error: no result.json in {missing[0]} (did that run finish its test evaluation?)")
-        try:
-            print(compare(args.runs, Path(args.out)))
-        except (DataError, OSError) as e:
-            raise SystemExit(f"error: {e}")
-        return
-    if argv[:1] == ["sensitivity"]:  # python eval.py sensitivity [--worlds 24]
-        ap = OneLineParser(prog="eval.py sensitivity",
-                           description="Reward of scripted managers fed the gold facts, on the test worlds.")
-        ap.add_argument("--worlds", type=positive_int, default=24, help="synthetic test worlds")
-        args = ap.parse_args(argv[1:])
-        cfg = RLConfig()
-        samples, convs = synthetic_split({"test": args.worlds})["test"]
-        tok = world_tokenizer(synthetic_split({"train": 50})["train"][0])
-        res = sensitivity(samples, convs, tok, cfg)
-        print(f"{args.worlds} test worlds, {sum(len(c.qa) for c in convs)} questions, exact reader, "
-              f"lambda {cfg.lam}, phi {cfg.phi} (x100)\n")
-        print(report_table(res, SENSITIVITY_COLS))
-        return
+def cli_compare(argv: list) -> None:
+    """python eval.py compare RUN_DIR... [--out results]"""
+    ap = OneLineParser(prog="eval.py compare", description="Table of an experiment's runs.")
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args(argv)
+    missing = [d for d in args.runs if not (Path(d) / "result.json").exists()]
+    if missing:
+        raise SystemExit(f"error: no result.json in {missing[0]} (did that run finish its test evaluation?)")
+    try:
+        print(compare(args.runs, Path(args.out)))
+    except (DataError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+def cli_sensitivity(argv: list) -> None:
+    """python eval.py sensitivity [--worlds 24]"""
+    ap = OneLineParser(prog="eval.py sensitivity",
+                       description="Reward of scripted managers fed the gold facts, on the test worlds.")
+    ap.add_argument("--worlds", type=positive_int, default=24, help="synthetic test worlds")
+    args = ap.parse_args(argv)
+    cfg = RLConfig()
+    samples, convs = synthetic_split({"test": args.worlds})["test"]
+    tok = world_tokenizer(synthetic_split({"train": 50})["train"][0])
+    res = sensitivity(samples, convs, tok, cfg)
+    print(f"{args.worlds} test worlds, {sum(len(c.qa) for c in convs)} questions, exact reader, "
+          f"lambda {cfg.lam}, phi {cfg.phi} (x100)\n")
+    print(report_table(res, SENSITIVITY_COLS))
+
+
+def eval_data(args) -> tuple:
+    """(samples or None, conversations) of the split, cut to --convs and --sessions. A session
+    slice keeps only the questions whose evidence lies in the kept sessions."""
+    if args.data == "locomo":
+        samples, convs = None, locomo_split(load_locomo(args.locomo_path))[args.split]
+    else:
+        samples, convs = synthetic_split({args.split: args.worlds})[args.split]
+    samples, convs = samples and samples[:args.convs], convs[:args.convs]
+    if args.sessions:
+        convs = [replace(c, sessions=c.sessions[:args.sessions],
+                         qa=[q for q in c.qa if max(q.sessions) <= c.sessions[:args.sessions][-1].index])
+                 for c in convs]
+    return samples, convs
+
+
+def cli_evaluate(argv: list) -> None:
+    """python eval.py PATH [--data ...]: one checkpoint on a split, with the oracle beside it."""
     ap = OneLineParser(description="Evaluate a Memory-R2 checkpoint: F1, BLEU-1, EM per category, M-Fail, memory size, ops.")
     ap.add_argument("path", help="a run dir (runs/<name>) or a checkpoint dir")
     ap.add_argument("--data", choices=["synthetic", "locomo"], default="synthetic")
@@ -865,15 +851,7 @@ def main(argv=None):
         ck = load_checkpoint(ckpt)
         out = ckpt / f"eval-{args.data}-{args.split}.json"
         out.write_text("{}")  # fail now, not after the whole evaluation, if the result cannot be written
-        if args.data == "locomo":
-            samples, convs = None, locomo_split(load_locomo(args.locomo_path))[args.split]
-        else:
-            samples, convs = synthetic_split({args.split: args.worlds})[args.split]
-        samples, convs = samples and samples[:args.convs], convs[:args.convs]
-        if args.sessions:  # a slice: earlier sessions, only questions whose evidence lies in them
-            convs = [replace(c, sessions=c.sessions[:args.sessions],
-                             qa=[q for q in c.qa if max(q.sessions) <= c.sessions[:args.sessions][-1].index])
-                     for c in convs]
+        samples, convs = eval_data(args)
         cfg = RLConfig(chunks=args.chunks if args.chunks is not None else (10 if args.data == "locomo" else 2))
         if ck["model"].cfg.chat_format:  # a pretrained instruct model: room for its JSON
             cfg.max_new = dict(CHAT_MAX_NEW)
@@ -890,6 +868,15 @@ def main(argv=None):
         print("\nDecisions against the teacher (x100):\n\n" + report_table(table, DECISION_COLS))
     out.write_text(json.dumps(table, indent=1))
     print(f"wrote {out}")
+
+
+def main(argv=None):
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    jobs = {"compare": cli_compare, "sensitivity": cli_sensitivity}
+    if argv[:1] and argv[0] in jobs:
+        return jobs[argv[0]](argv[1:])
+    cli_evaluate(argv)
 
 
 if __name__ == "__main__":

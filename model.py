@@ -524,28 +524,33 @@ def load_checkpoint(path, device="cpu") -> dict:
         model.load_state_dict(weights)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path}: weights do not match config ({one_line(e)})") from e
-    opt_tensors = load("optimizer.safetensors", load_file, optional=True)
-    opt_json = load("optimizer.json", _read_json, optional=True)
-    optimizer_state = None
-    if opt_tensors is not None or opt_json is not None:
-        if opt_tensors is None or opt_json is None:
-            raise CheckpointError(f"checkpoint {path}: optimizer.safetensors and optimizer.json must come together")
-        try:
-            state = {}
-            for key, v in opt_tensors.items():
-                _, i, name = key.split(".", 2)
-                state.setdefault(int(i), {})[name] = v
-            for i, d in opt_json["scalars"].items():
-                state.setdefault(int(i), {}).update(d)
-            # JSON turned tuples (AdamW's betas) into lists; only "params" is a real list.
-            groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
-                      for g in opt_json["param_groups"]]
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {path}: bad optimizer state ({one_line(e)})") from e
-        optimizer_state = {"state": state, "param_groups": groups}
+    optimizer_state = _optimizer_state(path, load("optimizer.safetensors", load_file, optional=True),
+                                       load("optimizer.json", _read_json, optional=True))
     tensors = load("tensors.safetensors", load_file, optional=True) or {}
     return {"model": model.to(device), "tok": tok, "meta": meta, "optimizer_state": optimizer_state,
             "tensors": tensors}
+
+
+def _optimizer_state(path, tensors, js):
+    """The optimizer's state_dict back from its two files (None if the checkpoint has none):
+    tensors "state.<param>.<name>", scalars and param groups in JSON."""
+    if tensors is None and js is None:
+        return None
+    if tensors is None or js is None:
+        raise CheckpointError(f"checkpoint {path}: optimizer.safetensors and optimizer.json must come together")
+    try:
+        state = {}
+        for key, v in tensors.items():
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+        for i, d in js["scalars"].items():
+            state.setdefault(int(i), {}).update(d)
+        # JSON turned tuples (AdamW's betas) into lists; only "params" is a real list.
+        groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+                  for g in js["param_groups"]]
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path}: bad optimizer state ({one_line(e)})") from e
+    return {"state": state, "param_groups": groups}
 
 
 def _read_json(f):
