@@ -1,11 +1,9 @@
 """Memory-R2 / LoGo-GRPO: the algorithm, top to bottom (paper Sec. 3-4; official code where more specific).
 
-One transformer plays three roles, switched only by a role token and a short instruction:
-the fact extractor and the memory manager (the trained policy) and the answer agent (a
-frozen copy). A conversation is read session by session; per chunk of turns the extractor
-writes facts, retrieval finds related memories, the manager writes INSERT / UPDATE /
-DELETE / NOOP operations, and they are applied at once. The reward is the answer agent's
-token F1 on questions about the conversation, minus a memory-bloat penalty.
+One transformer, switched by a role prompt, is the fact extractor and the memory manager (the
+policy); a frozen answer agent reads the memory. Per chunk of a session the extractor writes
+facts, the manager writes INSERT / UPDATE / DELETE / NOOP operations on the bank, applied at
+once. The reward is the answer agent's token F1 minus a memory-bloat penalty.
 
 LoGo-GRPO in PPO terms. The episode is one conversation; the state is the dialogue so far
 plus the memory bank; an action is one model call (a chunk's facts, or its operations), and
@@ -42,9 +40,8 @@ from memory import (MemoryBank, bloat_cost, parse_facts, parse_operations, retri
                     retrieve_for_question, short_date)
 
 # ============================================================================ role prompts
-# The JSON schemas of the outputs are the paper's; the inputs are compact lines, since
-# the tiny model's context is 256 tokens. Histories reset at every chunk (not only at every
-# session, as in the paper): a chunk's prompt plus output already fills the short context.
+# The JSON schemas of the outputs are the paper's; the inputs are compact lines, since the
+# tiny model's context is 256 tokens (so histories reset at every chunk, not every session).
 ROLE = {"ext": "<ext>Extract facts.\n", "mgr": "<mgr>Update memory.\n", "ans": "<ans>Answer.\n"}
 SEP = "<sep>"
 
@@ -72,11 +69,9 @@ def answer_prompt(memories, question: str) -> str:
     return ROLE["ans"] + "Q: " + question + "\n" + mem + SEP
 
 
-# An instruct model (one whose config names a chat format) gets the same inputs inside its own
-# chat template: a system prompt with the role's task as the paper describes it, one worked
-# example, then the real input with the reply schema. That is all the prompt engineering a
-# pretrained model gets before RL. The tiny model's prompts above are untouched; this is the one
-# place where the two formats part.
+# An instruct model (its config names a chat format) gets the same inputs in its chat template:
+# a system prompt with the role's task as the paper describes it, one worked example, then the
+# real input with the reply schema. The tiny model's prompts above are untouched.
 CHAT_SYSTEM = {
     "ext": "You are the fact extractor of a memory agent. You read new turns of a long conversation between "
            "two people, each turn ending with its id in parentheses, and extract every fact worth remembering "
@@ -89,9 +84,8 @@ CHAT_SYSTEM = {
     "ans": "You answer questions about a long conversation between two people, using only the memories given, "
            "each with the date of its session. When memories conflict, trust the most recent one.",
 }
-# The reply format comes last in the user turn, right before the answer: small models follow an
-# instruction they have just read far more often than one in the system prompt (SmolLM2-135M
-# went on with the dialogue instead of writing JSON when it was only in the system prompt).
+# The reply format comes last, right before the answer: SmolLM2-135M went on with the dialogue
+# instead of writing JSON when the format was only in the system prompt.
 CHAT_USER = {
     "ext": ("New turns:\n", '\n\nExtract the facts, one per item, at most 20 words each, naming the person. Reply '
             'with JSON only: {"facts": [{"fact": "...", "speaker": "<whom the fact is about>", "dia_id": "<id of '
@@ -233,11 +227,9 @@ def sample(model, tok, prompts: list, role: str, cfg: RLConfig, temperature: flo
 
 
 def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperature: float, gen=None, trace=None):
-    """Run sessions[b] on banks[b] for every b in one batch, writing to the banks in place.
-    Training passes one session n (rollouts) or K (branches) times; evaluation passes
-    session t of several conversations. Returns (extractor rows, manager rows, op counts).
-    With a `trace` list, every chunk's decisions are appended to it as a Decision, so that
-    they can be scored against a teacher (the synthetic world has one; LoCoMo does not)."""
+    """Run sessions[b] on banks[b] for every b in one batch, writing to the banks in place
+    -> (extractor rows, manager rows, op counts). Training passes one session n or K times,
+    evaluation session t of several conversations. A `trace` list collects every chunk's Decision."""
     B = len(banks)
     ext, mgr, counts = [Row("ext") for _ in range(B)], [Row("mgr") for _ in range(B)], Counter()
     chunks = [chunk_turns(s.turns, cfg.chunks) for s in sessions]
@@ -287,11 +279,9 @@ def read_conversations(model, tok, convs: list, cfg: RLConfig, temperature: floa
 
 # ============================================================================ answer agent
 class AnswerAgent:
-    """The frozen answer agent (paper Sec. 3): retrieval shows the top memories per speaker,
-    a reader answers from them. It is never updated, so answers are cached by what the reader
-    sees. `read([(memories, question)]) -> [answer]` is either `model_reader` (a learned model,
-    the only option on LoCoMo) or the synthetic world's exact reader (eval.py); `name` says
-    which, and every run records it."""
+    """The frozen answer agent (paper Sec. 3): retrieval shows the top memories per speaker and
+    `read([(memories, question)]) -> [answer]` answers: `model_reader` or the synthetic world's
+    exact reader (eval.py), recorded by `name`. Never updated, so answers are cached."""
 
     def __init__(self, read, cfg: RLConfig, name: str):
         self.read, self.top_k, self.name, self.cache = read, cfg.qa_top_k, name, {}
@@ -381,9 +371,8 @@ def penalty(tok, bank, T: int, cfg: RLConfig) -> float:
 
 
 def row_reward(f1: list, pen: float, finished: bool) -> float:
-    """The reward of one row, global or local alike: mean F1 over its questions minus its
-    bloat penalty lam * c(M, T). A row no question touches gets F1 0; a row whose calls did
-    not all finish gets 0 (its output was cut off, so it is not judged)."""
+    """One row's reward, global or local alike: mean F1 over its questions (0 if none) minus
+    its bloat penalty lam * c(M, T); 0 if a call was cut off unfinished."""
     return (sum(f1) / len(f1) if f1 else 0.0) - pen if finished else 0.0
 
 
@@ -439,11 +428,9 @@ def assign_advantages(rows: list) -> dict:
 
 
 def credit_correlation(rows: list) -> dict:
-    """Does a row's advantage say how good its own decisions were? Per group kind, the
-    pooled within-group correlation between advantage and true quality (a teacher's score
-    of the row's decisions), over manager rows of groups whose rewards vary. Advantages are
-    already centred per group; qualities are centred here. Local groups compare branches
-    from one memory, global groups mix in every other session's luck: local should be higher."""
+    """Does a row's advantage say how good its own decisions were? Per group kind, the pooled
+    within-group correlation of advantage and true quality (the teacher's score of the row's
+    decisions), over manager rows of groups whose rewards vary; qualities are centred per group."""
     groups = {}
     for row in rows:
         if row.role == "mgr" and row.quality == row.quality:
@@ -526,9 +513,8 @@ class Branch:
 
 
 def play_session(policy, tok, banks: list, session, group, cfg: RLConfig, gen, judge) -> tuple:
-    """Run one session on every bank (in place) -> ([(extractor row, manager row)] per bank, op
-    counts). `group(role)` names the GRPO group of the rows; `judge(session, decisions)` gives
-    each pair its true quality for the credit diagnostic (NaN without a teacher)."""
+    """One session on every bank (in place) -> ([(extractor row, manager row)] per bank, op
+    counts); `group(role)` names the rows' group, `judge` their true quality (else NaN)."""
     trace = []
     ext, mgr, counts = run_session(policy, tok, banks, [session] * len(banks), cfg, cfg.temperature, gen, trace)
     for i, (e, m) in enumerate(zip(ext, mgr)):
@@ -538,9 +524,8 @@ def play_session(policy, tok, banks: list, session, group, cfg: RLConfig, gen, j
 
 
 def global_rollouts(policy, tok, conv, S: int, cfg: RLConfig, algo_rng, gen, judge) -> tuple:
-    """Global rollouts: n rollouts of sessions 1..S from an empty memory, with a coin per
-    session (probability p) for a local branch point, whose snapshot is taken BEFORE the session
-    runs. -> (final banks, pairs[t-1][i] of rollout i at session t, branch points, op counts)."""
+    """n rollouts of sessions 1..S from empty memory; before each session a coin (p) may pick
+    a branch point -> (final banks, pairs[t-1][i] of rollout i at session t, branches, op counts)."""
     banks, pairs, branches, counts = [MemoryBank() for _ in range(cfg.n)], [], [], Counter()
     for t, session in enumerate(conv.sessions[:S], 1):
         if cfg.algo in ("logo", "local") and algo_rng.random() < cfg.p:
@@ -563,10 +548,8 @@ def local_rerollouts(policy, tok, conv, branches: list, cfg: RLConfig, gen, judg
 
 def assign_rewards(answerer, tok, conv, S: int, banks: list, glob: list, branches: list, q_global: list,
                    q_seed: float, cfg: RLConfig) -> tuple:
-    """Rewards, both kinds through `qa_scores` and `row_reward`. Global: each rollout's FINAL
-    memory, the sampled questions whose evidence lies in session t, penalty at T_S. Local: the
-    branch's memory right after session t, the branch point's own question subset (evidence
-    <= t), penalty at T_t. -> (global F1 [n][q], global penalties [n], finished [n][S], r [n][S])."""
+    """Rewards, both kinds through `qa_scores` and `row_reward` (rules: README, 'Rewards').
+    -> (global F1 [n][q], global penalties [n], finished [n][S], global rewards [n][S])."""
     T = dialogue_tokens(tok, conv)
     f1, pens = qa_scores(answerer, tok, banks, q_global, T[S - 1], cfg)
     finished = [[e.finished and m.finished for e, m in (glob[t][i] for t in range(S))] for i in range(cfg.n)]
@@ -585,11 +568,9 @@ def assign_rewards(answerer, tok, conv, S: int, banks: list, glob: list, branche
 def logo_step(policy, ref, answerer: AnswerAgent, tok, conv, S: int, cfg: RLConfig, opt,
               data_rng: random.Random, algo_rng: random.Random, gen: torch.Generator, judge=None) -> dict:
     """One policy update (paper Alg. 1): global rollouts, local rerollouts, rewards, advantages,
-    and the update on one merged pool.
-    Two random streams: `data_rng` picks the questions, `algo_rng` the branch points (and
-    `gen` the samples), so every algorithm run with one seed is asked the same questions.
-    `judge(session, decisions) -> quality in [0, 1]` (optional) scores a row's decisions
-    against a teacher, for the credit-assignment diagnostic; it never touches the reward."""
+    the update on one merged pool. `data_rng` picks the questions, `algo_rng` the branch points
+    (`gen` the samples): one seed asks every algorithm the same questions. `judge` (optional)
+    scores rows against a teacher for the credit diagnostic; it never touches the reward."""
     S = min(S, len(conv.sessions))
     q_global = sample_questions(conv.qa, S, cfg.q_global, data_rng)
     q_seed = data_rng.random()  # local subsets derive from it, so no arm shifts another's draws
