@@ -65,6 +65,7 @@ def greedy_by_recompute(model, prompt, n, eos_id=None):
 
 
 def test_kv_cache_greedy_equals_full_recompute(model):
+    """The cache is an optimisation: greedy tokens must be those of recomputing the whole prefix."""
     prompts = prompts_of_lengths([3, 9, 1, 6, 12])
     out, finished = generate(model, prompts, 20, temperature=0, eos_id=None)
     refs = [greedy_by_recompute(model, p, 20) for p in prompts]
@@ -87,6 +88,7 @@ def test_row_stops_at_eos_and_keeps_it(model):
 
 
 def test_left_padded_logits_equal_prompt_alone(model):
+    """Prompts of different lengths share a batch; padding must not change any prompt's logits."""
     prompts = prompts_of_lengths([4, 11, 7])
     idx, pos, mask = left_pad(prompts, "cpu")
     batched = model(idx, pos=pos, attn_mask=mask)  # (B, L, V)
@@ -109,6 +111,7 @@ def test_sampling_reproducible_with_generator_seed(model):
 
 
 def test_temperature_zero_is_argmax_and_full_softmax_sampling_matches_probs():
+    """Rollouts sample the plain softmax (no top-k/top-p): the log-probs the loss uses are the sampler's."""
     from model import sample_next
     torch.manual_seed(0)
     logits = torch.randn(3, 5) * 2
@@ -155,6 +158,7 @@ def test_tokenizer_round_trip_and_special_ids(tok, tmp_path):
 
 
 def test_checkpoint_round_trip_logits_optimizer_and_tensors(tok, tmp_path):
+    """A resume restores weights, AdamW state and RNG tensors exactly, or it is a different run."""
     model = varied_model(CK)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.tensor([[1, 2, 3]])).sum().backward()
@@ -227,6 +231,7 @@ def test_atomic_save_replaces_existing_and_leaves_no_temp_dirs(tok, tmp_path):
 
 
 def test_a_save_interrupted_at_any_instant_leaves_the_old_or_the_new_checkpoint(tok, tmp_path, monkeypatch):
+    """Nothing lost on interruption: a kill during a save leaves a whole checkpoint, old or new."""
     import model as model_module
     path, prev, k, done = tmp_path / "ckpt", 0, 0, False
     save_checkpoint(path, Transformer(CK), tok, {"step": 0})
@@ -257,6 +262,7 @@ def test_a_save_interrupted_at_any_instant_leaves_the_old_or_the_new_checkpoint(
 
 
 def test_non_finite_weights_are_never_saved_nor_loaded(tok, tmp_path):
+    """NaN weights evaluate to F1 0 and would look like a result."""
     model = Transformer(CK)
     save_checkpoint(tmp_path / "c", model, tok, {"step": 1})
     with torch.no_grad():
@@ -359,6 +365,7 @@ def ragged_batch(tok, texts):
 
 
 def test_hf_logits_match_the_library_on_a_ragged_batch(hf_dir, locomo_turns):
+    """Our transformer with their weights is their model: logits equal the library's within 1e-4."""
     ck = load_checkpoint(hf_dir)  # our loader recognises the library's directory
     ours, theirs = ck["model"], hf_model(hf_dir)
     idx, pos, mask = left_pad(ragged_batch(ck["tok"], locomo_turns[5:8]), "cpu")  # (3, L), lengths differ
@@ -407,6 +414,7 @@ def test_hf_tokenizer_and_chat_format_equal_the_library(hf_dir, locomo_turns):
 
 
 def test_saved_hf_dir_loads_in_the_library_with_equal_logits(hf_dir, tmp_path, locomo_turns):
+    """A trained model goes back to the user's tools unchanged."""
     from model import save_hf
     ck = load_checkpoint(hf_dir)
     save_hf(tmp_path / "out", ck["model"], ck["tok"])
@@ -563,6 +571,7 @@ def filled_bank():
 
 
 def test_operations_apply_in_order_update_keeps_id_delete_removes():
+    """The manager's four operations (paper Sec. 3) on the dict bank, applied in order."""
     b = filled_bank()
     c = b.apply([{"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima", "dia_id": "D2:1"},
                  {"op": "DELETE", "memory_id": "m2"}, {"op": "NOOP"}], 2, "9 May 2023")
@@ -582,6 +591,7 @@ def test_operations_apply_in_order_update_keeps_id_delete_removes():
     ("INSERT", "rejected_unknown_op"),
 ])
 def test_rejected_operation_changes_nothing_and_is_counted_by_reason(op, reason):
+    """A bad operation from the model is rejected whole, never half-applied, and counted."""
     b = filled_bank()
     before = state(b)
     assert b.apply([op], 2, "x") == {reason: 1}
@@ -589,6 +599,7 @@ def test_rejected_operation_changes_nothing_and_is_counted_by_reason(op, reason)
 
 
 def test_an_id_is_touched_at_most_once_per_call():
+    """Two operations on one id in one call are ambiguous; the first wins, the rest are rejected."""
     b = filled_bank()
     c = b.apply([{"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima"},
                  {"op": "DELETE", "memory_id": "m1"}], 2, "x")
@@ -596,6 +607,7 @@ def test_an_id_is_touched_at_most_once_per_call():
 
 
 def test_parsers_and_apply_never_raise_on_fuzzed_model_output(tok):
+    """The policy writes anything while it learns; the environment must never crash on it."""
     rng = random.Random(0)
     valid = ['{"facts":[{"speaker":"Ann","dia_id":"D1:1","fact":"Ann skis"}]}',
              '{"operations":[{"op":"INSERT","speaker":"Ann","content":"Ann skis","dia_id":"D1:1"},'
@@ -639,6 +651,7 @@ def test_parsers_and_apply_never_raise_on_fuzzed_model_output(tok):
 
 
 def test_snapshot_is_isolated_both_ways():
+    """Local branches start from a deepcopy: no branch may see another's writes, nor the rollout's."""
     parent = filled_bank()
     snap = parent.snapshot()
     snap.apply([{"op": "DELETE", "memory_id": "m1"}, {"op": "INSERT", "speaker": "Bo", "content": "Bo skis"}], 2, "x")
@@ -648,6 +661,7 @@ def test_snapshot_is_isolated_both_ways():
 
 
 def test_bloat_cost_is_free_up_to_phi_then_linear():
+    """c(M, T) = max(0, tok(M) - phi T) / T: memory up to phi of the dialogue is free."""
     assert bloat_cost(70, 100, 0.7) == 0.0
     assert bloat_cost(90, 100, 0.7) == pytest.approx(0.2)
     assert bloat_cost(190, 100, 0.7) == pytest.approx(1.2)
@@ -666,6 +680,7 @@ def test_retrieval_ranks_all_entries_with_one_score_asked_speaker_first():
     # The issue's case: Peggy's entry written first, Nina's second. Scored per speaker, both
     # got the same within-speaker score and Peggy's came first; one score over the bank puts
     # the entry that shares the asked name first.
+    """One BM25 score over the whole bank, so scores of two speakers' entries are comparable."""
     b = MemoryBank()
     b.apply([{"op": "INSERT", "speaker": "Peggy", "content": "Peggy lives in Tokyo"},
              {"op": "INSERT", "speaker": "Peggy", "content": "Peggy works as a chef"},
@@ -686,6 +701,7 @@ def test_retrieval_ties_go_to_the_newest_entry():
 
 # ==== memr2.py: metrics (token F1, BLEU-1) ========================================================
 def test_token_f1_is_squad_normalised_set_overlap():
+    """The reward's F1 is the official code's: SQuAD normalisation, overlap of token sets."""
     assert M.token_f1("The Paris!", "paris") == 1.0
     assert M.token_f1("Paris and Rome", "Rome") == pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
     assert M.token_f1("", "") == 1.0 and M.token_f1("x", "") == 0.0 and M.token_f1("a", "b") == 0.0
@@ -693,6 +709,7 @@ def test_token_f1_is_squad_normalised_set_overlap():
 
 
 def test_bleu1_is_the_official_squad_normalised_clipped_precision_times_brevity_penalty():
+    """BLEU-1 as the official reward manager computes it, on hand cases."""
     assert M.bleu1("paris paris", "paris") == pytest.approx(0.5)  # clipped count 1 of 2
     assert M.bleu1("rome", "rome in italy") == pytest.approx(M.math.exp(1 - 3))
     assert M.bleu1("8 May 2023", "8 May 2023") == 1.0
@@ -705,6 +722,7 @@ def test_bleu1_is_the_official_squad_normalised_clipped_precision_times_brevity_
 
 # ==== memr2.py: rewards ===========================================================================
 def test_global_reward_credits_each_evidence_session_and_zeroes_unfinished():
+    """Global rows: F1 of the questions with evidence in their session, final memory, minus the penalty."""
     qa = [E.QA("q1", "a", ["D1:1"], 4, [1]), E.QA("q2", "a", ["D1:2", "D3:1"], 1, [1, 3])]
     f1 = [[1.0, 0.0], [0.5, 1.0]]
     r = M.global_rewards(f1, qa, 3, penalties=[0.1, 0.0], finished=[[True] * 3, [True, True, False]])
@@ -714,6 +732,7 @@ def test_global_reward_credits_each_evidence_session_and_zeroes_unfinished():
 
 # ==== memr2.py: group advantages ==================================================================
 def test_group_advantage_is_standardised_with_unbiased_std():
+    """GRPO's baseline is the group mean; advantages are (r - mean) / (std + 1e-6), std unbiased."""
     a = M.group_advantages([1.0, 2.0, 3.0])
     assert a == pytest.approx([-1 / (1 + 1e-6), 0.0, 1 / (1 + 1e-6)])
     assert M.group_advantages([0.4]) == [0.4]  # singleton: A = r
@@ -721,6 +740,7 @@ def test_group_advantage_is_standardised_with_unbiased_std():
 
 
 def test_groups_are_per_role_and_zero_variance_groups_are_counted():
+    """Extractor and manager rows are separate groups; a group with equal rewards teaches nothing."""
     rows = [M.Row("ext", M.Group("G", 1, "ext"), reward=r) for r in (0.0, 1.0)] + \
            [M.Row("mgr", M.Group("G", 1, "mgr"), reward=r) for r in (0.0, 1.0)] + \
            [M.Row("mgr", M.Group("L", 1, "mgr", 0), reward=0.3) for _ in range(2)]
@@ -737,16 +757,19 @@ def _loss(logp, old, adv, owner, **kw):
 
 
 def test_loss_at_ratio_one_is_minus_mean_advantage_over_cells():
+    """On-policy, the clipped surrogate is just -mean(A) over model calls."""
     assert _loss([-1.0, -2.0, -0.5], [-1.0, -2.0, -0.5], [0.5, -2.0], [0, 0, 1]) == pytest.approx(0.75)
 
 
 def test_cells_not_tokens_are_averaged():
     # cell 0 has 3 tokens, cell 1 has 1: a token mean would give (3*1 + 1*(-1))/4 = 0.5 of -A
+    """Turn-level loss: a long output weighs as much as a short one."""
     assert _loss([0.0] * 4, [0.0] * 4, [1.0, -1.0], [0, 0, 0, 1]) == pytest.approx(0.0)
 
 
 def test_turn_ratio_is_the_mean_token_log_ratio_and_is_clipped():
     # cell log-ratio = mean(0.4, 0.2) = 0.3 -> r = e^0.3 = 1.35 > 1.2: A > 0 is clipped at 1.2
+    """The PPO ratio is per model call: exp of the call's mean token log-ratio, then clipped."""
     assert _loss([0.4, 0.2], [0.0, 0.0], [1.0], [0, 0]) == pytest.approx(-1.2)
     # A < 0 with r = e^0.3: max(-A r, -A clip) = -A r (the pessimistic side is not clipped)
     assert _loss([0.4, 0.2], [0.0, 0.0], [-1.0], [0, 0]) == pytest.approx(torch.exp(torch.tensor(0.3)).item())
@@ -756,12 +779,14 @@ def test_turn_ratio_is_the_mean_token_log_ratio_and_is_clipped():
 
 def test_dual_clip_bounds_the_loss_of_negative_advantages():
     # log-ratio 2 -> r = e^2 = 7.39; A = -1: -A r = 7.39 is capped at -A c = 3
+    """A negative advantage with a huge ratio would dominate the batch; the dual clip bounds it."""
     assert _loss([2.0], [0.0], [-1.0], [0]) == pytest.approx(3.0)
     # the log-ratio cap: l = 10 -> r = e^3, A > 0 clipped at 1 + eps anyway
     assert _loss([10.0], [0.0], [1.0], [0]) == pytest.approx(-1.2)
 
 
 def test_clip_fractions_count_only_active_clips_as_the_official_metrics():
+    """clip_frac counts a clip only where it changes the loss, as the official metrics do."""
     cfg = M.RLConfig(beta_kl=0.0, beta_h=0.0)
     lp = torch.tensor([0.5, 0.5, -0.5, -0.5, 2.0, 10.0])   # log-ratios of six one-token cells
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0, 1.0])
@@ -773,6 +798,7 @@ def test_clip_fractions_count_only_active_clips_as_the_official_metrics():
 
 
 def test_kl_term_is_k3_and_entropy_is_a_bonus():
+    """The k3 KL estimator to the reference is non-negative; entropy lowers the loss."""
     cfg = M.RLConfig(beta_kl=1.0, beta_h=0.5)
     logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
     d = ref - logp
@@ -814,6 +840,7 @@ def scripted_sample(rng, finished=True):
 
 
 def test_local_branches_start_from_identical_memory_and_never_leak(tiny, monkeypatch):
+    """The K branches of a local group start from one snapshot taken before the session: a fair comparison."""
     conv, tok, model = tiny
     monkeypatch.setattr(M, "sample", scripted_sample(random.Random(1)))
     calls, real = [], M.run_session
@@ -841,6 +868,7 @@ def test_local_branches_start_from_identical_memory_and_never_leak(tiny, monkeyp
 
 @pytest.mark.parametrize("algo, share", [("grpo", 0.0), ("local", 1.0)])
 def test_algo_switch_selects_the_pool(tiny, monkeypatch, algo, share):
+    """grpo trains on global rows only, local on local rows only, logo on both."""
     conv, tok, model = tiny
     monkeypatch.setattr(M, "sample", scripted_sample(random.Random(2)))
     cfg = M.RLConfig(algo=algo, n=2, K=2, p=1.0, ppo_epochs=1)  # p = 1 for both: grpo must branch nowhere by itself
@@ -851,6 +879,7 @@ def test_algo_switch_selects_the_pool(tiny, monkeypatch, algo, share):
 
 
 def test_credit_correlation_is_within_group_and_per_kind():
+    """The diagnostic compares rows within a group only, as their advantages do."""
     def row(kind, src, reward, adv, quality):
         return M.Row("mgr", M.Group(kind, 1, "mgr", src), reward=reward, adv=adv, quality=quality)
     # local: advantage follows quality inside each group; global: against it. Group offsets
@@ -865,6 +894,7 @@ def test_credit_correlation_is_within_group_and_per_kind():
 
 
 def test_one_seed_gives_every_algo_the_same_questions(tiny, monkeypatch):
+    """Separate data and algorithm streams: for one seed every arm is asked the same questions."""
     conv, tok, model = tiny
     asked = {}
     real = M.sample_questions
@@ -898,6 +928,7 @@ def test_logo_step_logs_the_credit_diagnostic(tiny, monkeypatch):
 
 
 def test_unfinished_generations_get_zero_reward(tiny, monkeypatch):
+    """A cut-off output is not judged: its row's reward is 0."""
     conv, tok, model = tiny
     monkeypatch.setattr(M, "sample", scripted_sample(random.Random(3), finished=False))
     cfg = M.RLConfig(n=2, K=2, p=1.0, lam=0.0, ppo_epochs=1)
@@ -912,6 +943,7 @@ def test_unfinished_generations_get_zero_reward(tiny, monkeypatch):
 
 
 def test_logprob_temperature_equals_sampling_temperature(tiny, monkeypatch):
+    """The ratio compares log-probs at the temperature the tokens were sampled at."""
     conv, tok, model = tiny
     cfg = M.RLConfig(n=2, K=2, p=1.0, temperature=0.7, ppo_epochs=1)
     temps = {"generate": set(), "sample": set(), "logprob": set()}
@@ -937,6 +969,7 @@ def test_logprob_temperature_equals_sampling_temperature(tiny, monkeypatch):
 
 
 def test_first_update_is_on_policy_ratio_exactly_one(tiny):
+    """Old log-probs come from the same kernel as the update, so the first ratio is exactly 1."""
     conv, tok, model = tiny
     cells = [M.Cell(encode(tok, "<ext>Extract facts.\nD1:1 Ann: hi<sep>"), encode(tok, '{"facts":[]}') + [2], True)]
     with torch.no_grad():
@@ -989,6 +1022,7 @@ def assert_close(a, b, tol=1e-5):
 
 @pytest.mark.parametrize("tau", [1.0, 0.7, 1.3])
 def test_fp32_logprobs_entropy_and_grads_match_dense_reference(tau):
+    """The fused kernel computes what log_softmax + gather would, values and gradients."""
     h, W, y = make(97, 33, 1000, scale=2.0)
     g, e = upstream(97)
     got = values_and_grads(lambda h, W: fused_logprobs(h, W, y, tau, True, 16), h, W, g, e)
@@ -1061,6 +1095,7 @@ def test_gradcheck_fp64_both_outputs():
 # 4. chunk invariance
 
 def test_chunk_size_does_not_change_logprobs_or_grads():
+    """Chunking is a memory trade only: results do not depend on the chunk size."""
     n = 37
     h, W, y = make(n, 24, 500, scale=2.0)
     g, e = upstream(n)
@@ -1139,6 +1174,7 @@ def test_masked_rows_match_dense_and_padding_never_reaches_grads():
 def test_confident_rows_have_no_nan_and_match_fp64(p_y):
     # logits are built exactly (orthogonal W, so z = h W^T is chosen directly); p_y = 1.0 means a
     # gap of 200 nats, so every other p underflows to 0 in fp32 and log(P) would give NaN entropy
+    """p_y near 1 is where a naive lse loses the 1 - p_y signal or makes NaN."""
     n, v, tau = 12, 64, 0.7
     gen = torch.Generator().manual_seed(5)
     Q, _ = torch.linalg.qr(torch.randn(v, v, generator=gen, dtype=torch.float64))
@@ -1285,6 +1321,7 @@ def test_question_counts_by_category(raw):
 
 
 def test_official_split(convs):
+    """The Memory-R1 code's split: 1 train, 1 val, 7 test conversations."""
     split = locomo_split(convs)
     assert [c.sample_id for p in split.values() for c in p] == sum(LOCOMO_SPLIT.values(), [])
     (train,), (val,) = split["train"], split["val"]
@@ -1307,6 +1344,7 @@ def test_sessions_from_session_keys_sorted_numerically(convs, raw):
 
 
 def test_real_file_quirks_are_cleaned(convs, raw):
+    """The loader repairs the file's known quirks once, so nothing downstream sees raw JSON."""
     total = collections.Counter()
     for c in convs:
         total.update(c.dropped)
@@ -1426,6 +1464,7 @@ def test_loader_names_the_sample_and_field_of_bad_data(raw, tmp_path, damage, me
 def test_exact_answerer_reads_the_oracle_memory_perfectly(seed):
     # The frozen answer agent on the teacher's memory, through retrieval as in training:
     # F1 100 in every category, "none" answers and made-up values included.
+    """The frozen answer agent must read the right memory right, or the reward cannot see memory management."""
     sample = E.make_world(seed, n_sessions=32)
     conv = E.parse_conversation(sample)
     bank = E.teacher_memory(sample, conv, n_chunks=2)
@@ -1450,6 +1489,7 @@ def test_exact_reader_takes_the_newest_line_and_reads_endings_as_none():
 
 def test_reward_ranks_scripted_managers_oracle_first_empty_last():
     # The reward must tell each single kind of memory mistake from the right decisions.
+    """A reward that cannot rank scripted managers cannot teach memory management."""
     samples, convs = E.synthetic_split({"test": 4})["test"]
     tok = E.world_tokenizer(E.synthetic_split({"train": 8})["train"][0], 512)
     res = {k: v["reward"] for k, v in E.sensitivity(samples, convs, tok, M.RLConfig()).items()}
@@ -1465,6 +1505,7 @@ def _decision(shown, facts, ops, turns=None):
 
 
 def test_decisions_are_scored_against_the_teacher_on_the_same_memories():
+    """Per-op accuracy compares the model's op with the teacher's given the same facts and memories."""
     b = filled_bank()  # m1 Ann lives in Oslo, m2 Ann works as a baker, m3 Bo lives in Rome
     gold = {"D2:1": {"fact": "Ann lives in Lima"}, "D2:2": {"fact": "Bo read the book Dune"}}
     facts = [{"speaker": "Ann", "dia_id": "D2:1", "fact": "Ann lives in Lima"},
@@ -1511,6 +1552,7 @@ def test_sessions_are_chunked_into_consecutive_runs():
 
 # ==== eval.py: the experiment table ===============================================================
 def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
+    """Arms are compared per seed (paired), with a t-interval over seeds."""
     runs = []
     for algo, f1s in (("logo", [30.0, 34.0]), ("grpo", [20.0, 26.0])):
         for seed, f1 in zip((1, 2), f1s):
@@ -1582,6 +1624,7 @@ def rl_lines(run):
 
 
 def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset):
+    """python train.py end to end: SFT, every curriculum stage, the test table."""
     res = train.main(["--sessions", "3", "--stages", "2,3", "--out", str(tmp_path), "--name", "smoke", "--threads", "1"])
     run = tmp_path / "smoke"
     for d in ("sft", "best-stage0", "best-stage1", "last"):
@@ -1596,6 +1639,7 @@ def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset):
 
 
 def test_resume_after_interrupt_gives_the_same_metrics_and_weights(tmp_path, tiny_preset, monkeypatch):
+    """A resumed run is the same run: metrics and weights equal an uninterrupted one."""
     base = ["--sessions", "3", "--stages", "2,3", "--steps-per-stage", "2,1", "--val-every", "1", "--out", str(tmp_path),
             "--no-final-eval", "--threads", "1"]
     train.main(base + ["--name", "sft-src", "--steps-per-stage", "0"])  # one shared SFT model for every run
@@ -1628,6 +1672,7 @@ def test_resume_after_interrupt_gives_the_same_metrics_and_weights(tmp_path, tin
 
 @pytest.mark.parametrize("poison", ["loss", "gradient"])
 def test_non_finite_loss_or_gradient_skips_the_update(monkeypatch, poison):
+    """One NaN step would poison every later checkpoint; it is skipped and counted instead."""
     torch.manual_seed(0)
     model = train.Transformer(train.ModelConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, n_kv_head=2))
     before = [p.detach().clone() for p in model.parameters()]
@@ -1851,6 +1896,7 @@ def test_out_that_cannot_hold_a_run_and_stages_alone(tmp_path, tiny_preset, monk
     (["eval.py", "x", "--worlds", "0"], "--worlds"),
 ])
 def test_user_mistakes_give_one_error_line_and_no_traceback(argv, message, tmp_path):
+    """A user mistake is one line saying what to fix, never a traceback."""
     p = subprocess.run([sys.executable, *argv, *(["--out", str(tmp_path)] if argv[0] == "train.py" else [])],
                        capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).parent))
     assert p.returncode != 0
