@@ -1373,8 +1373,8 @@ def test_image_turns_carry_caption(convs):
 def test_conv43_evidence_coverage(convs):
     conv43 = locomo_split(convs)["train"][0]
     covered = [sum(max(q.sessions) <= k for q in conv43.qa) for k in (8, 16, 29)]
-    # The spec says 44 / 97 / 177: its count loses the QA whose evidence holds "D:11:26";
-    # after cleaning, that QA's other 6 ids all lie within the 29 sessions.
+    # A raw count gives 44 / 97 / 177: it loses the QA whose evidence holds the malformed
+    # "D:11:26"; after cleaning, that QA's other 6 ids all lie within the 29 sessions.
     assert covered == [44, 97, 178]
 
 
