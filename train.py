@@ -50,6 +50,13 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)", left off where X is None or '': such a flag's real default
+    lives elsewhere (RLConfig, the preset, the run), and its help text names it."""
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
+
+
 # flag -> (test, what it must be): checked at parse time, before anything runs or is written
 FLAG_CHECKS = {
     **{f: (lambda v: v >= 1, "an integer >= 1") for f in ("n", "K", "chunks", "ppo_epochs", "val_every", "sessions", "threads")},
@@ -73,19 +80,19 @@ def parse_args(argv=None):
 def build_parser():
     """Flags, grouped; every RL default lives in RLConfig (memr2.py) or the preset, and its help says which."""
     d = RLConfig()
-    ap = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = Parser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     g = ap.add_argument_group("model and data")
     g.add_argument("--preset", choices=PRESETS, default="tiny", help="model size, SFT budget, group sizes, world counts")
     g.add_argument("--data", choices=["synthetic", "locomo"], default="synthetic", help="training/evaluation data")
     g.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"), help="LoCoMo JSON file")
     g.add_argument("--sessions", type=int, default=32, help="sessions per synthetic conversation")
-    g.add_argument("--init", default=None, help="start RL from this SFT checkpoint dir instead of training one")
-    g.add_argument("--init-hf", default=None, help="start RL from a pretrained Hugging Face Llama/Qwen2 model dir (no SFT)")
+    g.add_argument("--init", default=None, help="start RL from this SFT checkpoint dir (default: train one, into <run>/sft)")
+    g.add_argument("--init-hf", default=None, help="start RL from a pretrained Hugging Face Llama/Qwen2 model dir, with no SFT (default: none)")
     g.add_argument("--answerer", choices=["exact", "learned"], default=None,
-                   help="frozen answer agent: the exact reader over retrieved lines (synthetic default) or the SFT "
-                        "model in the answer role (LoCoMo's default, and an option)")
+                   help="frozen answer agent: the exact reader over retrieved lines or the SFT model in the answer "
+                        "role (default: exact on synthetic data, learned on LoCoMo)")
     g = ap.add_argument_group("SFT warm start")
-    g.add_argument("--sft-steps", type=int, default=None, help="SFT steps (preset: tiny 2500, gpu 8000)")
+    g.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's, tiny 2500, gpu 8000)")
     g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate (cosine to 10 %%)")
     g.add_argument("--teacher-noise", type=float, default=0.3,
                    help="rate of wrong/missing teacher ops in SFT data (0: a perfect teacher, which leaves RL nothing "
@@ -108,7 +115,7 @@ def build_parser():
     g = ap.add_argument_group("curriculum")
     g.add_argument("--stages", default="8,16,32", help="session caps of the curriculum; '32' trains directly")
     g.add_argument("--steps-per-stage", default=None,
-                   help="RL steps per stage, e.g. 10,5,5 (preset default: 10,5,5, cut or padded to the stages)")
+                   help="RL steps per stage, e.g. 10,5,5 (default: the preset's 10,5,5, cut or padded to the stages)")
     g.add_argument("--val-every", type=int, default=5, help="validate every this many RL steps")
     g = ap.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds SFT, data and algorithm streams")
@@ -116,9 +123,9 @@ def build_parser():
     g.add_argument("--threads", type=int, default=2, help="torch CPU threads (use 1 for parallel runs)")
     g.add_argument("--out", default="runs", help="directory of run directories")
     g.add_argument("--name", default=None, help="run name (default: <algo>-<stages>-s<seed>)")
-    g.add_argument("--resume", default=None, help="continue runs/<name> from its last checkpoint")
+    g.add_argument("--resume", default=None, help="continue runs/<name> from its last checkpoint (default: start a new run)")
     g.add_argument("--no-final-eval", action="store_true", help="skip the test evaluation (experiments)")
-    g.add_argument("--override", default="", help="with --resume: flags allowed to differ from the run's, e.g. lr,threads")
+    g.add_argument("--override", default="", help="with --resume: flags allowed to differ from the run's, e.g. lr,threads (default: none)")
     return ap
 
 
