@@ -19,7 +19,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -297,18 +297,77 @@ def prepare_pretrained(model, cfg: RLConfig, args, device) -> None:
         print("warning: the estimate exceeds this GPU's memory" + ("" if args.grad_ckpt else "; try --grad-ckpt"))
 
 
-# ============================================================================ checkpoints
-def save_rl_state(path, policy, tok, opt, meta, data_rng, algo_rng, gen):
-    """Everything a resume needs: weights, optimizer, curriculum position, every RNG."""
-    meta = meta | {"data_rng": _jsonable(data_rng.getstate()), "algo_rng": _jsonable(algo_rng.getstate())}
-    save_checkpoint(path, policy, tok, meta, opt, {"torch_gen": gen.get_state(), "torch_rng": torch.get_rng_state()})
+# ============================================================================ run state, checkpoints, resume
+POS = ("stage", "step", "best", "gstep", "fails", "lines")  # meta.pos of `last`: runs on disk have these keys
+
+
+@dataclass
+class RunState:
+    """Where a run is, beyond its weights: saved with every `last` checkpoint and restored from it
+    by resume_from_last, so a resumed run logs and samples exactly as an uninterrupted one.
+    Two random streams: data (training conversation, question subsets) and algorithm (branch
+    coins; `gen` samples), so every algorithm run with one seed trains on the same conversations
+    and questions."""
+    metrics: Path  # the run's metrics.jsonl
+    data_rng: random.Random
+    algo_rng: random.Random
+    gen: torch.Generator
+    stage: int = 0  # index into args.stages
+    step: int = 0  # RL steps done in this stage
+    best: float | None = None  # the stage's best validation F1 so far
+    gstep: int = 0  # RL steps done in all stages
+    fails: int = 0  # steps with skipped (non-finite) updates, all stages
+    lines: int = 0  # lines in metrics.jsonl: a resume cuts the log back to it
+
+    def log(self, rec: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        self.lines += 1
+
+
+def start_state(args, run: Path, device) -> RunState:
+    """Seed every stream and leave metrics.jsonl with nothing a new or resumed run would repeat.
+    A resume from `last` cuts the log later (resume_from_last): until the SFT model is loaded,
+    the checkpoint's line count is not known to be the one that applies."""
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    st = RunState(run / "metrics.jsonl", random.Random(args.seed), random.Random(f"algo-{args.seed}"),
+                  torch.Generator(device=device))
+    st.gen.manual_seed(args.seed)
+    if not args.resume:
+        st.metrics.unlink(missing_ok=True)  # e.g. of a run that failed before its first checkpoint
+    elif not (run / "last").exists():
+        st.lines = restart_log(run, keep_sft=not args.init and (run / "sft" / "model.safetensors").exists())
+    return st
+
+
+def restart_log(run: Path, keep_sft: bool) -> int:
+    """Before a resume that has no RL checkpoint yet: keep the SFT log only if the SFT model
+    it belongs to exists (else SFT is redone and logs afresh), drop the rest. -> lines kept."""
+    f = run / "metrics.jsonl"
+    try:
+        recs = [json.loads(l) for l in f.read_text().splitlines()] if f.exists() else []
+    except ValueError:
+        raise UserError(f"{f} is not a JSON-lines log: cannot resume")
+    if any(r.get("phase") == "rl" for r in recs):
+        raise UserError(f"{run / 'last'} is missing although RL steps were logged: cannot resume (start a new run)")
+    kept = [json.dumps(r) for r in recs if keep_sft and r.get("phase") == "sft"]
+    f.write_text("".join(l + "\n" for l in kept))
+    return len(kept)
+
+
+def save_rl_state(path, policy, tok, opt, st: RunState) -> None:
+    """Everything a resume needs: weights, optimizer, position, every RNG (Python's as JSON)."""
+    meta = {"pos": {k: getattr(st, k) for k in POS},
+            "data_rng": _jsonable(st.data_rng.getstate()), "algo_rng": _jsonable(st.algo_rng.getstate())}
+    save_checkpoint(path, policy, tok, meta, opt, {"torch_gen": st.gen.get_state(), "torch_rng": torch.get_rng_state()})
 
 
 def _jsonable(state):
     return json.loads(json.dumps(state))
 
 
-def _tuple(x):
+def _tuple(x):  # JSON made the RNG state's tuples lists; setstate wants them back
     return tuple(_tuple(i) for i in x) if isinstance(x, list) else x
 
 
@@ -319,29 +378,42 @@ def load_ckpt(path, device):
         raise UserError(str(e))
 
 
-def restore_rl_state(run, device, policy, data_rng, algo_rng, gen, new_opt, lr):
-    """-> (optimizer, pos) from run/last, with every piece checked: a damaged checkpoint is a
-    one-line error, never a silent restart."""
+def rl_optimizer(policy, cfg: RLConfig):
+    return torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.999))
+
+
+def resume_from_last(run: Path, device, policy, st: RunState, cfg: RLConfig):
+    """Restore run/last into this process: weights, optimizer, every RNG, the position, and
+    metrics.jsonl cut back to the lines logged when it was saved (later ones would repeat).
+    -> the optimizer. Every piece is checked: a damaged checkpoint is a one-line error, never
+    a silent restart. Called after the SFT model is loaded, whose init draws from torch's RNG."""
     ck = load_ckpt(run / "last", device)
     try:
         pos = ck["meta"]["pos"]
-        missing = {"stage", "step", "best", "gstep", "fails", "lines"} - set(pos)
+        missing = set(POS) - set(pos)
         if missing:
             raise KeyError(f"pos.{min(missing)}")
         if ck["optimizer_state"] is None:
             raise KeyError("optimizer.safetensors")
         policy.load_state_dict(ck["model"].state_dict())
-        data_rng.setstate(_tuple(ck["meta"]["data_rng"]))
-        algo_rng.setstate(_tuple(ck["meta"]["algo_rng"]))
-        gen.set_state(ck["tensors"]["torch_gen"])
+        st.data_rng.setstate(_tuple(ck["meta"]["data_rng"]))
+        st.algo_rng.setstate(_tuple(ck["meta"]["algo_rng"]))
+        st.gen.set_state(ck["tensors"]["torch_gen"])
         torch.set_rng_state(ck["tensors"]["torch_rng"])
-        opt = new_opt()
+        opt = rl_optimizer(policy, cfg)
         opt.load_state_dict(ck["optimizer_state"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{run / 'last'} cannot be resumed ({one_line(e)})")
     for g in opt.param_groups:
-        g["lr"] = lr  # the run's lr, which --override lr may have changed
-    return opt, pos
+        g["lr"] = cfg.lr  # the run's lr, which --override lr may have changed
+    for k in POS:
+        setattr(st, k, pos[k])
+    lines = st.metrics.read_text().splitlines()[:st.lines] if st.metrics.exists() else []
+    if len(lines) < st.lines:
+        raise UserError(f"{st.metrics} is missing or shorter than its checkpoint says ({st.lines} lines): cannot resume")
+    st.metrics.write_text("".join(l + "\n" for l in lines))
+    print(f"resumed {run} at stage {st.stage} step {st.step}")
+    return opt
 
 
 # ============================================================================ run directory: lock, flags, log
@@ -420,21 +492,6 @@ def resumed_args(run: Path, argv: list):
     return args
 
 
-def restart_log(run: Path, keep_sft: bool) -> int:
-    """Before a resume that has no RL checkpoint yet: keep the SFT log only if the SFT model
-    it belongs to exists (else SFT is redone and logs afresh), drop the rest. -> lines kept."""
-    f = run / "metrics.jsonl"
-    try:
-        recs = [json.loads(l) for l in f.read_text().splitlines()] if f.exists() else []
-    except ValueError:
-        raise UserError(f"{f} is not a JSON-lines log: cannot resume")
-    if any(r.get("phase") == "rl" for r in recs):
-        raise UserError(f"{run / 'last'} is missing although RL steps were logged: cannot resume (start a new run)")
-    kept = [json.dumps(r) for r in recs if keep_sft and r.get("phase") == "sft"]
-    f.write_text("".join(l + "\n" for l in kept))
-    return len(kept)
-
-
 def check_finite(model, what: str, fix: str) -> None:
     """Stop before non-finite weights go anywhere (a validation, a checkpoint, the next step)."""
     bad = non_finite(model.state_dict())
@@ -468,20 +525,8 @@ def main(argv=None) -> dict:
             raise UserError(f"{run} already holds a run: pass --resume {run} or another --name")
         write_run_args(run, argv, cfg, args.answerer)
     t0 = time.time()
-    metrics_f = run / "metrics.jsonl"
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
-    def log(rec):
-        with open(metrics_f, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        pos["lines"] += 1  # saved with every checkpoint: a resume cuts the log back to it
-
-    pos = {"stage": 0, "step": 0, "best": None, "gstep": 0, "fails": 0, "lines": 0}
-    if metrics_f.exists() and not args.resume:
-        metrics_f.unlink()  # a fresh run (e.g. one that failed before its first checkpoint)
-    elif args.resume and not (run / "last").exists():
-        pos["lines"] = restart_log(run, keep_sft=not args.init and (run / "sft" / "model.safetensors").exists())
+    st = start_state(args, run, device)
+    log = st.log
 
     # --- SFT warm start (or a given / saved one); it also becomes the frozen answerer and the KL reference
     sft_dir = Path(args.init) if args.init else run / "sft"
@@ -514,24 +559,12 @@ def main(argv=None) -> dict:
                 AnswerAgent(model_reader(sft_model, tok, cfg), cfg, f"learned:{sft_dir}"))
     policy = model
 
-    # --- RL curriculum; `pos` is where we are, restored on resume. Two random streams: data
-    # (training conversation, question subsets) and algorithm (branch coins; `gen` samples),
-    # so every algorithm run with one seed trains on the same conversations and questions.
-    data_rng, algo_rng, gen = random.Random(args.seed), random.Random(f"algo-{args.seed}"), torch.Generator(device=device)
-    gen.manual_seed(args.seed)
-    opt, new_opt = None, lambda: torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.999))
-    if args.resume and (run / "last").exists():
-        opt, pos = restore_rl_state(run, device, policy, data_rng, algo_rng, gen, new_opt, cfg.lr)
-        # metrics written after the checkpoint was saved would be repeated: drop them
-        lines = metrics_f.read_text().splitlines()[:pos["lines"]] if metrics_f.exists() else []
-        if len(lines) < pos["lines"]:
-            raise UserError(f"{metrics_f} is missing or shorter than its checkpoint says ({pos['lines']} lines): cannot resume")
-        metrics_f.write_text("".join(l + "\n" for l in lines))
-        print(f"resumed {run} at stage {pos['stage']} step {pos['step']}")
+    # --- RL curriculum; `st` is where we are, restored on resume
+    opt = resume_from_last(run, device, policy, st, cfg) if args.resume and (run / "last").exists() else None
     train_convs = data["train"][1]
     judges = {c.sample_id: E.make_judge(s) for s, c in zip(*data["train"])} if data["train"][0] else {}
     val_samples, val = data["val"]
-    for si in range(pos["stage"], len(args.stages)):
+    for si in range(st.stage, len(args.stages)):
         S = args.stages[si]
         # Warm start: the previous stage's best checkpoint (the SFT model for the first stage).
         # It is also this stage's KL reference, as in the official trainer.
@@ -540,51 +573,51 @@ def main(argv=None) -> dict:
                             "(restore it or start a new run)")
         start = load_ckpt(run / f"best-stage{si - 1}", device)["model"] if si > 0 else sft_model
         ref.load_state_dict(start.state_dict())
-        if opt is None or pos["step"] == 0:
-            if pos["step"] == 0:
+        if opt is None or st.step == 0:
+            if st.step == 0:
                 policy.load_state_dict(start.state_dict())
-            opt = new_opt()  # each stage starts its optimizer afresh, from the warm-start weights
-        if pos["step"] == 0:
+            opt = rl_optimizer(policy, cfg)  # each stage starts its optimizer afresh, from the warm-start weights
+        if st.step == 0:
             # Validate before training: logged, NOT a candidate. Only checkpoints trained in
             # this stage compete for its best (official trainer: best starts at -1 per stage),
             # so the next stage always starts from a model this stage trained.
             v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
-            pos["best"] = -1.0
-            log({"phase": "val", "stage": S, "step": 0, "gstep": pos["gstep"], **v})
+            st.best = -1.0
+            log({"phase": "val", "stage": S, "step": 0, "gstep": st.gstep, **v})
             print(f"stage {S} sessions: val F1 {v['f1_overall']:.1f} before training")
             if args.steps[si] == 0:  # nothing to train: the warm start passes through
                 save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0})
-        bar = tqdm(range(pos["step"], args.steps[si]), desc=f"RL {S} sessions", dynamic_ncols=True)
+        bar = tqdm(range(st.step, args.steps[si]), desc=f"RL {S} sessions", dynamic_ncols=True)
         for step in bar:
             ts = time.time()
-            conv = train_convs[data_rng.randrange(len(train_convs))]
+            conv = train_convs[st.data_rng.randrange(len(train_convs))]
             policy.train()
             with autocast(device):
-                stats = logo_step(policy, ref, answerer, tok, conv, S, cfg, opt, data_rng, algo_rng, gen,
+                stats = logo_step(policy, ref, answerer, tok, conv, S, cfg, opt, st.data_rng, st.algo_rng, st.gen,
                                   judges.get(conv.sample_id))
-            pos["step"], pos["gstep"] = step + 1, pos["gstep"] + 1
+            st.step, st.gstep = step + 1, st.gstep + 1
             lower_lr = f"resume with a lower --lr: python train.py --resume {run} --lr {min(cfg.lr / 10, RLConfig.lr):g} --override lr"
             check_finite(policy, f"stage {S} step {step + 1}", f"{run / 'last'} holds the step before; {lower_lr}")
             ops = stats.pop("ops")
-            rec = {"phase": "rl", "stage": S, "step": step + 1, "gstep": pos["gstep"], "algo": cfg.algo,
+            rec = {"phase": "rl", "stage": S, "step": step + 1, "gstep": st.gstep, "algo": cfg.algo,
                    "conv": conv.sample_id, "step_time": time.time() - ts, **stats, **{f"ops_{k}": v for k, v in ops.items()}}
             if stats.get("skipped_updates"):
-                pos["fails"] += 1
-                if pos["fails"] >= 3:
-                    raise UserError(f"non-finite loss or gradients in {pos['fails']} steps: stopping; {lower_lr}")
+                st.fails += 1
+                if st.fails >= 3:
+                    raise UserError(f"non-finite loss or gradients in {st.fails} steps: stopping; {lower_lr}")
             bar.set_postfix(reward=f"{stats['reward_global']:.3f}", f1=f"{stats['train_f1']:.3f}", loss=f"{stats.get('loss', 0):.3f}")
             if (step + 1) % args.val_every == 0 or step + 1 == args.steps[si]:
                 v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
                 rec["val_f1"] = v["f1_overall"]
-                log({"phase": "val", "stage": S, "step": step + 1, "gstep": pos["gstep"], **v})
-                if v["f1_overall"] > pos["best"]:
-                    pos["best"] = v["f1_overall"]
+                log({"phase": "val", "stage": S, "step": step + 1, "gstep": st.gstep, **v})
+                if v["f1_overall"] > st.best:
+                    st.best = v["f1_overall"]
                     save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": step + 1})
             log(rec)
-            save_rl_state(run / "last", policy, tok, opt, {"pos": pos}, data_rng, algo_rng, gen)
-        print(f"stage {S} sessions: best val F1 {pos['best']:.1f}")
-        pos.update(stage=si + 1, step=0)
-        save_rl_state(run / "last", policy, tok, opt, {"pos": pos}, data_rng, algo_rng, gen)
+            save_rl_state(run / "last", policy, tok, opt, st)
+        print(f"stage {S} sessions: best val F1 {st.best:.1f}")
+        st.stage, st.step = si + 1, 0
+        save_rl_state(run / "last", policy, tok, opt, st)
 
     # --- final: the last stage's best checkpoint vs. the base pipeline and the oracle memory
     final = load_ckpt(run / f"best-stage{len(args.stages) - 1}", device)["model"] if args.stages else policy
