@@ -87,7 +87,8 @@ def build_parser():
     g.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"), help="LoCoMo JSON file")
     g.add_argument("--sessions", type=int, default=32, help="sessions per synthetic conversation")
     g.add_argument("--init", default=None, help="start RL from this SFT checkpoint dir (default: train one, into <run>/sft)")
-    g.add_argument("--init-hf", default=None, help="start RL from a pretrained Hugging Face Llama/Qwen2 model dir, with no SFT (default: none)")
+    g.add_argument("--init-hf", default=None,
+                   help="start RL from a pretrained Hugging Face Llama/Qwen2 model dir, with no SFT (default: none)")
     g.add_argument("--answerer", choices=["exact", "learned"], default=None,
                    help="frozen answer agent: the exact reader over retrieved lines or the SFT model in the answer "
                         "role (default: exact on synthetic data, learned on LoCoMo)")
@@ -125,7 +126,8 @@ def build_parser():
     g.add_argument("--name", default=None, help="run name (default: <algo>-<stages>-s<seed>)")
     g.add_argument("--resume", default=None, help="continue runs/<name> from its last checkpoint (default: start a new run)")
     g.add_argument("--no-final-eval", action="store_true", help="skip the test evaluation (experiments)")
-    g.add_argument("--override", default="", help="with --resume: flags allowed to differ from the run's, e.g. lr,threads (default: none)")
+    g.add_argument("--override", default="",
+                   help="with --resume: flags allowed to differ from the run's, e.g. lr,threads (default: none)")
     return ap
 
 
@@ -327,8 +329,8 @@ class RunState:
 
 def start_state(args, run: Path, device) -> RunState:
     """Seed every stream and leave metrics.jsonl with nothing a new or resumed run would repeat.
-    A resume from `last` cuts the log later (resume_from_last): until the SFT model is loaded,
-    the checkpoint's line count is not known to be the one that applies."""
+    A resume from `last` restores the state later, in resume_from_last: that needs the SFT model
+    (the policy to load into), and loading it draws from torch's RNG, which `last` then resets."""
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     st = RunState(run / "metrics.jsonl", random.Random(args.seed), random.Random(f"algo-{args.seed}"),
@@ -371,14 +373,14 @@ def _tuple(x):  # JSON made the RNG state's tuples lists; setstate wants them ba
     return tuple(_tuple(i) for i in x) if isinstance(x, list) else x
 
 
-def load_ckpt(path, device):
+def load_ckpt(path, device):  # a damaged checkpoint is the user's to fix: one line, no traceback
     try:
         return load_checkpoint(path, device)
     except CheckpointError as e:
         raise UserError(str(e))
 
 
-def rl_optimizer(policy, cfg: RLConfig):
+def rl_optimizer(policy, cfg: RLConfig):  # a stage's fresh one, and the one a resume loads state into
     return torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.999))
 
 
@@ -386,7 +388,7 @@ def resume_from_last(run: Path, device, policy, st: RunState, cfg: RLConfig):
     """Restore run/last into this process: weights, optimizer, every RNG, the position, and
     metrics.jsonl cut back to the lines logged when it was saved (later ones would repeat).
     -> the optimizer. Every piece is checked: a damaged checkpoint is a one-line error, never
-    a silent restart. Called after the SFT model is loaded, whose init draws from torch's RNG."""
+    a silent restart."""
     ck = load_ckpt(run / "last", device)
     try:
         pos = ck["meta"]["pos"]
@@ -416,7 +418,7 @@ def resume_from_last(run: Path, device, policy, st: RunState, cfg: RLConfig):
     return opt
 
 
-# ============================================================================ run directory: lock, flags, log
+# ============================================================================ run directory: lock, flags
 _LOCKS = {}  # run dir -> its open lock file, held until this process runs another main() on it
 
 
@@ -501,7 +503,22 @@ def check_finite(model, what: str, fix: str) -> None:
 
 # ============================================================================ the run
 def main(argv=None) -> dict:
+    """setup -> SFT warm start -> one RL stage per session cap -> test. A resume runs the same
+    path: what is on disk (the SFT model, `last`, best-stage<i>) is loaded instead of redone."""
     argv = argv if argv is not None else sys.argv[1:]
+    args, run, device, cfg, data = setup_run(argv)
+    t0 = time.time()
+    st = start_state(args, run, device)
+    policy, ref, sft_model, tok, answerer = warm_start(args, run, cfg, device, data, st.log)
+    opt = resume_from_last(run, device, policy, st, cfg) if args.resume and (run / "last").exists() else None
+    for si in range(st.stage, len(args.stages)):
+        opt = train_stage(si, args, run, cfg, device, data, st, opt, policy, ref, sft_model, tok, answerer)
+    return final_test(args, run, cfg, device, data, tok, answerer, t0, st.log)
+
+
+def setup_run(argv: list):
+    """Flags, run directory and its lock, device, RL config, data. -> (args, run, device, cfg, data).
+    Every user mistake found here stops the run before it writes a file."""
     args = parse_args(argv)
     run = Path(args.out) / args.name
     if args.resume:
@@ -524,12 +541,18 @@ def main(argv=None) -> dict:
         if (run / "args.json").exists():  # even a run killed during SFT: its sft/ and log must not be mixed in
             raise UserError(f"{run} already holds a run: pass --resume {run} or another --name")
         write_run_args(run, argv, cfg, args.answerer)
-    t0 = time.time()
-    st = start_state(args, run, device)
-    log = st.log
+    return args, run, device, cfg, data
 
-    # --- SFT warm start (or a given / saved one); it also becomes the frozen answerer and the KL reference
-    sft_dir = Path(args.init) if args.init else run / "sft"
+
+def sft_path(args, run: Path) -> Path:  # warm_start's model; the test reads the base pipeline back from it
+    return Path(args.init) if args.init else run / "sft"
+
+
+def warm_start(args, run: Path, cfg: RLConfig, device, data, log):
+    """The SFT model: a given one (--init, --init-hf), the run's saved one, or one trained now.
+    -> (policy, ref, sft_model, tok, answerer). The policy starts as the SFT model; a frozen copy
+    warm-starts the first stage and, with --answerer learned, answers; another is the KL reference."""
+    sft_dir = sft_path(args, run)
     if (sft_dir / "model.safetensors").exists() or args.init_hf:
         ck = load_ckpt(sft_dir, device)
         model, tok = ck["model"], ck["tok"]
@@ -543,88 +566,100 @@ def main(argv=None) -> dict:
             raise UserError("--data locomo has no teacher traces: pass --init <an SFT checkpoint> (e.g. runs/<name>/sft)")
         samples, convs = data["train"]
         examples = sft_examples(samples, convs, cfg, args.teacher_noise, args.seed, args.answerer == "learned")
-        tok = train_tokenizer([p + t for _, p, t in examples[:20000]], PRESETS[args.preset]["vocab"])
         pre = PRESETS[args.preset]
+        tok = train_tokenizer([p + t for _, p, t in examples[:20000]], pre["vocab"])
         model = Transformer(ModelConfig(vocab_size=tok.get_vocab_size(), d_model=pre["d_model"], n_layer=pre["n_layer"],
                                         n_head=pre["n_head"], n_kv_head=pre["n_head"])).to(device)
         print(f"SFT: {len(examples)} examples, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device}")
         sft(model, tok, examples, args, device, log, run)
         save_checkpoint(sft_dir, model, tok, {"kind": "sft"})
+    # Copies, as the policy trains in place: the first stage's warm start and the learned answerer
+    # must stay the SFT model, and the KL reference must not move with the policy.
     sft_model = copy.deepcopy(model).eval()
-    ref = copy.deepcopy(model).eval()  # KL reference: reset to each stage's warm start
+    ref = copy.deepcopy(model).eval()  # reset to each stage's warm start
     for p in ref.parameters():
         p.requires_grad_(False)
     # The frozen answer agent: the exact reader (synthetic world) or the SFT model as reader.
     answerer = (E.exact_answerer(cfg) if args.answerer == "exact" else
                 AnswerAgent(model_reader(sft_model, tok, cfg), cfg, f"learned:{sft_dir}"))
-    policy = model
+    return model, ref, sft_model, tok, answerer
 
-    # --- RL curriculum; `st` is where we are, restored on resume
-    opt = resume_from_last(run, device, policy, st, cfg) if args.resume and (run / "last").exists() else None
-    train_convs = data["train"][1]
-    judges = {c.sample_id: E.make_judge(s) for s, c in zip(*data["train"])} if data["train"][0] else {}
+
+def stage_warm_start(si, run: Path, device, sft_model):
+    """The previous stage's best checkpoint (the SFT model for the first stage). It is also the
+    stage's KL reference, as in the official trainer."""
+    if si == 0:
+        return sft_model
+    prev = run / f"best-stage{si - 1}"
+    if not prev.exists():
+        raise UserError(f"{prev} is missing: stage {si + 1} has no warm start (restore it or start a new run)")
+    return load_ckpt(prev, device)["model"]
+
+
+def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, opt, policy, ref, sft_model, tok, answerer):
+    """Curriculum stage si (args.stages[si] sessions), from step st.step: 0, or where a resume
+    left it with opt, the stage's optimizer. -> the optimizer."""
+    S = args.stages[si]
+    start = stage_warm_start(si, run, device, sft_model)
+    ref.load_state_dict(start.state_dict())  # also after a resume: the reference is not in `last`
     val_samples, val = data["val"]
-    for si in range(st.stage, len(args.stages)):
-        S = args.stages[si]
-        # Warm start: the previous stage's best checkpoint (the SFT model for the first stage).
-        # It is also this stage's KL reference, as in the official trainer.
-        if si > 0 and not (run / f"best-stage{si - 1}").exists():
-            raise UserError(f"{run / f'best-stage{si - 1}'} is missing: stage {si + 1} has no warm start "
-                            "(restore it or start a new run)")
-        start = load_ckpt(run / f"best-stage{si - 1}", device)["model"] if si > 0 else sft_model
-        ref.load_state_dict(start.state_dict())
-        if opt is None or st.step == 0:
-            if st.step == 0:
-                policy.load_state_dict(start.state_dict())
-            opt = rl_optimizer(policy, cfg)  # each stage starts its optimizer afresh, from the warm-start weights
-        if st.step == 0:
-            # Validate before training: logged, NOT a candidate. Only checkpoints trained in
-            # this stage compete for its best (official trainer: best starts at -1 per stage),
-            # so the next stage always starts from a model this stage trained.
+    if st.step == 0:  # a stage's start, not a resume inside it: a fresh optimizer on the warm start
+        policy.load_state_dict(start.state_dict())
+        opt = rl_optimizer(policy, cfg)
+        # Validate before training: logged, NOT a candidate. Only checkpoints trained in
+        # this stage compete for its best (official trainer: best starts at -1 per stage),
+        # so the next stage always starts from a model this stage trained.
+        v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
+        st.best = -1.0
+        st.log({"phase": "val", "stage": S, "step": 0, "gstep": st.gstep, **v})
+        print(f"stage {S} sessions: val F1 {v['f1_overall']:.1f} before training")
+        if args.steps[si] == 0:  # nothing to train: the warm start passes through
+            save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0})
+    train_convs = data["train"][1]
+    # judges score rows against the gold facts, for the credit-assignment diagnostic: LoCoMo has none
+    judges = {c.sample_id: E.make_judge(s) for s, c in zip(*data["train"])} if data["train"][0] else {}
+    lower_lr = f"resume with a lower --lr: python train.py --resume {run} --lr {min(cfg.lr / 10, RLConfig.lr):g} --override lr"
+    bar = tqdm(range(st.step, args.steps[si]), desc=f"RL {S} sessions", dynamic_ncols=True)
+    for step in bar:
+        ts = time.time()
+        conv = train_convs[st.data_rng.randrange(len(train_convs))]
+        policy.train()
+        with autocast(device):
+            stats = logo_step(policy, ref, answerer, tok, conv, S, cfg, opt, st.data_rng, st.algo_rng, st.gen,
+                              judges.get(conv.sample_id))
+        st.step, st.gstep = step + 1, st.gstep + 1
+        check_finite(policy, f"stage {S} step {step + 1}", f"{run / 'last'} holds the step before; {lower_lr}")
+        ops = stats.pop("ops")
+        rec = {"phase": "rl", "stage": S, "step": step + 1, "gstep": st.gstep, "algo": cfg.algo,
+               "conv": conv.sample_id, "step_time": time.time() - ts, **stats, **{f"ops_{k}": v for k, v in ops.items()}}
+        if stats.get("skipped_updates"):
+            st.fails += 1
+            if st.fails >= 3:
+                raise UserError(f"non-finite loss or gradients in {st.fails} steps: stopping; {lower_lr}")
+        bar.set_postfix(reward=f"{stats['reward_global']:.3f}", f1=f"{stats['train_f1']:.3f}", loss=f"{stats.get('loss', 0):.3f}")
+        if (step + 1) % args.val_every == 0 or step + 1 == args.steps[si]:
             v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
-            st.best = -1.0
-            log({"phase": "val", "stage": S, "step": 0, "gstep": st.gstep, **v})
-            print(f"stage {S} sessions: val F1 {v['f1_overall']:.1f} before training")
-            if args.steps[si] == 0:  # nothing to train: the warm start passes through
-                save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0})
-        bar = tqdm(range(st.step, args.steps[si]), desc=f"RL {S} sessions", dynamic_ncols=True)
-        for step in bar:
-            ts = time.time()
-            conv = train_convs[st.data_rng.randrange(len(train_convs))]
-            policy.train()
-            with autocast(device):
-                stats = logo_step(policy, ref, answerer, tok, conv, S, cfg, opt, st.data_rng, st.algo_rng, st.gen,
-                                  judges.get(conv.sample_id))
-            st.step, st.gstep = step + 1, st.gstep + 1
-            lower_lr = f"resume with a lower --lr: python train.py --resume {run} --lr {min(cfg.lr / 10, RLConfig.lr):g} --override lr"
-            check_finite(policy, f"stage {S} step {step + 1}", f"{run / 'last'} holds the step before; {lower_lr}")
-            ops = stats.pop("ops")
-            rec = {"phase": "rl", "stage": S, "step": step + 1, "gstep": st.gstep, "algo": cfg.algo,
-                   "conv": conv.sample_id, "step_time": time.time() - ts, **stats, **{f"ops_{k}": v for k, v in ops.items()}}
-            if stats.get("skipped_updates"):
-                st.fails += 1
-                if st.fails >= 3:
-                    raise UserError(f"non-finite loss or gradients in {st.fails} steps: stopping; {lower_lr}")
-            bar.set_postfix(reward=f"{stats['reward_global']:.3f}", f1=f"{stats['train_f1']:.3f}", loss=f"{stats.get('loss', 0):.3f}")
-            if (step + 1) % args.val_every == 0 or step + 1 == args.steps[si]:
-                v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
-                rec["val_f1"] = v["f1_overall"]
-                log({"phase": "val", "stage": S, "step": step + 1, "gstep": st.gstep, **v})
-                if v["f1_overall"] > st.best:
-                    st.best = v["f1_overall"]
-                    save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": step + 1})
-            log(rec)
-            save_rl_state(run / "last", policy, tok, opt, st)
-        print(f"stage {S} sessions: best val F1 {st.best:.1f}")
-        st.stage, st.step = si + 1, 0
-        save_rl_state(run / "last", policy, tok, opt, st)
+            rec["val_f1"] = v["f1_overall"]
+            st.log({"phase": "val", "stage": S, "step": step + 1, "gstep": st.gstep, **v})
+            if v["f1_overall"] > st.best:
+                st.best = v["f1_overall"]
+                save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": step + 1})
+        st.log(rec)
+        save_rl_state(run / "last", policy, tok, opt, st)  # an interruption loses at most one step
+    print(f"stage {S} sessions: best val F1 {st.best:.1f}")
+    st.stage, st.step = si + 1, 0  # saved: a resume here starts the next stage, not this one's end again
+    save_rl_state(run / "last", policy, tok, opt, st)
+    return opt
 
-    # --- final: the last stage's best checkpoint vs. the base pipeline and the oracle memory
-    final = load_ckpt(run / f"best-stage{len(args.stages) - 1}", device)["model"] if args.stages else policy
+
+def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, t0: float, log) -> dict:
+    """The last stage's best checkpoint vs. the base pipeline (the SFT model) and the oracle
+    memory on the test worlds: report.md, result.json, the log's "done" line. -> the result."""
+    final = load_ckpt(run / f"best-stage{len(args.stages) - 1}", device)["model"]
     result = {"run": str(run), "minutes": (time.time() - t0) / 60}
     if not args.no_final_eval:
         samples, test = data["test"]
-        base = load_ckpt(sft_dir, device)["model"]
+        base = load_ckpt(sft_path(args, run), device)["model"]
         table = {"base pipeline (SFT only)": E.evaluate(base, tok, answerer, test, cfg, samples),
                  f"Memory-R2 ({cfg.algo}, {'->'.join(map(str, args.stages))})": E.evaluate(final, tok, answerer, test, cfg, samples)}
         if samples is not None:
