@@ -215,8 +215,8 @@ def sft_examples(samples, convs, cfg: RLConfig, noise: float, seed: int, answer_
 def sft(model, tok, examples, args, device, log, run) -> None:
     """Supervised warm start: cross-entropy on target tokens only, computed with the same
     fused log-prob kernel the RL loss uses (loss = -mean token log-prob). The manager gets
-    the most samples: it is the hard role (cpu-feasibility note 3); the answerer, frozen
-    after this, sets the quality of every reward."""
+    the most samples: it is the hard role (its ops depend on the memory made so far); the
+    answerer, frozen after this, sets the quality of every reward."""
     rng = random.Random(args.seed)
     max_len = model.cfg.max_seq_len
     data = {}
