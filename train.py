@@ -19,7 +19,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -50,6 +50,13 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)", left off where X is None or '': such a flag's real default
+    lives elsewhere (RLConfig, the preset, the run), and its help text names it."""
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
+
+
 # flag -> (test, what it must be): checked at parse time, before anything runs or is written
 FLAG_CHECKS = {
     **{f: (lambda v: v >= 1, "an integer >= 1") for f in ("n", "K", "chunks", "ppo_epochs", "val_every", "sessions", "threads")},
@@ -73,19 +80,20 @@ def parse_args(argv=None):
 def build_parser():
     """Flags, grouped; every RL default lives in RLConfig (memr2.py) or the preset, and its help says which."""
     d = RLConfig()
-    ap = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = Parser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     g = ap.add_argument_group("model and data")
     g.add_argument("--preset", choices=PRESETS, default="tiny", help="model size, SFT budget, group sizes, world counts")
     g.add_argument("--data", choices=["synthetic", "locomo"], default="synthetic", help="training/evaluation data")
     g.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"), help="LoCoMo JSON file")
     g.add_argument("--sessions", type=int, default=32, help="sessions per synthetic conversation")
-    g.add_argument("--init", default=None, help="start RL from this SFT checkpoint dir instead of training one")
-    g.add_argument("--init-hf", default=None, help="start RL from a pretrained Hugging Face Llama/Qwen2 model dir (no SFT)")
+    g.add_argument("--init", default=None, help="start RL from this SFT checkpoint dir (default: train one, into <run>/sft)")
+    g.add_argument("--init-hf", default=None,
+                   help="start RL from a pretrained Hugging Face Llama/Qwen2 model dir, with no SFT (default: none)")
     g.add_argument("--answerer", choices=["exact", "learned"], default=None,
-                   help="frozen answer agent: the exact reader over retrieved lines (synthetic default) or the SFT "
-                        "model in the answer role (LoCoMo's default, and an option)")
+                   help="frozen answer agent: the exact reader over retrieved lines or the SFT model in the answer "
+                        "role (default: exact on synthetic data, learned on LoCoMo)")
     g = ap.add_argument_group("SFT warm start")
-    g.add_argument("--sft-steps", type=int, default=None, help="SFT steps (preset: tiny 2500, gpu 8000)")
+    g.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's, tiny 2500, gpu 8000)")
     g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate (cosine to 10 %%)")
     g.add_argument("--teacher-noise", type=float, default=0.3,
                    help="rate of wrong/missing teacher ops in SFT data (0: a perfect teacher, which leaves RL nothing "
@@ -108,7 +116,7 @@ def build_parser():
     g = ap.add_argument_group("curriculum")
     g.add_argument("--stages", default="8,16,32", help="session caps of the curriculum; '32' trains directly")
     g.add_argument("--steps-per-stage", default=None,
-                   help="RL steps per stage, e.g. 10,5,5 (preset default: 10,5,5, cut or padded to the stages)")
+                   help="RL steps per stage, e.g. 10,5,5 (default: the preset's 10,5,5, cut or padded to the stages)")
     g.add_argument("--val-every", type=int, default=5, help="validate every this many RL steps")
     g = ap.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds SFT, data and algorithm streams")
@@ -116,9 +124,10 @@ def build_parser():
     g.add_argument("--threads", type=int, default=2, help="torch CPU threads (use 1 for parallel runs)")
     g.add_argument("--out", default="runs", help="directory of run directories")
     g.add_argument("--name", default=None, help="run name (default: <algo>-<stages>-s<seed>)")
-    g.add_argument("--resume", default=None, help="continue runs/<name> from its last checkpoint")
+    g.add_argument("--resume", default=None, help="continue runs/<name> from its last checkpoint (default: start a new run)")
     g.add_argument("--no-final-eval", action="store_true", help="skip the test evaluation (experiments)")
-    g.add_argument("--override", default="", help="with --resume: flags allowed to differ from the run's, e.g. lr,threads")
+    g.add_argument("--override", default="",
+                   help="with --resume: flags allowed to differ from the run's, e.g. lr,threads (default: none)")
     return ap
 
 
@@ -206,8 +215,8 @@ def sft_examples(samples, convs, cfg: RLConfig, noise: float, seed: int, answer_
 def sft(model, tok, examples, args, device, log, run) -> None:
     """Supervised warm start: cross-entropy on target tokens only, computed with the same
     fused log-prob kernel the RL loss uses (loss = -mean token log-prob). The manager gets
-    the most samples: it is the hard role (cpu-feasibility note 3); the answerer, frozen
-    after this, sets the quality of every reward."""
+    the most samples: it is the hard role (its ops depend on the memory made so far); the
+    answerer, frozen after this, sets the quality of every reward."""
     rng = random.Random(args.seed)
     max_len = model.cfg.max_seq_len
     data = {}
@@ -290,54 +299,126 @@ def prepare_pretrained(model, cfg: RLConfig, args, device) -> None:
         print("warning: the estimate exceeds this GPU's memory" + ("" if args.grad_ckpt else "; try --grad-ckpt"))
 
 
-# ============================================================================ checkpoints
-def save_rl_state(path, policy, tok, opt, meta, data_rng, algo_rng, gen):
-    """Everything a resume needs: weights, optimizer, curriculum position, every RNG."""
-    meta = meta | {"data_rng": _jsonable(data_rng.getstate()), "algo_rng": _jsonable(algo_rng.getstate())}
-    save_checkpoint(path, policy, tok, meta, opt, {"torch_gen": gen.get_state(), "torch_rng": torch.get_rng_state()})
+# ============================================================================ run state, checkpoints, resume
+POS = ("stage", "step", "best", "gstep", "fails", "lines")  # meta.pos of `last`: runs on disk have these keys
+
+
+@dataclass
+class RunState:
+    """Where a run is, beyond its weights: saved with every `last` checkpoint and restored from it
+    by resume_from_last, so a resumed run logs and samples exactly as an uninterrupted one.
+    Two random streams: data (training conversation, question subsets) and algorithm (branch
+    coins; `gen` samples), so every algorithm run with one seed trains on the same conversations
+    and questions."""
+    metrics: Path  # the run's metrics.jsonl
+    data_rng: random.Random
+    algo_rng: random.Random
+    gen: torch.Generator
+    stage: int = 0  # index into args.stages
+    step: int = 0  # RL steps done in this stage
+    best: float | None = None  # the stage's best validation F1 so far
+    gstep: int = 0  # RL steps done in all stages
+    fails: int = 0  # steps with skipped (non-finite) updates, all stages
+    lines: int = 0  # lines in metrics.jsonl: a resume cuts the log back to it
+
+    def log(self, rec: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        self.lines += 1
+
+
+def start_state(args, run: Path, device) -> RunState:
+    """Seed every stream and leave metrics.jsonl with nothing a new or resumed run would repeat.
+    A resume from `last` restores the state later, in resume_from_last: that needs the SFT model
+    (the policy to load into), and loading it draws from torch's RNG, which `last` then resets."""
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    st = RunState(run / "metrics.jsonl", random.Random(args.seed), random.Random(f"algo-{args.seed}"),
+                  torch.Generator(device=device))
+    st.gen.manual_seed(args.seed)
+    if not args.resume:
+        st.metrics.unlink(missing_ok=True)  # e.g. of a run that failed before its first checkpoint
+    elif not (run / "last").exists():
+        st.lines = restart_log(run, keep_sft=not args.init and (run / "sft" / "model.safetensors").exists())
+    return st
+
+
+def restart_log(run: Path, keep_sft: bool) -> int:
+    """Before a resume that has no RL checkpoint yet: keep the SFT log only if the SFT model
+    it belongs to exists (else SFT is redone and logs afresh), drop the rest. -> lines kept."""
+    f = run / "metrics.jsonl"
+    try:
+        recs = [json.loads(l) for l in f.read_text().splitlines()] if f.exists() else []
+    except ValueError:
+        raise UserError(f"{f} is not a JSON-lines log: cannot resume")
+    if any(r.get("phase") == "rl" for r in recs):
+        raise UserError(f"{run / 'last'} is missing although RL steps were logged: cannot resume (start a new run)")
+    kept = [json.dumps(r) for r in recs if keep_sft and r.get("phase") == "sft"]
+    f.write_text("".join(l + "\n" for l in kept))
+    return len(kept)
+
+
+def save_rl_state(path, policy, tok, opt, st: RunState) -> None:
+    """Everything a resume needs: weights, optimizer, position, every RNG (Python's as JSON)."""
+    meta = {"pos": {k: getattr(st, k) for k in POS},
+            "data_rng": _jsonable(st.data_rng.getstate()), "algo_rng": _jsonable(st.algo_rng.getstate())}
+    save_checkpoint(path, policy, tok, meta, opt, {"torch_gen": st.gen.get_state(), "torch_rng": torch.get_rng_state()})
 
 
 def _jsonable(state):
     return json.loads(json.dumps(state))
 
 
-def _tuple(x):
+def _tuple(x):  # JSON made the RNG state's tuples lists; setstate wants them back
     return tuple(_tuple(i) for i in x) if isinstance(x, list) else x
 
 
-def load_ckpt(path, device):
+def load_ckpt(path, device):  # a damaged checkpoint is the user's to fix: one line, no traceback
     try:
         return load_checkpoint(path, device)
     except CheckpointError as e:
         raise UserError(str(e))
 
 
-def restore_rl_state(run, device, policy, data_rng, algo_rng, gen, new_opt, lr):
-    """-> (optimizer, pos) from run/last, with every piece checked: a damaged checkpoint is a
-    one-line error, never a silent restart."""
+def rl_optimizer(policy, cfg: RLConfig):  # a stage's fresh one, and the one a resume loads state into
+    return torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.999))
+
+
+def resume_from_last(run: Path, device, policy, st: RunState, cfg: RLConfig):
+    """Restore run/last into this process: weights, optimizer, every RNG, the position, and
+    metrics.jsonl cut back to the lines logged when it was saved (later ones would repeat).
+    -> the optimizer. Every piece is checked: a damaged checkpoint is a one-line error, never
+    a silent restart."""
     ck = load_ckpt(run / "last", device)
     try:
         pos = ck["meta"]["pos"]
-        missing = {"stage", "step", "best", "gstep", "fails", "lines"} - set(pos)
+        missing = set(POS) - set(pos)
         if missing:
             raise KeyError(f"pos.{min(missing)}")
         if ck["optimizer_state"] is None:
             raise KeyError("optimizer.safetensors")
         policy.load_state_dict(ck["model"].state_dict())
-        data_rng.setstate(_tuple(ck["meta"]["data_rng"]))
-        algo_rng.setstate(_tuple(ck["meta"]["algo_rng"]))
-        gen.set_state(ck["tensors"]["torch_gen"])
+        st.data_rng.setstate(_tuple(ck["meta"]["data_rng"]))
+        st.algo_rng.setstate(_tuple(ck["meta"]["algo_rng"]))
+        st.gen.set_state(ck["tensors"]["torch_gen"])
         torch.set_rng_state(ck["tensors"]["torch_rng"])
-        opt = new_opt()
+        opt = rl_optimizer(policy, cfg)
         opt.load_state_dict(ck["optimizer_state"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{run / 'last'} cannot be resumed ({one_line(e)})")
     for g in opt.param_groups:
-        g["lr"] = lr  # the run's lr, which --override lr may have changed
-    return opt, pos
+        g["lr"] = cfg.lr  # the run's lr, which --override lr may have changed
+    for k in POS:
+        setattr(st, k, pos[k])
+    lines = st.metrics.read_text().splitlines()[:st.lines] if st.metrics.exists() else []
+    if len(lines) < st.lines:
+        raise UserError(f"{st.metrics} is missing or shorter than its checkpoint says ({st.lines} lines): cannot resume")
+    st.metrics.write_text("".join(l + "\n" for l in lines))
+    print(f"resumed {run} at stage {st.stage} step {st.step}")
+    return opt
 
 
-# ============================================================================ run directory: lock, flags, log
+# ============================================================================ run directory: lock, flags
 _LOCKS = {}  # run dir -> its open lock file, held until this process runs another main() on it
 
 
@@ -413,21 +494,6 @@ def resumed_args(run: Path, argv: list):
     return args
 
 
-def restart_log(run: Path, keep_sft: bool) -> int:
-    """Before a resume that has no RL checkpoint yet: keep the SFT log only if the SFT model
-    it belongs to exists (else SFT is redone and logs afresh), drop the rest. -> lines kept."""
-    f = run / "metrics.jsonl"
-    try:
-        recs = [json.loads(l) for l in f.read_text().splitlines()] if f.exists() else []
-    except ValueError:
-        raise UserError(f"{f} is not a JSON-lines log: cannot resume")
-    if any(r.get("phase") == "rl" for r in recs):
-        raise UserError(f"{run / 'last'} is missing although RL steps were logged: cannot resume (start a new run)")
-    kept = [json.dumps(r) for r in recs if keep_sft and r.get("phase") == "sft"]
-    f.write_text("".join(l + "\n" for l in kept))
-    return len(kept)
-
-
 def check_finite(model, what: str, fix: str) -> None:
     """Stop before non-finite weights go anywhere (a validation, a checkpoint, the next step)."""
     bad = non_finite(model.state_dict())
@@ -437,7 +503,22 @@ def check_finite(model, what: str, fix: str) -> None:
 
 # ============================================================================ the run
 def main(argv=None) -> dict:
+    """setup -> SFT warm start -> one RL stage per session cap -> test. A resume runs the same
+    path: what is on disk (the SFT model, `last`, best-stage<i>) is loaded instead of redone."""
     argv = argv if argv is not None else sys.argv[1:]
+    args, run, device, cfg, data = setup_run(argv)
+    t0 = time.time()
+    st = start_state(args, run, device)
+    policy, ref, sft_model, tok, answerer = warm_start(args, run, cfg, device, data, st.log)
+    opt = resume_from_last(run, device, policy, st, cfg) if args.resume and (run / "last").exists() else None
+    for si in range(st.stage, len(args.stages)):
+        opt = train_stage(si, args, run, cfg, device, data, st, opt, policy, ref, sft_model, tok, answerer)
+    return final_test(args, run, cfg, device, data, tok, answerer, t0, st.log)
+
+
+def setup_run(argv: list):
+    """Flags, run directory and its lock, device, RL config, data. -> (args, run, device, cfg, data).
+    Every user mistake found here stops the run before it writes a file."""
     args = parse_args(argv)
     run = Path(args.out) / args.name
     if args.resume:
@@ -460,24 +541,18 @@ def main(argv=None) -> dict:
         if (run / "args.json").exists():  # even a run killed during SFT: its sft/ and log must not be mixed in
             raise UserError(f"{run} already holds a run: pass --resume {run} or another --name")
         write_run_args(run, argv, cfg, args.answerer)
-    t0 = time.time()
-    metrics_f = run / "metrics.jsonl"
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    return args, run, device, cfg, data
 
-    def log(rec):
-        with open(metrics_f, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        pos["lines"] += 1  # saved with every checkpoint: a resume cuts the log back to it
 
-    pos = {"stage": 0, "step": 0, "best": None, "gstep": 0, "fails": 0, "lines": 0}
-    if metrics_f.exists() and not args.resume:
-        metrics_f.unlink()  # a fresh run (e.g. one that failed before its first checkpoint)
-    elif args.resume and not (run / "last").exists():
-        pos["lines"] = restart_log(run, keep_sft=not args.init and (run / "sft" / "model.safetensors").exists())
+def sft_path(args, run: Path) -> Path:  # warm_start's model; the test reads the base pipeline back from it
+    return Path(args.init) if args.init else run / "sft"
 
-    # --- SFT warm start (or a given / saved one); it also becomes the frozen answerer and the KL reference
-    sft_dir = Path(args.init) if args.init else run / "sft"
+
+def warm_start(args, run: Path, cfg: RLConfig, device, data, log):
+    """The SFT model: a given one (--init, --init-hf), the run's saved one, or one trained now.
+    -> (policy, ref, sft_model, tok, answerer). The policy starts as the SFT model; a frozen copy
+    warm-starts the first stage and, with --answerer learned, answers; another is the KL reference."""
+    sft_dir = sft_path(args, run)
     if (sft_dir / "model.safetensors").exists() or args.init_hf:
         ck = load_ckpt(sft_dir, device)
         model, tok = ck["model"], ck["tok"]
@@ -491,100 +566,100 @@ def main(argv=None) -> dict:
             raise UserError("--data locomo has no teacher traces: pass --init <an SFT checkpoint> (e.g. runs/<name>/sft)")
         samples, convs = data["train"]
         examples = sft_examples(samples, convs, cfg, args.teacher_noise, args.seed, args.answerer == "learned")
-        tok = train_tokenizer([p + t for _, p, t in examples[:20000]], PRESETS[args.preset]["vocab"])
         pre = PRESETS[args.preset]
+        tok = train_tokenizer([p + t for _, p, t in examples[:20000]], pre["vocab"])
         model = Transformer(ModelConfig(vocab_size=tok.get_vocab_size(), d_model=pre["d_model"], n_layer=pre["n_layer"],
                                         n_head=pre["n_head"], n_kv_head=pre["n_head"])).to(device)
         print(f"SFT: {len(examples)} examples, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device}")
         sft(model, tok, examples, args, device, log, run)
         save_checkpoint(sft_dir, model, tok, {"kind": "sft"})
+    # Copies, as the policy trains in place: the first stage's warm start and the learned answerer
+    # must stay the SFT model, and the KL reference must not move with the policy.
     sft_model = copy.deepcopy(model).eval()
-    ref = copy.deepcopy(model).eval()  # KL reference: reset to each stage's warm start
+    ref = copy.deepcopy(model).eval()  # reset to each stage's warm start
     for p in ref.parameters():
         p.requires_grad_(False)
     # The frozen answer agent: the exact reader (synthetic world) or the SFT model as reader.
     answerer = (E.exact_answerer(cfg) if args.answerer == "exact" else
                 AnswerAgent(model_reader(sft_model, tok, cfg), cfg, f"learned:{sft_dir}"))
-    policy = model
+    return model, ref, sft_model, tok, answerer
 
-    # --- RL curriculum; `pos` is where we are, restored on resume. Two random streams: data
-    # (training conversation, question subsets) and algorithm (branch coins; `gen` samples),
-    # so every algorithm run with one seed trains on the same conversations and questions.
-    data_rng, algo_rng, gen = random.Random(args.seed), random.Random(f"algo-{args.seed}"), torch.Generator(device=device)
-    gen.manual_seed(args.seed)
-    opt, new_opt = None, lambda: torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.999))
-    if args.resume and (run / "last").exists():
-        opt, pos = restore_rl_state(run, device, policy, data_rng, algo_rng, gen, new_opt, cfg.lr)
-        # metrics written after the checkpoint was saved would be repeated: drop them
-        lines = metrics_f.read_text().splitlines()[:pos["lines"]] if metrics_f.exists() else []
-        if len(lines) < pos["lines"]:
-            raise UserError(f"{metrics_f} is missing or shorter than its checkpoint says ({pos['lines']} lines): cannot resume")
-        metrics_f.write_text("".join(l + "\n" for l in lines))
-        print(f"resumed {run} at stage {pos['stage']} step {pos['step']}")
-    train_convs = data["train"][1]
-    judges = {c.sample_id: E.make_judge(s) for s, c in zip(*data["train"])} if data["train"][0] else {}
+
+def stage_warm_start(si, run: Path, device, sft_model):
+    """The previous stage's best checkpoint (the SFT model for the first stage). It is also the
+    stage's KL reference, as in the official trainer."""
+    if si == 0:
+        return sft_model
+    prev = run / f"best-stage{si - 1}"
+    if not prev.exists():
+        raise UserError(f"{prev} is missing: stage {si + 1} has no warm start (restore it or start a new run)")
+    return load_ckpt(prev, device)["model"]
+
+
+def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, opt, policy, ref, sft_model, tok, answerer):
+    """Curriculum stage si (args.stages[si] sessions), from step st.step: 0, or where a resume
+    left it with opt, the stage's optimizer. -> the optimizer."""
+    S = args.stages[si]
+    start = stage_warm_start(si, run, device, sft_model)
+    ref.load_state_dict(start.state_dict())  # also after a resume: the reference is not in `last`
     val_samples, val = data["val"]
-    for si in range(pos["stage"], len(args.stages)):
-        S = args.stages[si]
-        # Warm start: the previous stage's best checkpoint (the SFT model for the first stage).
-        # It is also this stage's KL reference, as in the official trainer.
-        if si > 0 and not (run / f"best-stage{si - 1}").exists():
-            raise UserError(f"{run / f'best-stage{si - 1}'} is missing: stage {si + 1} has no warm start "
-                            "(restore it or start a new run)")
-        start = load_ckpt(run / f"best-stage{si - 1}", device)["model"] if si > 0 else sft_model
-        ref.load_state_dict(start.state_dict())
-        if opt is None or pos["step"] == 0:
-            if pos["step"] == 0:
-                policy.load_state_dict(start.state_dict())
-            opt = new_opt()  # each stage starts its optimizer afresh, from the warm-start weights
-        if pos["step"] == 0:
-            # Validate before training: logged, NOT a candidate. Only checkpoints trained in
-            # this stage compete for its best (official trainer: best starts at -1 per stage),
-            # so the next stage always starts from a model this stage trained.
+    if st.step == 0:  # a stage's start, not a resume inside it: a fresh optimizer on the warm start
+        policy.load_state_dict(start.state_dict())
+        opt = rl_optimizer(policy, cfg)
+        # Validate before training: logged, NOT a candidate. Only checkpoints trained in
+        # this stage compete for its best (official trainer: best starts at -1 per stage),
+        # so the next stage always starts from a model this stage trained.
+        v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
+        st.best = -1.0
+        st.log({"phase": "val", "stage": S, "step": 0, "gstep": st.gstep, **v})
+        print(f"stage {S} sessions: val F1 {v['f1_overall']:.1f} before training")
+        if args.steps[si] == 0:  # nothing to train: the warm start passes through
+            save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0})
+    train_convs = data["train"][1]
+    # judges score rows against the gold facts, for the credit-assignment diagnostic: LoCoMo has none
+    judges = {c.sample_id: E.make_judge(s) for s, c in zip(*data["train"])} if data["train"][0] else {}
+    lower_lr = f"resume with a lower --lr: python train.py --resume {run} --lr {min(cfg.lr / 10, RLConfig.lr):g} --override lr"
+    bar = tqdm(range(st.step, args.steps[si]), desc=f"RL {S} sessions", dynamic_ncols=True)
+    for step in bar:
+        ts = time.time()
+        conv = train_convs[st.data_rng.randrange(len(train_convs))]
+        policy.train()
+        with autocast(device):
+            stats = logo_step(policy, ref, answerer, tok, conv, S, cfg, opt, st.data_rng, st.algo_rng, st.gen,
+                              judges.get(conv.sample_id))
+        st.step, st.gstep = step + 1, st.gstep + 1
+        check_finite(policy, f"stage {S} step {step + 1}", f"{run / 'last'} holds the step before; {lower_lr}")
+        ops = stats.pop("ops")
+        rec = {"phase": "rl", "stage": S, "step": step + 1, "gstep": st.gstep, "algo": cfg.algo,
+               "conv": conv.sample_id, "step_time": time.time() - ts, **stats, **{f"ops_{k}": v for k, v in ops.items()}}
+        if stats.get("skipped_updates"):
+            st.fails += 1
+            if st.fails >= 3:
+                raise UserError(f"non-finite loss or gradients in {st.fails} steps: stopping; {lower_lr}")
+        bar.set_postfix(reward=f"{stats['reward_global']:.3f}", f1=f"{stats['train_f1']:.3f}", loss=f"{stats.get('loss', 0):.3f}")
+        if (step + 1) % args.val_every == 0 or step + 1 == args.steps[si]:
             v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
-            pos["best"] = -1.0
-            log({"phase": "val", "stage": S, "step": 0, "gstep": pos["gstep"], **v})
-            print(f"stage {S} sessions: val F1 {v['f1_overall']:.1f} before training")
-            if args.steps[si] == 0:  # nothing to train: the warm start passes through
-                save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0})
-        bar = tqdm(range(pos["step"], args.steps[si]), desc=f"RL {S} sessions", dynamic_ncols=True)
-        for step in bar:
-            ts = time.time()
-            conv = train_convs[data_rng.randrange(len(train_convs))]
-            policy.train()
-            with autocast(device):
-                stats = logo_step(policy, ref, answerer, tok, conv, S, cfg, opt, data_rng, algo_rng, gen,
-                                  judges.get(conv.sample_id))
-            pos["step"], pos["gstep"] = step + 1, pos["gstep"] + 1
-            lower_lr = f"resume with a lower --lr: python train.py --resume {run} --lr {min(cfg.lr / 10, RLConfig.lr):g} --override lr"
-            check_finite(policy, f"stage {S} step {step + 1}", f"{run / 'last'} holds the step before; {lower_lr}")
-            ops = stats.pop("ops")
-            rec = {"phase": "rl", "stage": S, "step": step + 1, "gstep": pos["gstep"], "algo": cfg.algo,
-                   "conv": conv.sample_id, "step_time": time.time() - ts, **stats, **{f"ops_{k}": v for k, v in ops.items()}}
-            if stats.get("skipped_updates"):
-                pos["fails"] += 1
-                if pos["fails"] >= 3:
-                    raise UserError(f"non-finite loss or gradients in {pos['fails']} steps: stopping; {lower_lr}")
-            bar.set_postfix(reward=f"{stats['reward_global']:.3f}", f1=f"{stats['train_f1']:.3f}", loss=f"{stats.get('loss', 0):.3f}")
-            if (step + 1) % args.val_every == 0 or step + 1 == args.steps[si]:
-                v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
-                rec["val_f1"] = v["f1_overall"]
-                log({"phase": "val", "stage": S, "step": step + 1, "gstep": pos["gstep"], **v})
-                if v["f1_overall"] > pos["best"]:
-                    pos["best"] = v["f1_overall"]
-                    save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": step + 1})
-            log(rec)
-            save_rl_state(run / "last", policy, tok, opt, {"pos": pos}, data_rng, algo_rng, gen)
-        print(f"stage {S} sessions: best val F1 {pos['best']:.1f}")
-        pos.update(stage=si + 1, step=0)
-        save_rl_state(run / "last", policy, tok, opt, {"pos": pos}, data_rng, algo_rng, gen)
+            rec["val_f1"] = v["f1_overall"]
+            st.log({"phase": "val", "stage": S, "step": step + 1, "gstep": st.gstep, **v})
+            if v["f1_overall"] > st.best:
+                st.best = v["f1_overall"]
+                save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": step + 1})
+        st.log(rec)
+        save_rl_state(run / "last", policy, tok, opt, st)  # an interruption loses at most one step
+    print(f"stage {S} sessions: best val F1 {st.best:.1f}")
+    st.stage, st.step = si + 1, 0  # saved: a resume here starts the next stage, not this one's end again
+    save_rl_state(run / "last", policy, tok, opt, st)
+    return opt
 
-    # --- final: the last stage's best checkpoint vs. the base pipeline and the oracle memory
-    final = load_ckpt(run / f"best-stage{len(args.stages) - 1}", device)["model"] if args.stages else policy
+
+def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, t0: float, log) -> dict:
+    """The last stage's best checkpoint vs. the base pipeline (the SFT model) and the oracle
+    memory on the test worlds: report.md, result.json, the log's "done" line. -> the result."""
+    final = load_ckpt(run / f"best-stage{len(args.stages) - 1}", device)["model"]
     result = {"run": str(run), "minutes": (time.time() - t0) / 60}
     if not args.no_final_eval:
         samples, test = data["test"]
-        base = load_ckpt(sft_dir, device)["model"]
+        base = load_ckpt(sft_path(args, run), device)["model"]
         table = {"base pipeline (SFT only)": E.evaluate(base, tok, answerer, test, cfg, samples),
                  f"Memory-R2 ({cfg.algo}, {'->'.join(map(str, args.stages))})": E.evaluate(final, tok, answerer, test, cfg, samples)}
         if samples is not None:
