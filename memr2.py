@@ -147,7 +147,7 @@ def chunk_turns(turns, n_chunks: int) -> list:
 class RLConfig:
     """LoGo-GRPO knobs. Defaults are the paper's where they fit a ~1M-parameter model on a
     CPU; the README lists every deviation and why."""
-    algo: str = "logo"  # logo | grpo (p = 0, global only) | local (local groups only)
+    algo: str = "logo"  # logo | grpo (global groups only: never branches, whatever p) | local (local only)
     n: int = 4  # global group size (paper 16)
     K: int = 4  # local group size
     p: float = 0.5  # per-session branch probability

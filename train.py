@@ -165,11 +165,11 @@ def finish_args(args):
 
 
 def rl_config(args) -> RLConfig:
-    cfg = RLConfig(algo=args.algo, **{k: PRESETS[args.preset][k] for k in ("n", "K") if k in PRESETS[args.preset]})
-    for f in ("n", "K", "chunks", "ppo_epochs", "minibatch", "p", "lam", "phi", "lr"):
-        if getattr(args, f) is not None:
-            setattr(cfg, f, getattr(args, f))
-    cfg.p = 0.0 if cfg.algo == "grpo" else cfg.p  # plain GRPO = LoGo without local rerollouts
+    # RLConfig holds every default; a preset, then a flag, overrides only what it names.
+    preset = PRESETS[args.preset]
+    given = {f: getattr(args, f) if getattr(args, f) is not None else preset.get(f)
+             for f in ("n", "K", "chunks", "ppo_epochs", "minibatch", "p", "lam", "phi", "lr")}
+    cfg = RLConfig(algo=args.algo, **{f: v for f, v in given.items() if v is not None})
     if args.init_hf and args.chunks is None:
         cfg.chunks = 6  # the paper's N for a pretrained model; the tiny model's short context needs 2
     if cfg.n < 1 or cfg.K < 1 or not 0 <= cfg.p <= 1 or cfg.chunks < 1 or cfg.lr <= 0:
@@ -685,7 +685,7 @@ def write_report(run, args, cfg, table, minutes, device, answerer_name):
     decisions = {k: v for k, v in table.items() if "fact_recall" in v}
     (run / "report.md").write_text(
         f"# Memory-R2 run `{run.name}`\n\n"
-        f"algo {cfg.algo}, stages {args.stages}, steps {args.steps}, n={cfg.n} K={cfg.K} p={cfg.p} "
+        f"algo {cfg.algo}, stages {args.stages}, steps {args.steps}, n={cfg.n} K={cfg.K} p={cfg.p if cfg.algo != 'grpo' else 0} "
         f"lambda={cfg.lam} phi={cfg.phi}, data {args.data}, answer agent {answerer_name}, seed {args.seed}, "
         f"{minutes:.1f} min on {device}\n\n"
         f"## Test (x100)\n\n{E.report_table(table)}\n\n"
