@@ -166,7 +166,7 @@ class RLConfig:
     minibatch: int = 64  # cells per optimizer step, fixed order
     eps: float = 0.2  # ratio clip
     dual_clip: float = 3.0  # bound on the loss of a negative advantage
-    ratio_cap: float = 3.0  # cap on the turn's mean log-ratio
+    ratio_cap: float = 3.0  # cap on a call's mean log-ratio
     beta_kl: float = 1e-3
     beta_h: float = 1e-3
     grad_clip: float = 1.0
@@ -448,7 +448,7 @@ def credit_correlation(rows: list) -> dict:
     return out
 
 
-# ============================================================================ the loss (turn-level clipped surrogate, official code)
+# ============================================================================ the loss (per-call clipped surrogate, official code)
 def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entropy=False):
     """Log-probs of every response token of `cells` under `model` -> (logp (N,), ent (N,) or
     None, cell index of each token (N,)). Sequences are prompt+response, right-padded, so
@@ -471,8 +471,9 @@ def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entro
 
 
 def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig):
-    """Turn-level clipped surrogate averaged over (row, chunk) cells, minus an entropy bonus,
-    plus a k3 KL to the reference. Tokens: logp/old/ref/entropy/owner (N,); cells: adv (C,).
+    """Clipped surrogate with one ratio per model call (the paper's "turn-level"; not a dialogue
+    Turn), averaged over (row, chunk) cells, minus an entropy bonus, plus a k3 KL to the
+    reference. Tokens: logp/old/ref/entropy/owner (N,); cells: adv (C,).
       l_c   = mean over the cell's tokens of (logp - old_logp)
       r_c   = exp(min(l_c, ratio_cap))
       L_c   = max(-A r_c, -A clip(r_c, 1-eps, 1+eps)); for A < 0 also min(L_c, -A * dual_clip)
