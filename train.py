@@ -100,7 +100,7 @@ def build_parser():
                         "to fix in this world; see README)")
     g = ap.add_argument_group("LoGo-GRPO")
     g.add_argument("--algo", choices=["logo", "grpo", "local"], default="logo",
-                   help="logo: global + local groups; grpo: global only (p = 0); local: local groups only")
+                   help="logo: global + local groups; grpo: global only (never branches); local: local groups only")
     g.add_argument("--n", type=int, default=None, help="global group size: rollouts per step (RLConfig: 4; preset gpu: 16)")
     g.add_argument("--K", type=int, default=None, help=f"local group size: branches per snapshot (RLConfig: {d.K})")
     g.add_argument("--p", type=float, default=None, help=f"per-session branch probability (RLConfig: {d.p})")
