@@ -501,7 +501,6 @@ def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig)
                   "dual_clip_frac": frac(dual), "ratio_cap_frac": frac(capped)}
 
 
-
 # ============================================================================ one LoGo-GRPO step (paper Alg. 1)
 @dataclass
 class Branch:
@@ -529,7 +528,7 @@ def global_rollouts(policy, tok, conv, S: int, cfg: RLConfig, algo_rng, gen, jud
     a branch point -> (final banks, pairs[t-1][i] of rollout i at session t, branches, op counts)."""
     banks, pairs, branches, counts = [MemoryBank() for _ in range(cfg.n)], [], [], Counter()
     for t, session in enumerate(conv.sessions[:S], 1):
-        if cfg.algo in ("logo", "local") and algo_rng.random() < cfg.p:
+        if cfg.algo != "grpo" and algo_rng.random() < cfg.p:  # plain GRPO never branches
             i = algo_rng.randrange(cfg.n)
             branches.append(Branch(t, i, banks[i].snapshot()))
         prs, c = play_session(policy, tok, banks, session, lambda role: Group("G", t, role), cfg, gen, judge)
@@ -611,7 +610,7 @@ def ppo_update(policy, ref, pool: list, cfg: RLConfig, opt) -> dict:
     """Old and reference log-probs once (no grad, the same kernel and temperature as the
     update, so the first ratio is exactly 1), then ppo_epochs passes over fixed-order
     mini-batches of cells. A non-finite loss or gradient skips that update and is counted."""
-    cells = [(c, r.adv) for r in pool for c in r.cells if c.response]
+    cells = [(c, row.adv) for row in pool for c in row.cells if c.response]
     if not cells:
         return {"cells": 0, "skipped_updates": 0}
     dev = next(policy.parameters()).device
