@@ -273,7 +273,7 @@ def read_conversations(model, tok, convs: list, cfg: RLConfig, temperature: floa
         if trace is not None:
             trace += [Decision(live[d.b], d.turns, d.facts, d.shown, d.ops) for d in steps]
         counts += c
-        unfinished += sum(not cell.finished for r in ext + mgr for cell in r.cells)
+        unfinished += sum(not cell.finished for row in ext + mgr for cell in row.cells)
     return banks, counts, unfinished
 
 
@@ -416,9 +416,9 @@ def assign_advantages(rows: list) -> dict:
         groups.setdefault(row.group, []).append(row)
     zero, stds = Counter(), {"G": [], "L": []}
     for gid, members in groups.items():
-        rewards = [m.reward for m in members]
-        for m, a in zip(members, group_advantages(rewards)):
-            m.adv = a
+        rewards = [row.reward for row in members]
+        for row, a in zip(members, group_advantages(rewards)):
+            row.adv = a
         if len(members) > 1:
             std = torch.tensor(rewards).std().item()
             stds[gid.kind].append(std)
@@ -439,10 +439,11 @@ def credit_correlation(rows: list) -> dict:
     for kind in ("G", "L"):
         a, q = [], []
         for gid, members in groups.items():
-            if gid.kind == kind and len(members) > 1 and max(m.reward for m in members) > min(m.reward for m in members):
-                qm = sum(m.quality for m in members) / len(members)
-                a += [m.adv for m in members]
-                q += [m.quality - qm for m in members]
+            rewards = [row.reward for row in members]
+            if gid.kind == kind and len(members) > 1 and max(rewards) > min(rewards):
+                qm = sum(row.quality for row in members) / len(members)
+                a += [row.adv for row in members]
+                q += [row.quality - qm for row in members]
         den = math.sqrt(sum(x * x for x in a) * sum(y * y for y in q))
         out[f"credit_corr_{kind}"] = sum(x * y for x, y in zip(a, q)) / den if den > 0 else float("nan")
     return out
