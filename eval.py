@@ -675,10 +675,8 @@ def compare(run_dirs: list, out_dir: Path) -> str:
     md += ["", "Credit diagnostic: within-group correlation of a row's advantage with its true quality (teacher-scored "
                "decisions), mean over a stage's steps, then mean [t-based 95 % interval] over seeds; L - G paired by seed:", ""]
     for arm, rs in arms.items():
-        for s in map(str, rs[0]["stages"]):
-            g = [r["credit"][s]["G"] for r in rs if r["credit"][s]["G"] == r["credit"][s]["G"]]
-            l = [r["credit"][s]["L"] for r in rs if r["credit"][s]["L"] == r["credit"][s]["L"]]
-            dl = [r["credit"][s]["L"] - r["credit"][s]["G"] for r in rs if r["credit"][s]["L"] - r["credit"][s]["G"] == r["credit"][s]["L"] - r["credit"][s]["G"]]
+        for s in rs[0]["stages"]:
+            g, l, dl = _credit(rs, s, "G"), _credit(rs, s, "L"), _credit(rs, s, "L-G")
             md.append(f"- {arm}, {s} sessions: global {_fmt(t_interval(g), 2) if g else '-'}, local "
                       f"{_fmt(t_interval(l), 2) if l else '-'}, local - global {_fmt(t_interval(dl), 2) if dl else '-'}")
     md += ["", "Validation F1, mean over seeds, as sessions:step (step 0 = the stage's warm start, logged only):", ""]
@@ -697,6 +695,14 @@ def compare(run_dirs: list, out_dir: Path) -> str:
     return "\n".join(md)
 
 
+def _credit(rs: list, stage, kind: str) -> list:
+    """Per seed, the stage's mean credit correlation of `kind` ("G", "L", or the paired
+    difference "L-G"), seeds where it is undefined (NaN: no group with reward variance) left out."""
+    c = [r["credit"][str(stage)] for r in rs]
+    xs = [x["L"] - x["G"] for x in c] if kind == "L-G" else [x[kind] for x in c]
+    return [x for x in xs if x == x]
+
+
 def _plots(arms: dict, curves: dict, out_dir: Path) -> None:
     """Validation curves and the credit diagnostic per stage, as PNG, if matplotlib is there."""
     try:
@@ -712,8 +718,7 @@ def _plots(arms: dict, curves: dict, out_dir: Path) -> None:
     ax[0].legend(fontsize=7)
     for arm, rs in arms.items():
         for kind, style in (("G", "--"), ("L", "-")):
-            ys = [t_interval([r["credit"][str(s)][kind] for r in rs if r["credit"][str(s)][kind] == r["credit"][str(s)][kind]] or [math.nan])
-                  for s in rs[0]["stages"]]
+            ys = [t_interval(_credit(rs, s, kind) or [math.nan]) for s in rs[0]["stages"]]
             ax[1].errorbar([str(s) for s in rs[0]["stages"]], [y[0] for y in ys], yerr=[[y[0] - y[1] for y in ys], [y[2] - y[0] for y in ys]],
                            linestyle=style, marker="o", capsize=3, label=f"{arm} {'global' if kind == 'G' else 'local'}")
     ax[1].axhline(0, color="grey", lw=0.5)
