@@ -685,9 +685,10 @@ def compare(run_dirs: list, out_dir: Path) -> str:
         pts = {}
         for r in rs:
             for stage, step, f in r["val_curve"]:
-                pts.setdefault((r["stages"].index(stage), stage, step), []).append(f)
-        curves[arm] = [(f"{s}:{t}", sum(v) / len(v)) for (_, s, t), v in sorted(pts.items())]
-        md.append(f"- {arm}: " + " ".join(f"{k}={f:.1f}" for k, f in curves[arm]))
+                i = r["stages"].index(stage)  # x = RL steps taken so far, so arms with other stage plans line up
+                pts.setdefault((sum(r["steps"][:i]) + step, i, stage, step), []).append(f)
+        curves[arm] = [(x, f"{s}:{t}", sum(v) / len(v)) for (x, _, s, t), v in sorted(pts.items())]
+        md.append(f"- {arm}: " + " ".join(f"{k}={f:.1f}" for _, k, f in curves[arm]))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "runs.json").write_text(json.dumps(runs, indent=1))
     (out_dir / "table.md").write_text("\n".join(md) + "\n")
@@ -712,15 +713,20 @@ def _plots(arms: dict, curves: dict, out_dir: Path) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    color = {arm: f"C{i}" for i, arm in enumerate(arms)}  # one colour per arm in both panels
     for arm, pts in curves.items():
-        ax[0].plot(range(len(pts)), [f for _, f in pts], marker="o", label=arm)
-    ax[0].set(xlabel="validation point", ylabel="val F1", title="validation F1 (mean over seeds)")
+        ax[0].plot([x for x, _, _ in pts], [f for _, _, f in pts], marker="o", color=color[arm], label=arm)
+    ax[0].set(xlabel="RL steps (a stage's step 0 is its warm start, re-validated)", ylabel="val F1",
+              title="validation F1 (mean over seeds)")
     ax[0].legend(fontsize=7)
     for arm, rs in arms.items():
         for kind, style in (("G", "--"), ("L", "-")):
             ys = [t_interval(_credit(rs, s, kind) or [math.nan]) for s in rs[0]["stages"]]
+            if all(math.isnan(y[0]) for y in ys):  # an arm without local rows
+                continue
             ax[1].errorbar([str(s) for s in rs[0]["stages"]], [y[0] for y in ys], yerr=[[y[0] - y[1] for y in ys], [y[2] - y[0] for y in ys]],
-                           linestyle=style, marker="o", capsize=3, label=f"{arm} {'global' if kind == 'G' else 'local'}")
+                           linestyle=style, marker="o", capsize=3, color=color[arm],
+                           label=f"{arm} {'global' if kind == 'G' else 'local'}")
     ax[1].axhline(0, color="grey", lw=0.5)
     ax[1].set(xlabel="stage (sessions)", ylabel="corr(advantage, true quality)", title="credit diagnostic (95 % t-interval)")
     ax[1].legend(fontsize=7)

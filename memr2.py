@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
+from tqdm import tqdm
 
 from model import chat_prompt, decode, encode, generate
 from memory import (MemoryBank, bloat_cost, parse_facts, parse_operations, retrieve_for_facts,
@@ -265,7 +266,8 @@ def read_conversations(model, tok, convs: list, cfg: RLConfig, temperature: floa
     batch (evaluation: greedy). Returns (final banks, op counts, unfinished call count); with
     a `trace` list, each Decision's b is rewritten to the index of its conversation."""
     banks, counts, unfinished = [MemoryBank() for _ in convs], Counter(), 0
-    for t in range(max(len(c.sessions) for c in convs)):
+    # a real model reads a LoCoMo conversation for an hour on CPU; the bar shows only on a terminal
+    for t in tqdm(range(max(len(c.sessions) for c in convs)), desc="reading sessions", leave=False, disable=None):
         live = [i for i, c in enumerate(convs) if t < len(c.sessions)]
         steps = []
         ext, mgr, c = run_session(model, tok, [banks[i] for i in live], [convs[i].sessions[t] for i in live],
