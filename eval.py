@@ -618,13 +618,23 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
 
 
+def sample_sd(xs: list) -> float:
+    """Sample standard deviation (n - 1); 0.0 for fewer than two values. NaN-tolerant,
+    unlike statistics.stdev: a missing metric gives NaN, not an error."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mean = sum(xs) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+
+
 def t_interval(xs: list) -> tuple:
     """Mean and t-based 95 % interval of the mean: mean -+ t(0.975, n-1) * sd / sqrt(n)."""
     n = len(xs)
     mean = sum(xs) / n
     if n < 2:
         return mean, float("nan"), float("nan")
-    half = T975.get(n - 1, 1.96) * math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n)
+    half = T975.get(n - 1, 1.96) * sample_sd(xs) / math.sqrt(n)
     return mean, mean - half, mean + half
 
 
@@ -651,10 +661,9 @@ def compare(run_dirs: list, out_dir: Path) -> str:
         arms.setdefault(_arm(r), []).append(r)
     cols = ["f1_overall", "f1_single-hop", "f1_multi-hop", "f1_temporal", "m_fail", "mem_tokens",
             "acc_INSERT", "acc_UPDATE", "acc_DELETE", "fact_recall"]
-    sd = lambda v: (sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
     md = ["| arm | seeds | " + " | ".join(cols) + " | optimizer steps | generated tokens | minutes |", "|---" * (len(cols) + 5) + "|"]
     for arm, rs in arms.items():
-        cells = [f"{sum(v) / len(v):.1f} ± {sd(v):.1f}" for v in ([r["trained"].get(c, math.nan) for r in rs] for c in cols)]
+        cells = [f"{sum(v) / len(v):.1f} ± {sample_sd(v):.1f}" for v in ([r["trained"].get(c, math.nan) for r in rs] for c in cols)]
         cost = [sum(r["cost"][k] for r in rs) / len(rs) for k in ("updates", "gen_tokens")] + [sum(r["minutes"] for r in rs) / len(rs)]
         md.append(f"| {arm} | {len(rs)} | " + " | ".join(cells) + f" | {cost[0]:.0f} | {cost[1]:.0f} | {cost[2]:.1f} |")
     base = [r["base"]["f1_overall"] for r in runs]
