@@ -197,16 +197,21 @@ def locomo_split(convs: list[Conversation]) -> dict[str, list[Conversation]]:
 
 
 # ============================================================================ synthetic world
-# A world a ~1M-parameter model can learn on a CPU, yet where memory management matters:
-# two speakers whose attributes CHANGE over sessions (moves, new jobs, a pet that dies, a
-# trip planned then cancelled), one-off events to remember with their dates, and small
-# talk as noise. It writes LoCoMo's JSON schema, so `parse_conversation` reads both, plus a
-# "gold_facts" map (dia_id -> the fact that turn states) from which the teacher works.
+# A world a ~1M-parameter model can learn on a CPU, with the official memory semantics
+# (the official manager prompt, prompt/math/multi_turn_mamrp.py: memory is MONOTONIC). Two
+# speakers' states CHANGE over sessions (moves, new jobs, new pets); a change, and a state
+# that ends (a pet dies, a trip is cancelled), is an UPDATE that merges into the state's one
+# entry and keeps every earlier claim; a later turn may prove an earlier claim false ("I never
+# lived in Oslo"), and only that is a DELETE. One-off events (a visit, a book) are entries of
+# their own. Questions ask about every session (LoCoMo asks 4.3-8.0 per session): the current
+# state, earlier states, what happened, when, both speakers, and corrected claims. It writes
+# LoCoMo's JSON schema, so `parse_conversation` reads both, plus a "gold_facts" map
+# (dia_id -> the fact that turn states) from which the teacher works.
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy",
          "Mallory", "Nina", "Oscar", "Peggy", "Rupert", "Sybil", "Trent", "Uma", "Victor", "Wendy"]
 POOLS = {  # closed value lists; `novel_rate` of values are made-up words instead, so the
-    # model must learn to copy values rather than memorise them (cpu-feasibility note 2)
+    # model must learn to copy values rather than memorise them
     "city": ["Paris", "Berlin", "Tokyo", "Lima", "Oslo", "Cairo", "Dublin", "Quito", "Rome", "Seoul"],
     "job": ["baker", "nurse", "teacher", "pilot", "chef", "farmer", "lawyer", "painter", "driver", "dentist"],
     "hobby": ["chess", "hiking", "painting", "fishing", "yoga", "cooking", "running", "pottery"],
@@ -215,33 +220,67 @@ POOLS = {  # closed value lists; `novel_rate` of values are made-up words instea
     "visit": ["Paris", "Berlin", "Tokyo", "Lima", "Oslo", "Cairo", "Dublin", "Quito", "Rome", "Seoul"],
     "book": ["Dune", "Emma", "Ulysses", "Beloved", "Matilda", "Rebecca", "Heidi", "Ivanhoe"],
 }
-# attribute -> (what the speaker says, the fact in memory, the question, its LoCoMo category)
+STATE, EVENTS = ("city", "job", "hobby", "pet", "plan"), ("visit", "book")
+ENDS = {"pet": "died", "plan": "cancelled", "job": "quit", "hobby": "gave up"}  # a state that can end, and its word
+# What a speaker says, per turn kind: "set" a state or an event, "end" a state, "never": a correction
 SAY = {
-    "city": ["I moved to {v} last week.", "We just settled in {v}.", "My new home is in {v}."],
-    "job": ["I started a new job as a {v}.", "I work as a {v} now.", "Guess what, I am a {v} now."],
-    "hobby": ["Lately I am really into {v}.", "My new hobby is {v}.", "I spend my weekends on {v} now."],
-    "pet": ["I adopted a pet named {v}.", "Meet {v}, my new pet!", "We got a pet, we call it {v}."],
-    "plan": ["I am planning a trip to {v}.", "Next month I want to travel to {v}.", "I booked a trip to {v}."],
-    "visit": ["I visited {v} on the weekend.", "I was in {v} for a few days.", "Just got back from {v}."],
-    "book": ["I read a book called {v}.", "I finished reading {v}.", "I loved the book {v}."],
-    "pet-": ["Sadly my pet {v} died.", "We lost {v}, my pet, this week."],
-    "plan-": ["I cancelled my trip to {v}.", "The trip to {v} is off, I cancelled it."],
-    "job-": ["I quit my job as a {v}.", "I am no longer a {v}, I quit."],
-    "hobby-": ["I gave up {v}, no time.", "I stopped doing {v}."],
+    "set": {"city": ["I moved to {v} last week.", "We just settled in {v}.", "My new home is in {v}."],
+            "job": ["I started a new job as a {v}.", "I work as a {v} now.", "Guess what, I am a {v} now."],
+            "hobby": ["Lately I am really into {v}.", "My new hobby is {v}.", "I spend my weekends on {v} now."],
+            "pet": ["I adopted a pet named {v}.", "Meet {v}, my new pet!", "We got a pet, we call it {v}."],
+            "plan": ["I am planning a trip to {v}.", "Next month I want to travel to {v}.", "I booked a trip to {v}."],
+            "visit": ["I visited {v} on the weekend.", "I was in {v} for a few days.", "Just got back from {v}."],
+            "book": ["I read a book called {v}.", "I finished reading {v}.", "I loved the book {v}."]},
+    "end": {"pet": ["Sadly my pet {v} died.", "We lost {v}, my pet, this week."],
+            "plan": ["I cancelled my trip to {v}.", "The trip to {v} is off, I cancelled it."],
+            "job": ["I quit my job as a {v}.", "I am no longer a {v}, I quit."],
+            "hobby": ["I stopped doing {v}, no time.", "I gave up {v} for good."]},
+    "never": {"city": ["Sorry, I got that wrong: I never lived in {v}.", "Correction: I never actually moved to {v}."],
+              "job": ["Actually I never worked as a {v}, I only applied.", "I misspoke, I was never a {v}."],
+              "hobby": ["Honestly I never did {v}, I only talked about it.", "I never enjoyed {v}, I got that wrong."],
+              "pet": ["Actually, {v} was never mine, I was only looking after it.", "{v} was never my pet, it was my sister's."],
+              "plan": ["Correction: I never planned a trip to {v}.", "I never booked {v}, I mixed it up."],
+              "visit": ["Actually I never went to {v}, that was my brother.", "I never visited {v}, I got that wrong."],
+              "book": ["I never read {v} after all, I mixed it up.", "Correction: I never finished {v}, or even began it."]},
 }
-FACT = {"city": "{s} lives in {v}", "job": "{s} works as a {v}", "hobby": "{s} enjoys {v}",
-        "pet": "{s} has a pet named {v}", "plan": "{s} plans a trip to {v}", "visit": "{s} visited {v}",
-        "book": "{s} read the book {v}", "pet-": "{s}'s pet {v} died", "plan-": "{s} cancelled the trip to {v}",
-        "job-": "{s} quit the job as a {v}", "hobby-": "{s} gave up {v}"}
-QUESTION = {"city": "Where does {s} live?", "job": "What work does {s} do?", "hobby": "What hobby does {s} enjoy?",
-            "pet": "What is the name of {s}'s pet?", "plan": "Where does {s} plan a trip?"}
-WHEN = {"city": "When did {s} move to {v}?", "visit": "When did {s} visit {v}?", "book": "When did {s} read {v}?"}
-PAIR = {"city": "Where do {s} and {o} live?", "job": "What work do {s} and {o} do?"}
+# The facts, as the extractor writes them. A move keeps its date in the text: an UPDATE keeps
+# the entry's FIRST date (as the official memory does), so a date a question needs is content.
+FACT = {
+    "set": {"city": "{s} lives in {v} since {d}", "job": "{s} has a job as a {v}", "hobby": "{s} has the hobby {v}",
+            "pet": "{s} has a pet named {v}", "plan": "{s} plans a trip to {v}", "visit": "{s} visited {v}",
+            "book": "{s} read the book {v}"},
+    "end": {"pet": "{s}'s pet {v} died", "plan": "{s} cancelled the trip to {v}", "job": "{s} quit the job as a {v}",
+            "hobby": "{s} gave up the hobby {v}"},
+    "never": {"city": "{s} never lived in {v}", "job": "{s} never had a job as a {v}", "hobby": "{s} never had the hobby {v}",
+              "pet": "{s} never had a pet named {v}", "plan": "{s} never planned a trip to {v}",
+              "visit": "{s} never visited {v}", "book": "{s} never read the book {v}"},
+}
+BEFORE = "; before: "  # a state's entry: its newest fact, then its earlier values, newest first
+QUESTIONS = {  # question kind -> attr -> template; {o} is the other speaker
+    "now": {"city": "Where does {s} live?", "job": "What job does {s} have?", "hobby": "What hobby does {s} have?",
+            "pet": "What is the name of {s}'s pet?", "plan": "Where does {s} plan a trip?"},
+    "before": {"city": "Where did {s} live before {v}?", "job": "What job did {s} have before {v}?",
+               "hobby": "What hobby did {s} have before {v}?", "pet": "What pet did {s} have before {v}?",
+               "plan": "Where did {s} plan a trip before {v}?"},
+    "after": {"city": "Where did {s} live after {v}?", "job": "What job did {s} have after {v}?",
+              "hobby": "What hobby did {s} have after {v}?", "pet": "What pet did {s} have after {v}?",
+              "plan": "Where did {s} plan a trip after {v}?"},
+    "first": {"city": "Where did {s} live first?", "job": "What was {s}'s first job?", "hobby": "What was {s}'s first hobby?",
+              "pet": "What was {s}'s first pet?", "plan": "Where did {s} first plan a trip?"},
+    "all": {"city": "Which places did {s} live in?", "job": "What jobs did {s} have?",
+            "hobby": "What hobbies did {s} have?", "pet": "What pets did {s} have?", "plan": "Where did {s} plan trips to?"},
+    "did": {"city": "Did {s} live in {v}?", "job": "Did {s} have a job as a {v}?", "hobby": "Did {s} have the hobby {v}?",
+            "pet": "Did {s} have a pet named {v}?", "plan": "Did {s} plan a trip to {v}?", "visit": "Did {s} visit {v}?",
+            "book": "Did {s} read the book {v}?"},
+    "happened": {"pet": "What happened to {s}'s pet {v}?", "plan": "What happened to {s}'s trip to {v}?",
+                 "job": "What happened to {s}'s job as a {v}?", "hobby": "What happened to {s}'s hobby {v}?"},
+    "when": {"city": "When did {s} move to {v}?", "visit": "When did {s} visit {v}?", "book": "When did {s} read {v}?"},
+    "pair": {"city": "Where do {s} and {o} live?", "job": "What jobs do {s} and {o} have?"},
+}
+CATEGORY = {"now": 4, "did": 4, "happened": 4, "before": 2, "after": 2, "first": 2, "when": 2, "all": 1, "pair": 1}
 SMALL_TALK = ["How have you been?", "The weather is lovely today.", "Haha, that is so funny.", "See you soon!",
               "I had a long day at home.", "Did you sleep well?", "That sounds great!", "Tell me more.",
               "I am a bit tired today.", "Good to hear from you!", "What a week it has been.", "Same here, honestly."]
-STATE, EVENTS = ("city", "job", "hobby", "pet", "plan"), ("visit", "book")
-REMOVABLE = ("pet", "plan", "job", "hobby")  # a state that can end: the answer becomes "none"
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
           "October", "November", "December"]
 
@@ -252,152 +291,266 @@ def _made_up(rng, capital):
     return w.capitalize() if capital else w
 
 
-def make_world(seed: int, n_sessions: int = 32, facts_per_session: int = 2, noise_turns: int = 1,
-               event_rate: float = 0.25, delete_rate: float = 0.45, novel_rate: float = 0.3) -> dict:
+@dataclass
+class Claim:
+    """One value a speaker stated for an attribute, as the generator tracks the truth."""
+    value: str
+    dia: str  # the turn that stated it
+    session: int
+    ended: str = ""  # the turn that ended it (a state), or ""
+
+
+def make_world(seed: int, n_sessions: int = 32, facts_per_session: int = 3, noise_turns: int = 1,
+               event_rate: float = 0.25, end_rate: float = 0.3, correct_rate: float = 0.3,
+               novel_rate: float = 0.3) -> dict:
     """One conversation in LoCoMo's schema. Knobs: sessions, facts and small-talk turns per
-    session, share of one-off events, how often a pet dies / a trip is cancelled, and the
-    share of made-up values. Same seed -> identical world."""
+    session, share of one-off events, how often a state ends, how often a turn corrects an
+    earlier claim, and the share of made-up values. Same seed -> identical world."""
     rng = random.Random(seed)
     a, b = rng.sample(NAMES, 2)
-    state = {s: {} for s in (a, b)}  # speaker -> attr -> (value, dia_id that set it)
+    hist = {(s, attr): [] for s in (a, b) for attr in STATE + EVENTS}  # true claims, oldest first
+    wrong = []  # (speaker, attr, corrected Claim, correcting turn)
+    fixed = set()  # sessions that lost a claim to a correction: one each, so every session keeps a question
     conv = {"speaker_a": a, "speaker_b": b}
     gold, day, used = {}, rng.randint(0, 200), set()
     for n in range(1, n_sessions + 1):
         day += rng.randint(1, 9)
         d, m = 1 + day % 28, (day // 28) % 12
         conv[f"session_{n}_date_time"] = f"{rng.randint(1, 12)}:{rng.randint(0, 59):02d} {rng.choice(['am', 'pm'])} on {d} {MONTHS[m]}, {2023 + day // 336}"
+        date = short_date(conv[f"session_{n}_date_time"])
         kinds = ["fact"] * facts_per_session + ["talk"] * noise_turns
         rng.shuffle(kinds)
-        turns, changed = [], set()
+        turns, touched = [], set()
         for k, kind in enumerate(kinds, 1):
             dia = f"D{n}:{k}"
             s = rng.choice((a, b)) if kind == "fact" else (a, b)[k % 2]
             if kind == "talk":
                 turns.append({"speaker": s, "dia_id": dia, "text": rng.choice(SMALL_TALK)})
                 continue
-            attr = rng.choice(EVENTS) if rng.random() < event_rate else rng.choice(STATE)
-            if (s, attr) in changed:  # one change per attribute per session keeps gold ops unambiguous
-                attr = rng.choice(EVENTS)
-            changed.add((s, attr))
-            cur = state[s].get(attr)
-            if attr in REMOVABLE and cur and rng.random() < delete_rate:
-                attr, v = attr + "-", cur[0]  # the pet dies, the trip is cancelled, a job or hobby is given up
-                del state[s][attr[:-1]]
+            # A correction needs a claim from an earlier session that is still the whole of its
+            # entry (an event, or a state with one value): DELETE removes an entry, never part of one.
+            fixable = [(attr, h[0]) for (sp, attr), h in hist.items() if sp == s and attr not in touched
+                       and len(h) == 1 and not h[0].ended and h[0].session < n and h[0].session not in fixed]
+            if fixable and rng.random() < correct_rate:
+                attr, claim = rng.choice(fixable)
+                how, v = "never", claim.value
+                hist[(s, attr)].clear()
+                wrong.append((s, attr, claim, dia))
+                fixed.add(claim.session)
             else:
-                pool = POOLS[attr]
-                v = _made_up(rng, attr != "job" and attr != "hobby") if rng.random() < novel_rate else rng.choice(pool)
-                while (cur and v == cur[0]) or (s, attr, v) in used:  # events are one-off
-                    v = _made_up(rng, attr != "job" and attr != "hobby")
-                used.add((s, attr, v))
-                if attr in STATE:
-                    state[s][attr] = (v, dia)
-            turns.append({"speaker": s, "dia_id": dia, "text": rng.choice(SAY[attr]).format(v=v)})
-            gold[dia] = {"speaker": s, "attr": attr, "value": v, "fact": FACT[attr].format(s=s, v=v),
-                         "date": conv[f"session_{n}_date_time"]}
+                attr = rng.choice(EVENTS) if rng.random() < event_rate else rng.choice(STATE)
+                if attr in touched:  # one turn per attribute per session keeps gold ops unambiguous
+                    attr = rng.choice([e for e in EVENTS if e not in touched] or ["book"])
+                h = hist[(s, attr)]
+                if attr in ENDS and h and not h[-1].ended and rng.random() < end_rate:
+                    how, v = "end", h[-1].value
+                    h[-1].ended = dia
+                else:
+                    how, v = "set", None
+                    while v is None or (s, attr, v) in used:  # a value is never stated twice
+                        v = (_made_up(rng, attr not in ("job", "hobby")) if rng.random() < novel_rate
+                             else rng.choice(POOLS[attr]))
+                    used.add((s, attr, v))
+                    h.append(Claim(v, dia, n))
+            touched.add(attr)
+            turns.append({"speaker": s, "dia_id": dia, "text": rng.choice(SAY[how][attr]).format(v=v)})
+            gold[dia] = {"speaker": s, "attr": attr, "kind": how, "value": v, "date": date,
+                         "fact": FACT[how][attr].format(s=s, v=v, d=date)}
         conv[f"session_{n}"] = turns
-    return {"sample_id": f"world-{seed}", "conversation": conv, "qa": _questions(a, b, gold), "gold_facts": gold}
+    return {"sample_id": f"world-{seed}", "conversation": conv, "qa": _questions(a, b, hist, wrong, gold),
+            "gold_facts": gold}
 
 
-def _questions(a, b, gold):
-    """Questions about the final state (asked after the last session, as in LoCoMo), with
-    the evidence turn that set each answer. A state removed by a death/cancellation has
-    answer "none" and the removal turn as evidence."""
-    qa, last = [], {}
-    for dia, g in gold.items():  # insertion order = dialogue order
-        attr = g["attr"].rstrip("-")
-        if attr in STATE:
-            last[(g["speaker"], attr)] = (g["value"] if not g["attr"].endswith("-") else "none", dia, g)
-        else:
-            qa.append({"question": WHEN[attr].format(s=g["speaker"], v=g["value"]),
-                       "answer": short_date(g["date"]), "evidence": [dia], "category": 2})
-    for (s, attr), (v, dia, g) in last.items():
-        qa.append({"question": QUESTION[attr].format(s=s), "answer": v, "evidence": [dia], "category": 4})
-        if attr == "city":
-            qa.append({"question": WHEN["city"].format(s=s, v=v), "answer": short_date(g["date"]),
-                       "evidence": [dia], "category": 2})
-    for attr in PAIR:
-        (va, da, _), (vb, db, _) = last.get((a, attr), ("",) * 3), last.get((b, attr), ("",) * 3)
+def _questions(a, b, hist, wrong, gold):
+    """Questions asked after the last session (as in LoCoMo), each with the turns that decide
+    its answer as evidence, so every session is asked about where it stated something."""
+    qa = []
+
+    def ask(kind, attr, answer, evidence, **f):
+        qa.append({"question": QUESTIONS[kind][attr].format(**f), "answer": answer, "evidence": evidence,
+                   "category": CATEGORY[kind]})
+    last = {}  # (speaker, attr) -> its current value ("none" if ended) and the turn that decided it
+    for (s, attr), h in hist.items():
+        if attr in EVENTS:
+            for c in h:
+                ask("when", attr, gold[c.dia]["date"], [c.dia], s=s, v=c.value)
+                ask("did", attr, "yes", [c.dia], s=s, v=c.value)
+            continue
+        for c in h:
+            ask("did", attr, "yes", [c.dia], s=s, v=c.value)
+            if c.ended:
+                ask("happened", attr, ENDS[attr], [c.dia, c.ended], s=s, v=c.value)
+        for u, v in zip(h, h[1:]):
+            ask("before", attr, u.value, [u.dia, v.dia], s=s, v=v.value)
+            ask("after", attr, v.value, [u.dia, v.dia], s=s, v=u.value)
+        if h:
+            ask("first", attr, h[0].value, [h[0].dia], s=s)
+        if len(h) > 1:
+            ask("all", attr, ", ".join(c.value for c in h), [c.dia for c in h], s=s)
+        if h:
+            last[(s, attr)] = ("none", h[-1].ended) if h[-1].ended else (h[-1].value, h[-1].dia)
+        if attr == "city" and h:
+            ask("when", attr, gold[h[-1].dia]["date"], [h[-1].dia], s=s, v=h[-1].value)
+    for s, attr, claim, fix in wrong:
+        ask("did", attr, "no", [claim.dia, fix], s=s, v=claim.value)
+        if attr in STATE and not hist[(s, attr)]:
+            last[(s, attr)] = ("none", fix)
+    for (s, attr), (v, dia) in last.items():
+        ask("now", attr, v, [dia], s=s)
+    for attr in QUESTIONS["pair"]:
+        (va, da), (vb, db) = last.get((a, attr), ("", "")), last.get((b, attr), ("", ""))
         if va and vb and va != vb and "none" not in (va, vb):  # set-based F1 would not give 1 to "X and X"
-            qa.append({"question": PAIR[attr].format(s=a, o=b), "answer": f"{va} and {vb}",
-                       "evidence": [da, db], "category": 1})
+            ask("pair", attr, f"{va} and {vb}", [da, db], s=a, o=b)
     return qa
 
 
-# --------------------------------------------------------------------------- the teacher
+# --------------------------------------------------------------------------- reading an entry
 def _template_regex(template):
-    """"{s} lives in {v}" -> a regex with named groups s, o (the other speaker) and v."""
-    rx = re.escape(template).replace(r"\{s\}", "(?P<s>.+?)").replace(r"\{o\}", "(?P<o>.+?)")
-    return re.compile("^" + rx.replace(r"\{v\}", "(?P<v>.+)") + "$")
+    """"{s} lives in {v} since {d}" -> a regex with named groups s, o (the other speaker), v, d.
+    Names and values are single words; a date is the rest of the line."""
+    rx = re.escape(template)
+    for name, pat in (("s", r"[^\s',;?]+"), ("o", r"[^\s',;?]+"), ("v", r"[^\s',;?]+"), ("d", r"[^;?]+?")):
+        rx = rx.replace(re.escape("{" + name + "}"), f"(?P<{name}>{pat})")
+    return re.compile("^" + rx + "$")
 
 
-_FACT_RE = {attr: _template_regex(t) for attr, t in FACT.items()}
-_Q_RE = [(kind, attr, _template_regex(t)) for kind, table in (("now", QUESTION), ("when", WHEN), ("pair", PAIR))
-         for attr, t in table.items()]
+_FACT_RE = [(how, attr, _template_regex(t)) for how, table in FACT.items() for attr, t in table.items()]
+_Q_RE = [(kind, attr, _template_regex(t)) for kind, table in QUESTIONS.items() for attr, t in table.items()]
 
 
-def read_fact(content: str):
-    """Memory content -> (attr, speaker, value), or None when it is not a world fact."""
-    for attr, rx in _FACT_RE.items():
-        m = rx.match(content)
+def read_fact(text: str):
+    """One fact -> (kind, attr, speaker, value, date or None), or None when it is no world fact."""
+    for how, attr, rx in _FACT_RE:
+        m = rx.match(text)
         if m:
-            return attr, m["s"], m["v"]
+            return how, attr, m["s"], m["v"], m.groupdict().get("d")
     return None
 
 
-def lookup_answer(question: str, entries: list) -> str:
-    """The exact reader: answer a world question by lookup in `entries` (what retrieval shows),
-    the newest matching entry winning (the paper's answer agent prefers the newest memory on
-    conflicts). A stored ending ("X's pet Rex died") is read as the state's removal, as any
-    competent reader would. It is the synthetic world's frozen answer agent, gives the learned
-    answerer its SFT targets, and checks that the teacher's gold memory answers everything."""
-    def newest(speaker, attr, value=None):
-        hits = [(e.session, int(e.memory_id[1:]), f) for e in entries if (f := read_fact(e.content))
-                and f[0].rstrip("-") == attr and f[1] == speaker and value in (None, f[2])]
-        return max(hits, key=lambda h: h[:2])[2] if hits else None
+def read_entry(content: str):
+    """A memory line -> (its newest fact as read_fact reads it, [(earlier value, ended)] newest
+    first), or None. "Nina has a pet named Milo; before: Rex died, Max" -> the Milo fact, [(Rex,
+    True), (Max, False)]."""
+    head, _, tail = content.partition(BEFORE)
+    f = read_fact(head)
+    if not f:
+        return None
+    items = [(w.split()[0], len(w.split()) > 1) for w in tail.split(", ") if w.strip()] if tail else []
+    return f, items
 
-    def current(speaker, attr):
-        f = newest(speaker, attr)
-        return f[2] if f and not f[0].endswith("-") else "none"
+
+def merged(old: str, fact: str) -> str:
+    """The teacher's UPDATE content: the new fact, then every value the entry held, newest first.
+    An ending keeps the history as it is (its value is already the head's)."""
+    (how, attr, _, v, _), items = read_entry(old)
+    f = read_fact(fact)
+    if f[0] == "set":
+        items = [(v, how == "end")] + items
+    return fact + (BEFORE + ", ".join(f"{x} {ENDS[attr]}" if e else x for x, e in items) if items else "")
+
+
+def timeline(entries: list, speaker: str, attr: str) -> tuple:
+    """What `entries` say about one speaker's attribute -> ([(value, ended)] oldest first,
+    corrected values). Entries are read oldest first; a value stated again moves to its newest
+    mention, so one merged entry and the same claims spread over many entries read alike; a
+    stored correction ("X never lived in Oslo") removes the value, as any competent reader would."""
+    line, never = [], set()
+    for e in sorted(entries, key=lambda e: (e.session, int(e.memory_id[1:]))):
+        r = read_entry(e.content)
+        if not r or r[0][1] != attr or r[0][2] != speaker:
+            continue
+        (how, _, _, v, _), items = r
+        if how == "never":
+            never.add(v)
+            line = [c for c in line if c[0] != v]
+            continue
+        for x, ended in items[::-1] + [(v, how == "end")]:
+            line = [c for c in line if c[0] != x] + [(x, ended)]
+    return line, never
+
+
+def lookup_answer(question: str, entries: list) -> str:
+    """The exact reader: answer a world question from `entries` (what retrieval shows). It is
+    the synthetic world's frozen answer agent, gives the learned answerer its SFT targets, and
+    checks that the teacher's gold memory answers everything."""
     for kind, attr, rx in _Q_RE:
         m = rx.match(question)
         if not m:
             continue
+        if kind == "pair":
+            vals = [lookup_answer(QUESTIONS["now"][attr].format(s=p), entries) for p in (m["s"], m["o"])]
+            return "none" if vals == ["none", "none"] else " and ".join(vals)
+        line, never = timeline(entries, m["s"], attr)
+        values = [x for x, _ in line]
+        v = m.groupdict().get("v")
         if kind == "now":
-            return current(m["s"], attr)
-        if kind == "when":
-            e = [e for e in entries if (f := read_fact(e.content)) == (attr, m["s"], m["v"])]
-            return max(e, key=lambda e: (e.session, int(e.memory_id[1:]))).session_time if e else "none"
-        vals = [current(sp, attr) for sp in (m["s"], m["o"])]
-        return "none" if vals == ["none", "none"] else " and ".join(vals)
+            return line[-1][0] if line and not line[-1][1] else "none"
+        if kind == "did":
+            return "yes" if v in values else "no"
+        if kind == "first":
+            return values[0] if values else "none"
+        if kind == "all":
+            return ", ".join(values) or "none"
+        if kind == "happened":
+            return ENDS[attr] if (v, True) in line else "none"
+        if kind in ("before", "after"):
+            i = values.index(v) if v in values else -1
+            j = i - 1 if kind == "before" else i + 1
+            return values[j] if i >= 0 and 0 <= j < len(values) else "none"
+        # when: a move's date is in its fact; an event's is the date of the entry that holds it
+        if v in never:
+            return "none"
+        hits = [(e, f) for e in entries if (r := read_entry(e.content)) and (f := r[0])[:4] == ("set", attr, m["s"], v)]
+        if not hits:
+            return "none"
+        e, f = max(hits, key=lambda h: (h[0].session, int(h[0].memory_id[1:])))
+        return f[4] or e.session_time
     return "none"
 
 
-def teacher_ops(facts: list, retrieved: list, rng=None, noise: float = 0.0) -> list:
-    """Gold manager operations for `facts` given the memories the manager is shown. The
-    same person+attribute already stored -> UPDATE it (NOOP if identical); a death or a
-    cancellation -> DELETE it; otherwise INSERT. With `noise`, each op is corrupted with
-    that probability the way a sloppy manager would: UPDATE becomes a duplicate INSERT,
+# --------------------------------------------------------------------------- the teacher
+def _entry_of(f, shown, value=None):
+    """The shown entry that holds the fact's speaker and attribute (and value, if given), or None."""
+    for e in shown:
+        r = read_entry(e.content)
+        if r and r[0][0] in ("set", "end") and r[0][1:3] == f[1:3] and value in (None, r[0][3]):
+            return e
+    return None
+
+
+def teacher_op(fact: dict, shown: list) -> dict:
+    """The gold manager operation for one fact given the memories the manager is shown (the
+    official manager prompt's rules): a new value of a stored state -> UPDATE that entry with
+    the merged content (nothing stored is dropped); a state that ends -> UPDATE too; a claim
+    proven false -> DELETE its entry; what memory already holds -> NOOP; anything else -> INSERT."""
+    insert = {"op": "INSERT", "content": fact["fact"], "speaker": fact["speaker"], "dia_id": fact["dia_id"]}
+    f = read_fact(fact["fact"])
+    if f is None:
+        return insert
+    how, attr, _, v, _ = f
+    if any(e.content == fact["fact"] for e in shown):
+        return {"op": "NOOP"}
+    if how == "never":
+        hit = _entry_of(f, shown, v)
+        return {"op": "DELETE", "memory_id": hit.memory_id} if hit else {"op": "NOOP"}
+    hit = _entry_of(f, shown, v if how == "end" else None) if attr in STATE else None
+    if hit is None:
+        return insert
+    # (key order = the order the model writes them: decision, content, then what it copies)
+    return {"op": "UPDATE", "content": merged(hit.content, fact["fact"]), "memory_id": hit.memory_id,
+            "dia_id": fact["dia_id"]}
+
+
+def teacher_ops(facts: list, shown: list, rng=None, noise: float = 0.0) -> list:
+    """Gold manager operations for `facts`. With `noise`, each op is corrupted with that
+    probability the way a sloppy manager would: UPDATE becomes an INSERT of the bare fact,
     DELETE becomes NOOP, INSERT is dropped (so SFT leaves room for RL)."""
     ops = []
     for f in facts:
-        parsed = read_fact(f["fact"])
-        attr = parsed[0] if parsed else None
-        base = (attr or "").rstrip("-")
-        hit = next((e for e in retrieved if (r := read_fact(e.content)) and r[0] == base and r[1] == f["speaker"]
-                    and base in STATE), None) if attr else None
-        # (key order = the order the model writes them: decision, content, then what it copies)
-        insert = {"op": "INSERT", "content": f["fact"], "speaker": f["speaker"], "dia_id": f["dia_id"]}
-        if attr and attr.endswith("-"):
-            op = {"op": "DELETE", "memory_id": hit.memory_id} if hit else {"op": "NOOP"}
-        elif hit and hit.content == f["fact"]:
-            op = {"op": "NOOP"}
-        elif hit:
-            op = {"op": "UPDATE", "content": f["fact"], "memory_id": hit.memory_id, "dia_id": f["dia_id"]}
-        else:
-            op = insert
+        op = teacher_op(f, shown)
         if rng is not None and noise > 0 and rng.random() < noise:
             if op["op"] == "UPDATE":
-                op = insert
+                op = _insert(f)
             elif op["op"] == "DELETE":
                 op = {"op": "NOOP"}
             elif op["op"] == "INSERT":
@@ -445,9 +598,9 @@ def _insert(f):
 
 
 def _swap(kind, new):
-    """The teacher, with every `kind` op replaced by new(fact) (None: dropped)."""
+    """The teacher, with every `kind` op replaced by new(fact, op) (None: dropped)."""
     def manager(facts, shown, rng):
-        ops = [new(f) if o["op"] == kind else o for f, o in zip(facts, teacher_ops(facts, shown))]
+        ops = [new(f, o) if o["op"] == kind else o for f, o in zip(facts, teacher_ops(facts, shown))]
         return [o for o in ops if o is not None]
     return manager
 
@@ -456,8 +609,9 @@ def _swap(kind, new):
 SCRIPTED = {
     "oracle": lambda facts, shown, rng: teacher_ops(facts, shown),
     "insert-only": lambda facts, shown, rng: [_insert(f) for f in facts],  # never UPDATE or DELETE
-    "no-delete": _swap("DELETE", lambda f: {"op": "NOOP"}),
-    "duplicate-updates": _swap("UPDATE", _insert),  # a new entry instead of rewriting the old one
+    "replace-updates": _swap("UPDATE", lambda f, o: dict(o, content=f["fact"])),  # drops the earlier claims
+    "duplicate-updates": _swap("UPDATE", lambda f, o: _insert(f)),  # a new entry instead of merging
+    "no-delete": _swap("DELETE", lambda f, o: {"op": "NOOP"}),  # corrected claims kept
     "drop-half": lambda facts, shown, rng: [o for o in teacher_ops(facts, shown)
                                             if o["op"] != "INSERT" or rng.random() < 0.5],
     "empty": lambda facts, shown, rng: [],
@@ -499,9 +653,10 @@ def _wrote(ops, kind, content=None, memory_id=None):
 def decision_counts(decisions: list, gold: dict) -> Counter:
     """Score chunks' decisions (memr2.Decision) against the teacher, given the SAME facts and
     the SAME shown memories: extractor facts vs the chunk's gold facts (exact text), and per
-    extracted fact the manager's op vs the teacher's (INSERT of the fact, UPDATE / DELETE of
-    the right id, NOOP = the fact not written). `right` counts gold facts extracted exactly
-    AND handled as the teacher would: a row's true quality is right / fact_gold."""
+    extracted fact the manager's op vs the teacher's (INSERT of the fact, UPDATE of the right id
+    with the merged content, DELETE of the right id, NOOP = the fact not written). `right` counts
+    gold facts extracted exactly AND handled as the teacher would: a row's true quality is
+    right / fact_gold."""
     c = Counter()
     for d in decisions:
         want = {t.dia_id: gold[t.dia_id]["fact"] for t in d.turns if t.dia_id in gold}
@@ -512,8 +667,8 @@ def decision_counts(decisions: list, gold: dict) -> Counter:
         done = set()
         for f, op in zip(d.facts, teacher_ops(d.facts, d.shown)):
             kind, mid = op["op"], op.get("memory_id")
-            ok = (not _wrote(d.ops, "INSERT", f["fact"]) and not _wrote(d.ops, "UPDATE", f["fact"]) if kind == "NOOP"
-                  else _wrote(d.ops, kind, None if kind == "DELETE" else f["fact"], mid))
+            ok = (not any(str(o.get("content", "")).startswith(f["fact"]) for o in d.ops) if kind == "NOOP"
+                  else _wrote(d.ops, kind, op.get("content"), mid))
             c[f"{kind}_gold"] += 1
             c[f"{kind}_hit"] += ok
             if ok and f["dia_id"] in exact and f["dia_id"] not in done:
@@ -542,8 +697,8 @@ def make_judge(sample: dict):
 def score(answerer, tok, banks: list, convs: list, names=CATEGORIES) -> dict:
     """Answer every question of each conversation from its final bank; F1, BLEU-1 and exact
     match overall and per category (x100), M-Fail, memory size. M-Fail is the share of the
-    questions' gold evidence turns missing from the bank; answers of "none" (a removed
-    state) are left out of it, since the right memory holds nothing about them."""
+    questions' gold evidence turns missing from the bank; answers of "none" and "no" are left
+    out of it, since a claim proven false leaves the right memory nothing to hold."""
     pairs = [(b, q) for b, c in zip(banks, convs) for q in c.qa]
     preds = answerer.answer([(b, q.question) for b, q in pairs])
     per = {}
@@ -554,7 +709,7 @@ def score(answerer, tok, banks: list, convs: list, names=CATEGORIES) -> dict:
             d["f1"].append(token_f1(pred, q.answer))
             d["bleu1"].append(bleu1(pred, q.answer))
             d["em"].append(exact_match(pred, q.answer))
-    ev = [d in b.dia_ids() for b, q in pairs if q.answer != "none" for d in q.evidence]
+    ev = [d in b.dia_ids() for b, q in pairs if q.answer not in ("none", "no") for d in q.evidence]
     out = {f"{m}_{k}": 100 * sum(v) / len(v) for k, d in per.items() for m, v in d.items()}
     out |= {"n_questions": len(pairs), "m_fail": 100 * (1 - sum(ev) / len(ev)) if ev else 0.0,
             "mem_entries": sum(len(b.entries) for b in banks) / len(banks),

@@ -51,7 +51,11 @@ class Conversation:
 
 
 # ----------------------------------------------------------------------------- the bank
-MAX_FACT_WORDS = 20  # the paper's prompts: one fact per entry, at most 20 words
+# The paper's prompts ask for facts of at most 20 words; an UPDATE merges a state's earlier
+# claims into its entry (memory is monotonic), so an entry may need more. 40 words hold every
+# merged entry of the synthetic world (its longest is measured in a test) and still stop a
+# policy that runs on.
+MAX_CONTENT_WORDS = 40
 OPS = ("INSERT", "UPDATE", "DELETE", "NOOP")
 
 
@@ -60,8 +64,9 @@ class Entry:
     memory_id: str
     speaker: str  # whom the fact is about
     content: str
-    session: int  # index of the session that wrote (or last rewrote) it
-    session_time: str  # that session's date, shown to the answer agent
+    session: int  # index of the session that last wrote it (recency, for ranking)
+    session_time: str  # the date of the session that FIRST wrote it, shown to the answer agent;
+    # an UPDATE keeps it, as the official memory does, so a date a question needs belongs in the content
     dia_ids: list = field(default_factory=list)  # source turns, for M-Fail
 
 
@@ -102,6 +107,12 @@ class MemoryBank:
                 return "rejected_bad_fields"
             if bad:
                 return bad
+            same = next((e for e in self.entries.values()
+                         if e.speaker == speaker.strip() and e.content == op["content"].strip()), None)
+            if same:  # an exact duplicate merges into the stored entry (official memory): new source, same date
+                same.session = session
+                same.dia_ids += [d for d in dia_ids if d not in same.dia_ids]
+                return "INSERT"
             mid = f"m{self.next_id}"
             self.next_id += 1
             self.entries[mid] = Entry(mid, speaker.strip(), op["content"].strip(), session, session_time, dia_ids)
@@ -117,7 +128,7 @@ class MemoryBank:
             if bad:
                 return bad
             e = self.entries[mid]
-            e.content, e.session, e.session_time = op["content"].strip(), session, session_time
+            e.content, e.session = op["content"].strip(), session  # the first date stays
             e.dia_ids = e.dia_ids + [d for d in dia_ids if d not in e.dia_ids]  # keep old sources
         else:
             del self.entries[mid]
@@ -142,7 +153,7 @@ def short_date(date: str) -> str:
 def _content_problem(content) -> str:
     if not isinstance(content, str) or not content.strip():
         return "rejected_empty_content"
-    if len(content.split()) > MAX_FACT_WORDS:
+    if len(content.split()) > MAX_CONTENT_WORDS:
         return "rejected_too_long"
     return ""
 
@@ -204,11 +215,13 @@ _STOP = set("a an the is are was were be been do does did to of in on at for and
 
 def terms(text: str) -> list:
     """Lower-case word tokens minus stop words, with a crude plural/verb 's' strip so that
-    'lives' matches 'live' and 'pets' matches 'pet'."""
+    'lives' matches 'live', 'pets' matches 'pet' and 'hobbies' matches 'hobby'."""
     out = []
     for w in re.findall(r"[a-z0-9]+", text.lower()):
         if w in _STOP:
             continue
+        if len(w) > 4 and w.endswith("ies"):
+            w = w[:-3] + "y"
         out.append(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w)
     return out
 

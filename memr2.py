@@ -55,8 +55,10 @@ def _compact(obj) -> str:
 # role must match against (the question, the new facts) comes BEFORE the lines it searches.
 # Attention is causal: "[m3]" at the end of "Ann lives in Oslo [m3]" has seen its line and
 # the new facts, so the model can find it by content; put first, it would have seen nothing.
-def extractor_prompt(turns) -> str:
-    return ROLE["ext"] + "\n".join(f"{t.speaker}: {t.text} ({t.dia_id})" for t in turns) + SEP
+def extractor_prompt(turns, date: str) -> str:
+    # The session's date comes first: a fact whose date a question needs carries it (an UPDATE
+    # keeps an entry's first date), as the official extractor prompt asks for absolute times.
+    return ROLE["ext"] + f"Date: {short_date(date)}\n" + "\n".join(f"{t.speaker}: {t.text} ({t.dia_id})" for t in turns) + SEP
 
 
 def manager_prompt(memories, facts) -> str:
@@ -78,10 +80,11 @@ CHAT_SYSTEM = {
            "two people, each turn ending with its id in parentheses, and extract every fact worth remembering "
            "about the speakers: personal details, events, plans, preferences, relationships and their dates.",
     "mgr": "You are the memory manager of a memory agent. You get new facts, each with the id of its source "
-           "turn, and the related memories already stored, each with its id in brackets. For each new fact you "
-           "choose one operation: INSERT it as a new memory; UPDATE a memory it changes or extends (keep the "
-           "memory_id, write the merged content); DELETE a memory it contradicts or makes obsolete; NOOP if the "
-           "memory already holds it.",
+           "turn, and the related memories already stored, each with its id in brackets. Memory is monotonic: "
+           "nothing true is ever lost. For each new fact you choose one operation: INSERT it as a new memory; "
+           "UPDATE a memory about the same thing when the fact changes, extends or ends it (keep the memory_id, "
+           "write merged content that keeps every earlier claim); DELETE a memory only when the fact proves it "
+           "false (not merely outdated); NOOP if the memory already holds it.",
     "ans": "You answer questions about a long conversation between two people, using only the memories given, "
            "each with the date of its session. When memories conflict, trust the most recent one.",
 }
@@ -99,14 +102,15 @@ CHAT_USER = {
 # One worked example per role, as a first user/assistant exchange: with it SmolLM2-135M wrote valid
 # facts JSON for 6 of 6 LoCoMo chunks, without it for none (it broke the list or ran on).
 CHAT_EXAMPLE = {
-    "ext": ("Anna: I just adopted a puppy named Rex! (D1:1)\nTom: Congrats! I started a new job as a nurse last week. (D1:2)",
+    "ext": ("Date: 8 May 2023\nAnna: I just adopted a puppy named Rex! (D1:1)\nTom: Congrats! I started a new job as a "
+            "nurse last week. (D1:2)",
             '{"facts": [{"fact": "Anna adopted a puppy named Rex", "speaker": "Anna", "dia_id": "D1:1"}, '
             '{"fact": "Tom started a new job as a nurse", "speaker": "Tom", "dia_id": "D1:2"}]}'),
-    "mgr": ("Tom works as a teacher now (D3:2)\nAnna's puppy Rex died (D3:5)\nTom moved to Berlin (D3:7)\nMemory:\n"
-            "Tom started a new job as a nurse [m2]\nAnna adopted a puppy named Rex [m1]\n",
+    "mgr": ("Tom works as a teacher now (D3:2)\nAnna's puppy Rex died (D3:5)\nTom never lived in Rome (D3:7)\n"
+            "Memory:\nTom started a new job as a nurse [m2]\nAnna adopted a puppy named Rex [m1]\nTom lives in Rome [m3]\n",
             '{"operations": [{"op": "UPDATE", "content": "Tom works as a teacher, before that as a nurse", '
-            '"memory_id": "m2", "dia_id": "D3:2"}, {"op": "DELETE", "memory_id": "m1"}, {"op": "INSERT", '
-            '"content": "Tom moved to Berlin", "speaker": "Tom", "dia_id": "D3:7"}]}'),
+            '"memory_id": "m2", "dia_id": "D3:2"}, {"op": "UPDATE", "content": "Anna adopted a puppy named Rex, '
+            'who died", "memory_id": "m1", "dia_id": "D3:5"}, {"op": "DELETE", "memory_id": "m3"}]}'),
     "ans": ("Memories:\nAnna adopted a puppy named Rex (8 May 2023)\nTom started a new job as a nurse (8 May 2023)\n"
             "Question: What is the name of Anna's puppy?", "Rex"),
 }
@@ -155,13 +159,13 @@ class RLConfig:
     chunks: int = 2  # chunks per session (paper 6; our sessions have 3 turns)
     temperature: float = 1.0  # sampling AND log-prob temperature, global and local alike
     lam: float = 0.3  # bloat penalty weight
-    phi: float = 0.3  # free share of the dialogue length (paper 0.7, for LoCoMo; see README)
+    phi: float = 0.7  # free share of the dialogue length (the paper's; the right memory stays free, see README)
     q_global: int = 64  # reward questions per step (global), shared by all rollouts
     q_local: int = 16  # reward questions per branch (local), shared by its K branches
     per_fact: int = 2  # manager retrieval: top per fact (paper 5) ...
     mem_cap: int = 6  # ... capped overall (paper 25)
     qa_top_k: int = 4  # answer retrieval: top per speaker (paper 30)
-    max_new: dict = field(default_factory=lambda: {"ext": 96, "mgr": 128, "ans": 16})
+    max_new: dict = field(default_factory=lambda: {"ext": 128, "mgr": 192, "ans": 16})
     lr: float = 3e-5  # the paper's 2e-6 is for a 7B model; 1e-4 drifted (val F1 fell within 10 steps)
     ppo_epochs: int = 2
     minibatch: int = 64  # cells per optimizer step, fixed order
@@ -237,7 +241,7 @@ def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperat
     for k in range(max(map(len, chunks))):
         # Extractor: the new turns only. In training all B prompts are the same chunk.
         live = [b for b in range(B) if k < len(chunks[b])]
-        cells = dict(zip(live, sample(model, tok, [extractor_prompt(chunks[b][k]) for b in live], "ext", cfg, temperature, gen)))
+        cells = dict(zip(live, sample(model, tok, [extractor_prompt(chunks[b][k], sessions[b].date) for b in live], "ext", cfg, temperature, gen)))
         facts = {}
         for b, c in cells.items():
             ext[b].cells.append(c)
@@ -355,11 +359,11 @@ def exact_match(pred: str, gold: str) -> float:
 
 # ============================================================================ rewards (official code: per-session global, immediate local)
 def dialogue_tokens(tok, conv) -> list:
-    """T_t: cumulative dialogue tokens after each session, counted with the model's tokenizer
-    (the same one that counts memory)."""
+    """T_t: cumulative dialogue tokens after each session, counted over the turns' text (as the
+    official code does, no "Speaker: ") with the model's tokenizer (the same one that counts memory)."""
     total, out = 0, []
     for s in conv.sessions:
-        total += sum(len(encode(tok, f"{t.speaker}: {t.text}")) for t in s.turns)
+        total += sum(len(encode(tok, t.text)) for t in s.turns)
         out.append(total)
     return out
 

@@ -16,7 +16,7 @@ import torch
 
 from eval import (CATEGORIES, LOCOMO_SPLIT, DataError, load_locomo, locomo_split,
                   parse_conversation, parse_date, short_date)
-from memory import MemoryBank, bloat_cost, bm25, parse_facts, parse_operations, retrieve_for_facts, retrieve_for_question
+from memory import MAX_CONTENT_WORDS, MemoryBank, bloat_cost, bm25, parse_facts, parse_operations, retrieve_for_facts, retrieve_for_question
 from memr2 import fused_logprobs
 from model import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, CheckpointError, ModelConfig, Transformer, chat_prompt,
                    decode, encode, generate, left_pad, load_checkpoint, load_tokenizer, save_checkpoint, save_tokenizer,
@@ -405,9 +405,10 @@ def test_hf_tokenizer_and_chat_format_equal_the_library(hf_dir, locomo_turns):
     assert encode(tok, chat_prompt(cfg.chat_format, msgs)) == ht(want, add_special_tokens=False)["input_ids"]
     # the role prompts memr2 sends an instruct model are exactly the library's rendering of them
     conv = load_locomo(LOCOMO_FILE)[0]
-    p = M.as_chat(ck["model"], "ext", M.extractor_prompt(conv.sessions[0].turns[:3]))
+    p = M.as_chat(ck["model"], "ext", M.extractor_prompt(conv.sessions[0].turns[:3], conv.sessions[0].date))
     (head, tail), (example, reply) = M.CHAT_USER["ext"], M.CHAT_EXAMPLE["ext"]
-    user = head + "\n".join(f"{t.speaker}: {t.text} ({t.dia_id})" for t in conv.sessions[0].turns[:3]) + tail
+    user = head + f"Date: {short_date(conv.sessions[0].date)}\n" + "\n".join(
+        f"{t.speaker}: {t.text} ({t.dia_id})" for t in conv.sessions[0].turns[:3]) + tail
     msgs = [("system", M.CHAT_SYSTEM["ext"]), ("user", head + example + tail), ("assistant", reply), ("user", user)]
     assert p == ht.apply_chat_template([{"role": r, "content": t} for r, t in msgs], tokenize=False,
                                        add_generation_prompt=True)
@@ -570,22 +571,36 @@ def filled_bank():
     return b
 
 
-def test_operations_apply_in_order_update_keeps_id_delete_removes():
-    """The manager's four operations (paper Sec. 3) on the dict bank, applied in order."""
+def test_operations_apply_in_order_update_keeps_id_and_first_date_delete_removes():
+    """The manager's four operations (paper Sec. 3) on the dict bank, applied in order. An UPDATE
+    rewrites the content and keeps the entry's first date (the official memory's session_time)."""
     b = filled_bank()
-    c = b.apply([{"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima", "dia_id": "D2:1"},
+    c = b.apply([{"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima; before: Oslo", "dia_id": "D2:1"},
                  {"op": "DELETE", "memory_id": "m2"}, {"op": "NOOP"}], 2, "9 May 2023")
     assert c == {"UPDATE": 1, "DELETE": 1, "NOOP": 1}
-    assert b.entries["m1"].content == "Ann lives in Lima" and b.entries["m1"].session_time == "9 May 2023"
-    assert b.entries["m1"].dia_ids == ["D1:1", "D2:1"]  # sources are kept, nothing lost
+    e = b.entries["m1"]
+    assert (e.content, e.session_time, e.session) == ("Ann lives in Lima; before: Oslo", "1 May 2023", 2)
+    assert e.dia_ids == ["D1:1", "D2:1"]  # sources are kept, nothing lost
     assert "m2" not in b.entries and b.dia_ids() == {"D1:1", "D2:1", "D1:3"}
+
+
+def test_an_exact_duplicate_insert_merges_into_the_stored_entry():
+    """The official memory: an INSERT of a content the same speaker already has adds its source
+    to that entry (first date kept) instead of a second entry; another speaker's is new."""
+    b = filled_bank()
+    c = b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann lives in Oslo", "dia_id": "D5:2"},
+                 {"op": "INSERT", "speaker": "Bo", "content": "Ann lives in Oslo", "dia_id": "D5:3"}], 5, "30 May 2023")
+    assert c == {"INSERT": 2} and len(b.entries) == 4 and b.next_id == 5
+    e = b.entries["m1"]
+    assert (e.dia_ids, e.session_time, e.session) == (["D1:1", "D5:2"], "1 May 2023", 5)
+    assert b.entries["m4"].speaker == "Bo"
 
 
 @pytest.mark.parametrize("op, reason", [
     ({"op": "UPDATE", "memory_id": "m9", "content": "x"}, "rejected_unknown_id"),
     ({"op": "DELETE", "memory_id": 3}, "rejected_unknown_id"),
     ({"op": "INSERT", "speaker": "Ann", "content": "  "}, "rejected_empty_content"),
-    ({"op": "INSERT", "speaker": "Ann", "content": "w " * 21}, "rejected_too_long"),
+    ({"op": "INSERT", "speaker": "Ann", "content": "w " * (MAX_CONTENT_WORDS + 1)}, "rejected_too_long"),
     ({"op": "INSERT", "content": "Ann skis"}, "rejected_bad_fields"),
     ({"op": "MERGE"}, "rejected_unknown_op"),
     ("INSERT", "rejected_unknown_op"),
@@ -812,7 +827,7 @@ def test_kl_term_is_k3_and_entropy_is_a_bonus():
 def tiny():
     sample = E.make_world(11, n_sessions=3)
     conv = E.parse_conversation(sample)
-    texts = [M.extractor_prompt(s.turns) for s in conv.sessions] + ['{"facts":[]}{"operations":[]}Ann likes']
+    texts = [M.extractor_prompt(s.turns, s.date) for s in conv.sessions] + ['{"facts":[]}{"operations":[]}Ann likes']
     tok = train_tokenizer(texts, 300)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layer=1, n_head=2, n_kv_head=2))
@@ -1463,28 +1478,85 @@ def test_loader_names_the_sample_and_field_of_bad_data(raw, tmp_path, damage, me
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_exact_answerer_reads_the_oracle_memory_perfectly(seed):
     # The frozen answer agent on the teacher's memory, through retrieval as in training:
-    # F1 100 in every category, "none" answers and made-up values included.
+    # F1 100 in every category, "none"/"no" answers, merged entries and made-up values included.
     """The frozen answer agent must read the right memory right, or the reward cannot see memory management."""
     sample = E.make_world(seed, n_sessions=32)
     conv = E.parse_conversation(sample)
     bank = E.teacher_memory(sample, conv, n_chunks=2)
     res = E.score(E.exact_answerer(M.RLConfig()), train_tokenizer(["Ann lives in Oslo"], 300), [bank], [conv])
-    assert len(conv.qa) > 20 and {q.category for q in conv.qa} == {1, 2, 4}
-    assert any(q.answer == "none" for q in conv.qa)
+    assert len(conv.qa) > 100 and {q.category for q in conv.qa} == {1, 2, 4}
+    assert {"none", "no", "yes"} <= {q.answer for q in conv.qa}
+    assert any(E.BEFORE in e.content for e in bank.entries.values())  # merged entries were read
     assert [res[f"f1_{c}"] for c in ("overall", "single-hop", "multi-hop", "temporal")] == [100.0] * 4
 
 
-def test_exact_reader_takes_the_newest_line_and_reads_endings_as_none():
-    def bank_of(*contents):
-        b = MemoryBank()
-        for s, c in enumerate(contents, 1):
-            b.apply([{"op": "INSERT", "speaker": c.split()[0].split("'")[0], "content": c}], s, f"{s} May 2023")
-        return list(b.entries.values())
-    assert E.lookup_answer("Where does Nina live?", bank_of("Nina lives in Paris", "Nina lives in Gofon")) == "Gofon"
+def bank_of(*contents):
+    """Entries written one per session, in order ("9 May 2023" is session 9's date)."""
+    b = MemoryBank()
+    for s, c in enumerate(contents, 1):
+        b.apply([{"op": "INSERT", "speaker": c.split()[0].split("'")[0], "content": c}], s, f"{s} May 2023")
+    return list(b.entries.values())
+
+
+def test_exact_reader_reads_merged_entries_and_the_same_claims_spread_over_entries_alike():
+    """A state's one merged entry ("...; before: ...") and the same claims as separate lines
+    answer every question kind alike; a stored correction removes its claim."""
+    merged = bank_of("Nina has a pet named Milo; before: Rex died, Max", "Nina lives in Lyon since 3 May 2023; before: Oslo")
+    spread = bank_of("Nina has a pet named Max", "Nina lives in Oslo since 2 May 2023", "Nina has a pet named Rex",
+                     "Nina's pet Rex died", "Nina lives in Lyon since 3 May 2023", "Nina has a pet named Milo")
+    asks = {"What is the name of Nina's pet?": "Milo", "What pet did Nina have before Milo?": "Rex",
+            "What pet did Nina have after Max?": "Rex", "What was Nina's first pet?": "Max",
+            "What pets did Nina have?": "Max, Rex, Milo", "What happened to Nina's pet Rex?": "died",
+            "What happened to Nina's pet Max?": "none", "Did Nina have a pet named Max?": "yes",
+            "Did Nina have a pet named Bella?": "no", "Where did Nina live before Lyon?": "Oslo",
+            "When did Nina move to Lyon?": "3 May 2023", "Where does Nina live?": "Lyon"}
+    for memory in (merged, spread):
+        assert {q: E.lookup_answer(q, memory) for q in asks} == asks
+    # an ended state reads "none"; a stored correction removes its claim; events keep their entry's date
     assert E.lookup_answer("What is the name of Nina's pet?", bank_of("Nina has a pet named Rex", "Nina's pet Rex died")) == "none"
-    assert E.lookup_answer("What work does Nina do?", bank_of("Nina quit the job as a chef", "Nina works as a pilot")) == "pilot"
-    assert E.lookup_answer("Where do Nina and Bob live?", bank_of("Bob works as a chef")) == "none"
+    fixed = bank_of("Nina visited Oslo", "Nina has a job as a chef", "Nina never had a job as a chef", "Nina never visited Oslo")
+    assert [E.lookup_answer(q, fixed) for q in ("What job does Nina have?", "Did Nina visit Oslo?", "When did Nina visit Oslo?")] \
+        == ["none", "no", "none"]
     assert E.lookup_answer("When did Nina visit Oslo?", bank_of("Nina visited Lima", "Nina visited Oslo")) == "2 May 2023"
+    assert E.lookup_answer("Where do Nina and Bob live?", bank_of("Bob has a job as a chef")) == "none"
+
+
+def test_teacher_merges_updates_keeps_every_claim_and_deletes_only_proven_false_ones():
+    """The official manager rules: a new value UPDATEs the state's entry with merged content, an
+    ending is an UPDATE, DELETE only for a claim proven false, NOOP for what memory holds."""
+    b = MemoryBank()
+    b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Rex; before: Max"},
+             {"op": "INSERT", "speaker": "Ann", "content": "Ann visited Oslo"},
+             {"op": "INSERT", "speaker": "Ann", "content": "Ann has a job as a chef"}], 1, "1 May 2023")
+    shown = list(b.entries.values())
+    fact = lambda text: {"speaker": "Ann", "dia_id": "D2:1", "fact": text}
+    op = lambda text: E.teacher_op(fact(text), shown)
+    assert op("Ann has a pet named Milo") == {"op": "UPDATE", "content": "Ann has a pet named Milo; before: Rex, Max",
+                                             "memory_id": "m1", "dia_id": "D2:1"}
+    assert op("Ann's pet Rex died")["content"] == "Ann's pet Rex died; before: Max"  # an ending is an UPDATE
+    assert op("Ann never visited Oslo") == {"op": "DELETE", "memory_id": "m2"}
+    assert op("Ann never had a pet named Luna") == {"op": "NOOP"}  # nothing stored to prove false
+    assert op("Ann visited Oslo") == {"op": "NOOP"} and op("Ann visited Rome")["op"] == "INSERT"
+    assert op("Ann quit the job as a chef")["op"] == "UPDATE"
+    ended = MemoryBank()
+    ended.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann's pet Rex died; before: Max"}], 1, "1 May 2023")
+    assert E.teacher_op(fact("Ann has a pet named Milo"), list(ended.entries.values()))["content"] == \
+        "Ann has a pet named Milo; before: Rex died, Max"  # the ending is kept in the history
+
+
+def test_world_asks_about_every_session_at_locomo_density_and_entries_fit():
+    """LoCoMo asks 4.3-8.0 questions per session; every session of a world is the last evidence
+    of at least one question, on average of at least 4, and the longest merged entry fits."""
+    per, longest = [], 0
+    for seed in range(4):
+        sample = E.make_world(seed)
+        conv = E.parse_conversation(sample)
+        last = collections.Counter(max(q.sessions) for q in conv.qa)
+        per += [last[s.index] for s in conv.sessions]
+        longest = max(longest, *(len(e.content.split()) for e in E.teacher_memory(sample, conv, 2).entries.values()))
+        kinds = collections.Counter(g["kind"] for g in sample["gold_facts"].values())
+        assert kinds["set"] and kinds["end"] and kinds["never"]
+    assert min(per) >= 1 and sum(per) / len(per) >= 4 and longest <= MAX_CONTENT_WORDS
 
 
 def test_reward_ranks_scripted_managers_oracle_first_empty_last():
@@ -1493,10 +1565,10 @@ def test_reward_ranks_scripted_managers_oracle_first_empty_last():
     samples, convs = E.synthetic_split({"test": 4})["test"]
     tok = E.world_tokenizer(E.synthetic_split({"train": 8})["train"][0], 512)
     res = {k: v["reward"] for k, v in E.sensitivity(samples, convs, tok, M.RLConfig()).items()}
-    assert set(res) == {"oracle", "insert-only", "no-delete", "duplicate-updates", "drop-half", "empty"}
-    assert res["oracle"] >= 90 and res["empty"] <= 10
-    for name in ("insert-only", "no-delete", "duplicate-updates", "drop-half"):
-        assert res["empty"] < res[name] < res["oracle"] - 4, name
+    assert set(res) == {"oracle", "insert-only", "replace-updates", "duplicate-updates", "no-delete", "drop-half", "empty"}
+    assert res["oracle"] >= 99 and res["empty"] <= 10
+    for name in ("insert-only", "replace-updates", "duplicate-updates", "no-delete", "drop-half"):
+        assert res["empty"] < res[name] < res["oracle"] - 5, name
 
 
 def _decision(shown, facts, ops, turns=None):
@@ -1506,22 +1578,26 @@ def _decision(shown, facts, ops, turns=None):
 
 def test_decisions_are_scored_against_the_teacher_on_the_same_memories():
     """Per-op accuracy compares the model's op with the teacher's given the same facts and memories."""
-    b = filled_bank()  # m1 Ann lives in Oslo, m2 Ann works as a baker, m3 Bo lives in Rome
-    gold = {"D2:1": {"fact": "Ann lives in Lima"}, "D2:2": {"fact": "Bo read the book Dune"}}
-    facts = [{"speaker": "Ann", "dia_id": "D2:1", "fact": "Ann lives in Lima"},
+    b = MemoryBank()
+    b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Rex"},
+             {"op": "INSERT", "speaker": "Ann", "content": "Ann has a job as a baker"},
+             {"op": "INSERT", "speaker": "Bo", "content": "Bo visited Rome"}], 1, "1 May 2023")
+    gold = {"D2:1": {"fact": "Ann has a pet named Milo"}, "D2:2": {"fact": "Bo read the book Dune"}}
+    facts = [{"speaker": "Ann", "dia_id": "D2:1", "fact": "Ann has a pet named Milo"},
              {"speaker": "Bo", "dia_id": "D2:2", "fact": "Bo read the book Dune"}]
     shown = list(b.entries.values())
-    right = [{"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima"},
+    right = [{"op": "UPDATE", "memory_id": "m1", "content": "Ann has a pet named Milo; before: Rex"},
              {"op": "INSERT", "speaker": "Bo", "content": "Bo read the book Dune"}]
     c = E.decision_counts([_decision(shown, facts, right)], gold)
     assert (c["UPDATE_gold"], c["UPDATE_hit"], c["INSERT_gold"], c["INSERT_hit"], c["right"]) == (1, 1, 1, 1, 2)
     wrong_id = [dict(right[0], memory_id="m2"), right[1]]
-    duplicate = [{"op": "INSERT", "speaker": "Ann", "content": "Ann lives in Lima"}, right[1]]
-    for ops in (wrong_id, duplicate):
+    replaced = [dict(right[0], content="Ann has a pet named Milo"), right[1]]  # drops the earlier claim
+    duplicate = [{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Milo"}, right[1]]
+    for ops in (wrong_id, replaced, duplicate):
         c = E.decision_counts([_decision(shown, facts, ops)], gold)
         assert (c["UPDATE_hit"], c["INSERT_hit"], c["right"]) == (0, 1, 1)
-    # a removal: DELETE of the right id only; a fact the extractor miscopied is never "right"
-    gone = [{"speaker": "Ann", "dia_id": "D3:1", "fact": "Ann quit the job as a baker"}]
+    # a correction: DELETE of the right id only; a fact the extractor miscopied is never "right"
+    gone = [{"speaker": "Ann", "dia_id": "D3:1", "fact": "Ann never had a job as a baker"}]
     c = E.decision_counts([_decision(shown, gone, [{"op": "DELETE", "memory_id": "m2"}])], {"D3:1": {"fact": gone[0]["fact"]}})
     assert (c["DELETE_gold"], c["DELETE_hit"], c["right"]) == (1, 1, 1)
     c = E.decision_counts([_decision(shown, gone, [{"op": "DELETE", "memory_id": "m1"}])], {"D3:1": {"fact": gone[0]["fact"]}})
@@ -1539,7 +1615,7 @@ def test_world_is_reproducible_changes_state_and_noise_hurts():
     sample = E.make_world(7)
     conv = E.parse_conversation(sample)
     ops = [op["op"] for *_, o in E.teacher_trace(sample, conv, 2)[0] for op in o]
-    assert {"INSERT", "UPDATE", "DELETE"} <= set(ops)  # moves, new jobs, pets that die
+    assert {"INSERT", "UPDATE", "DELETE"} <= set(ops)  # moves, endings, corrections
     f1 = lambda bank: sum(M.token_f1(E.lookup_answer(q.question, retrieve_for_question(bank, q.question, 4)), q.answer)
                           for q in conv.qa) / len(conv.qa)
     assert f1(E.teacher_memory(sample, conv, 2, noise=0.4, seed=1)) < f1(E.teacher_memory(sample, conv, 2)) == 1.0

@@ -59,7 +59,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # flag -> (test, what it must be): checked at parse time, before anything runs or is written
 FLAG_CHECKS = {
-    **{f: (lambda v: v >= 1, "an integer >= 1") for f in ("n", "K", "chunks", "ppo_epochs", "val_every", "sessions", "threads")},
+    **{f: (lambda v: v >= 1, "an integer >= 1") for f in ("n", "K", "chunks", "ppo_epochs", "val_every", "sessions", "threads",
+                                                           "train_worlds")},
     **{f: (lambda v: v >= 0, "an integer >= 0") for f in ("sft_steps", "seed")},
     **{f: (lambda v: 0 <= v <= 1, "a number in [0, 1]") for f in ("p", "teacher_noise")},
     **{f: (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0") for f in ("lam", "phi")},
@@ -86,6 +87,10 @@ def build_parser():
     g.add_argument("--data", choices=["synthetic", "locomo"], default="synthetic", help="training/evaluation data")
     g.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"), help="LoCoMo JSON file")
     g.add_argument("--sessions", type=int, default=32, help="sessions per synthetic conversation")
+    g.add_argument("--train-worlds", type=int, default=None,
+                   help="RL draws each step's conversation from the first N training conversations (default: all, "
+                        "the preset's train worlds; SFT always uses all). 1 is the official regime: RL on one fixed "
+                        "conversation (LoCoMo conv-43) at every step")
     g.add_argument("--init", default=None, help="start RL from this SFT checkpoint dir (default: train one, into <run>/sft)")
     g.add_argument("--init-hf", default=None,
                    help="start RL from a pretrained Hugging Face Llama/Qwen2 model dir, with no SFT (default: none)")
@@ -199,9 +204,9 @@ def sft_examples(samples, convs, cfg: RLConfig, noise: float, seed: int, answer_
     answerer is learned) the exact-lookup answer over what retrieval shows it."""
     ex = []
     for i, (s, c) in enumerate(zip(samples, convs)):
-        steps, bank = E.teacher_trace(s, c, cfg.chunks, noise, seed + i)
+        steps, bank = E.teacher_trace(s, c, cfg.chunks, noise, seed + i, cfg.per_fact, cfg.mem_cap)
         for sess, chunk, facts, shown, ops in steps:
-            ex.append(("ext", extractor_prompt(chunk), facts_target(facts)))
+            ex.append(("ext", extractor_prompt(chunk, sess.date), facts_target(facts)))
             if facts:
                 ex.append(("mgr", manager_prompt(shown, facts), ops_target(ops)))
         for b in (bank, E.teacher_memory(s, c, cfg.chunks)) if answer_role else ():  # noisy and clean memories
@@ -615,7 +620,7 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
         print(f"stage {S} sessions: val F1 {v['f1_overall']:.1f} before training")
         if args.steps[si] == 0:  # nothing to train: the warm start passes through
             save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0})
-    train_convs = data["train"][1]
+    train_convs = data["train"][1][:args.train_worlds]  # None: all
     # judges score rows against the gold facts, for the credit-assignment diagnostic: LoCoMo has none
     judges = {c.sample_id: E.make_judge(s) for s, c in zip(*data["train"])} if data["train"][0] else {}
     lower_lr = f"resume with a lower --lr: python train.py --resume {run} --lr {min(cfg.lr / 10, RLConfig.lr):g} --override lr"
