@@ -18,7 +18,7 @@ from pathlib import Path
 from model import CheckpointError, load_checkpoint, train_tokenizer
 from memory import QA, Conversation, MemoryBank, Session, Turn, bloat_cost, retrieve_for_facts, short_date
 from memr2 import (CHAT_MAX_NEW, AnswerAgent, RLConfig, bleu1, chunk_turns, dialogue_tokens, exact_match, memory_tokens,
-                   model_reader, qa_scores, read_conversations, row_reward, token_f1)
+                   model_reader, qa_scores, read_conversations, row_reward, sample_questions, token_f1)
 
 # =============================================================================
 # LoCoMo data loading
@@ -643,6 +643,38 @@ def sensitivity(samples: list, convs: list, tok, cfg: RLConfig) -> dict:
     return out
 
 
+def reward_density(convs: list, cfg: RLConfig, stages=(8, 16, 32), seed: int = 0) -> dict:
+    """How many reward questions a row's group sees. Global: q_global questions drawn as a step
+    draws them, and per session t <= S those whose evidence includes t; local: a branch at t
+    draws q_local questions with evidence <= t, and those that include t are the ones its
+    branches can differ on. -> {S: (global mean, global share of sessions with none, local
+    mean, local share with none)}, plus "last": questions per session by last evidence."""
+    rng, out = random.Random(seed), {}
+    for S in stages:
+        g, loc = [], []
+        for c in convs:
+            qs = sample_questions(c.qa, S, cfg.q_global, rng)
+            g += [sum(t in q.sessions for q in qs) for t in range(1, S + 1)]
+            loc += [sum(t in q.sessions for q in sample_questions(c.qa, t, cfg.q_local, rng)) for t in range(1, S + 1)]
+        out[S] = (sum(g) / len(g), sum(x == 0 for x in g) / len(g), sum(loc) / len(loc), sum(x == 0 for x in loc) / len(loc))
+    last = [sum(max(q.sessions) == s.index for q in c.qa) for c in convs for s in c.sessions]
+    out["last"] = (sum(last) / len(last), min(last), max(last))
+    return out
+
+
+def memory_shares(samples: list, convs: list, tok, cfg: RLConfig) -> list:
+    """tok(M_t) / T_t of the oracle memory after each session t, per world: what phi must leave
+    free for the right memory to cost nothing."""
+    out = []
+    for s, c in zip(samples, convs):
+        T, bank, shares = dialogue_tokens(tok, c), MemoryBank(), {}
+        for sess, _, _, _, ops in teacher_trace(s, c, cfg.chunks, per_fact=cfg.per_fact, cap=cfg.mem_cap)[0]:
+            bank.apply(ops, sess.index, short_date(sess.date))
+            shares[sess.index] = memory_tokens(tok, bank) / T[sess.index - 1]
+        out.append([shares[t] for t in sorted(shares)])
+    return out
+
+
 # ------------------------------------------------------------------ decisions scored against the teacher
 def _wrote(ops, kind, content=None, memory_id=None):
     """Whether `ops` hold a `kind` op with this content / memory id (None: any)."""
@@ -991,6 +1023,16 @@ def cli_sensitivity(argv: list) -> None:
     print(f"{args.worlds} test worlds, {sum(len(c.qa) for c in convs)} questions, exact reader, "
           f"lambda {cfg.lam}, phi {cfg.phi} (x100)\n")
     print(report_table(res, SENSITIVITY_COLS))
+    d = reward_density(convs, cfg)
+    print(f"\nquestions per session by last evidence: mean {d['last'][0]:.2f}, min {d['last'][1]}, max {d['last'][2]}")
+    print("reward questions per session row (share of rows with none):")
+    for S in (8, 16, 32):
+        g, g0, loc, l0 = d[S]
+        print(f"  {S} sessions: global {g:.2f} ({100 * g0:.0f} %), local {loc:.2f} ({100 * l0:.0f} %)")
+    shares = memory_shares(samples, convs, tok, cfg)
+    print("oracle memory share tok(M_t) / T_t after session t, mean (max) over the worlds:")
+    print("  " + ", ".join(f"{t}: {sum(w[t - 1] for w in shares) / len(shares):.2f} ({max(w[t - 1] for w in shares):.2f})"
+                           for t in (1, 2, 3, 4, 8, 16, 32) if t <= min(map(len, shares))))
 
 
 def eval_data(args) -> tuple:
