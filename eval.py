@@ -15,10 +15,11 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from model import CheckpointError, load_checkpoint, train_tokenizer
-from memory import QA, Conversation, MemoryBank, Session, Turn, bloat_cost, retrieve_for_facts, short_date
-from memr2 import (CHAT_MAX_NEW, AnswerAgent, RLConfig, bleu1, chunk_turns, dialogue_tokens, exact_match, memory_tokens,
-                   model_reader, qa_scores, read_conversations, row_reward, token_f1)
+from model import CheckpointError, load_checkpoint, packaged_minilm, train_tokenizer
+from memory import (QA, RETRIEVERS, Conversation, MemoryBank, Session, Turn, bloat_cost, retrieve_for_facts,
+                    short_date)
+from memr2 import (CHAT_MAX_NEW, PAPER_RETRIEVAL, AnswerAgent, RLConfig, bleu1, chunk_turns, dialogue_tokens,
+                   exact_match, memory_tokens, model_reader, qa_scores, read_conversations, row_reward, token_f1)
 
 # =============================================================================
 # LoCoMo data loading
@@ -412,7 +413,7 @@ def noisy_teacher(noise: float):
 
 
 def teacher_trace(sample: dict, conv, n_chunks: int, noise: float = 0.0, seed: int = 0,
-                  per_fact: int = 2, cap: int = 6, manager=None):
+                  per_fact: int = 2, cap: int = 6, manager=None, retriever: str = "bm25"):
     """Replay the world with the teacher -> (steps, final bank). One step per chunk:
     (session, chunk_turns, gold_facts, retrieved_memories, ops); the ops are applied to the
     teacher's own bank, so later chunks see the (possibly noisy) memory the teacher made.
@@ -420,7 +421,7 @@ def teacher_trace(sample: dict, conv, n_chunks: int, noise: float = 0.0, seed: i
     of `SCRIPTED`); the facts are gold, missed at rate noise / 2."""
     rng = random.Random(seed)
     manager = manager or noisy_teacher(noise)
-    bank, steps = MemoryBank(), []
+    bank, steps = MemoryBank(retriever), []
     gold = sample["gold_facts"]
     for sess in conv.sessions:
         for chunk in chunk_turns(sess.turns, n_chunks):
@@ -434,9 +435,9 @@ def teacher_trace(sample: dict, conv, n_chunks: int, noise: float = 0.0, seed: i
     return steps, bank
 
 
-def teacher_memory(sample, conv, n_chunks, noise=0.0, seed=0, manager=None) -> MemoryBank:
+def teacher_memory(sample, conv, n_chunks, noise=0.0, seed=0, manager=None, retriever="bm25") -> MemoryBank:
     """The bank the teacher ends with; at noise 0 this is the oracle (gold) memory."""
-    return teacher_trace(sample, conv, n_chunks, noise, seed, manager=manager)[1]
+    return teacher_trace(sample, conv, n_chunks, noise, seed, manager=manager, retriever=retriever)[1]
 
 
 # ------------------------------------------------------------------ scripted managers (reward sensitivity)
@@ -476,7 +477,7 @@ def sensitivity(samples: list, convs: list, tok, cfg: RLConfig) -> dict:
     penalty). A reward that cannot rank these cannot teach memory management."""
     answerer, out = exact_answerer(cfg), {}
     for name, manager in SCRIPTED.items():
-        banks = [teacher_memory(s, c, cfg.chunks, manager=manager) for s, c in zip(samples, convs)]
+        banks = [teacher_memory(s, c, cfg.chunks, manager=manager, retriever=cfg.retriever) for s, c in zip(samples, convs)]
         res = score(answerer, tok, banks, convs)
         T = [dialogue_tokens(tok, c)[-1] for c in convs]
         res["bloat_c"] = 100 * sum(bloat_cost(memory_tokens(tok, b), t, cfg.phi) for b, t in zip(banks, T)) / len(banks)
@@ -579,7 +580,7 @@ def evaluate(model, tok, answerer, convs: list, cfg: RLConfig, samples=None) -> 
 
 def oracle_banks(samples: list, convs: list, cfg: RLConfig) -> list:
     """The teacher's gold memory (noise 0): the ceiling of what memory management can give."""
-    return [teacher_memory(s, c, cfg.chunks) for s, c in zip(samples, convs)]
+    return [teacher_memory(s, c, cfg.chunks, retriever=cfg.retriever) for s, c in zip(samples, convs)]
 
 
 F1_COLS = [("F1", "f1_overall")] + [(f"F1 {n}", f"f1_{n}") for n in ("single-hop", "multi-hop", "temporal", "open-domain")]
@@ -783,10 +784,15 @@ def world_tokenizer(samples: list, vocab: int = 1024):
     return train_tokenizer(texts, vocab)
 
 
+def run_args(path: Path) -> dict:
+    """The args.json of the run that `path` (a run dir or a checkpoint inside one) belongs to; {} outside a run."""
+    return next((json.loads((p / "args.json").read_text()) for p in (path, path.parent) if (p / "args.json").exists()), {})
+
+
 def run_answerer(path: Path, data: str, cfg: RLConfig, tok):
     """The answer agent a run was trained with (its args.json says), else the exact reader
     on the synthetic world and the run's SFT model on LoCoMo."""
-    args = next((json.loads((p / "args.json").read_text()) for p in (path, path.parent) if (p / "args.json").exists()), {})
+    args = run_args(path)
     if data == "synthetic" and args.get("answerer", "exact") == "exact":
         return exact_answerer(cfg)
     sft = next((p for p in (path / "sft", path.parent / "sft") if (p / "model.safetensors").exists()), path)
@@ -865,6 +871,9 @@ def cli_evaluate(argv: list) -> None:
     ap.add_argument("--convs", type=positive_int, default=None, help="evaluate only the first N conversations of the split")
     ap.add_argument("--sessions", type=positive_int, default=None,
                     help="keep the first N sessions of each conversation and the questions about them")
+    ap.add_argument("--retriever", choices=RETRIEVERS, default=None,
+                    help="memory retrieval (default: the run's, else bm25); the sizes are the run's, else the paper's "
+                         "for a pretrained chat model and 2/6/4 for ours")
     args = ap.parse_args(argv)
     try:
         ckpt = find_checkpoint(Path(args.path))
@@ -872,7 +881,14 @@ def cli_evaluate(argv: list) -> None:
         out = ckpt / f"eval-{args.data}-{args.split}.json"
         out.write_text("{}")  # fail now, not after the whole evaluation, if the result cannot be written
         samples, convs = eval_data(args)
-        cfg = RLConfig(chunks=args.chunks if args.chunks is not None else (10 if args.data == "locomo" else 2))
+        # retrieval as the run had it (args.json), else the paper's sizes for a pretrained model's context
+        retrieval = {k: v for k, v in run_args(Path(args.path)).get("cfg", {}).items() if k in ("retriever", *PAPER_RETRIEVAL)}
+        if not retrieval and ck["model"].cfg.chat_format:
+            retrieval = dict(PAPER_RETRIEVAL)
+        cfg = RLConfig(chunks=args.chunks if args.chunks is not None else (10 if args.data == "locomo" else 2), **retrieval)
+        cfg.retriever = args.retriever or cfg.retriever
+        if cfg.retriever == "minilm":
+            packaged_minilm()  # not installed: one line now, not after reading the conversations
         if ck["model"].cfg.chat_format:  # a pretrained instruct model: room for its JSON
             cfg.max_new = dict(CHAT_MAX_NEW)
         answerer = run_answerer(Path(args.path), args.data, cfg, ck["tok"])
