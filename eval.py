@@ -11,13 +11,16 @@ import json
 import math
 import random
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from model import CheckpointError, load_checkpoint, packaged_minilm, train_tokenizer
-from memory import (QA, RETRIEVERS, Conversation, MemoryBank, Session, Turn, bloat_cost, retrieve_for_facts,
-                    short_date)
+from memory import (QA, RETRIEVERS, Conversation, Entry, MemoryBank, Session, Turn, bloat_cost, minilm, rank,
+                    retrieve_for_facts, short_date)
 from memr2 import (CHAT_MAX_NEW, PAPER_RETRIEVAL, AnswerAgent, RLConfig, bleu1, chunk_turns, dialogue_tokens,
                    exact_match, memory_tokens, model_reader, qa_scores, read_conversations, row_reward, token_f1)
 
@@ -602,6 +605,57 @@ def report_table(results: dict, columns=REPORT_COLS) -> str:
     return "\n".join(lines)
 
 
+# ============================================================================ retrieval recall (BM25 vs MiniLM)
+def turn_bank(conv, retriever: str) -> MemoryBank:
+    """Every turn of a conversation stored as one entry "speaker: text" (its source turn as dia_id),
+    as if the manager had kept everything: retrieval alone decides what the answer agent sees."""
+    bank = MemoryBank(retriever)
+    for sess in conv.sessions:
+        for t in sess.turns:
+            mid = f"m{bank.next_id}"
+            bank.next_id += 1
+            bank.entries[mid] = Entry(mid, t.speaker, f"{t.speaker}: {t.text}", sess.index, short_date(sess.date), [t.dia_id])
+    return bank
+
+
+def turn_recall(convs: list, retriever: str, ks=(1, 5, 10, 30)) -> tuple:
+    """Evidence recall@k over stored turns: per question, the share of its evidence turns among the
+    top k of one ranking over all turns, averaged over questions, overall and per category (x100).
+    -> (recall dict, seconds per conversation to score all its questions, turn embeddings included)."""
+    per, secs = {}, []
+    for c in convs:
+        t0 = time.perf_counter()
+        bank = turn_bank(c, retriever)
+        tops = [[e.dia_ids[0] for e in rank(bank, q.question)[:max(ks)]] for q in c.qa]
+        secs.append(time.perf_counter() - t0)
+        for q, top in zip(c.qa, tops):
+            r = [sum(d in top[:k] for d in q.evidence) / len(q.evidence) for k in ks]
+            for key in ("overall", CATEGORIES[q.category]):
+                per.setdefault(key, []).append(r)
+    return {key: {f"R@{k}": 100 * sum(r[i] for r in rs) / len(rs) for i, k in enumerate(ks)} | {"questions": len(rs)}
+            for key, rs in per.items()}, secs
+
+
+def fact_recall(samples: list, convs: list, retriever: str, n_chunks: int = 2, ks=(1, 2, 5, 10)) -> dict:
+    """Facts -> the memories the manager should see, on synthetic worlds replayed by the gold teacher
+    shown the WHOLE memory: for each fact whose gold op UPDATEs or DELETEs an entry, is that entry
+    among the top k memories of the fact's speaker that retrieval shows for the fact? (x100)"""
+    hits = []
+    for sample, conv in zip(samples, convs):
+        bank, gold = MemoryBank(retriever), sample["gold_facts"]
+        for sess in conv.sessions:
+            for chunk in chunk_turns(sess.turns, n_chunks):
+                facts = [{"speaker": gold[t.dia_id]["speaker"], "dia_id": t.dia_id, "fact": gold[t.dia_id]["fact"]}
+                         for t in chunk if t.dia_id in gold]
+                ops = teacher_ops(facts, list(bank.entries.values()))  # one op per fact, in order
+                for f, op in zip(facts, ops):
+                    if op.get("memory_id"):
+                        shown = [e.memory_id for e in retrieve_for_facts(bank, [f], max(ks), max(ks))]
+                        hits.append([op["memory_id"] in shown[:k] for k in ks])
+                bank.apply(ops, sess.index, short_date(sess.date))
+    return {f"R@{k}": 100 * sum(h[i] for h in hits) / len(hits) for i, k in enumerate(ks)} | {"facts": len(hits)}
+
+
 # ============================================================================ splits and the CLI
 def synthetic_split(sizes: dict, n_sessions: int = 32) -> dict:
     """split -> (samples, conversations) of synthetic worlds from disjoint, fixed seed ranges:
@@ -844,6 +898,45 @@ def cli_sensitivity(argv: list) -> None:
     print(report_table(res, SENSITIVITY_COLS))
 
 
+def cli_recall(argv: list) -> None:
+    """python eval.py recall [--worlds 24]"""
+    ap = OneLineParser(prog="eval.py recall", description="Retrieval recall of BM25 and MiniLM: LoCoMo's test questions "
+                       "over stored turns, synthetic facts over the gold memory; the encoder's time.")
+    ap.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"))
+    ap.add_argument("--worlds", type=positive_int, default=24, help="synthetic test worlds")
+    args = ap.parse_args(argv)
+    try:
+        convs = locomo_split(load_locomo(args.locomo_path))["test"]
+        t0 = time.perf_counter()
+        minilm()
+        load_s = time.perf_counter() - t0
+    except (CheckpointError, DataError) as e:
+        raise SystemExit(f"error: {e}")
+    samples, worlds = synthetic_split({"test": args.worlds})["test"]
+    cats = ["overall"] + [CATEGORIES[k] for k in (4, 1, 2, 3)]
+    print(f"LoCoMo test split ({len(convs)} conversations, {sum(len(c.qa) for c in convs)} questions): evidence "
+          f"recall@k over all stored turns (x100), {torch.get_num_threads()} torch thread(s)\n")
+    print("| retriever | questions | R@1 | R@5 | R@10 | R@30 |\n|---|---|---|---|---|---|")
+    secs = {}
+    for r in RETRIEVERS:
+        res, secs[r] = turn_recall(convs, r)
+        for cat in cats:
+            print(f"| {r} {cat} | {res[cat]['questions']} | " + " | ".join(f"{res[cat][f'R@{k}']:.1f}" for k in (1, 5, 10, 30)) + " |")
+    turns = sum(len(s.turns) for c in convs for s in c.sessions) / len(convs)
+    print(f"\nseconds per conversation ({turns:.0f} turns, all its questions): "
+          + ", ".join(f"{r} {sum(v) / len(v):.2f}" for r, v in secs.items()) + f"; loading the encoder {load_s:.1f} once\n")
+    print(f"Synthetic test worlds ({args.worlds}): facts that UPDATE or DELETE a stored entry, is that entry among the "
+          "top k of the fact's speaker (x100); F1 of the exact reader on the gold memory (top-4 per speaker)\n")
+    print("| retriever | facts | R@1 | R@2 | R@5 | R@10 | gold-memory F1 |\n|---|---|---|---|---|---|---|")
+    for r in RETRIEVERS:
+        res, cfg = fact_recall(samples, worlds, r), RLConfig(retriever=r)
+        banks = oracle_banks(samples, worlds, cfg)
+        pairs = [(b, q) for b, c in zip(banks, worlds) for q in c.qa]
+        f1 = [token_f1(p, q.answer) for p, (_, q) in zip(exact_answerer(cfg).answer([(b, q.question) for b, q in pairs]), pairs)]
+        print(f"| {r} | {res['facts']} | " + " | ".join(f"{res[f'R@{k}']:.1f}" for k in (1, 2, 5, 10))
+              + f" | {100 * sum(f1) / len(f1):.1f} |")
+
+
 def eval_data(args) -> tuple:
     """(samples or None, conversations) of the split, cut to --convs and --sessions. A session
     slice keeps only the questions whose evidence lies in the kept sessions."""
@@ -896,7 +989,7 @@ def cli_evaluate(argv: list) -> None:
         raise SystemExit(f"error: {e}")
     except OSError as e:  # the result file, tried first: a read-only checkpoint fails before the evaluation
         raise SystemExit(f"error: cannot write {e.filename}: {e.strerror or e}")
-    table = {f"{ckpt} (answerer {answerer.name})": evaluate(ck["model"], ck["tok"], answerer, convs, cfg, samples)}
+    table = {f"{ckpt} (answerer {answerer.name}, retriever {cfg.retriever})": evaluate(ck["model"], ck["tok"], answerer, convs, cfg, samples)}
     if samples is not None:
         table["oracle memory (teacher)"] = score(answerer, ck["tok"], oracle_banks(samples, convs, cfg), convs)
     print(report_table(table))
@@ -909,7 +1002,7 @@ def cli_evaluate(argv: list) -> None:
 def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else argv
-    jobs = {"compare": cli_compare, "sensitivity": cli_sensitivity}
+    jobs = {"compare": cli_compare, "sensitivity": cli_sensitivity, "recall": cli_recall}
     if argv[:1] and argv[0] in jobs:
         return jobs[argv[0]](argv[1:])
     cli_evaluate(argv)

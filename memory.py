@@ -250,14 +250,14 @@ MIN_COSINE = 0.1  # "minilm": the official code's similarity floor
 
 
 @functools.cache
-def _minilm():  # loaded once per process, on first use: a "bm25" run never reads the weights
+def minilm():  # loaded once per process, on first use: a "bm25" run never reads the weights
     return load_minilm()
 
 
 @functools.lru_cache(maxsize=1 << 14)
 def query_vector(text: str) -> torch.Tensor:
     """Unit vector (D,) of a fact or question: the same ones come back across rollouts and steps."""
-    return embed(*_minilm(), [text])[0]
+    return embed(*minilm(), [text])[0]
 
 
 def entry_vectors(bank: MemoryBank) -> torch.Tensor:
@@ -267,7 +267,7 @@ def entry_vectors(bank: MemoryBank) -> torch.Tensor:
     contents = [e.content for e in bank.entries.values()]
     new = [c for c in dict.fromkeys(contents) if c not in bank.vecs]
     if new:
-        bank.vecs.update((c, v.clone()) for c, v in zip(new, embed(*_minilm(), new)))  # clone: a row, not the batch
+        bank.vecs.update((c, v.clone()) for c, v in zip(new, embed(*minilm(), new)))  # clone: a row, not the batch
     if len(bank.vecs) > len(contents):
         bank.vecs = {c: bank.vecs[c] for c in contents}
     return torch.stack([bank.vecs[c] for c in contents]) if contents else torch.empty(0, 0)

