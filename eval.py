@@ -840,7 +840,11 @@ def world_tokenizer(samples: list, vocab: int = 1024):
 
 def run_args(path: Path) -> dict:
     """The args.json of the run that `path` (a run dir or a checkpoint inside one) belongs to; {} outside a run."""
-    return next((json.loads((p / "args.json").read_text()) for p in (path, path.parent) if (p / "args.json").exists()), {})
+    f = next((p / "args.json" for p in (path, path.parent) if (p / "args.json").exists()), None)
+    try:
+        return json.loads(f.read_text()) if f else {}
+    except ValueError:
+        raise DataError(f"{f} is not JSON: the run's flags cannot be read") from None
 
 
 def run_answerer(path: Path, data: str, cfg: RLConfig, tok):

