@@ -11,14 +11,19 @@ import json
 import math
 import random
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from model import CheckpointError, load_checkpoint, train_tokenizer
-from memory import QA, Conversation, MemoryBank, Session, Turn, bloat_cost, retrieve_for_facts, short_date
-from memr2 import (CHAT_MAX_NEW, AnswerAgent, RLConfig, bleu1, chunk_turns, dialogue_tokens, exact_match, memory_tokens,
-                   model_reader, qa_scores, read_conversations, row_reward, sample_questions, token_f1)
+import torch
+
+from model import CheckpointError, load_checkpoint, packaged_minilm, train_tokenizer
+from memory import (QA, RETRIEVERS, Conversation, Entry, MemoryBank, Session, Turn, bloat_cost, minilm, rank,
+                    retrieve_for_facts, short_date)
+from memr2 import (CHAT_MAX_NEW, PAPER_RETRIEVAL, AnswerAgent, RLConfig, bleu1, chunk_turns, dialogue_tokens,
+                   exact_match, memory_tokens, model_reader, qa_scores, read_conversations, row_reward, sample_questions,
+                   token_f1)
 
 # =============================================================================
 # LoCoMo data loading
@@ -565,7 +570,7 @@ def noisy_teacher(noise: float):
 
 
 def teacher_trace(sample: dict, conv, n_chunks: int, noise: float = 0.0, seed: int = 0,
-                  per_fact: int = 2, cap: int = 6, manager=None):
+                  per_fact: int = 2, cap: int = 6, manager=None, retriever: str = "bm25"):
     """Replay the world with the teacher -> (steps, final bank). One step per chunk:
     (session, chunk_turns, gold_facts, retrieved_memories, ops); the ops are applied to the
     teacher's own bank, so later chunks see the (possibly noisy) memory the teacher made.
@@ -573,7 +578,7 @@ def teacher_trace(sample: dict, conv, n_chunks: int, noise: float = 0.0, seed: i
     of `SCRIPTED`); the facts are gold, missed at rate noise / 2."""
     rng = random.Random(seed)
     manager = manager or noisy_teacher(noise)
-    bank, steps = MemoryBank(), []
+    bank, steps = MemoryBank(retriever), []
     gold = sample["gold_facts"]
     for sess in conv.sessions:
         for chunk in chunk_turns(sess.turns, n_chunks):
@@ -587,9 +592,9 @@ def teacher_trace(sample: dict, conv, n_chunks: int, noise: float = 0.0, seed: i
     return steps, bank
 
 
-def teacher_memory(sample, conv, n_chunks, noise=0.0, seed=0, manager=None) -> MemoryBank:
+def teacher_memory(sample, conv, n_chunks, noise=0.0, seed=0, manager=None, retriever="bm25") -> MemoryBank:
     """The bank the teacher ends with; at noise 0 this is the oracle (gold) memory."""
-    return teacher_trace(sample, conv, n_chunks, noise, seed, manager=manager)[1]
+    return teacher_trace(sample, conv, n_chunks, noise, seed, manager=manager, retriever=retriever)[1]
 
 
 # ------------------------------------------------------------------ scripted managers (reward sensitivity)
@@ -630,7 +635,7 @@ def sensitivity(samples: list, convs: list, tok, cfg: RLConfig) -> dict:
     penalty). A reward that cannot rank these cannot teach memory management."""
     answerer, out = exact_answerer(cfg), {}
     for name, manager in SCRIPTED.items():
-        banks = [teacher_memory(s, c, cfg.chunks, manager=manager) for s, c in zip(samples, convs)]
+        banks = [teacher_memory(s, c, cfg.chunks, manager=manager, retriever=cfg.retriever) for s, c in zip(samples, convs)]
         res = score(answerer, tok, banks, convs)
         T = [dialogue_tokens(tok, c)[-1] for c in convs]
         res["bloat_c"] = 100 * sum(bloat_cost(memory_tokens(tok, b), t, cfg.phi) for b, t in zip(banks, T)) / len(banks)
@@ -668,7 +673,8 @@ def memory_shares(samples: list, convs: list, tok, cfg: RLConfig) -> list:
     out = []
     for s, c in zip(samples, convs):
         T, bank, shares = dialogue_tokens(tok, c), MemoryBank(), {}
-        for sess, _, _, _, ops in teacher_trace(s, c, cfg.chunks, per_fact=cfg.per_fact, cap=cfg.mem_cap)[0]:
+        for sess, _, _, _, ops in teacher_trace(s, c, cfg.chunks, per_fact=cfg.per_fact, cap=cfg.mem_cap,
+                                                retriever=cfg.retriever)[0]:
             bank.apply(ops, sess.index, short_date(sess.date))
             shares[sess.index] = memory_tokens(tok, bank) / T[sess.index - 1]
         out.append([shares[t] for t in sorted(shares)])
@@ -766,7 +772,7 @@ def evaluate(model, tok, answerer, convs: list, cfg: RLConfig, samples=None) -> 
 
 def oracle_banks(samples: list, convs: list, cfg: RLConfig) -> list:
     """The teacher's gold memory (noise 0): the ceiling of what memory management can give."""
-    return [teacher_memory(s, c, cfg.chunks) for s, c in zip(samples, convs)]
+    return [teacher_memory(s, c, cfg.chunks, retriever=cfg.retriever) for s, c in zip(samples, convs)]
 
 
 F1_COLS = [("F1", "f1_overall")] + [(f"F1 {n}", f"f1_{n}") for n in ("single-hop", "multi-hop", "temporal", "open-domain")]
@@ -786,6 +792,57 @@ def report_table(results: dict, columns=REPORT_COLS) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.1f}" if r.get(k, math.nan) == r.get(k, math.nan) and k in r
                                                else "-" for _, k in cols) + " |")
     return "\n".join(lines)
+
+
+# ============================================================================ retrieval recall (BM25 vs MiniLM)
+def turn_bank(conv, retriever: str) -> MemoryBank:
+    """Every turn of a conversation stored as one entry "speaker: text" (its source turn as dia_id),
+    as if the manager had kept everything: retrieval alone decides what the answer agent sees."""
+    bank = MemoryBank(retriever)
+    for sess in conv.sessions:
+        for t in sess.turns:
+            mid = f"m{bank.next_id}"
+            bank.next_id += 1
+            bank.entries[mid] = Entry(mid, t.speaker, f"{t.speaker}: {t.text}", sess.index, short_date(sess.date), [t.dia_id])
+    return bank
+
+
+def turn_recall(convs: list, retriever: str, ks=(1, 5, 10, 30)) -> tuple:
+    """Evidence recall@k over stored turns: per question, the share of its evidence turns among the
+    top k of one ranking over all turns, averaged over questions, overall and per category (x100).
+    -> (recall dict, seconds per conversation to score all its questions, turn embeddings included)."""
+    per, secs = {}, []
+    for c in convs:
+        t0 = time.perf_counter()
+        bank = turn_bank(c, retriever)
+        tops = [[e.dia_ids[0] for e in rank(bank, q.question)[:max(ks)]] for q in c.qa]
+        secs.append(time.perf_counter() - t0)
+        for q, top in zip(c.qa, tops):
+            r = [sum(d in top[:k] for d in q.evidence) / len(q.evidence) for k in ks]
+            for key in ("overall", CATEGORIES[q.category]):
+                per.setdefault(key, []).append(r)
+    return {key: {f"R@{k}": 100 * sum(r[i] for r in rs) / len(rs) for i, k in enumerate(ks)} | {"questions": len(rs)}
+            for key, rs in per.items()}, secs
+
+
+def fact_recall(samples: list, convs: list, retriever: str, n_chunks: int = 2, ks=(1, 2, 5, 10)) -> dict:
+    """Facts -> the memories the manager should see, on synthetic worlds replayed by the gold teacher
+    shown the WHOLE memory: for each fact whose gold op UPDATEs or DELETEs an entry, is that entry
+    among the top k memories of the fact's speaker that retrieval shows for the fact? (x100)"""
+    hits = []
+    for sample, conv in zip(samples, convs):
+        bank, gold = MemoryBank(retriever), sample["gold_facts"]
+        for sess in conv.sessions:
+            for chunk in chunk_turns(sess.turns, n_chunks):
+                facts = [{"speaker": gold[t.dia_id]["speaker"], "dia_id": t.dia_id, "fact": gold[t.dia_id]["fact"]}
+                         for t in chunk if t.dia_id in gold]
+                ops = teacher_ops(facts, list(bank.entries.values()))  # one op per fact, in order
+                for f, op in zip(facts, ops):
+                    if op.get("memory_id"):
+                        shown = [e.memory_id for e in retrieve_for_facts(bank, [f], max(ks), max(ks))]
+                        hits.append([op["memory_id"] in shown[:k] for k in ks])
+                bank.apply(ops, sess.index, short_date(sess.date))
+    return {f"R@{k}": 100 * sum(h[i] for h in hits) / len(hits) for i, k in enumerate(ks)} | {"facts": len(hits)}
 
 
 # ============================================================================ splits and the CLI
@@ -970,10 +1027,19 @@ def world_tokenizer(samples: list, vocab: int = 1024):
     return train_tokenizer(texts, vocab)
 
 
+def run_args(path: Path) -> dict:
+    """The args.json of the run that `path` (a run dir or a checkpoint inside one) belongs to; {} outside a run."""
+    f = next((p / "args.json" for p in (path, path.parent) if (p / "args.json").exists()), None)
+    try:
+        return json.loads(f.read_text()) if f else {}
+    except ValueError:
+        raise DataError(f"{f} is not JSON: the run's flags cannot be read") from None
+
+
 def run_answerer(path: Path, data: str, cfg: RLConfig, tok):
     """The answer agent a run was trained with (its args.json says), else the exact reader
     on the synthetic world and the run's SFT model on LoCoMo."""
-    args = next((json.loads((p / "args.json").read_text()) for p in (path, path.parent) if (p / "args.json").exists()), {})
+    args = run_args(path)
     if data == "synthetic" and args.get("answerer", "exact") == "exact":
         return exact_answerer(cfg)
     sft = next((p for p in (path / "sft", path.parent / "sft") if (p / "model.safetensors").exists()), path)
@@ -1035,6 +1101,45 @@ def cli_sensitivity(argv: list) -> None:
                            for t in (1, 2, 3, 4, 8, 16, 32) if t <= min(map(len, shares))))
 
 
+def cli_recall(argv: list) -> None:
+    """python eval.py recall [--worlds 24]"""
+    ap = OneLineParser(prog="eval.py recall", description="Retrieval recall of BM25 and MiniLM: LoCoMo's test questions "
+                       "over stored turns, synthetic facts over the gold memory; the encoder's time.")
+    ap.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"))
+    ap.add_argument("--worlds", type=positive_int, default=24, help="synthetic test worlds")
+    args = ap.parse_args(argv)
+    try:
+        convs = locomo_split(load_locomo(args.locomo_path))["test"]
+        t0 = time.perf_counter()
+        minilm()
+        load_s = time.perf_counter() - t0
+    except (CheckpointError, DataError) as e:
+        raise SystemExit(f"error: {e}")
+    samples, worlds = synthetic_split({"test": args.worlds})["test"]
+    cats = ["overall"] + [CATEGORIES[k] for k in (4, 1, 2, 3)]
+    print(f"LoCoMo test split ({len(convs)} conversations, {sum(len(c.qa) for c in convs)} questions): evidence "
+          f"recall@k over all stored turns (x100), {torch.get_num_threads()} torch thread(s)\n")
+    print("| retriever | questions | R@1 | R@5 | R@10 | R@30 |\n|---|---|---|---|---|---|")
+    secs = {}
+    for r in RETRIEVERS:
+        res, secs[r] = turn_recall(convs, r)
+        for cat in cats:
+            print(f"| {r} {cat} | {res[cat]['questions']} | " + " | ".join(f"{res[cat][f'R@{k}']:.1f}" for k in (1, 5, 10, 30)) + " |")
+    turns = sum(len(s.turns) for c in convs for s in c.sessions) / len(convs)
+    print(f"\nseconds per conversation ({turns:.0f} turns, all its questions): "
+          + ", ".join(f"{r} {sum(v) / len(v):.2f}" for r, v in secs.items()) + f"; loading the encoder {load_s:.1f} once\n")
+    print(f"Synthetic test worlds ({args.worlds}): facts that UPDATE or DELETE a stored entry, is that entry among the "
+          "top k of the fact's speaker (x100); F1 of the exact reader on the gold memory (top-4 per speaker)\n")
+    print("| retriever | facts | R@1 | R@2 | R@5 | R@10 | gold-memory F1 |\n|---|---|---|---|---|---|---|")
+    for r in RETRIEVERS:
+        res, cfg = fact_recall(samples, worlds, r), RLConfig(retriever=r)
+        banks = oracle_banks(samples, worlds, cfg)
+        pairs = [(b, q) for b, c in zip(banks, worlds) for q in c.qa]
+        f1 = [token_f1(p, q.answer) for p, (_, q) in zip(exact_answerer(cfg).answer([(b, q.question) for b, q in pairs]), pairs)]
+        print(f"| {r} | {res['facts']} | " + " | ".join(f"{res[f'R@{k}']:.1f}" for k in (1, 2, 5, 10))
+              + f" | {100 * sum(f1) / len(f1):.1f} |")
+
+
 def eval_data(args) -> tuple:
     """(samples or None, conversations) of the split, cut to --convs and --sessions. A session
     slice keeps only the questions whose evidence lies in the kept sessions."""
@@ -1062,6 +1167,9 @@ def cli_evaluate(argv: list) -> None:
     ap.add_argument("--convs", type=positive_int, default=None, help="evaluate only the first N conversations of the split")
     ap.add_argument("--sessions", type=positive_int, default=None,
                     help="keep the first N sessions of each conversation and the questions about them")
+    ap.add_argument("--retriever", choices=RETRIEVERS, default=None,
+                    help="memory retrieval (default: the run's, else bm25); the sizes are the run's, else the paper's "
+                         "for a pretrained chat model and 2/6/4 for ours")
     args = ap.parse_args(argv)
     try:
         ckpt = find_checkpoint(Path(args.path))
@@ -1069,7 +1177,14 @@ def cli_evaluate(argv: list) -> None:
         out = ckpt / f"eval-{args.data}-{args.split}.json"
         out.write_text("{}")  # fail now, not after the whole evaluation, if the result cannot be written
         samples, convs = eval_data(args)
-        cfg = RLConfig(chunks=args.chunks if args.chunks is not None else (10 if args.data == "locomo" else 2))
+        # retrieval as the run had it (args.json), else the paper's sizes for a pretrained model's context
+        retrieval = {k: v for k, v in run_args(Path(args.path)).get("cfg", {}).items() if k in ("retriever", *PAPER_RETRIEVAL)}
+        if not retrieval and ck["model"].cfg.chat_format:
+            retrieval = dict(PAPER_RETRIEVAL)
+        cfg = RLConfig(chunks=args.chunks if args.chunks is not None else (10 if args.data == "locomo" else 2), **retrieval)
+        cfg.retriever = args.retriever or cfg.retriever
+        if cfg.retriever == "minilm":
+            packaged_minilm()  # not installed: one line now, not after reading the conversations
         if ck["model"].cfg.chat_format:  # a pretrained instruct model: room for its JSON
             cfg.max_new = dict(CHAT_MAX_NEW)
         answerer = run_answerer(Path(args.path), args.data, cfg, ck["tok"])
@@ -1077,7 +1192,7 @@ def cli_evaluate(argv: list) -> None:
         raise SystemExit(f"error: {e}")
     except OSError as e:  # the result file, tried first: a read-only checkpoint fails before the evaluation
         raise SystemExit(f"error: cannot write {e.filename}: {e.strerror or e}")
-    table = {f"{ckpt} (answerer {answerer.name})": evaluate(ck["model"], ck["tok"], answerer, convs, cfg, samples)}
+    table = {f"{ckpt} (answerer {answerer.name}, retriever {cfg.retriever})": evaluate(ck["model"], ck["tok"], answerer, convs, cfg, samples)}
     if samples is not None:
         table["oracle memory (teacher)"] = score(answerer, ck["tok"], oracle_banks(samples, convs, cfg), convs)
     print(report_table(table))
@@ -1090,7 +1205,7 @@ def cli_evaluate(argv: list) -> None:
 def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else argv
-    jobs = {"compare": cli_compare, "sensitivity": cli_sensitivity}
+    jobs = {"compare": cli_compare, "sensitivity": cli_sensitivity, "recall": cli_recall}
     if argv[:1] and argv[0] in jobs:
         return jobs[argv[0]](argv[1:])
     cli_evaluate(argv)

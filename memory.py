@@ -4,16 +4,22 @@ and the dialogue it reads (Turn, Session, QA, Conversation).
 A bank is a plain dict memory_id -> Entry. The model never touches it directly: it emits
 JSON, `parse_facts` / `parse_operations` read that JSON without ever raising, and
 `MemoryBank.apply` executes the operations, rejecting (and counting) the bad ones.
-Retrieval is a deterministic lexical scorer (BM25) instead of the paper's hosted
-embeddings: no network, no second model, and the same memory always retrieves the same
-entries, which keeps rollouts reproducible.
+Retrieval, chosen per bank: "bm25", a lexical scorer that needs no model, or "minilm", the
+paper's kind (cosine similarity of sentence embeddings) with a local encoder,
+all-MiniLM-L6-v2, instead of its hosted one. Both are deterministic: the same memory always
+retrieves the same entries, which keeps rollouts reproducible.
 """
 import copy
+import functools
 import json
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+
+import torch
+
+from model import embed, load_minilm
 
 # ----------------------------------------------------------------------------- the dialogue
 # What the agent reads, session by session. eval.py fills these from LoCoMo or from the
@@ -74,12 +80,18 @@ class MemoryBank:
     """A dict of entries plus an id counter. Ids are "m1", "m2", ...: short (cheap for a
     tiny model to copy) and deterministic (same ops -> same bank)."""
 
-    def __init__(self):
+    def __init__(self, retriever: str = "bm25"):
+        if retriever not in RETRIEVERS:
+            raise ValueError(f"unknown retriever {retriever!r} (use {' or '.join(RETRIEVERS)})")
         self.entries: dict[str, Entry] = {}
         self.next_id = 1
+        self.retriever = retriever
+        # content -> unit vector (D,) of "minilm" retrieval, filled by `entry_vectors`, so `apply`
+        # never embeds: an UPDATE's new content is embedded once, at the next retrieval.
+        self.vecs: dict[str, torch.Tensor] = {}
 
     def snapshot(self) -> "MemoryBank":
-        # A deepcopy: a local branch restores this and its writes never reach the parent.
+        # A deepcopy, embeddings included: a local branch restores this and its writes never reach the parent.
         return copy.deepcopy(self)
 
     def apply(self, ops: list, session: int, session_time: str) -> Counter:
@@ -246,20 +258,53 @@ def bm25(query: str, docs: list, k1=1.2, b=0.75) -> list:
     return scores
 
 
+RETRIEVERS = ("bm25", "minilm")
+MIN_COSINE = 0.1  # "minilm": the official code's similarity floor
+
+
+@functools.cache
+def minilm():  # loaded once per process, on first use: a "bm25" run never reads the weights
+    return load_minilm()
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def query_vector(text: str) -> torch.Tensor:
+    """Unit vector (D,) of a fact or question: the same ones come back across rollouts and steps."""
+    return embed(*minilm(), [text])[0]
+
+
+def entry_vectors(bank: MemoryBank) -> torch.Tensor:
+    """(N, D) unit vectors of the entries' contents, in entry order. Each distinct content is embedded
+    once, in one batch with the other new ones, and kept in bank.vecs; contents no longer stored are
+    dropped, so the cache stays the size of the bank and a snapshot copies only what it needs."""
+    contents = [e.content for e in bank.entries.values()]
+    new = [c for c in dict.fromkeys(contents) if c not in bank.vecs]
+    if new:
+        bank.vecs.update((c, v.clone()) for c, v in zip(new, embed(*minilm(), new)))  # clone: a row, not the batch
+    if len(bank.vecs) > len(contents):
+        bank.vecs = {c: bank.vecs[c] for c in contents}
+    return torch.stack([bank.vecs[c] for c in contents]) if contents else torch.empty(0, 0)
+
+
 def rank(bank: MemoryBank, query: str) -> list:
-    """Entries with a positive BM25 score for `query`, best first. One score for the whole
-    bank: the statistics (idf, average length) come from ALL entries, so scores of two
-    speakers' entries are comparable. Ties go to the newest entry (latest session, then
-    latest written), so a stale duplicate never hides the current one."""
+    """Entries that match `query`, best first: BM25 score > 0, or cosine >= MIN_COSINE. One score
+    for the whole bank: BM25's statistics (idf, average length) come from ALL entries, so scores of
+    two speakers' entries are comparable. Ties go to the newest entry (latest session, then latest
+    written), so a stale duplicate never hides the current one."""
     ents = list(bank.entries.values())  # dict order = write order; UPDATE keeps the position
-    scores = bm25(query, [e.content for e in ents])
+    if not ents:
+        return []
+    if bank.retriever == "bm25":
+        scores, keep = bm25(query, [e.content for e in ents]), lambda s: s > 0
+    else:
+        scores, keep = (entry_vectors(bank) @ query_vector(query)).tolist(), lambda s: s >= MIN_COSINE
     order = sorted(range(len(ents)), key=lambda i: (-scores[i], -ents[i].session, -i))
-    return [ents[i] for i in order if scores[i] > 0]
+    return [ents[i] for i in order if keep(scores[i])]
 
 
 def retrieve_for_facts(bank: MemoryBank, facts: list, per_fact=2, cap=6) -> list:
-    """Manager retrieval (paper Sec. 3, scaled down): per fact the top `per_fact` memories of
-    the same speaker, merged in order, de-duplicated, capped."""
+    """Manager retrieval (paper Sec. 3; official sizes 5 and 25): per fact the top `per_fact`
+    memories of the same speaker, merged in order, de-duplicated, capped."""
     out = []
     for f in facts:
         same = [e for e in rank(bank, f["fact"]) if e.speaker == f["speaker"]]
@@ -267,17 +312,18 @@ def retrieve_for_facts(bank: MemoryBank, facts: list, per_fact=2, cap=6) -> list
     return out[:cap]
 
 
-def retrieve_for_question(bank: MemoryBank, question: str, per_speaker=4) -> list:
-    """Answer-agent retrieval (paper Sec. 3, scaled down): the top `per_speaker` memories of
-    each speaker, in the order of one score over the whole bank. The asked speaker's entries
-    share the question's name, so they come first; the paper orders by session for an LLM
-    reader, a best-match-first order is easier for a tiny learned one."""
+def retrieve_for_question(bank: MemoryBank, question: str, per_speaker=4, by_session=False) -> list:
+    """Answer-agent retrieval (paper Sec. 3; official size 30): the top `per_speaker` memories of
+    each speaker, in the order of one score over the whole bank (best first: easier for a tiny
+    learned reader, and with BM25 the asked speaker's entries share the question's name, so they
+    come first), or with `by_session` ordered by session then score (the official code's order,
+    for an LLM reader)."""
     kept, out = Counter(), []
     for e in rank(bank, question):
         if kept[e.speaker] < per_speaker:
             kept[e.speaker] += 1
             out.append(e)
-    return out
+    return sorted(out, key=lambda e: e.session) if by_session else out  # stable: score order within a session
 
 
 # ----------------------------------------------------------------------------- bloat cost

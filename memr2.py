@@ -162,9 +162,11 @@ class RLConfig:
     phi: float = 0.7  # free share of the dialogue length (the paper's; the right memory stays free, see README)
     q_global: int = 64  # reward questions per step (global), shared by all rollouts
     q_local: int = 16  # reward questions per branch (local), shared by its K branches
+    retriever: str = "bm25"  # bm25 | minilm (the paper's kind: cosine of sentence embeddings)
     per_fact: int = 2  # manager retrieval: top per fact (paper 5) ...
     mem_cap: int = 6  # ... capped overall (paper 25)
-    qa_top_k: int = 4  # answer retrieval: top per speaker (paper 30)
+    qa_top_k: int = 4  # answer retrieval: top per speaker (paper 30) ...
+    qa_by_session: bool = False  # ... best first, or by session then score (paper)
     max_new: dict = field(default_factory=lambda: {"ext": 128, "mgr": 192, "ans": 16})
     lr: float = 3e-5  # the paper's 2e-6 is for a 7B model; 1e-4 drifted (val F1 fell within 10 steps)
     ppo_epochs: int = 2
@@ -176,6 +178,10 @@ class RLConfig:
     beta_h: float = 1e-3
     grad_clip: float = 1.0
     logprob_chunk: int = 256  # rows per chunk of the fused log-prob kernel
+
+
+# The official code's retrieval sizes and order: a pretrained model's context has room for them.
+PAPER_RETRIEVAL = dict(per_fact=5, mem_cap=25, qa_top_k=30, qa_by_session=True)
 
 
 # ============================================================================ rollouts
@@ -269,7 +275,7 @@ def read_conversations(model, tok, convs: list, cfg: RLConfig, temperature: floa
     """One rollout of each whole conversation from an empty memory, all conversations in one
     batch (evaluation: greedy). Returns (final banks, op counts, unfinished call count); with
     a `trace` list, each Decision's b is rewritten to the index of its conversation."""
-    banks, counts, unfinished = [MemoryBank() for _ in convs], Counter(), 0
+    banks, counts, unfinished = [MemoryBank(cfg.retriever) for _ in convs], Counter(), 0
     # a real model reads a LoCoMo conversation for an hour on CPU; the bar shows only on a terminal
     for t in tqdm(range(max(len(c.sessions) for c in convs)), desc="reading sessions", leave=False, disable=None):
         live = [i for i, c in enumerate(convs) if t < len(c.sessions)]
@@ -290,11 +296,11 @@ class AnswerAgent:
     exact reader (eval.py), recorded by `name`. Never updated, so answers are cached."""
 
     def __init__(self, read, cfg: RLConfig, name: str):
-        self.read, self.top_k, self.name, self.cache = read, cfg.qa_top_k, name, {}
+        self.read, self.top_k, self.by_session, self.name, self.cache = read, cfg.qa_top_k, cfg.qa_by_session, name, {}
 
     def answer(self, pairs: list) -> list:
         """pairs: [(bank, question)] -> [answer string]."""
-        shown = [(retrieve_for_question(bank, q, self.top_k), q) for bank, q in pairs]
+        shown = [(retrieve_for_question(bank, q, self.top_k, self.by_session), q) for bank, q in pairs]
         keys = [(q, tuple((e.memory_id, e.session, e.content, e.session_time) for e in mem)) for mem, q in shown]
         todo = {k: s for k, s in zip(keys, shown) if k not in self.cache}
         self.cache.update(zip(todo, self.read(list(todo.values()))))
@@ -533,7 +539,7 @@ def play_session(policy, tok, banks: list, session, group, cfg: RLConfig, gen, j
 def global_rollouts(policy, tok, conv, S: int, cfg: RLConfig, algo_rng, gen, judge) -> tuple:
     """n rollouts of sessions 1..S from empty memory; before each session a coin (p) may pick
     a branch point -> (final banks, pairs[t-1][i] of rollout i at session t, branches, op counts)."""
-    banks, pairs, branches, counts = [MemoryBank() for _ in range(cfg.n)], [], [], Counter()
+    banks, pairs, branches, counts = [MemoryBank(cfg.retriever) for _ in range(cfg.n)], [], [], Counter()
     for t, session in enumerate(conv.sessions[:S], 1):
         if cfg.algo != "grpo" and algo_rng.random() < cfg.p:  # plain GRPO never branches
             i = algo_rng.randrange(cfg.n)

