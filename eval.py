@@ -306,7 +306,7 @@ class Claim:
 
 
 def make_world(seed: int, n_sessions: int = 32, facts_per_session: int = 3, noise_turns: int = 1,
-               event_rate: float = 0.25, end_rate: float = 0.3, correct_rate: float = 0.3,
+               event_rate: float = 0.25, end_rate: float = 0.3, correct_rate: float = 0.18,
                novel_rate: float = 0.3) -> dict:
     """One conversation in LoCoMo's schema. Knobs: sessions, facts and small-talk turns per
     session, share of one-off events, how often a state ends, how often a turn corrects an
@@ -334,12 +334,13 @@ def make_world(seed: int, n_sessions: int = 32, facts_per_session: int = 3, nois
                 continue
             # A correction needs a claim from an earlier session that is still the whole of its
             # entry (an event, or a state with one value): DELETE removes an entry, never part of one.
-            fixable = [(attr, h[0]) for (sp, attr), h in hist.items() if sp == s and attr not in touched
-                       and len(h) == 1 and not h[0].ended and h[0].session < n and h[0].session not in fixed]
+            fixable = [(attr, c) for (sp, attr), h in hist.items() if sp == s and attr not in touched
+                       for c in (h if attr in EVENTS else h[:1] if len(h) == 1 and not h[0].ended else [])
+                       if c.session < n and c.session not in fixed]
             if fixable and rng.random() < correct_rate:
                 attr, claim = rng.choice(fixable)
                 how, v = "never", claim.value
-                hist[(s, attr)].clear()
+                hist[(s, attr)].remove(claim)
                 wrong.append((s, attr, claim, dia))
                 fixed.add(claim.session)
             else:

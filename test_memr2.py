@@ -1591,7 +1591,7 @@ def test_exact_answerer_reads_the_oracle_memory_perfectly(seed):
     bank = E.teacher_memory(sample, conv, n_chunks=2)
     res = E.score(E.exact_answerer(M.RLConfig()), train_tokenizer(["Ann lives in Oslo"], 300), [bank], [conv])
     assert len(conv.qa) > 100 and {q.category for q in conv.qa} == {1, 2, 4}
-    assert {"none", "no", "yes"} <= {q.answer for q in conv.qa}
+    assert {"no", "yes"} <= {q.answer for q in conv.qa}
     assert any(E.BEFORE in e.content for e in bank.entries.values())  # merged entries were read
     assert [res[f"f1_{c}"] for c in ("overall", "single-hop", "multi-hop", "temporal")] == [100.0] * 4
 
@@ -1653,7 +1653,7 @@ def test_teacher_merges_updates_keeps_every_claim_and_deletes_only_proven_false_
 def test_world_asks_about_every_session_at_locomo_density_and_entries_fit():
     """LoCoMo asks 4.3-8.0 questions per session; every session of a world is the last evidence
     of at least one question, on average of at least 4, and the longest merged entry fits."""
-    per, longest = [], 0
+    per, longest, answers = [], 0, collections.Counter()
     for seed in range(4):
         sample = E.make_world(seed)
         conv = E.parse_conversation(sample)
@@ -1662,19 +1662,22 @@ def test_world_asks_about_every_session_at_locomo_density_and_entries_fit():
         longest = max(longest, *(len(e.content.split()) for e in E.teacher_memory(sample, conv, 2).entries.values()))
         kinds = collections.Counter(g["kind"] for g in sample["gold_facts"].values())
         assert kinds["set"] and kinds["end"] and kinds["never"]
+        answers.update(q.answer for q in conv.qa)
+    assert answers["none"] and answers["no"] and answers["yes"]  # endings, corrections, earlier claims
     assert min(per) >= 1 and sum(per) / len(per) >= 4 and longest <= MAX_CONTENT_WORDS
 
 
 def test_reward_ranks_scripted_managers_oracle_first_empty_last():
     # The reward must tell each single kind of memory mistake from the right decisions.
-    """A reward that cannot rank scripted managers cannot teach memory management."""
-    samples, convs = E.synthetic_split({"test": 4})["test"]
+    """A reward that cannot rank scripted managers cannot teach memory management: the oracle is
+    the unique best, every wrong manager at least 8 points below it, the empty memory at most 10."""
+    samples, convs = E.synthetic_split({"test": 8})["test"]
     tok = E.world_tokenizer(E.synthetic_split({"train": 8})["train"][0], 512)
     res = {k: v["reward"] for k, v in E.sensitivity(samples, convs, tok, M.RLConfig()).items()}
     assert set(res) == {"oracle", "insert-only", "replace-updates", "duplicate-updates", "no-delete", "drop-half", "empty"}
     assert res["oracle"] >= 99 and res["empty"] <= 10
     for name in ("insert-only", "replace-updates", "duplicate-updates", "no-delete", "drop-half"):
-        assert res["empty"] < res[name] < res["oracle"] - 5, name
+        assert res["empty"] < res[name] < res["oracle"] - 8, name
 
 
 def _decision(shown, facts, ops, turns=None):
