@@ -7,9 +7,11 @@
 4. test evaluation of the SFT model (the base pipeline), the trained model and the oracle
    memory, written to runs/<name>/report.md, with every step in metrics.jsonl.
 `--preset gpu` scales the model and the groups up for one GPU; `--resume runs/<name>`
-continues an interrupted run from its last checkpoint.
+continues an interrupted run from its last checkpoint. `torchrun --nproc_per_node N train.py`
+runs N ranks in data parallel over conversations (README, 'More than one GPU').
 """
 import argparse
+import contextlib
 import copy
 import fcntl
 import json
@@ -23,11 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import eval as E
-from memr2 import (CHAT_MAX_NEW, AnswerAgent, Cell, RLConfig, answer_prompt, cell_logprobs, extractor_prompt, facts_target,
-                   guarded_step, logo_step, manager_prompt, model_reader, ops_target)
+from memr2 import (CHAT_MAX_NEW, AnswerAgent, Cell, RLConfig, World, answer_prompt, cell_logprobs, extractor_prompt,
+                   facts_target, gather_over_ranks, guarded_step, logo_step, manager_prompt, model_reader, ops_target, rank,
+                   ranks)
 from memory import retrieve_for_question
 from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, is_hf_dir, load_checkpoint,
                    non_finite, one_line, pick_device, save_checkpoint, train_tokenizer)
@@ -59,7 +63,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # flag -> (test, what it must be): checked at parse time, before anything runs or is written
 FLAG_CHECKS = {
-    **{f: (lambda v: v >= 1, "an integer >= 1") for f in ("n", "K", "chunks", "ppo_epochs", "val_every", "sessions", "threads")},
+    **{f: (lambda v: v >= 1, "an integer >= 1") for f in ("n", "K", "chunks", "ppo_epochs", "val_every", "sessions", "threads",
+                                                          "worlds_per_step")},
     **{f: (lambda v: v >= 0, "an integer >= 0") for f in ("sft_steps", "seed")},
     **{f: (lambda v: 0 <= v <= 1, "a number in [0, 1]") for f in ("p", "teacher_noise")},
     **{f: (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0") for f in ("lam", "phi")},
@@ -113,6 +118,9 @@ def build_parser():
                    help=f"cells per optimizer step (RLConfig: {d.minibatch}). LoGo's local rows make ~1.5x GRPO's pool "
                         "at n=K=4, p=0.5: GRPO with 43 makes as many optimizer steps as LoGo with 64")
     g.add_argument("--grad-ckpt", action="store_true", help="recompute each block in backward (less memory, ~1/3 more time)")
+    g.add_argument("--worlds-per-step", type=int, default=1,
+                   help="training conversations each process rolls out per RL step; one update averages over all of "
+                        "them (under torchrun: over every rank's)")
     g = ap.add_argument_group("curriculum")
     g.add_argument("--stages", default="8,16,32", help="session caps of the curriculum; '32' trains directly")
     g.add_argument("--steps-per-stage", default=None,
@@ -231,7 +239,7 @@ def sft(model, tok, examples, args, device, log, run) -> None:
     lower = min(args.sft_lr / 10, build_parser().get_default("sft_lr"))
     fix = f"nothing was saved; rerun the SFT with a lower --sft-lr: python train.py --resume {run} --sft-lr {lower:g} --override sft_lr"
     streak = 0  # non-finite steps in a row: a few are skipped, a diverged model is stopped
-    bar = tqdm(range(steps), desc="SFT", dynamic_ncols=True, disable=steps == 0)
+    bar = tqdm(range(steps), desc="SFT", dynamic_ncols=True, disable=steps == 0 or rank() > 0)
     for step in bar:
         lr = args.sft_lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
@@ -304,16 +312,34 @@ POS = ("stage", "step", "best", "gstep", "fails", "lines")  # meta.pos of `last`
 
 
 @dataclass
+class Streams:
+    """The random streams of one world slot of an RL step: data (training conversation, question
+    subsets) and algorithm (branch coins; `gen` samples), so every algorithm run with one seed
+    trains on the same conversations and questions."""
+    data: random.Random
+    algo: random.Random
+    gen: torch.Generator
+
+
+def world_streams(seed: int, g: int, device) -> Streams:
+    """Slot g = rank * worlds_per_step + w of a step, seeded from the seed and g: slot 0 is a
+    single process's, so N ranks x 1 world and 1 process x N worlds draw alike."""
+    tag = f":{g}" if g else ""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(random.Random(f"gen-{seed}{tag}").getrandbits(63) if g else seed)
+    return Streams(random.Random(f"{seed}{tag}" if g else seed), random.Random(f"algo-{seed}{tag}"), gen)
+
+
+def slot_key(name: str, g: int) -> str:  # checkpoint keys of slot g's streams; slot 0 keeps the plain name
+    return f"{name}.{g}" if g else name
+
+
+@dataclass
 class RunState:
     """Where a run is, beyond its weights: saved with every `last` checkpoint and restored from it
-    by resume_from_last, so a resumed run logs and samples exactly as an uninterrupted one.
-    Two random streams: data (training conversation, question subsets) and algorithm (branch
-    coins; `gen` samples), so every algorithm run with one seed trains on the same conversations
-    and questions."""
-    metrics: Path  # the run's metrics.jsonl
-    data_rng: random.Random
-    algo_rng: random.Random
-    gen: torch.Generator
+    by resume_from_last, so a resumed run logs and samples exactly as an uninterrupted one."""
+    metrics: Path  # the run's metrics.jsonl, written by rank 0 alone
+    streams: list  # Streams of this rank's world slots
     stage: int = 0  # index into args.stages
     step: int = 0  # RL steps done in this stage
     best: float | None = None  # the stage's best validation F1 so far
@@ -322,8 +348,9 @@ class RunState:
     lines: int = 0  # lines in metrics.jsonl: a resume cuts the log back to it
 
     def log(self, rec: dict) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if rank() == 0:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         self.lines += 1
 
 
@@ -333,13 +360,12 @@ def start_state(args, run: Path, device) -> RunState:
     (the policy to load into), and loading it draws from torch's RNG, which `last` then resets."""
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    st = RunState(run / "metrics.jsonl", random.Random(args.seed), random.Random(f"algo-{args.seed}"),
-                  torch.Generator(device=device))
-    st.gen.manual_seed(args.seed)
+    W = args.worlds_per_step
+    st = RunState(run / "metrics.jsonl", [world_streams(args.seed, rank() * W + w, device) for w in range(W)])
     if not args.resume:
-        st.metrics.unlink(missing_ok=True)  # e.g. of a run that failed before its first checkpoint
+        on_rank0(st.metrics.unlink, True)  # e.g. of a run that failed before its first checkpoint
     elif not (run / "last").exists():
-        st.lines = restart_log(run, keep_sft=not args.init and (run / "sft" / "model.safetensors").exists())
+        st.lines = on_rank0(restart_log, run, not args.init and (run / "sft" / "model.safetensors").exists())
     return st
 
 
@@ -359,10 +385,14 @@ def restart_log(run: Path, keep_sft: bool) -> int:
 
 
 def save_rl_state(path, policy, tok, opt, st: RunState) -> None:
-    """Everything a resume needs: weights, optimizer, position, every RNG (Python's as JSON)."""
-    meta = {"pos": {k: getattr(st, k) for k in POS},
-            "data_rng": _jsonable(st.data_rng.getstate()), "algo_rng": _jsonable(st.algo_rng.getstate())}
-    save_checkpoint(path, policy, tok, meta, opt, {"torch_gen": st.gen.get_state(), "torch_rng": torch.get_rng_state()})
+    """Everything a resume needs: weights, optimizer, position, every RNG (Python's as JSON),
+    the streams of every world slot of every rank."""
+    slots = [s for rank_slots in gather_over_ranks([(_jsonable(s.data.getstate()), _jsonable(s.algo.getstate()),
+                                                      s.gen.get_state()) for s in st.streams]) for s in rank_slots]
+    meta, tensors = {"pos": {k: getattr(st, k) for k in POS}, "worlds": len(slots)}, {"torch_rng": torch.get_rng_state()}
+    for g, (data, algo, gen) in enumerate(slots):
+        meta[slot_key("data_rng", g)], meta[slot_key("algo_rng", g)], tensors[slot_key("torch_gen", g)] = data, algo, gen
+    on_rank0(save_checkpoint, path, policy, tok, meta, opt, tensors)
 
 
 def _jsonable(state):
@@ -390,6 +420,10 @@ def resume_from_last(run: Path, device, policy, st: RunState, cfg: RLConfig):
     -> the optimizer. Every piece is checked: a damaged checkpoint is a one-line error, never
     a silent restart."""
     ck = load_ckpt(run / "last", device)
+    W, saved = len(st.streams), ck["meta"].get("worlds", 1)
+    if saved != W * ranks():
+        raise UserError(f"{run / 'last'} rolls out {saved} worlds per step, this start {W * ranks()} "
+                        f"({ranks()} ranks x --worlds-per-step {W}): resume it on {saved // W} ranks")
     try:
         pos = ck["meta"]["pos"]
         missing = set(POS) - set(pos)
@@ -398,9 +432,10 @@ def resume_from_last(run: Path, device, policy, st: RunState, cfg: RLConfig):
         if ck["optimizer_state"] is None:
             raise KeyError("optimizer.safetensors")
         policy.load_state_dict(ck["model"].state_dict())
-        st.data_rng.setstate(_tuple(ck["meta"]["data_rng"]))
-        st.algo_rng.setstate(_tuple(ck["meta"]["algo_rng"]))
-        st.gen.set_state(ck["tensors"]["torch_gen"])
+        for g, s in enumerate(st.streams, rank() * W):
+            s.data.setstate(_tuple(ck["meta"][slot_key("data_rng", g)]))
+            s.algo.setstate(_tuple(ck["meta"][slot_key("algo_rng", g)]))
+            s.gen.set_state(ck["tensors"][slot_key("torch_gen", g)])
         torch.set_rng_state(ck["tensors"]["torch_rng"])
         opt = rl_optimizer(policy, cfg)
         opt.load_state_dict(ck["optimizer_state"])
@@ -410,12 +445,17 @@ def resume_from_last(run: Path, device, policy, st: RunState, cfg: RLConfig):
         g["lr"] = cfg.lr  # the run's lr, which --override lr may have changed
     for k in POS:
         setattr(st, k, pos[k])
-    lines = st.metrics.read_text().splitlines()[:st.lines] if st.metrics.exists() else []
-    if len(lines) < st.lines:
-        raise UserError(f"{st.metrics} is missing or shorter than its checkpoint says ({st.lines} lines): cannot resume")
-    st.metrics.write_text("".join(l + "\n" for l in lines))
+    on_rank0(cut_log, st.metrics, st.lines)
     print(f"resumed {run} at stage {st.stage} step {st.step}")
     return opt
+
+
+def cut_log(metrics: Path, n: int) -> None:
+    """metrics.jsonl cut back to its first n lines, those logged when `last` was saved."""
+    lines = metrics.read_text().splitlines()[:n] if metrics.exists() else []
+    if len(lines) < n:
+        raise UserError(f"{metrics} is missing or shorter than its checkpoint says ({n} lines): cannot resume")
+    metrics.write_text("".join(l + "\n" for l in lines))
 
 
 # ============================================================================ run directory: lock, flags
@@ -488,7 +528,7 @@ def resumed_args(run: Path, argv: list):
         saved = saved + [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     args = parse_args(saved)
     if differ:
-        write_run_args(run, saved, rl_config(args), args.answerer)
+        on_rank0(write_run_args, run, saved, rl_config(args), args.answerer)
         print(f"resume with changed flags: {', '.join(differ)}")
     args.resume = str(run)
     return args
@@ -504,8 +544,45 @@ def check_finite(model, what: str, fix: str) -> None:
 # ============================================================================ the run
 def main(argv=None) -> dict:
     """setup -> SFT warm start -> one RL stage per session cap -> test. A resume runs the same
-    path: what is on disk (the SFT model, `last`, best-stage<i>) is loaded instead of redone."""
+    path: what is on disk (the SFT model, `last`, best-stage<i>) is loaded instead of redone.
+    Under torchrun every rank runs all of it; rank 0 alone prints and writes."""
     argv = argv if argv is not None else sys.argv[1:]
+    joined = join_ranks()
+    try:
+        with contextlib.redirect_stdout(None) if rank() else contextlib.nullcontext():
+            return run_all(argv)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def join_ranks() -> bool:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): join its process group, NCCL for CUDA
+    tensors, gloo for CPU tensors and pickled objects. -> whether this call joined it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or dist.is_initialized():
+        return False
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def on_rank0(fn, *a):
+    """fn(*a) on rank 0 alone (the only writer) -> its result on every rank. The other ranks wait
+    for it, so a file is on disk before any rank reads it, and its UserError stops every rank."""
+    if ranks() == 1:
+        return fn(*a)
+    err = out = None
+    if rank() == 0:
+        try:
+            out = fn(*a)
+        except UserError as e:
+            err = str(e)
+    err, out = gather_over_ranks((err, out))[0]
+    if err:
+        raise UserError(err)
+    return out
+
+
+def run_all(argv: list) -> dict:
     args, run, device, cfg, data = setup_run(argv)
     t0 = time.time()
     st = start_state(args, run, device)
@@ -525,7 +602,7 @@ def setup_run(argv: list):
         run = Path(args.resume)
         if not (run / "args.json").exists():
             raise UserError(f"--resume {run}: not a run directory (no args.json)")
-        lock_run(run)
+        on_rank0(lock_run, run)
         args = resumed_args(run, argv)  # the run continues with the flags it started with
     elif args.override:
         raise UserError("--override only applies with --resume")
@@ -534,14 +611,21 @@ def setup_run(argv: list):
         device = pick_device(args.device)
     except ValueError as e:
         raise UserError(str(e))
+    if device.type == "cuda" and ranks() > 1:  # one GPU per rank
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     cfg = rl_config(args)
     data = load_data(args)  # before anything is written: a bad data path leaves no half run behind
     if not args.resume:
-        lock_run(run)
-        if (run / "args.json").exists():  # even a run killed during SFT: its sft/ and log must not be mixed in
-            raise UserError(f"{run} already holds a run: pass --resume {run} or another --name")
-        write_run_args(run, argv, cfg, args.answerer)
+        on_rank0(new_run_dir, run, argv, cfg, args.answerer)
     return args, run, device, cfg, data
+
+
+def new_run_dir(run: Path, argv: list, cfg: RLConfig, answerer: str) -> None:
+    lock_run(run)
+    if (run / "args.json").exists():  # even a run killed during SFT: its sft/ and log must not be mixed in
+        raise UserError(f"{run} already holds a run: pass --resume {run} or another --name")
+    write_run_args(run, argv, cfg, answerer)
 
 
 def sft_path(args, run: Path) -> Path:  # warm_start's model; the test reads the base pipeline back from it
@@ -572,7 +656,10 @@ def warm_start(args, run: Path, cfg: RLConfig, device, data, log):
                                         n_head=pre["n_head"], n_kv_head=pre["n_head"])).to(device)
         print(f"SFT: {len(examples)} examples, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device}")
         sft(model, tok, examples, args, device, log, run)
-        save_checkpoint(sft_dir, model, tok, {"kind": "sft"})
+        on_rank0(save_checkpoint, sft_dir, model, tok, {"kind": "sft"})
+    if ranks() > 1:  # every rank ran the same SFT or load; rank 0's weights make sure (GPU kernels need not repeat exactly)
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
     # Copies, as the policy trains in place: the first stage's warm start and the learned answerer
     # must stay the SFT model, and the KL reference must not move with the policy.
     sft_model = copy.deepcopy(model).eval()
@@ -614,24 +701,24 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
         st.log({"phase": "val", "stage": S, "step": 0, "gstep": st.gstep, **v})
         print(f"stage {S} sessions: val F1 {v['f1_overall']:.1f} before training")
         if args.steps[si] == 0:  # nothing to train: the warm start passes through
-            save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0})
+            on_rank0(save_checkpoint, run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0})
     train_convs = data["train"][1]
     # judges score rows against the gold facts, for the credit-assignment diagnostic: LoCoMo has none
     judges = {c.sample_id: E.make_judge(s) for s, c in zip(*data["train"])} if data["train"][0] else {}
     lower_lr = f"resume with a lower --lr: python train.py --resume {run} --lr {min(cfg.lr / 10, RLConfig.lr):g} --override lr"
-    bar = tqdm(range(st.step, args.steps[si]), desc=f"RL {S} sessions", dynamic_ncols=True)
+    bar = tqdm(range(st.step, args.steps[si]), desc=f"RL {S} sessions", dynamic_ncols=True, disable=rank() > 0)
     for step in bar:
         ts = time.time()
-        conv = train_convs[st.data_rng.randrange(len(train_convs))]
+        convs = [train_convs[s.data.randrange(len(train_convs))] for s in st.streams]
+        worlds = [World(c, s.data, s.algo, s.gen, judges.get(c.sample_id)) for c, s in zip(convs, st.streams)]
         policy.train()
         with autocast(device):
-            stats = logo_step(policy, ref, answerer, tok, conv, S, cfg, opt, st.data_rng, st.algo_rng, st.gen,
-                              judges.get(conv.sample_id))
+            stats = logo_step(policy, ref, answerer, tok, worlds, S, cfg, opt)
         st.step, st.gstep = step + 1, st.gstep + 1
         check_finite(policy, f"stage {S} step {step + 1}", f"{run / 'last'} holds the step before; {lower_lr}")
         ops = stats.pop("ops")
         rec = {"phase": "rl", "stage": S, "step": step + 1, "gstep": st.gstep, "algo": cfg.algo,
-               "conv": conv.sample_id, "step_time": time.time() - ts, **stats, **{f"ops_{k}": v for k, v in ops.items()}}
+               "conv": stats.pop("conv", None), "step_time": time.time() - ts, **stats, **{f"ops_{k}": v for k, v in ops.items()}}
         if stats.get("skipped_updates"):
             st.fails += 1
             if st.fails >= 3:
@@ -643,7 +730,7 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
             st.log({"phase": "val", "stage": S, "step": step + 1, "gstep": st.gstep, **v})
             if v["f1_overall"] > st.best:
                 st.best = v["f1_overall"]
-                save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": step + 1})
+                on_rank0(save_checkpoint, run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": step + 1})
         st.log(rec)
         save_rl_state(run / "last", policy, tok, opt, st)  # an interruption loses at most one step
     print(f"stage {S} sessions: best val F1 {st.best:.1f}")
@@ -665,16 +752,17 @@ def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, t0: 
         if samples is not None:
             table["oracle memory (teacher)"] = E.score(answerer, tok, E.oracle_banks(samples, test, cfg), test)
         result["test"] = table
-        write_report(run, args, cfg, table, result["minutes"], device, answerer.name)
         print(E.report_table(table))
         if samples is not None:
             print(E.report_table({k: v for k, v in table.items() if "fact_recall" in v}, E.DECISION_COLS))
-        names = list(table)
-        (run / "result.json").write_text(json.dumps({
-            "algo": cfg.algo, "stages": args.stages, "steps": args.steps, "seed": args.seed, "minutes": result["minutes"],
-            "answerer": answerer.name, "minibatch": cfg.minibatch,
-            "base": table[names[0]], "trained": table[names[1]], "oracle": table.get(names[2]) if len(names) > 2 else None},
-            indent=1))
+        if rank() == 0:  # the only writer
+            write_report(run, args, cfg, table, result["minutes"], device, answerer.name)
+            names = list(table)
+            (run / "result.json").write_text(json.dumps({
+                "algo": cfg.algo, "stages": args.stages, "steps": args.steps, "seed": args.seed, "minutes": result["minutes"],
+                "answerer": answerer.name, "minibatch": cfg.minibatch,
+                "base": table[names[0]], "trained": table[names[1]], "oracle": table.get(names[2]) if len(names) > 2 else None},
+                indent=1))
     log({"phase": "done", **result})
     return result
 
@@ -697,7 +785,8 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops with the same line: rank 0 says it
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted: resume with --resume <run dir> (the last finished step is saved)", file=sys.stderr)
