@@ -22,6 +22,7 @@ Both kinds go into one pool and one clipped loss. The file reads in the method's
 role prompts, rollouts, the answer agent, rewards, advantages, the loss, one step; the fused
 log-prob kernel that keeps the loss from holding (tokens x vocab) logits is the appendix.
 """
+import contextlib
 import copy
 import json
 import math
@@ -35,6 +36,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from model import chat_prompt, decode, encode, generate
@@ -621,7 +623,8 @@ def logo_step(policy, ref, answerer: AnswerAgent, tok, worlds: list, S: int, cfg
     """One policy update (paper Alg. 1): each World's rollouts, rewards and advantages, then
     one update on their pools (`ppo_update`; under torchrun, with every rank's worlds).
     -> the stats: the mean over the worlds of every rank, then the update's."""
-    pools, stats = zip(*(world_pool(policy, answerer, tok, w, S, cfg) for w in worlds))
+    with whole(policy):
+        pools, stats = zip(*(world_pool(policy, answerer, tok, w, S, cfg) for w in worlds))
     out = mean_over_worlds([s for rank_stats in gather_over_ranks(list(stats)) for s in rank_stats])
     return out | ppo_update(policy, ref, list(pools), cfg, opt)
 
@@ -666,27 +669,33 @@ def ppo_update(policy, ref, pools: list, cfg: RLConfig, opt) -> dict:
     steps = int(over_ranks(torch.tensor(max(map(len, batches)), device=dev), dist.ReduceOp.MAX))
     if not steps:
         return {"cells": 0, "skipped_updates": 0}
-    with torch.no_grad():
+    with torch.no_grad(), whole(policy):
         olds = [[cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in bs]
                 for bs in batches]
         refs = [[cell_logprobs(ref, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in bs]
                 for bs in batches]
     agg, n, skipped = Counter(), 0, 0
     policy.train()
+    sharded = isinstance(policy, FSDPModule)
     for _ in range(cfg.ppo_epochs):
         for j in range(steps):
             parts = [(bs[j], old[j], rf[j]) for bs, old, rf in zip(batches, olds, refs) if j < len(bs)]
             # (cells, response tokens) of step j over every world and rank: the means' denominators
             size = over_ranks(torch.tensor([[len(mb), sum(len(c.response) for c, _ in mb)] for mb, _, _ in parts],
                                            dtype=torch.float64, device=dev).reshape(-1, 2).sum(0)).tolist()
+            if sharded:  # FSDP gathers and reduces inside forward and backward: every rank makes as many
+                n_parts = int(over_ranks(torch.tensor(len(parts), device=dev), dist.ReduceOp.MAX))
+                parts += [None] * (n_parts - len(parts))  # a rank short of parts runs one weighted 0
             opt.zero_grad(set_to_none=True)
             finite, s = True, Counter()
-            for mb, old, rf in parts:
+            for part in parts:
+                mb, old, rf = part or ([(Cell([1], [2], True), 0.0)], torch.zeros(1, device=dev), torch.zeros(1, device=dev))
                 logp, ent, owner = cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk, True)
                 adv = torch.tensor([a for _, a in mb], dtype=torch.float32, device=dev)
-                loss, ps = logo_grpo_loss(logp, old, rf, ent, owner, adv, cfg, (len(mb) / size[0], len(logp) / size[1]))
+                share = (len(mb) / size[0], len(logp) / size[1]) if part else (0.0, 0.0)
+                loss, ps = logo_grpo_loss(logp, old, rf, ent, owner, adv, cfg, share)
                 finite = finite and bool(torch.isfinite(loss))
-                if finite:
+                if finite or sharded:  # a NaN gradient under FSDP is caught by the norm, on every rank
                     loss.backward()  # accumulates: the parts of one step sum to its loss
                 s.update(ps | {"loss": loss.item()})
             finite = sum_gradients(policy, finite)
@@ -716,7 +725,8 @@ def guarded_step(model, loss, opt, clip: float) -> float | None:
 
 def clipped_step(model, opt, clip: float) -> float | None:
     """Clip, step -> the gradient norm; or None, gradients dropped, if the norm is not finite."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
     if not math.isfinite(norm):
         opt.zero_grad(set_to_none=True)
         return None
@@ -741,6 +751,22 @@ def over_ranks(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return x
 
 
+@contextlib.contextmanager
+def whole(model):
+    """FSDP2: the policy's weights gathered whole on every rank for the block, so a rank's forward
+    passes (as many as its own rollouts need, unlike its peers') make no collective calls."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's default: the root keeps its own
+
+
 def gather_over_ranks(obj) -> list:
     """[rank 0's obj, rank 1's, ...] on every rank (pickled)."""
     if ranks() == 1:
@@ -753,12 +779,13 @@ def gather_over_ranks(obj) -> list:
 def sum_gradients(model, finite: bool) -> bool:
     """DDP's all-reduce: every rank's gradient becomes the sum over ranks (each rank's loss
     parts are already scaled by their share of the global mini-batch), so every rank takes the
-    same step. -> whether every rank's loss was finite (if not, nothing is summed)."""
+    same step; FSDP has summed each shard in backward. -> whether every rank's loss was finite
+    (if not, nothing is summed)."""
     if ranks() == 1:
         return finite
     if over_ranks(torch.tensor(float(not finite), device=next(model.parameters()).device)).item() > 0:
         return False
-    for p in model.parameters():
+    for p in [] if isinstance(model, FSDPModule) else model.parameters():
         if p.requires_grad:
             if p.grad is None:  # a rank with no cells in this step adds zeros
                 p.grad = torch.zeros_like(p)

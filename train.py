@@ -23,15 +23,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
 import eval as E
 from memr2 import (CHAT_MAX_NEW, AnswerAgent, Cell, RLConfig, World, answer_prompt, cell_logprobs, extractor_prompt,
                    facts_target, gather_over_ranks, guarded_step, logo_step, manager_prompt, model_reader, ops_target, rank,
-                   ranks)
+                   ranks, whole)
 from memory import retrieve_for_question
 from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, is_hf_dir, load_checkpoint,
                    non_finite, one_line, pick_device, save_checkpoint, train_tokenizer)
@@ -118,6 +121,10 @@ def build_parser():
                    help=f"cells per optimizer step (RLConfig: {d.minibatch}). LoGo's local rows make ~1.5x GRPO's pool "
                         "at n=K=4, p=0.5: GRPO with 43 makes as many optimizer steps as LoGo with 64")
     g.add_argument("--grad-ckpt", action="store_true", help="recompute each block in backward (less memory, ~1/3 more time)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the policy's weights, gradients and AdamW state over the ranks (FSDP2, "
+                        "one unit per transformer block); the frozen reference and answer agent stay whole on every "
+                        "rank, in bf16 on GPU")
     g.add_argument("--worlds-per-step", type=int, default=1,
                    help="training conversations each process rolls out per RL step; one update averages over all of "
                         "them (under torchrun: over every rank's)")
@@ -392,7 +399,7 @@ def save_rl_state(path, policy, tok, opt, st: RunState) -> None:
     meta, tensors = {"pos": {k: getattr(st, k) for k in POS}, "worlds": len(slots)}, {"torch_rng": torch.get_rng_state()}
     for g, (data, algo, gen) in enumerate(slots):
         meta[slot_key("data_rng", g)], meta[slot_key("algo_rng", g)], tensors[slot_key("torch_gen", g)] = data, algo, gen
-    on_rank0(save_checkpoint, path, policy, tok, meta, opt, tensors)
+    save(path, policy, tok, meta, opt, tensors)
 
 
 def _jsonable(state):
@@ -431,14 +438,14 @@ def resume_from_last(run: Path, device, policy, st: RunState, cfg: RLConfig):
             raise KeyError(f"pos.{min(missing)}")
         if ck["optimizer_state"] is None:
             raise KeyError("optimizer.safetensors")
-        policy.load_state_dict(ck["model"].state_dict())
+        load_policy(policy, ck["model"].state_dict())
         for g, s in enumerate(st.streams, rank() * W):
             s.data.setstate(_tuple(ck["meta"][slot_key("data_rng", g)]))
             s.algo.setstate(_tuple(ck["meta"][slot_key("algo_rng", g)]))
             s.gen.set_state(ck["tensors"][slot_key("torch_gen", g)])
         torch.set_rng_state(ck["tensors"]["torch_rng"])
         opt = rl_optimizer(policy, cfg)
-        opt.load_state_dict(ck["optimizer_state"])
+        load_policy(policy, None, opt, ck["optimizer_state"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{run / 'last'} cannot be resumed ({one_line(e)})")
     for g in opt.param_groups:
@@ -536,7 +543,8 @@ def resumed_args(run: Path, argv: list):
 
 def check_finite(model, what: str, fix: str) -> None:
     """Stop before non-finite weights go anywhere (a validation, a checkpoint, the next step)."""
-    bad = non_finite(model.state_dict())
+    local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in model.state_dict().items()}  # FSDP: shards
+    bad = ", ".join(b for b in gather_over_ranks(non_finite(local)) if b)
     if bad:
         raise UserError(f"{what}: weights became non-finite ({bad}); {fix}")
 
@@ -587,6 +595,8 @@ def run_all(argv: list) -> dict:
     t0 = time.time()
     st = start_state(args, run, device)
     policy, ref, sft_model, tok, answerer = warm_start(args, run, cfg, device, data, st.log)
+    if args.fsdp:
+        shard(policy, ref, sft_model, device)
     opt = resume_from_last(run, device, policy, st, cfg) if args.resume and (run / "last").exists() else None
     for si in range(st.stage, len(args.stages)):
         opt = train_stage(si, args, run, cfg, device, data, st, opt, policy, ref, sft_model, tok, answerer)
@@ -611,6 +621,8 @@ def setup_run(argv: list):
         device = pick_device(args.device)
     except ValueError as e:
         raise UserError(str(e))
+    if args.fsdp and ranks() < 2:
+        raise UserError("--fsdp shards over torchrun's ranks: run it with torchrun --nproc_per_node N (N >= 2)")
     if device.type == "cuda" and ranks() > 1:  # one GPU per rank
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -619,6 +631,56 @@ def setup_run(argv: list):
     if not args.resume:
         on_rank0(new_run_dir, run, argv, cfg, args.answerer)
     return args, run, device, cfg, data
+
+
+def shard(policy, ref, sft_model, device) -> None:
+    """FSDP2 over the ranks: one unit per transformer block, the root holding embeddings, final
+    norm and head. Gradients are summed, not averaged: each rank's loss is already its share of
+    the global mean (memr2.ppo_update). The frozen copies stay whole, in bf16 on GPU."""
+    for block in policy.layers:
+        fully_shard(block)
+    fully_shard(policy)
+    register_fsdp_forward_method(policy, "hidden_states")  # memr2 calls it, and the head, without forward()
+    for unit in [*policy.layers, policy]:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
+    if device.type == "cuda":
+        ref.to(torch.bfloat16)
+        sft_model.to(torch.bfloat16)
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def save(path, policy, tok, meta: dict, opt=None, tensors=None) -> None:
+    """save_checkpoint by rank 0, the others waiting. An FSDP policy and its AdamW state are gathered
+    whole first (every rank takes part), so the directory is the one a single process writes."""
+    if isinstance(policy, FSDPModule):
+        sd, osd = get_state_dict(policy, opt or [], options=FULL)
+        names = [n for n, _ in policy.named_parameters()]
+        policy = SimpleNamespace(cfg=policy.cfg, state_dict=lambda: sd)
+        if opt is not None and rank() == 0:  # (rank 0 holds it) parameter names -> indices, as torch.optim numbers them
+            idx = {n: i for i, n in enumerate(names)}
+            osd = {"state": {idx[k]: v for k, v in osd["state"].items()},
+                   "param_groups": [g | {"params": [idx[k] for k in g["params"]]} for g in osd["param_groups"]]}
+            opt = SimpleNamespace(state_dict=lambda: osd)
+    on_rank0(save_checkpoint, path, policy, tok, meta, opt, tensors)
+
+
+def load_policy(policy, sd: dict | None, opt=None, osd: dict | None = None) -> None:
+    """Whole weights (and AdamW state, as save writes it) into the policy, sharded or not."""
+    if not isinstance(policy, FSDPModule):
+        if sd is not None:
+            policy.load_state_dict(sd)
+        if opt is not None:
+            opt.load_state_dict(osd)
+        return
+    names = [n for n, _ in policy.named_parameters()]
+    if opt is not None:
+        osd = {"state": {names[i]: v for i, v in osd["state"].items()},
+               "param_groups": [g | {"params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
+    set_state_dict(policy, opt or [], model_state_dict=sd if sd is not None else {}, optim_state_dict=osd or {},
+                   options=StateDictOptions(full_state_dict=True, strict=sd is not None))
 
 
 def new_run_dir(run: Path, argv: list, cfg: RLConfig, answerer: str) -> None:
@@ -672,11 +734,11 @@ def warm_start(args, run: Path, cfg: RLConfig, device, data, log):
     return model, ref, sft_model, tok, answerer
 
 
-def stage_warm_start(si, run: Path, device, sft_model):
+def stage_warm_start(si, args, run: Path, device, sft_model):
     """The previous stage's best checkpoint (the SFT model for the first stage). It is also the
     stage's KL reference, as in the official trainer."""
-    if si == 0:
-        return sft_model
+    if si == 0:  # in fp32: from disk where the frozen copy is bf16
+        return sft_model if sft_model.lm_head.weight.dtype == torch.float32 else load_ckpt(sft_path(args, run), device)["model"]
     prev = run / f"best-stage{si - 1}"
     if not prev.exists():
         raise UserError(f"{prev} is missing: stage {si + 1} has no warm start (restore it or start a new run)")
@@ -687,21 +749,22 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
     """Curriculum stage si (args.stages[si] sessions), from step st.step: 0, or where a resume
     left it with opt, the stage's optimizer. -> the optimizer."""
     S = args.stages[si]
-    start = stage_warm_start(si, run, device, sft_model)
+    start = stage_warm_start(si, args, run, device, sft_model)
     ref.load_state_dict(start.state_dict())  # also after a resume: the reference is not in `last`
     val_samples, val = data["val"]
     if st.step == 0:  # a stage's start, not a resume inside it: a fresh optimizer on the warm start
-        policy.load_state_dict(start.state_dict())
+        load_policy(policy, start.state_dict())
         opt = rl_optimizer(policy, cfg)
         # Validate before training: logged, NOT a candidate. Only checkpoints trained in
         # this stage compete for its best (official trainer: best starts at -1 per stage),
         # so the next stage always starts from a model this stage trained.
-        v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
+        with whole(policy):
+            v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
         st.best = -1.0
         st.log({"phase": "val", "stage": S, "step": 0, "gstep": st.gstep, **v})
         print(f"stage {S} sessions: val F1 {v['f1_overall']:.1f} before training")
         if args.steps[si] == 0:  # nothing to train: the warm start passes through
-            on_rank0(save_checkpoint, run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0})
+            save(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0})
     train_convs = data["train"][1]
     # judges score rows against the gold facts, for the credit-assignment diagnostic: LoCoMo has none
     judges = {c.sample_id: E.make_judge(s) for s, c in zip(*data["train"])} if data["train"][0] else {}
@@ -725,12 +788,13 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
                 raise UserError(f"non-finite loss or gradients in {st.fails} steps: stopping; {lower_lr}")
         bar.set_postfix(reward=f"{stats['reward_global']:.3f}", f1=f"{stats['train_f1']:.3f}", loss=f"{stats.get('loss', 0):.3f}")
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps[si]:
-            v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
+            with whole(policy):
+                v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
             rec["val_f1"] = v["f1_overall"]
             st.log({"phase": "val", "stage": S, "step": step + 1, "gstep": st.gstep, **v})
             if v["f1_overall"] > st.best:
                 st.best = v["f1_overall"]
-                on_rank0(save_checkpoint, run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": step + 1})
+                save(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": step + 1})
         st.log(rec)
         save_rl_state(run / "last", policy, tok, opt, st)  # an interruption loses at most one step
     print(f"stage {S} sessions: best val F1 {st.best:.1f}")
