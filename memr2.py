@@ -785,11 +785,14 @@ def sum_gradients(model, finite: bool) -> bool:
         return finite
     if over_ranks(torch.tensor(float(not finite), device=next(model.parameters()).device)).item() > 0:
         return False
+    works = []
     for p in [] if isinstance(model, FSDPModule) else model.parameters():
         if p.requires_grad:
             if p.grad is None:  # a rank with no cells in this step adds zeros
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+            works.append(dist.all_reduce(p.grad, async_op=True))
+    for w in works:
+        w.wait()
     return True
 
 

@@ -492,6 +492,9 @@ def test_chat_formats_and_memory_estimate():
     assert abs(train.param_count(qwen05) - 494_032_768) < 1  # Qwen2.5-0.5B's published count
     a, b = (train.memory_estimate(qwen05, M.RLConfig(), ckpt) for ckpt in (False, True))
     assert b["activations_GiB"] < a["activations_GiB"] and a["weights_GiB"] == b["weights_GiB"]
+    w = [train.memory_estimate(qwen05, M.RLConfig(), True, fsdp_gpus=g)["weights_GiB"] for g in (1, 2, 4, 8)]
+    floor = 8 * train.param_count(qwen05) / 2 ** 30  # the gathered policy and the bf16 frozen copies stay whole
+    assert w[0] > w[1] > w[2] > w[3] > floor and w[1] - w[2] == pytest.approx(2 * (w[2] - w[3]))  # sharded: 1/g
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_grads():
@@ -1876,6 +1879,8 @@ def test_eval_mistakes_are_one_line_errors(interrupted_run, tmp_path, damage, ar
     (["--override", "lr"], "--override only applies with --resume"),
     (["--resume", "/no/such/run"], "not a run directory"),
     (["--device", "tpu"], "unknown device"),
+    (["--fsdp"], "--fsdp shards over torchrun's ranks"),
+    (["--worlds-per-step", "0"], "--worlds-per-step 0: must be an integer >= 1"),
 ])
 def test_bad_flags_are_refused_before_anything_runs(tmp_path, argv, message):
     with pytest.raises(train.UserError, match=re.escape(message)):

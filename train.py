@@ -277,11 +277,13 @@ def param_count(c: ModelConfig) -> int:
     return c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2) + c.n_layer * layer + c.d_model
 
 
-def memory_estimate(c: ModelConfig, rl: RLConfig, grad_ckpt: bool, prompt_len: int = 768) -> dict:
+def memory_estimate(c: ModelConfig, rl: RLConfig, grad_ckpt: bool, prompt_len: int = 768, fsdp_gpus: int = 1) -> dict:
     """GiB one GPU needs for LoGo-GRPO with model c: a back-of-the-envelope count, printed before a run.
 
     weights: policy fp32 (4 B/param) + its grads (4) + AdamW moments (8) + the frozen KL reference
-    and answer agent, deep copies in fp32 (4 + 4) = 24 bytes per parameter.
+    and answer agent, deep copies in fp32 (4 + 4) = 24 bytes per parameter. With --fsdp on
+    fsdp_gpus GPUs: the policy's 16 bytes sharded (16 / gpus), plus the policy gathered whole for
+    rollouts (4) and the frozen copies in bf16 (2 + 2) = 16 / gpus + 8 bytes per parameter.
     activations: one PPO mini-batch of rl.minibatch cells of prompt_len + max_new tokens under bf16
     autocast: per token and layer about 10 d + 4 ffn bf16 values that autograd keeps plus 2 fp32
     residuals; with --grad-ckpt only each block's fp32 input is kept, plus one block recomputed.
@@ -294,7 +296,8 @@ def memory_estimate(c: ModelConfig, rl: RLConfig, grad_ckpt: bool, prompt_len: i
     act = c.n_layer * tokens * 4 * c.d_model + per_layer if grad_ckpt else c.n_layer * per_layer
     batch = max(64, rl.n, rl.K)
     kv = batch * (prompt_len + max(rl.max_new.values())) * c.n_layer * 2 * c.n_kv_head * c.hd * 2
-    est = {"params_B": P / 1e9, "weights_GiB": 24 * P / gib, "activations_GiB": act / gib, "kv_cache_GiB": kv / gib,
+    per_param = 24 if fsdp_gpus == 1 else 16 / fsdp_gpus + 8
+    est = {"params_B": P / 1e9, "weights_GiB": per_param * P / gib, "activations_GiB": act / gib, "kv_cache_GiB": kv / gib,
            "head_GiB": 2 * 256 * c.vocab_size * 4 / gib}
     est["total_GiB"] = sum(v for k, v in est.items() if k.endswith("GiB"))
     return est
@@ -306,7 +309,7 @@ def prepare_pretrained(model, cfg: RLConfig, args, device) -> None:
     if model.cfg.chat_format:
         cfg.max_new = dict(CHAT_MAX_NEW)
     model.grad_ckpt = args.grad_ckpt
-    est = memory_estimate(model.cfg, cfg, args.grad_ckpt)
+    est = memory_estimate(model.cfg, cfg, args.grad_ckpt, fsdp_gpus=ranks() if args.fsdp else 1)
     print(f"pretrained {args.init_hf}: {est['params_B']:.2f}B params, chat format {model.cfg.chat_format or 'none'}; "
           f"estimated GPU memory {est['total_GiB']:.1f} GiB (weights+grads+AdamW+reference+answerer "
           f"{est['weights_GiB']:.1f}, activations {est['activations_GiB']:.1f}, KV cache {est['kv_cache_GiB']:.1f})")
