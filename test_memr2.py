@@ -2057,7 +2057,7 @@ def dp_train_worker(r: int, runs: list, root: Path):
                 any(c in (args[1] or "") for c in "wax+") if isinstance(args[1], str) else args[2] & (os.O_WRONLY | os.O_RDWR))):
             seen.append(f"{event} {args[0]}")
     sys.addaudithook(audit)
-    real = train.logo_step
+    real, errors = train.logo_step, []
     for argv, port, n in runs:
         os.environ["MASTER_PORT"] = str(port)
         calls = []
@@ -2067,13 +2067,16 @@ def dp_train_worker(r: int, runs: list, root: Path):
             train.main(argv)
         except KeyboardInterrupt:
             pass
-    (root / f"writes{r}.json").write_text(json.dumps(seen))
+        except train.UserError as e:
+            errors.append(str(e))
+    (root / f"writes{r}.json").write_text(json.dumps({"writes": seen, "errors": errors}))
 
 
 def test_two_rank_runs_resume_as_they_would_have_run_fsdp_included_and_only_rank0_writes(tmp_path, tiny_preset):
     """torchrun with 2 ranks: a run interrupted and resumed equals an uninterrupted one, with plain
     data parallelism and with --fsdp (whose checkpoints are the ordinary, whole ones); one
-    process with both worlds a step runs the same steps; rank 1 writes nothing."""
+    process with both worlds a step runs the same steps; rank 1 writes nothing; a mistake that
+    rank 0 alone finds stops both ranks with its line."""
     runs_dir = tmp_path / "runs"
     base = ["--sessions", "3", "--stages", "2,3", "--steps-per-stage", "2,1", "--val-every", "1", "--out",
             str(runs_dir), "--no-final-eval", "--threads", "1"]
@@ -2081,7 +2084,8 @@ def test_two_rank_runs_resume_as_they_would_have_run_fsdp_included_and_only_rank
     init = base + ["--init", str(runs_dir / "sft-src" / "sft")]
     runs = [(init + ["--name", "straight"], free_port(), 0), (init + ["--name", "cut"], free_port(), 3),
             (["--resume", str(runs_dir / "cut")], free_port(), 0),
-            (init + ["--name", "fsdp", "--fsdp"], free_port(), 2), (["--resume", str(runs_dir / "fsdp")], free_port(), 0)]
+            (init + ["--name", "fsdp", "--fsdp"], free_port(), 2), (["--resume", str(runs_dir / "fsdp")], free_port(), 0),
+            (init + ["--name", "straight"], free_port(), 0)]  # rank 0 finds the run there: every rank stops
     torch.multiprocessing.spawn(dp_train_worker, args=(runs, tmp_path), nprocs=2)
     lines = rl_lines(runs_dir / "straight")
     assert len(lines) == 8 and all("," in r["conv"] for r in lines if r["phase"] == "rl")  # two worlds a step
@@ -2098,9 +2102,11 @@ def test_two_rank_runs_resume_as_they_would_have_run_fsdp_included_and_only_rank
             if o1:
                 assert all((o1["state"][i]["exp_avg"] - o2["state"][i]["exp_avg"]).abs().max() <= tol for i in o1["state"])
     assert {"torch_gen", "torch_gen.1"} <= checkpoint_tensors(runs_dir / "cut" / "last")[2].keys()  # both ranks' streams
-    w0, w1 = (json.loads((tmp_path / f"writes{r}.json").read_text()) for r in range(2))
-    assert any("metrics.jsonl" in w for w in w0) and any("last" in w for w in w0)  # the hook sees rank 0's writes
-    assert w1 == []
+    r0, r1 = (json.loads((tmp_path / f"writes{r}.json").read_text()) for r in range(2))
+    assert any("metrics.jsonl" in w for w in r0["writes"]) and any("last" in w for w in r0["writes"])  # the hook works
+    assert r1["writes"] == []
+    assert len(r0["errors"]) == len(r1["errors"]) == 1 and r0["errors"] == r1["errors"]
+    assert "already holds a run" in r1["errors"][0]
     # one process with both worlds a step (the validation read is split over the ranks, whole here)
     train.main(init + ["--name", "one", "--worlds-per-step", "2"])
     assert rl_lines(runs_dir / "one") == lines

@@ -578,18 +578,21 @@ def join_ranks() -> bool:
 
 def on_rank0(fn, *a):
     """fn(*a) on rank 0 alone (the only writer) -> its result on every rank. The other ranks wait
-    for it, so a file is on disk before any rank reads it, and its UserError stops every rank."""
+    for it, so a file is on disk before any rank reads it, and its error stops every rank (rank 0
+    raises it, the others its line) instead of leaving them waiting."""
     if ranks() == 1:
         return fn(*a)
     err = out = None
     if rank() == 0:
         try:
             out = fn(*a)
-        except UserError as e:
-            err = str(e)
-    err, out = gather_over_ranks((err, out))[0]
-    if err:
-        raise UserError(err)
+        except Exception as e:
+            err = e
+    line, out = gather_over_ranks((None if err is None else str(err), out))[0]
+    if err is not None:
+        raise err
+    if line is not None:
+        raise UserError(line)
     return out
 
 
