@@ -22,8 +22,8 @@ from model import CheckpointError, load_checkpoint, packaged_minilm, train_token
 from memory import (QA, RETRIEVERS, Conversation, Entry, MemoryBank, Session, Turn, bloat_cost, minilm, rank,
                     retrieve_for_facts, short_date)
 from memr2 import (CHAT_MAX_NEW, PAPER_RETRIEVAL, AnswerAgent, RLConfig, bleu1, chunk_turns, dialogue_tokens,
-                   exact_match, memory_tokens, model_reader, qa_scores, read_conversations, row_reward, sample_questions,
-                   token_f1)
+                   exact_match, gather_over_ranks, memory_tokens, model_reader, qa_scores, ranks, read_conversations, row_reward,
+                   sample_questions, this_rank, token_f1)
 
 # =============================================================================
 # LoCoMo data loading
@@ -758,9 +758,19 @@ def score(answerer, tok, banks: list, convs: list, names=CATEGORIES) -> dict:
 
 def evaluate(model, tok, answerer, convs: list, cfg: RLConfig, samples=None) -> dict:
     """Greedy read of each whole conversation (test n = 1), then `score`, plus the ops mix;
-    with the synthetic `samples`, every decision is also scored against the teacher."""
-    trace = []
-    banks, counts, unfinished = read_conversations(model, tok, convs, cfg, temperature=0.0, trace=trace)
+    with the synthetic `samples`, every decision is also scored against the teacher. Under
+    torchrun each rank reads every ranks()-th conversation; the memories are gathered and every
+    rank scores all of them (the same answers a single process gives)."""
+    mine, trace = range(this_rank(), len(convs), ranks()), []
+    banks, counts, unfinished = (read_conversations(model, tok, [convs[i] for i in mine], cfg, temperature=0.0, trace=trace)
+                                 if mine else ([], Counter(), 0))
+    if ranks() > 1:
+        parts = gather_over_ranks((list(mine), banks, counts, unfinished, [replace(d, b=mine[d.b]) for d in trace]))
+        banks, counts, unfinished, trace = [None] * len(convs), Counter(), 0, []
+        for idx, bs, c, u, tr in parts:
+            for i, b in zip(idx, bs):
+                banks[i] = b
+            counts, unfinished, trace = counts + c, unfinished + u, trace + tr
     ops = sum(counts[k] for k in ("INSERT", "UPDATE", "DELETE")) or 1
     out = score(answerer, tok, banks, convs)
     if samples is not None:

@@ -22,6 +22,7 @@ Both kinds go into one pool and one clipped loss. The file reads in the method's
 role prompts, rollouts, the answer agent, rewards, advantages, the loss, one step; the fused
 log-prob kernel that keeps the loss from holding (tokens x vocab) logits is the appendix.
 """
+import contextlib
 import copy
 import json
 import math
@@ -33,7 +34,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch.autograd.function import once_differentiable
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from model import chat_prompt, decode, encode, generate
@@ -483,7 +486,7 @@ def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entro
     return logp, ent, owner
 
 
-def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig):
+def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig, share=(1.0, 1.0)):
     """Clipped surrogate with one ratio per model call (the paper's "turn-level"; not a dialogue
     Turn), averaged over (row, chunk) cells, minus an entropy bonus, plus a k3 KL to the
     reference. Tokens: logp/old/ref/entropy/owner (N,); cells: adv (C,).
@@ -491,7 +494,9 @@ def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig)
       r_c   = exp(min(l_c, ratio_cap))
       L_c   = max(-A r_c, -A clip(r_c, 1-eps, 1+eps)); for A < 0 also min(L_c, -A * dual_clip)
       loss  = mean_c L_c - beta_h * mean_tok(H) + beta_kl * mean_tok(KL_k3)
-    Cells, not tokens, are averaged: a long output weighs as much as a short one."""
+    Cells, not tokens, are averaged: a long output weighs as much as a short one. `share`:
+    these cells' and tokens' shares of an update made of several parts (ppo_update); each
+    mean and each logged figure is scaled by it, so the parts add up to the whole's."""
     C = adv.shape[0]
     count = torch.zeros(C, device=logp.device).index_add_(0, owner, torch.ones_like(logp))
     log_ratio = torch.zeros(C, device=logp.device).index_add_(0, owner, logp - old_logp) / count.clamp(min=1)
@@ -501,15 +506,15 @@ def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig)
     dual = (adv < 0) & (ppo > -adv * cfg.dual_clip)  # where the dual clip bounds the loss
     surr = torch.where(dual, -adv * cfg.dual_clip, ppo)
     valid = count > 0
-    pg = surr[valid].mean()
+    pg = surr[valid].mean() * share[0]
     d = ref_logp - logp
-    kl = torch.clamp(torch.exp(d) - d - 1, -10, 10).mean()
-    ent = entropy.mean() if entropy is not None else torch.zeros((), device=logp.device)
+    kl = torch.clamp(torch.exp(d) - d - 1, -10, 10).mean() * share[1]
+    ent = entropy.mean() * share[1] if entropy is not None else torch.zeros((), device=logp.device)
     loss = pg - cfg.beta_h * ent + cfg.beta_kl * kl
     # The official metrics: a clip counts only where it is active (the clipped term wins the
     # max), the dual clip only where it bounds a negative advantage's loss, and the cap apart.
     capped = log_ratio > cfg.ratio_cap
-    frac = lambda m: m[valid].float().mean().item()
+    frac = lambda m: m[valid].float().mean().item() * share[0]
     return loss, {"pg_loss": pg.item(), "kl": kl.item(), "entropy": ent.item(), "clip_frac": frac(clipped > plain),
                   "dual_clip_frac": frac(dual), "ratio_cap_frac": frac(capped)}
 
@@ -578,24 +583,34 @@ def assign_rewards(answerer, tok, conv, S: int, banks: list, glob: list, branche
     return f1, pens, finished, r_global
 
 
-def logo_step(policy, ref, answerer: AnswerAgent, tok, conv, S: int, cfg: RLConfig, opt,
-              data_rng: random.Random, algo_rng: random.Random, gen: torch.Generator, judge=None) -> dict:
-    """One policy update (paper Alg. 1): global rollouts, local rerollouts, rewards, advantages,
-    the update on one merged pool. `data_rng` picks the questions, `algo_rng` the branch points
-    (`gen` the samples): one seed asks every algorithm the same questions. `judge` (optional)
-    scores rows against a teacher for the credit diagnostic; it never touches the reward."""
+@dataclass
+class World:
+    """One training conversation of a step with its own random streams: `data_rng` picks the
+    questions, `algo_rng` the branch points, `gen` the samples, so one seed asks every algorithm
+    the same questions. `judge` (optional) scores rows against a teacher for the credit
+    diagnostic; it never touches the reward. Under torchrun every rank rolls out its own worlds."""
+    conv: object
+    data_rng: random.Random
+    algo_rng: random.Random
+    gen: torch.Generator
+    judge: object = None
+
+
+def world_pool(policy, answerer: AnswerAgent, tok, w: World, S: int, cfg: RLConfig) -> tuple:
+    """One world's global rollouts, local rerollouts, rewards and advantages -> (its pool of
+    rows, its stats). Its groups stay inside it: a world's rows never meet another's."""
+    conv = w.conv
     S = min(S, len(conv.sessions))
-    q_global = sample_questions(conv.qa, S, cfg.q_global, data_rng)
-    q_seed = data_rng.random()  # local subsets derive from it, so no arm shifts another's draws
-    banks, glob, branches, counts = global_rollouts(policy, tok, conv, S, cfg, algo_rng, gen, judge)
-    local_rerollouts(policy, tok, conv, branches, cfg, gen, judge)
+    q_global = sample_questions(conv.qa, S, cfg.q_global, w.data_rng)
+    q_seed = w.data_rng.random()  # local subsets derive from it, so no arm shifts another's draws
+    banks, glob, branches, counts = global_rollouts(policy, tok, conv, S, cfg, w.algo_rng, w.gen, w.judge)
+    local_rerollouts(policy, tok, conv, branches, cfg, w.gen, w.judge)
     f1, pens, finished, r_global = assign_rewards(answerer, tok, conv, S, banks, glob, branches, q_global, q_seed, cfg)
     # Advantages per (group, role), then one merged pool with no weight between its parts.
     global_rows = [row for prs in glob for pr in prs for row in pr]
     local_rows = [row for br in branches for pr in br.pairs for row in pr]
     pool = (global_rows if cfg.algo != "local" else []) + local_rows
-    stats = assign_advantages(pool) | credit_correlation(pool)
-    stats.update(ppo_update(policy, ref, pool, cfg, opt))
+    stats = {"conv": conv.sample_id} | assign_advantages(pool) | credit_correlation(pool)
     mean = lambda xs: sum(xs) / max(1, len(xs))
     stats.update({
         "reward_global": sum(map(sum, r_global)) / (cfg.n * S), "train_f1": mean([mean(row) for row in f1]),
@@ -611,7 +626,34 @@ def logo_step(policy, ref, answerer: AnswerAgent, tok, conv, S: int, cfg: RLConf
         "quality_L": _nanmean([row.quality for row in local_rows if row.role == "mgr"]),
         "ops": {k: v / cfg.n for k, v in counts.items()},
     })
-    return stats
+    return pool, stats
+
+
+def logo_step(policy, ref, answerer: AnswerAgent, tok, worlds: list, S: int, cfg: RLConfig, opt) -> dict:
+    """One policy update (paper Alg. 1): each World's rollouts, rewards and advantages, then
+    one update on their pools (`ppo_update`; under torchrun, with every rank's worlds).
+    -> the stats: the mean over the worlds of every rank, then the update's."""
+    with whole(policy):
+        pools, stats = zip(*(world_pool(policy, answerer, tok, w, S, cfg) for w in worlds))
+    out = mean_over_worlds([s for rank_stats in gather_over_ranks(list(stats)) for s in rank_stats])
+    return out | ppo_update(policy, ref, list(pools), cfg, opt)
+
+
+def mean_over_worlds(per: list) -> dict:
+    """Per-world stats -> one dict: a number's mean over the worlds that have it (NaN where none
+    has), an op count's mean with 0 where a world made none, the conversation ids joined."""
+    def mean(xs):
+        xs = [x for x in xs if x == x]
+        return float("nan") if not xs else xs[0] if len(xs) == 1 else sum(xs) / len(xs)
+    out = {}
+    for k in per[0]:
+        if k == "conv":
+            out[k] = ",".join(s[k] for s in per)
+        elif k == "ops":
+            out[k] = {op: mean([s[k].get(op, 0) for s in per]) for op in dict.fromkeys(o for s in per for o in s[k])}
+        else:
+            out[k] = mean([s[k] for s in per])
+    return out
 
 
 def _nanmean(xs):
@@ -619,32 +661,65 @@ def _nanmean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def ppo_update(policy, ref, pool: list, cfg: RLConfig, opt) -> dict:
+def ppo_update(policy, ref, pools: list, cfg: RLConfig, opt) -> dict:
     """Old and reference log-probs once (no grad, the same kernel and temperature as the
     update, so the first ratio is exactly 1), then ppo_epochs passes over fixed-order
-    mini-batches of cells. A non-finite loss or gradient skips that update and is counted."""
-    cells = [(c, row.adv) for row in pool for c in row.cells if c.response]
-    if not cells:
-        return {"cells": 0, "skipped_updates": 0}
+    mini-batches of cells. `pools` holds one pool of rows per world of this process.
+
+    Several worlds (in one process, or one per torchrun rank) make one update as one process
+    holding all of them would: optimizer step j takes the j-th mini-batch of every world, and
+    its loss is the mean over all those cells (tokens, for KL and entropy; the official code
+    averages over the global mini-batch). Each world's part is weighted by its share of the
+    step's cells, its gradient accumulated, and the sum taken over ranks. Every rank takes as
+    many steps as the world with the most mini-batches; a non-finite loss or gradient on any
+    rank skips that update everywhere, and is counted."""
+    worlds = [[(c, row.adv) for row in pool for c in row.cells if c.response] for pool in pools]
+    batches = [[cells[i:i + cfg.minibatch] for i in range(0, len(cells), cfg.minibatch)] for cells in worlds]
     dev = next(policy.parameters()).device
-    batches = [cells[i:i + cfg.minibatch] for i in range(0, len(cells), cfg.minibatch)]
-    with torch.no_grad():
-        olds = [cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in batches]
-        refs = [cell_logprobs(ref, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in batches]
+    steps = int(over_ranks(torch.tensor(max(map(len, batches)), device=dev), dist.ReduceOp.MAX))
+    if not steps:
+        return {"cells": 0, "skipped_updates": 0}
+    with torch.no_grad(), whole(policy):
+        olds = [[cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in bs]
+                for bs in batches]
+        refs = [[cell_logprobs(ref, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in bs]
+                for bs in batches]
     agg, n, skipped = Counter(), 0, 0
     policy.train()
+    sharded = isinstance(policy, FSDPModule)
     for _ in range(cfg.ppo_epochs):
-        for mb, old, rf in zip(batches, olds, refs):
-            logp, ent, owner = cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk, True)
-            adv = torch.tensor([a for _, a in mb], dtype=torch.float32, device=dev)
-            loss, s = logo_grpo_loss(logp, old, rf, ent, owner, adv, cfg)
-            s["grad_norm"] = guarded_step(policy, loss, opt, cfg.grad_clip)
-            if s["grad_norm"] is None:
+        for j in range(steps):
+            parts = [(bs[j], old[j], rf[j]) for bs, old, rf in zip(batches, olds, refs) if j < len(bs)]
+            # (cells, response tokens) of step j over every world and rank: the means' denominators
+            size = over_ranks(torch.tensor([[len(mb), sum(len(c.response) for c, _ in mb)] for mb, _, _ in parts],
+                                           dtype=torch.float64, device=dev).reshape(-1, 2).sum(0)).tolist()
+            if sharded:  # FSDP gathers and reduces inside forward and backward: every rank makes as many
+                n_parts = int(over_ranks(torch.tensor(len(parts), device=dev), dist.ReduceOp.MAX))
+                parts += [None] * (n_parts - len(parts))  # a rank short of parts runs one weighted 0
+            opt.zero_grad(set_to_none=True)
+            finite, s = True, Counter()
+            for part in parts:
+                mb, old, rf = part or ([(Cell([1], [2], True), 0.0)], torch.zeros(1, device=dev), torch.zeros(1, device=dev))
+                logp, ent, owner = cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk, True)
+                adv = torch.tensor([a for _, a in mb], dtype=torch.float32, device=dev)
+                share = (len(mb) / size[0], len(logp) / size[1]) if part else (0.0, 0.0)
+                loss, ps = logo_grpo_loss(logp, old, rf, ent, owner, adv, cfg, share)
+                finite = finite and bool(torch.isfinite(loss))
+                if finite or sharded:  # a NaN gradient under FSDP is caught by the norm, on every rank
+                    loss.backward()  # accumulates: the parts of one step sum to its loss
+                s.update(ps | {"loss": loss.item()})
+            finite = sum_gradients(policy, finite)
+            grad_norm = clipped_step(policy, opt, cfg.grad_clip) if finite else None
+            if grad_norm is None:
+                opt.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
-            agg.update(s | {"loss": loss.item()})
+            for rank_s in gather_over_ranks(dict(s)):
+                agg.update(rank_s)
+            agg.update({"grad_norm": grad_norm})
             n += 1
-    return {k: v / max(1, n) for k, v in agg.items()} | {"cells": len(cells), "updates": n, "skipped_updates": skipped}
+    cells = int(over_ranks(torch.tensor(sum(map(len, worlds)), device=dev)))
+    return {k: v / max(1, n) for k, v in agg.items()} | {"cells": cells, "updates": n, "skipped_updates": skipped}
 
 
 def guarded_step(model, loss, opt, clip: float) -> float | None:
@@ -655,12 +730,80 @@ def guarded_step(model, loss, opt, clip: float) -> float | None:
     if not torch.isfinite(loss):
         return None
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+    return clipped_step(model, opt, clip)
+
+
+def clipped_step(model, opt, clip: float) -> float | None:
+    """Clip, step -> the gradient norm; or None, gradients dropped, if the norm is not finite."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
     if not math.isfinite(norm):
         opt.zero_grad(set_to_none=True)
         return None
     opt.step()
     return norm
+
+
+# ============================================================================ data parallelism (torchrun)
+# One process is one rank; without torchrun (no process group) each helper is the identity.
+def ranks() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def this_rank() -> int:
+    return dist.get_rank() if ranks() > 1 else 0
+
+
+def over_ranks(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """x summed (or op-reduced) over the ranks, in place."""
+    if ranks() > 1:
+        dist.all_reduce(x, op)
+    return x
+
+
+@contextlib.contextmanager
+def whole(model):
+    """FSDP2: the policy's weights gathered whole on every rank for the block, so a rank's forward
+    passes (as many as its own rollouts need, unlike its peers') make no collective calls."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's default: the root keeps its own
+
+
+def gather_over_ranks(obj) -> list:
+    """[rank 0's obj, rank 1's, ...] on every rank (pickled)."""
+    if ranks() == 1:
+        return [obj]
+    out = [None] * ranks()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sum_gradients(model, finite: bool) -> bool:
+    """DDP's all-reduce: every rank's gradient becomes the sum over ranks (each rank's loss
+    parts are already scaled by their share of the global mini-batch), so every rank takes the
+    same step; FSDP has summed each shard in backward. -> whether every rank's loss was finite
+    (if not, nothing is summed)."""
+    if ranks() == 1:
+        return finite
+    if over_ranks(torch.tensor(float(not finite), device=next(model.parameters()).device)).item() > 0:
+        return False
+    works = []
+    for p in [] if isinstance(model, FSDPModule) else model.parameters():
+        if p.requires_grad:
+            if p.grad is None:  # a rank with no cells in this step adds zeros
+                p.grad = torch.zeros_like(p)
+            works.append(dist.all_reduce(p.grad, async_op=True))
+    for w in works:
+        w.wait()
+    return True
 
 
 # ============================================================================ appendix: the fused log-prob kernel

@@ -493,6 +493,9 @@ def test_chat_formats_and_memory_estimate():
     assert abs(train.param_count(qwen05) - 494_032_768) < 1  # Qwen2.5-0.5B's published count
     a, b = (train.memory_estimate(qwen05, M.RLConfig(), ckpt) for ckpt in (False, True))
     assert b["activations_GiB"] < a["activations_GiB"] and a["weights_GiB"] == b["weights_GiB"]
+    w = [train.memory_estimate(qwen05, M.RLConfig(), True, fsdp_gpus=g)["weights_GiB"] for g in (1, 2, 4, 8)]
+    floor = 8 * train.param_count(qwen05) / 2 ** 30  # the gathered policy and the bf16 frozen copies stay whole
+    assert w[0] > w[1] > w[2] > w[3] > floor and w[1] - w[2] == pytest.approx(2 * (w[2] - w[3]))  # sharded: 1/g
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_grads():
@@ -931,6 +934,10 @@ def test_kl_term_is_k3_and_entropy_is_a_bonus():
 # ==== memr2.py: one LoGo-GRPO step ================================================================
 @pytest.fixture(scope="module")
 def tiny():
+    return make_tiny()
+
+
+def make_tiny():
     sample = E.make_world(11, n_sessions=3)
     conv = E.parse_conversation(sample)
     texts = [M.extractor_prompt(s.turns, s.date) for s in conv.sessions] + ['{"facts":[]}{"operations":[]}Ann likes']
@@ -972,7 +979,7 @@ def test_local_branches_start_from_identical_memory_and_never_leak(tiny, monkeyp
     cfg = M.RLConfig(n=3, K=2, p=1.0, minibatch=8, ppo_epochs=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
-    stats = M.logo_step(model, model, answerer, tok, conv, 3, cfg, opt, random.Random(0), random.Random(1), torch.Generator())
+    stats = M.logo_step(model, model, answerer, tok, [M.World(conv, random.Random(0), random.Random(1), torch.Generator())], 3, cfg, opt)
     glob, local = calls[:3], calls[3:]
     assert len(local) == 3 and stats["branches"] == 3  # p = 1: every session branches
     global_banks = glob[0][0]
@@ -995,7 +1002,7 @@ def test_algo_switch_selects_the_pool(tiny, monkeypatch, algo, share):
     cfg = M.RLConfig(algo=algo, n=2, K=2, p=1.0, ppo_epochs=1)  # p = 1 for both: grpo must branch nowhere by itself
     answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    stats = M.logo_step(model, model, answerer, tok, conv, 2, cfg, opt, random.Random(0), random.Random(1), torch.Generator())
+    stats = M.logo_step(model, model, answerer, tok, [M.World(conv, random.Random(0), random.Random(1), torch.Generator())], 2, cfg, opt)
     assert stats["local_share"] == share and stats["branches"] == (0 if algo == "grpo" else 2)
 
 
@@ -1027,7 +1034,7 @@ def test_one_seed_gives_every_algo_the_same_questions(tiny, monkeypatch):
         answerer = E.exact_answerer(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=0.0)
         data_rng = random.Random(7)
-        M.logo_step(model, model, answerer, tok, conv, 3, cfg, opt, data_rng, random.Random(algo), torch.Generator())
+        M.logo_step(model, model, answerer, tok, [M.World(conv, data_rng, random.Random(algo), torch.Generator())], 3, cfg, opt)
         asked[algo + "_next"] = data_rng.random()  # the data stream advanced by the same draws
     assert asked["logo"][0] == asked["grpo"][0]  # the global subset, drawn before any branch coin
     assert len(asked["logo"]) > 1 == len(asked["grpo"])  # logo also drew local subsets...
@@ -1041,8 +1048,8 @@ def test_logo_step_logs_the_credit_diagnostic(tiny, monkeypatch):
     seen = []
     judge = lambda sess, decisions: seen.append((sess.index, len(decisions))) or 0.5
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-    stats = M.logo_step(model, model, E.exact_answerer(cfg), tok, conv, 3, cfg, opt, random.Random(0), random.Random(1),
-                        torch.Generator(), judge)
+    stats = M.logo_step(model, model, E.exact_answerer(cfg), tok,
+                        [M.World(conv, random.Random(0), random.Random(1), torch.Generator(), judge)], 3, cfg, opt)
     assert stats["quality_G"] == stats["quality_L"] == 0.5
     assert len(seen) == 3 * 3 + stats["branches"] * 3 and all(n >= 1 for _, n in seen)  # one call per row, its chunks
     assert "credit_corr_G" in stats and "credit_corr_L" in stats
@@ -1059,7 +1066,7 @@ def test_unfinished_generations_get_zero_reward(tiny, monkeypatch):
     answerer.answer = lambda pairs: [q for _, q in pairs]  # would score F1 = 1 on everything
     monkeypatch.setattr(M, "token_f1", lambda p, g: 1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    M.logo_step(model, model, answerer, tok, conv, 2, cfg, opt, random.Random(0), random.Random(1), torch.Generator())
+    M.logo_step(model, model, answerer, tok, [M.World(conv, random.Random(0), random.Random(1), torch.Generator())], 2, cfg, opt)
     assert seen and all(r.reward == 0.0 for r in seen)
 
 
@@ -1085,7 +1092,7 @@ def test_logprob_temperature_equals_sampling_temperature(tiny, monkeypatch):
     monkeypatch.setattr(M, "fused_logprobs", lp)
     answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    M.logo_step(model, model, answerer, tok, conv, 2, cfg, opt, random.Random(0), random.Random(1), torch.Generator())
+    M.logo_step(model, model, answerer, tok, [M.World(conv, random.Random(0), random.Random(1), torch.Generator())], 2, cfg, opt)
     assert temps["sample"] == temps["logprob"] == {0.7}  # global and local rollouts, old/ref/new log-probs
 
 
@@ -1867,7 +1874,7 @@ def test_non_finite_loss_or_gradient_skips_the_update(monkeypatch, poison):
         model.norm.weight.register_hook(lambda g: g * float("nan"))
     row = M.Row("mgr", ("G", 1, "mgr"), [M.Cell([3, 4, 5], [6, 2], True)], adv=1.0)
     opt = torch.optim.AdamW(model.parameters())
-    stats = M.ppo_update(model, model, [row], M.RLConfig(ppo_epochs=2), opt)
+    stats = M.ppo_update(model, model, [[row]], M.RLConfig(ppo_epochs=2), opt)
     assert stats["skipped_updates"] == 2
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert not opt.state  # no moment was updated either
@@ -2058,6 +2065,8 @@ def test_eval_mistakes_are_one_line_errors(interrupted_run, tmp_path, damage, ar
     (["--override", "lr"], "--override only applies with --resume"),
     (["--resume", "/no/such/run"], "not a run directory"),
     (["--device", "tpu"], "unknown device"),
+    (["--fsdp"], "--fsdp shards over torchrun's ranks"),
+    (["--worlds-per-step", "0"], "--worlds-per-step 0: must be an integer >= 1"),
 ])
 def test_bad_flags_are_refused_before_anything_runs(tmp_path, argv, message):
     with pytest.raises(train.UserError, match=re.escape(message)):
@@ -2148,3 +2157,157 @@ def test_pretrained_model_trains_one_step_and_evaluates_through_the_cli(tmp_path
     assert r["n_questions"] > 0 and 0 <= r["f1_overall"] <= 100
     with pytest.raises(train.UserError, match="not a Hugging Face model dir"):
         train.parse_args(["--init-hf", str(tmp_path / "nowhere")])
+
+
+# ==== train.py under torchrun: data parallelism over conversations (two gloo processes) ===========
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gen_sample(model, tok, prompts, role, cfg, temperature, gen=None):
+    """scripted_sample drawn from the world's own generator: a world's rollouts depend on its
+    streams alone, as real sampling's do, and its memories and rewards really vary."""
+    rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=gen)))
+    return scripted_sample(rng)(model, tok, prompts, role, cfg, temperature, gen)
+
+
+def dp_step(slots: list) -> tuple:
+    """One LoGo step of the tiny model over the worlds of `slots` (world g: conversation 11 + g
+    with train.py's streams of slot g) -> (weights after it, the per-world pools' cell counts)."""
+    _, tok, model = make_tiny()
+    ref = Transformer(model.cfg)
+    ref.load_state_dict(model.state_dict())
+    cfg = M.RLConfig(n=3, K=2, p=0.5, minibatch=8, ppo_epochs=2, lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    worlds = [M.World(E.parse_conversation(E.make_world(11 + g, n_sessions=3)), s.data, s.algo, s.gen)
+              for g, s in ((g, train.world_streams(0, g, "cpu")) for g in slots)]
+    cells, real = [], M.ppo_update
+    M.ppo_update = lambda policy, ref, pools, *a: cells.extend(sum(len(r.cells) for r in p) for p in pools) or \
+        real(policy, ref, pools, *a)
+    try:
+        M.logo_step(model, ref, E.exact_answerer(cfg), tok, worlds, 3, cfg, opt)
+    finally:
+        M.ppo_update = real
+    return model.state_dict(), cells
+
+
+def dp_step_worker(r: int, port: int, out: Path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=r, world_size=2)
+    M.sample = gen_sample
+    try:
+        torch.save(dp_step([r]), out / f"rank{r}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_with_a_world_each_update_as_one_process_with_both_worlds(tmp_path, monkeypatch):
+    """torchrun's N ranks x 1 world take the very update of 1 process x the same N worlds: the loss
+    is the mean over the global mini-batch, whatever each rank's share of it."""
+    torch.multiprocessing.spawn(dp_step_worker, args=(free_port(), tmp_path), nprocs=2)
+    monkeypatch.setattr(M, "sample", gen_sample)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the ranks
+    try:
+        one, cells = dp_step([0, 1])
+    finally:
+        torch.set_num_threads(threads)
+    (w0, c0), (w1, c1) = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert [c0, c1] == [cells[:1], cells[1:]] and -(-cells[0] // 8) != -(-cells[1] // 8)  # unequal shares and step counts
+    before = make_tiny()[2].state_dict()
+    assert max((one[k] - before[k]).abs().max().item() for k in one) > 1e-3  # the step moved the weights
+    for k in one:
+        assert torch.equal(w0[k], w1[k]), k  # every rank holds the same weights
+        assert (w0[k] - one[k]).abs().max().item() < 1e-6, k  # seen: 0.0
+
+
+def test_an_update_over_several_worlds_is_the_mean_over_their_global_mini_batch():
+    """Two worlds' parts, weighted by their shares of cells and tokens, give the gradient of the
+    loss over all their cells at once; the sum of the two worlds' own means does not."""
+    _, tok, model = make_tiny()
+    ref = Transformer(model.cfg)
+    g = torch.Generator().manual_seed(3)
+    rand = lambda n: torch.randint(7, model.cfg.vocab_size, (n,), generator=g).tolist()
+    row = lambda n, a: M.Row("mgr", M.Group("G", 1, "mgr"), [M.Cell([1] + rand(6), rand(n), True)], adv=a)
+    a, b = [row(2 + i % 5, (-1) ** i * i / 3) for i in range(7)], [row(9, 1.0), row(3, -2.0), row(6, 0.5)]
+    cfg = M.RLConfig(ppo_epochs=1, minibatch=16, grad_clip=1e9, beta_kl=0.5, beta_h=0.1)
+    def grad(*pools):
+        M.ppo_update(model, ref, list(pools), cfg, torch.optim.SGD(model.parameters(), lr=0.0))
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+    whole, parts = grad(a + b), grad(a, b)
+    assert torch.allclose(parts, whole, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(grad(a) + grad(b), whole, rtol=1e-2)
+
+
+WRITES = ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "os.truncate", "shutil.rmtree", "shutil.copyfile")
+
+
+def dp_train_worker(r: int, runs: list, root: Path):
+    """Rank r of a 2-rank torchrun job, set up as torchrun sets it up, running train.main for each
+    (argv, port, n) of `runs` (n > 0: interrupted at the n-th RL step). Every file this rank
+    creates, opens for writing, moves or removes under root/runs is recorded (audit hook)."""
+    os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    train.PRESETS["tiny"] = TINY_PRESET
+    seen, under = [], str(root / "runs")
+    def audit(event, args):
+        if args and str(args[0]).startswith(under) and (event in WRITES or event == "open" and (
+                any(c in (args[1] or "") for c in "wax+") if isinstance(args[1], str) else args[2] & (os.O_WRONLY | os.O_RDWR))):
+            seen.append(f"{event} {args[0]}")
+    sys.addaudithook(audit)
+    real, errors = train.logo_step, []
+    for argv, port, n in runs:
+        os.environ["MASTER_PORT"] = str(port)
+        calls = []
+        train.logo_step = lambda *a: (_ for _ in ()).throw(KeyboardInterrupt) if len(calls) == n - 1 else \
+            calls.append(1) or real(*a)
+        try:
+            train.main(argv)
+        except KeyboardInterrupt:
+            pass
+        except train.UserError as e:
+            errors.append(str(e))
+    (root / f"writes{r}.json").write_text(json.dumps({"writes": seen, "errors": errors}))
+
+
+def test_two_rank_runs_resume_as_they_would_have_run_fsdp_included_and_only_rank0_writes(tmp_path, tiny_preset):
+    """torchrun with 2 ranks: a run interrupted and resumed equals an uninterrupted one, with plain
+    data parallelism and with --fsdp (whose checkpoints are the ordinary, whole ones); one
+    process with both worlds a step runs the same steps; rank 1 writes nothing; a mistake that
+    rank 0 alone finds stops both ranks with its line."""
+    runs_dir = tmp_path / "runs"
+    base = ["--sessions", "3", "--stages", "2,3", "--steps-per-stage", "2,1", "--val-every", "1", "--out",
+            str(runs_dir), "--no-final-eval", "--threads", "1"]
+    train.main(base + ["--name", "sft-src", "--steps-per-stage", "0"])  # one shared SFT model, made by one process
+    init = base + ["--init", str(runs_dir / "sft-src" / "sft")]
+    runs = [(init + ["--name", "straight"], free_port(), 0), (init + ["--name", "cut"], free_port(), 3),
+            (["--resume", str(runs_dir / "cut")], free_port(), 0),
+            (init + ["--name", "fsdp", "--fsdp"], free_port(), 2), (["--resume", str(runs_dir / "fsdp")], free_port(), 0),
+            (init + ["--name", "straight"], free_port(), 0)]  # rank 0 finds the run there: every rank stops
+    torch.multiprocessing.spawn(dp_train_worker, args=(runs, tmp_path), nprocs=2)
+    lines = rl_lines(runs_dir / "straight")
+    assert len(lines) == 8 and all("," in r["conv"] for r in lines if r["phase"] == "rl")  # two worlds a step
+    assert rl_lines(runs_dir / "cut") == lines
+    fsdp = rl_lines(runs_dir / "fsdp")  # the gradient norm is summed over shards in another order
+    assert [{k: v for k, v in r.items() if k != "grad_norm"} for r in fsdp] == \
+        [{k: v for k, v in r.items() if k != "grad_norm"} for r in lines]
+    assert [r.get("grad_norm") for r in fsdp] == pytest.approx([r.get("grad_norm") for r in lines], rel=1e-5)
+    for run, tol in (("cut", 0.0), ("fsdp", 1e-6)):
+        for ck in ("last", "best-stage0", "best-stage1"):
+            (w1, o1, t1), (w2, o2, t2) = checkpoint_tensors(runs_dir / "straight" / ck), checkpoint_tensors(runs_dir / run / ck)
+            assert w1.keys() == w2.keys() and t1.keys() == t2.keys(), (run, ck)
+            assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= tol, (run, ck)
+            if o1:
+                assert all((o1["state"][i]["exp_avg"] - o2["state"][i]["exp_avg"]).abs().max() <= tol for i in o1["state"])
+    assert {"torch_gen", "torch_gen.1"} <= checkpoint_tensors(runs_dir / "cut" / "last")[2].keys()  # both ranks' streams
+    r0, r1 = (json.loads((tmp_path / f"writes{r}.json").read_text()) for r in range(2))
+    assert any("metrics.jsonl" in w for w in r0["writes"]) and any("last" in w for w in r0["writes"])  # the hook works
+    assert r1["writes"] == []
+    assert len(r0["errors"]) == len(r1["errors"]) == 1 and r0["errors"] == r1["errors"]
+    assert "already holds a run" in r1["errors"][0]
+    # one process with both worlds a step (the validation read is split over the ranks, whole here)
+    train.main(init + ["--name", "one", "--worlds-per-step", "2"])
+    assert rl_lines(runs_dir / "one") == lines

@@ -7,9 +7,11 @@
 4. test evaluation of the SFT model (the base pipeline), the trained model and the oracle
    memory, written to runs/<name>/report.md, with every step in metrics.jsonl.
 `--preset gpu` scales the model and the groups up for one GPU; `--resume runs/<name>`
-continues an interrupted run from its last checkpoint.
+continues an interrupted run from its last checkpoint. `torchrun --nproc_per_node N train.py`
+runs N ranks in data parallel over conversations (README, 'More than one GPU').
 """
 import argparse
+import contextlib
 import copy
 import fcntl
 import json
@@ -21,13 +23,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
 import eval as E
-from memr2 import (CHAT_MAX_NEW, PAPER_RETRIEVAL, AnswerAgent, Cell, RLConfig, answer_prompt, cell_logprobs,
-                   extractor_prompt, facts_target, guarded_step, logo_step, manager_prompt, model_reader, ops_target)
+from memr2 import (CHAT_MAX_NEW, PAPER_RETRIEVAL, AnswerAgent, Cell, RLConfig, World, answer_prompt, cell_logprobs,
+                   extractor_prompt, facts_target, gather_over_ranks, guarded_step, logo_step, manager_prompt, model_reader,
+                   ops_target, ranks, this_rank, whole)
 from memory import RETRIEVERS, retrieve_for_question
 from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, is_hf_dir, load_checkpoint,
                    non_finite, one_line, packaged_minilm, pick_device, save_checkpoint, train_tokenizer)
@@ -60,7 +67,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # flag -> (test, what it must be): checked at parse time, before anything runs or is written
 FLAG_CHECKS = {
     **{f: (lambda v: v >= 1, "an integer >= 1") for f in ("n", "K", "chunks", "ppo_epochs", "val_every", "sessions", "threads",
-                                                           "train_worlds")},
+                                                           "train_worlds", "worlds_per_step")},
     **{f: (lambda v: v >= 0, "an integer >= 0") for f in ("sft_steps", "seed")},
     **{f: (lambda v: 0 <= v <= 1, "a number in [0, 1]") for f in ("p", "teacher_noise")},
     **{f: (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0") for f in ("lam", "phi")},
@@ -124,6 +131,13 @@ def build_parser():
                    help=f"cells per optimizer step (RLConfig: {d.minibatch}). LoGo's local rows make ~1.5x GRPO's pool "
                         "at n=K=4, p=0.5: GRPO with 43 makes as many optimizer steps as LoGo with 64")
     g.add_argument("--grad-ckpt", action="store_true", help="recompute each block in backward (less memory, ~1/3 more time)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the policy's weights, gradients and AdamW state over the ranks (FSDP2, "
+                        "one unit per transformer block); the frozen reference and answer agent stay whole on every "
+                        "rank, in bf16 on GPU")
+    g.add_argument("--worlds-per-step", type=int, default=1,
+                   help="training conversations each process rolls out per RL step; one update averages over all of "
+                        "them (under torchrun: over every rank's)")
     g = ap.add_argument_group("curriculum")
     g.add_argument("--stages", default="8,16,32", help="session caps of the curriculum; '32' trains directly")
     g.add_argument("--steps-per-stage", default=None,
@@ -249,7 +263,7 @@ def sft(model, tok, examples, args, device, log, run) -> None:
     lower = min(args.sft_lr / 10, build_parser().get_default("sft_lr"))
     fix = f"nothing was saved; rerun the SFT with a lower --sft-lr: python train.py --resume {run} --sft-lr {lower:g} --override sft_lr"
     streak = 0  # non-finite steps in a row: a few are skipped, a diverged model is stopped
-    bar = tqdm(range(steps), desc="SFT", dynamic_ncols=True, disable=steps == 0)
+    bar = tqdm(range(steps), desc="SFT", dynamic_ncols=True, disable=steps == 0 or this_rank() > 0)
     for step in bar:
         lr = args.sft_lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
@@ -280,11 +294,13 @@ def param_count(c: ModelConfig) -> int:
     return c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2) + c.n_layer * layer + c.d_model
 
 
-def memory_estimate(c: ModelConfig, rl: RLConfig, grad_ckpt: bool, prompt_len: int = 768) -> dict:
+def memory_estimate(c: ModelConfig, rl: RLConfig, grad_ckpt: bool, prompt_len: int = 768, fsdp_gpus: int = 1) -> dict:
     """GiB one GPU needs for LoGo-GRPO with model c: a back-of-the-envelope count, printed before a run.
 
     weights: policy fp32 (4 B/param) + its grads (4) + AdamW moments (8) + the frozen KL reference
-    and answer agent, deep copies in fp32 (4 + 4) = 24 bytes per parameter.
+    and answer agent, deep copies in fp32 (4 + 4) = 24 bytes per parameter. With --fsdp on
+    fsdp_gpus GPUs: the policy's 16 bytes sharded (16 / gpus), plus the policy gathered whole for
+    rollouts (4) and the frozen copies in bf16 (2 + 2) = 16 / gpus + 8 bytes per parameter.
     activations: one PPO mini-batch of rl.minibatch cells of prompt_len + max_new tokens under bf16
     autocast: per token and layer about 10 d + 4 ffn bf16 values that autograd keeps plus 2 fp32
     residuals; with --grad-ckpt only each block's fp32 input is kept, plus one block recomputed.
@@ -297,7 +313,8 @@ def memory_estimate(c: ModelConfig, rl: RLConfig, grad_ckpt: bool, prompt_len: i
     act = c.n_layer * tokens * 4 * c.d_model + per_layer if grad_ckpt else c.n_layer * per_layer
     batch = max(64, rl.n, rl.K)
     kv = batch * (prompt_len + max(rl.max_new.values())) * c.n_layer * 2 * c.n_kv_head * c.hd * 2
-    est = {"params_B": P / 1e9, "weights_GiB": 24 * P / gib, "activations_GiB": act / gib, "kv_cache_GiB": kv / gib,
+    per_param = 24 if fsdp_gpus == 1 else 16 / fsdp_gpus + 8
+    est = {"params_B": P / 1e9, "weights_GiB": per_param * P / gib, "activations_GiB": act / gib, "kv_cache_GiB": kv / gib,
            "head_GiB": 2 * 256 * c.vocab_size * 4 / gib}
     est["total_GiB"] = sum(v for k, v in est.items() if k.endswith("GiB"))
     return est
@@ -309,7 +326,7 @@ def prepare_pretrained(model, cfg: RLConfig, args, device) -> None:
     if model.cfg.chat_format:
         cfg.max_new = dict(CHAT_MAX_NEW)
     model.grad_ckpt = args.grad_ckpt
-    est = memory_estimate(model.cfg, cfg, args.grad_ckpt)
+    est = memory_estimate(model.cfg, cfg, args.grad_ckpt, fsdp_gpus=ranks() if args.fsdp else 1)
     print(f"pretrained {args.init_hf}: {est['params_B']:.2f}B params, chat format {model.cfg.chat_format or 'none'}; "
           f"estimated GPU memory {est['total_GiB']:.1f} GiB (weights+grads+AdamW+reference+answerer "
           f"{est['weights_GiB']:.1f}, activations {est['activations_GiB']:.1f}, KV cache {est['kv_cache_GiB']:.1f})")
@@ -322,16 +339,34 @@ POS = ("stage", "step", "best", "gstep", "fails", "lines")  # meta.pos of `last`
 
 
 @dataclass
+class Streams:
+    """The random streams of one world slot of an RL step: data (training conversation, question
+    subsets) and algorithm (branch coins; `gen` samples), so every algorithm run with one seed
+    trains on the same conversations and questions."""
+    data: random.Random
+    algo: random.Random
+    gen: torch.Generator
+
+
+def world_streams(seed: int, g: int, device) -> Streams:
+    """Slot g = rank * worlds_per_step + w of a step, seeded from the seed and g: slot 0 is a
+    single process's, so N ranks x 1 world and 1 process x N worlds draw alike."""
+    tag = f":{g}" if g else ""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(random.Random(f"gen-{seed}{tag}").getrandbits(63) if g else seed)
+    return Streams(random.Random(f"{seed}{tag}" if g else seed), random.Random(f"algo-{seed}{tag}"), gen)
+
+
+def slot_key(name: str, g: int) -> str:  # checkpoint keys of slot g's streams; slot 0 keeps the plain name
+    return f"{name}.{g}" if g else name
+
+
+@dataclass
 class RunState:
     """Where a run is, beyond its weights: saved with every `last` checkpoint and restored from it
-    by resume_from_last, so a resumed run logs and samples exactly as an uninterrupted one.
-    Two random streams: data (training conversation, question subsets) and algorithm (branch
-    coins; `gen` samples), so every algorithm run with one seed trains on the same conversations
-    and questions."""
-    metrics: Path  # the run's metrics.jsonl
-    data_rng: random.Random
-    algo_rng: random.Random
-    gen: torch.Generator
+    by resume_from_last, so a resumed run logs and samples exactly as an uninterrupted one."""
+    metrics: Path  # the run's metrics.jsonl, written by rank 0 alone
+    streams: list  # Streams of this rank's world slots
     stage: int = 0  # index into args.stages
     step: int = 0  # RL steps done in this stage
     best: float | None = None  # the stage's best validation F1 so far
@@ -340,8 +375,9 @@ class RunState:
     lines: int = 0  # lines in metrics.jsonl: a resume cuts the log back to it
 
     def log(self, rec: dict) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if this_rank() == 0:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         self.lines += 1
 
 
@@ -351,13 +387,12 @@ def start_state(args, run: Path, device) -> RunState:
     (the policy to load into), and loading it draws from torch's RNG, which `last` then resets."""
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    st = RunState(run / "metrics.jsonl", random.Random(args.seed), random.Random(f"algo-{args.seed}"),
-                  torch.Generator(device=device))
-    st.gen.manual_seed(args.seed)
+    W = args.worlds_per_step
+    st = RunState(run / "metrics.jsonl", [world_streams(args.seed, this_rank() * W + w, device) for w in range(W)])
     if not args.resume:
-        st.metrics.unlink(missing_ok=True)  # e.g. of a run that failed before its first checkpoint
+        on_rank0(st.metrics.unlink, True)  # e.g. of a run that failed before its first checkpoint
     elif not (run / "last").exists():
-        st.lines = restart_log(run, keep_sft=not args.init and (run / "sft" / "model.safetensors").exists())
+        st.lines = on_rank0(restart_log, run, not args.init and (run / "sft" / "model.safetensors").exists())
     return st
 
 
@@ -377,10 +412,14 @@ def restart_log(run: Path, keep_sft: bool) -> int:
 
 
 def save_rl_state(path, policy, tok, opt, st: RunState) -> None:
-    """Everything a resume needs: weights, optimizer, position, every RNG (Python's as JSON)."""
-    meta = {"pos": {k: getattr(st, k) for k in POS},
-            "data_rng": _jsonable(st.data_rng.getstate()), "algo_rng": _jsonable(st.algo_rng.getstate())}
-    save_checkpoint(path, policy, tok, meta, opt, {"torch_gen": st.gen.get_state(), "torch_rng": torch.get_rng_state()})
+    """Everything a resume needs: weights, optimizer, position, every RNG (Python's as JSON),
+    the streams of every world slot of every rank."""
+    slots = [s for rank_slots in gather_over_ranks([(_jsonable(s.data.getstate()), _jsonable(s.algo.getstate()),
+                                                      s.gen.get_state()) for s in st.streams]) for s in rank_slots]
+    meta, tensors = {"pos": {k: getattr(st, k) for k in POS}, "worlds": len(slots)}, {"torch_rng": torch.get_rng_state()}
+    for g, (data, algo, gen) in enumerate(slots):
+        meta[slot_key("data_rng", g)], meta[slot_key("algo_rng", g)], tensors[slot_key("torch_gen", g)] = data, algo, gen
+    save(path, policy, tok, meta, opt, tensors)
 
 
 def _jsonable(state):
@@ -408,6 +447,10 @@ def resume_from_last(run: Path, device, policy, st: RunState, cfg: RLConfig):
     -> the optimizer. Every piece is checked: a damaged checkpoint is a one-line error, never
     a silent restart."""
     ck = load_ckpt(run / "last", device)
+    W, saved = len(st.streams), ck["meta"].get("worlds", 1)
+    if saved != W * ranks():
+        raise UserError(f"{run / 'last'} rolls out {saved} worlds per step, this start {W * ranks()} "
+                        f"({ranks()} ranks x --worlds-per-step {W}): resume it on {saved // W} ranks")
     try:
         pos = ck["meta"]["pos"]
         missing = set(POS) - set(pos)
@@ -415,25 +458,31 @@ def resume_from_last(run: Path, device, policy, st: RunState, cfg: RLConfig):
             raise KeyError(f"pos.{min(missing)}")
         if ck["optimizer_state"] is None:
             raise KeyError("optimizer.safetensors")
-        policy.load_state_dict(ck["model"].state_dict())
-        st.data_rng.setstate(_tuple(ck["meta"]["data_rng"]))
-        st.algo_rng.setstate(_tuple(ck["meta"]["algo_rng"]))
-        st.gen.set_state(ck["tensors"]["torch_gen"])
+        load_policy(policy, ck["model"].state_dict())
+        for g, s in enumerate(st.streams, this_rank() * W):
+            s.data.setstate(_tuple(ck["meta"][slot_key("data_rng", g)]))
+            s.algo.setstate(_tuple(ck["meta"][slot_key("algo_rng", g)]))
+            s.gen.set_state(ck["tensors"][slot_key("torch_gen", g)])
         torch.set_rng_state(ck["tensors"]["torch_rng"])
         opt = rl_optimizer(policy, cfg)
-        opt.load_state_dict(ck["optimizer_state"])
+        load_policy(policy, None, opt, ck["optimizer_state"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{run / 'last'} cannot be resumed ({one_line(e)})")
     for g in opt.param_groups:
         g["lr"] = cfg.lr  # the run's lr, which --override lr may have changed
     for k in POS:
         setattr(st, k, pos[k])
-    lines = st.metrics.read_text().splitlines()[:st.lines] if st.metrics.exists() else []
-    if len(lines) < st.lines:
-        raise UserError(f"{st.metrics} is missing or shorter than its checkpoint says ({st.lines} lines): cannot resume")
-    st.metrics.write_text("".join(l + "\n" for l in lines))
+    on_rank0(cut_log, st.metrics, st.lines)
     print(f"resumed {run} at stage {st.stage} step {st.step}")
     return opt
+
+
+def cut_log(metrics: Path, n: int) -> None:
+    """metrics.jsonl cut back to its first n lines, those logged when `last` was saved."""
+    lines = metrics.read_text().splitlines()[:n] if metrics.exists() else []
+    if len(lines) < n:
+        raise UserError(f"{metrics} is missing or shorter than its checkpoint says ({n} lines): cannot resume")
+    metrics.write_text("".join(l + "\n" for l in lines))
 
 
 # ============================================================================ run directory: lock, flags
@@ -506,7 +555,7 @@ def resumed_args(run: Path, argv: list):
         saved = saved + [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     args = parse_args(saved)
     if differ:
-        write_run_args(run, saved, rl_config(args), args.answerer)
+        on_rank0(write_run_args, run, saved, rl_config(args), args.answerer)
         print(f"resume with changed flags: {', '.join(differ)}")
     args.resume = str(run)
     return args
@@ -514,7 +563,8 @@ def resumed_args(run: Path, argv: list):
 
 def check_finite(model, what: str, fix: str) -> None:
     """Stop before non-finite weights go anywhere (a validation, a checkpoint, the next step)."""
-    bad = non_finite(model.state_dict())
+    local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in model.state_dict().items()}  # FSDP: shards
+    bad = ", ".join(b for b in gather_over_ranks(non_finite(local)) if b)
     if bad:
         raise UserError(f"{what}: weights became non-finite ({bad}); {fix}")
 
@@ -522,12 +572,54 @@ def check_finite(model, what: str, fix: str) -> None:
 # ============================================================================ the run
 def main(argv=None) -> dict:
     """setup -> SFT warm start -> one RL stage per session cap -> test. A resume runs the same
-    path: what is on disk (the SFT model, `last`, best-stage<i>) is loaded instead of redone."""
+    path: what is on disk (the SFT model, `last`, best-stage<i>) is loaded instead of redone.
+    Under torchrun every rank runs all of it; rank 0 alone prints and writes."""
     argv = argv if argv is not None else sys.argv[1:]
+    joined = join_ranks()
+    try:
+        with contextlib.redirect_stdout(None) if this_rank() else contextlib.nullcontext():
+            return run_all(argv)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def join_ranks() -> bool:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): join its process group, NCCL for CUDA
+    tensors, gloo for CPU tensors and pickled objects. -> whether this call joined it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or dist.is_initialized():
+        return False
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def on_rank0(fn, *a):
+    """fn(*a) on rank 0 alone (the only writer) -> its result on every rank. The other ranks wait
+    for it, so a file is on disk before any rank reads it, and its error stops every rank (rank 0
+    raises it, the others its line) instead of leaving them waiting."""
+    if ranks() == 1:
+        return fn(*a)
+    err = out = None
+    if this_rank() == 0:
+        try:
+            out = fn(*a)
+        except Exception as e:
+            err = e
+    line, out = gather_over_ranks((None if err is None else str(err), out))[0]
+    if err is not None:
+        raise err
+    if line is not None:
+        raise UserError(line)
+    return out
+
+
+def run_all(argv: list) -> dict:
     args, run, device, cfg, data = setup_run(argv)
     t0 = time.time()
     st = start_state(args, run, device)
     policy, ref, sft_model, tok, answerer = warm_start(args, run, cfg, device, data, st.log)
+    if args.fsdp:
+        shard(policy, ref, sft_model, device)
     opt = resume_from_last(run, device, policy, st, cfg) if args.resume and (run / "last").exists() else None
     for si in range(st.stage, len(args.stages)):
         opt = train_stage(si, args, run, cfg, device, data, st, opt, policy, ref, sft_model, tok, answerer)
@@ -543,7 +635,7 @@ def setup_run(argv: list):
         run = Path(args.resume)
         if not (run / "args.json").exists():
             raise UserError(f"--resume {run}: not a run directory (no args.json)")
-        lock_run(run)
+        on_rank0(lock_run, run)
         args = resumed_args(run, argv)  # the run continues with the flags it started with
     elif args.override:
         raise UserError("--override only applies with --resume")
@@ -552,14 +644,73 @@ def setup_run(argv: list):
         device = pick_device(args.device)
     except ValueError as e:
         raise UserError(str(e))
+    if args.fsdp and ranks() < 2:
+        raise UserError("--fsdp shards over torchrun's ranks: run it with torchrun --nproc_per_node N (N >= 2)")
+    if device.type == "cuda" and ranks() > 1:  # one GPU per rank
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     cfg = rl_config(args)
     data = load_data(args)  # before anything is written: a bad data path leaves no half run behind
     if not args.resume:
-        lock_run(run)
-        if (run / "args.json").exists():  # even a run killed during SFT: its sft/ and log must not be mixed in
-            raise UserError(f"{run} already holds a run: pass --resume {run} or another --name")
-        write_run_args(run, argv, cfg, args.answerer)
+        on_rank0(new_run_dir, run, argv, cfg, args.answerer)
     return args, run, device, cfg, data
+
+
+def shard(policy, ref, sft_model, device) -> None:
+    """FSDP2 over the ranks: one unit per transformer block, the root holding embeddings, final
+    norm and head. Gradients are summed, not averaged: each rank's loss is already its share of
+    the global mean (memr2.ppo_update). The frozen copies stay whole, in bf16 on GPU."""
+    for block in policy.layers:
+        fully_shard(block)
+    fully_shard(policy)
+    register_fsdp_forward_method(policy, "hidden_states")  # memr2 calls it, and the head, without forward()
+    for unit in [*policy.layers, policy]:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
+    if device.type == "cuda":
+        ref.to(torch.bfloat16)
+        sft_model.to(torch.bfloat16)
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def save(path, policy, tok, meta: dict, opt=None, tensors=None) -> None:
+    """save_checkpoint by rank 0, the others waiting. An FSDP policy and its AdamW state are gathered
+    whole first (every rank takes part), so the directory is the one a single process writes."""
+    if isinstance(policy, FSDPModule):
+        sd, osd = get_state_dict(policy, opt or [], options=FULL)
+        names = [n for n, _ in policy.named_parameters()]
+        policy = SimpleNamespace(cfg=policy.cfg, state_dict=lambda: sd)
+        if opt is not None and this_rank() == 0:  # (rank 0 holds it) parameter names -> indices, as torch.optim numbers them
+            idx = {n: i for i, n in enumerate(names)}
+            osd = {"state": {idx[k]: v for k, v in osd["state"].items()},
+                   "param_groups": [g | {"params": [idx[k] for k in g["params"]]} for g in osd["param_groups"]]}
+            opt = SimpleNamespace(state_dict=lambda: osd)
+    on_rank0(save_checkpoint, path, policy, tok, meta, opt, tensors)
+
+
+def load_policy(policy, sd: dict | None, opt=None, osd: dict | None = None) -> None:
+    """Whole weights (and AdamW state, as save writes it) into the policy, sharded or not."""
+    if not isinstance(policy, FSDPModule):
+        if sd is not None:
+            policy.load_state_dict(sd)
+        if opt is not None:
+            opt.load_state_dict(osd)
+        return
+    names = [n for n, _ in policy.named_parameters()]
+    if opt is not None:
+        osd = {"state": {names[i]: v for i, v in osd["state"].items()},
+               "param_groups": [g | {"params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
+    set_state_dict(policy, opt or [], model_state_dict=sd if sd is not None else {}, optim_state_dict=osd or {},
+                   options=StateDictOptions(full_state_dict=True, strict=sd is not None))
+
+
+def new_run_dir(run: Path, argv: list, cfg: RLConfig, answerer: str) -> None:
+    lock_run(run)
+    if (run / "args.json").exists():  # even a run killed during SFT: its sft/ and log must not be mixed in
+        raise UserError(f"{run} already holds a run: pass --resume {run} or another --name")
+    write_run_args(run, argv, cfg, answerer)
 
 
 def sft_path(args, run: Path) -> Path:  # warm_start's model; the test reads the base pipeline back from it
@@ -590,7 +741,10 @@ def warm_start(args, run: Path, cfg: RLConfig, device, data, log):
                                         n_head=pre["n_head"], n_kv_head=pre["n_head"])).to(device)
         print(f"SFT: {len(examples)} examples, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device}")
         sft(model, tok, examples, args, device, log, run)
-        save_checkpoint(sft_dir, model, tok, {"kind": "sft"})
+        on_rank0(save_checkpoint, sft_dir, model, tok, {"kind": "sft"})
+    if ranks() > 1:  # every rank ran the same SFT or load; rank 0's weights make sure (GPU kernels need not repeat exactly)
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
     # Copies, as the policy trains in place: the first stage's warm start and the learned answerer
     # must stay the SFT model, and the KL reference must not move with the policy.
     sft_model = copy.deepcopy(model).eval()
@@ -603,11 +757,11 @@ def warm_start(args, run: Path, cfg: RLConfig, device, data, log):
     return model, ref, sft_model, tok, answerer
 
 
-def stage_warm_start(si, run: Path, device, sft_model):
+def stage_warm_start(si, args, run: Path, device, sft_model):
     """The previous stage's best checkpoint (the SFT model for the first stage). It is also the
     stage's KL reference, as in the official trainer."""
-    if si == 0:
-        return sft_model
+    if si == 0:  # in fp32: from disk where the frozen copy is bf16
+        return sft_model if sft_model.lm_head.weight.dtype == torch.float32 else load_ckpt(sft_path(args, run), device)["model"]
     prev = run / f"best-stage{si - 1}"
     if not prev.exists():
         raise UserError(f"{prev} is missing: stage {si + 1} has no warm start (restore it or start a new run)")
@@ -618,50 +772,52 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
     """Curriculum stage si (args.stages[si] sessions), from step st.step: 0, or where a resume
     left it with opt, the stage's optimizer. -> the optimizer."""
     S = args.stages[si]
-    start = stage_warm_start(si, run, device, sft_model)
+    start = stage_warm_start(si, args, run, device, sft_model)
     ref.load_state_dict(start.state_dict())  # also after a resume: the reference is not in `last`
     val_samples, val = data["val"]
     if st.step == 0:  # a stage's start, not a resume inside it: a fresh optimizer on the warm start
-        policy.load_state_dict(start.state_dict())
+        load_policy(policy, start.state_dict())
         opt = rl_optimizer(policy, cfg)
         # Validate before training: logged, NOT a candidate. Only checkpoints trained in
         # this stage compete for its best (official trainer: best starts at -1 per stage),
         # so the next stage always starts from a model this stage trained.
-        v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
+        with whole(policy):
+            v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
         st.best = -1.0
         st.log({"phase": "val", "stage": S, "step": 0, "gstep": st.gstep, **v})
         print(f"stage {S} sessions: val F1 {v['f1_overall']:.1f} before training")
         if args.steps[si] == 0:  # nothing to train: the warm start passes through
-            save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0})
+            save(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0})
     train_convs = data["train"][1][:args.train_worlds]  # None: all
     # judges score rows against the gold facts, for the credit-assignment diagnostic: LoCoMo has none
     judges = {c.sample_id: E.make_judge(s) for s, c in zip(*data["train"])} if data["train"][0] else {}
     lower_lr = f"resume with a lower --lr: python train.py --resume {run} --lr {min(cfg.lr / 10, RLConfig.lr):g} --override lr"
-    bar = tqdm(range(st.step, args.steps[si]), desc=f"RL {S} sessions", dynamic_ncols=True)
+    bar = tqdm(range(st.step, args.steps[si]), desc=f"RL {S} sessions", dynamic_ncols=True, disable=this_rank() > 0)
     for step in bar:
         ts = time.time()
-        conv = train_convs[st.data_rng.randrange(len(train_convs))]
+        convs = [train_convs[s.data.randrange(len(train_convs))] for s in st.streams]
+        worlds = [World(c, s.data, s.algo, s.gen, judges.get(c.sample_id)) for c, s in zip(convs, st.streams)]
         policy.train()
         with autocast(device):
-            stats = logo_step(policy, ref, answerer, tok, conv, S, cfg, opt, st.data_rng, st.algo_rng, st.gen,
-                              judges.get(conv.sample_id))
+            stats = logo_step(policy, ref, answerer, tok, worlds, S, cfg, opt)
         st.step, st.gstep = step + 1, st.gstep + 1
         check_finite(policy, f"stage {S} step {step + 1}", f"{run / 'last'} holds the step before; {lower_lr}")
         ops = stats.pop("ops")
         rec = {"phase": "rl", "stage": S, "step": step + 1, "gstep": st.gstep, "algo": cfg.algo,
-               "conv": conv.sample_id, "step_time": time.time() - ts, **stats, **{f"ops_{k}": v for k, v in ops.items()}}
+               "conv": stats.pop("conv", None), "step_time": time.time() - ts, **stats, **{f"ops_{k}": v for k, v in ops.items()}}
         if stats.get("skipped_updates"):
             st.fails += 1
             if st.fails >= 3:
                 raise UserError(f"non-finite loss or gradients in {st.fails} steps: stopping; {lower_lr}")
         bar.set_postfix(reward=f"{stats['reward_global']:.3f}", f1=f"{stats['train_f1']:.3f}", loss=f"{stats.get('loss', 0):.3f}")
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps[si]:
-            v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
+            with whole(policy):
+                v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
             rec["val_f1"] = v["f1_overall"]
             st.log({"phase": "val", "stage": S, "step": step + 1, "gstep": st.gstep, **v})
             if v["f1_overall"] > st.best:
                 st.best = v["f1_overall"]
-                save_checkpoint(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": step + 1})
+                save(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": step + 1})
         st.log(rec)
         save_rl_state(run / "last", policy, tok, opt, st)  # an interruption loses at most one step
     print(f"stage {S} sessions: best val F1 {st.best:.1f}")
@@ -683,16 +839,17 @@ def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, t0: 
         if samples is not None:
             table["oracle memory (teacher)"] = E.score(answerer, tok, E.oracle_banks(samples, test, cfg), test)
         result["test"] = table
-        write_report(run, args, cfg, table, result["minutes"], device, answerer.name)
         print(E.report_table(table))
         if samples is not None:
             print(E.report_table({k: v for k, v in table.items() if "fact_recall" in v}, E.DECISION_COLS))
-        names = list(table)
-        (run / "result.json").write_text(json.dumps({
-            "algo": cfg.algo, "stages": args.stages, "steps": args.steps, "seed": args.seed, "minutes": result["minutes"],
-            "answerer": answerer.name, "minibatch": cfg.minibatch,
-            "base": table[names[0]], "trained": table[names[1]], "oracle": table.get(names[2]) if len(names) > 2 else None},
-            indent=1))
+        if this_rank() == 0:  # the only writer
+            write_report(run, args, cfg, table, result["minutes"], device, answerer.name)
+            names = list(table)
+            (run / "result.json").write_text(json.dumps({
+                "algo": cfg.algo, "stages": args.stages, "steps": args.steps, "seed": args.seed, "minutes": result["minutes"],
+                "answerer": answerer.name, "minibatch": cfg.minibatch,
+                "base": table[names[0]], "trained": table[names[1]], "oracle": table.get(names[2]) if len(names) > 2 else None},
+                indent=1))
     log({"phase": "done", **result})
     return result
 
@@ -715,7 +872,8 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops with the same line: rank 0 says it
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted: resume with --resume <run dir> (the last finished step is saved)", file=sys.stderr)
