@@ -672,11 +672,14 @@ def ppo_update(policy, ref, pools: list, cfg: RLConfig, opt) -> dict:
     averages over the global mini-batch). Each world's part is weighted by its share of the
     step's cells, its gradient accumulated, and the sum taken over ranks. Every rank takes as
     many steps as the world with the most mini-batches; a non-finite loss or gradient on any
-    rank skips that update everywhere, and is counted."""
+    rank skips that update everywhere, and is counted. A step of fewer cells than a full one
+    (minibatch x every world) has its loss scaled by how full it is, as the official code
+    scales a partial last mini-batch by len / mini-batch size."""
     worlds = [[(c, row.adv) for row in pool for c in row.cells if c.response] for pool in pools]
     batches = [[cells[i:i + cfg.minibatch] for i in range(0, len(cells), cfg.minibatch)] for cells in worlds]
     dev = next(policy.parameters()).device
     steps = int(over_ranks(torch.tensor(max(map(len, batches)), device=dev), dist.ReduceOp.MAX))
+    full = cfg.minibatch * int(over_ranks(torch.tensor(len(pools), device=dev)))  # cells of a full step
     if not steps:
         return {"cells": 0, "skipped_updates": 0}
     with torch.no_grad(), whole(policy):
@@ -706,7 +709,7 @@ def ppo_update(policy, ref, pools: list, cfg: RLConfig, opt) -> dict:
                 loss, ps = logo_grpo_loss(logp, old, rf, ent, owner, adv, cfg, share)
                 finite = finite and bool(torch.isfinite(loss))
                 if finite or sharded:  # a NaN gradient under FSDP is caught by the norm, on every rank
-                    loss.backward()  # accumulates: the parts of one step sum to its loss
+                    (loss * min(1.0, size[0] / full)).backward()  # accumulates: the parts of one step sum to its loss
                 s.update(ps | {"loss": loss.item()})
             finite = sum_gradients(policy, finite)
             grad_norm = clipped_step(policy, opt, cfg.grad_clip) if finite else None

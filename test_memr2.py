@@ -9,6 +9,7 @@ import random
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -2235,12 +2236,33 @@ def test_an_update_over_several_worlds_is_the_mean_over_their_global_mini_batch(
     row = lambda n, a: M.Row("mgr", M.Group("G", 1, "mgr"), [M.Cell([1] + rand(6), rand(n), True)], adv=a)
     a, b = [row(2 + i % 5, (-1) ** i * i / 3) for i in range(7)], [row(9, 1.0), row(3, -2.0), row(6, 0.5)]
     cfg = M.RLConfig(ppo_epochs=1, minibatch=16, grad_clip=1e9, beta_kl=0.5, beta_h=0.1)
-    def grad(*pools):
-        M.ppo_update(model, ref, list(pools), cfg, torch.optim.SGD(model.parameters(), lr=0.0))
+    def grad(*pools, minibatch=16):
+        M.ppo_update(model, ref, list(pools), replace(cfg, minibatch=minibatch), torch.optim.SGD(model.parameters(), lr=0.0))
         return torch.cat([p.grad.flatten() for p in model.parameters()])
-    whole, parts = grad(a + b), grad(a, b)
+    whole, parts = grad(a + b, minibatch=32), grad(a, b)  # one full step is 2 x 16 cells either way
     assert torch.allclose(parts, whole, rtol=1e-4, atol=1e-7)
     assert not torch.allclose(grad(a) + grad(b), whole, rtol=1e-2)
+
+
+def test_a_partial_last_mini_batch_weighs_by_how_full_it_is(monkeypatch):
+    """The official code scales a partial last PPO mini-batch's loss by len / mini-batch size:
+    6 cells in mini-batches of 4 make a full step and a half one, whose gradient is half of what
+    the same 2 cells give as a full mini-batch of 2."""
+    _, tok, model = make_tiny()
+    g = torch.Generator().manual_seed(5)
+    rand = lambda n: torch.randint(7, model.cfg.vocab_size, (n,), generator=g).tolist()
+    rows = [M.Row("mgr", M.Group("G", 1, "mgr"), [M.Cell([1] + rand(5), rand(3 + i), True)], adv=(-1) ** i * (i + 1) / 4)
+            for i in range(6)]
+    grads = []
+    def record(m, opt, clip):  # the gradient each optimizer step would take; weights never move
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]).clone())
+        return 0.0
+    monkeypatch.setattr(M, "clipped_step", record)
+    cfg, opt = M.RLConfig(ppo_epochs=1, minibatch=4, grad_clip=1e9), torch.optim.SGD(model.parameters(), lr=0.0)
+    M.ppo_update(model, model, [rows], cfg, opt)
+    M.ppo_update(model, model, [rows[4:]], replace(cfg, minibatch=2), opt)
+    assert len(grads) == 3 and grads[2].abs().max() > 0
+    assert torch.allclose(grads[1], 0.5 * grads[2], rtol=1e-5, atol=1e-8)
 
 
 WRITES = ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "os.truncate", "shutil.rmtree", "shutil.copyfile")
