@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from model import CheckpointError, load_checkpoint, packaged_minilm, train_tokenizer
-from memory import (QA, RETRIEVERS, Conversation, Entry, MemoryBank, Session, Turn, bloat_cost, minilm, rank,
+from memory import (QA, RETRIEVERS, Conversation, Entry, MemoryBank, Session, Turn, bloat_cost, encodable, minilm, rank,
                     retrieve_for_facts, short_date)
 from memr2 import (CHAT_MAX_NEW, PAPER_RETRIEVAL, AnswerAgent, RLConfig, bleu1, chunk_turns, dialogue_tokens,
                    exact_match, gather_over_ranks, memory_tokens, model_reader, qa_scores, ranks, read_conversations, row_reward,
@@ -156,6 +156,8 @@ def sample_problem(sample) -> str:
     these types; checked here, a bad file names its sample and field instead of silently
     dropping questions or turning a null text into "None"."""
     def bad(v, types, where, what):
+        if isinstance(v, str) and not encodable(v):  # "\ud800" in the file: the tokenizer cannot encode it
+            return True, f"{where} is not valid Unicode text (a lone surrogate, {json.dumps(v)[:40]})"
         return not isinstance(v, types) or isinstance(v, bool), f"{where} must be {what}, got {json.dumps(v)[:40]}"
 
     def checks():  # (failed, message), lazily, in reading order
@@ -163,6 +165,8 @@ def sample_problem(sample) -> str:
         conv = sample.get("conversation")
         yield bad(sample.get("sample_id"), str, "sample_id", "a string")
         yield bad(conv, dict, "conversation", "an object")
+        for key in ("speaker_a", "speaker_b"):
+            yield bad(conv.get(key), str, key, "a string")
         for key in filter(SESSION_KEY.match, conv):
             date = conv.get(f"{key}_date_time")
             yield bad(date, str, f"{key}_date_time", "a date string")
@@ -750,7 +754,7 @@ def score(answerer, tok, banks: list, convs: list, names=CATEGORIES) -> dict:
             d["em"].append(exact_match(pred, q.answer))
     ev = [d in b.dia_ids() for b, q in pairs if q.answer not in ("none", "no") for d in q.evidence]
     out = {f"{m}_{k}": 100 * sum(v) / len(v) for k, d in per.items() for m, v in d.items()}
-    out |= {"n_questions": len(pairs), "m_fail": 100 * (1 - sum(ev) / len(ev)) if ev else 0.0,
+    out |= {"n_questions": len(pairs), "m_fail": 100 * (1 - sum(ev) / len(ev)) if ev else (0.0 if pairs else math.nan),
             "mem_entries": sum(len(b.entries) for b in banks) / len(banks),
             "mem_tokens": sum(memory_tokens(tok, b) for b in banks) / len(banks)}
     return out
@@ -796,12 +800,15 @@ SENSITIVITY_COLS = F1_COLS + [("c (x100)", "bloat_c"), ("mem tokens", "mem_token
 
 
 def report_table(results: dict, columns=REPORT_COLS) -> str:
-    """{name: metrics} -> a markdown table (x100 scores; '-' where a metric does not apply)."""
+    """{name: metrics} -> a markdown table (x100 scores; '-' where a metric does not apply), and
+    a note under it for each row that had no question to answer."""
     cols = [(h, k) for h, k in columns if any(k in r for r in results.values())]
     lines = ["| model | " + " | ".join(h for h, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.1f}" if r.get(k, math.nan) == r.get(k, math.nan) and k in r
                                                else "-" for _, k in cols) + " |")
+    lines += [f"\nnote: {name}: 0 questions (none in these conversations and sessions), so no F1, BLEU-1, EM or M-Fail"
+              for name, r in results.items() if r.get("n_questions") == 0]
     return "\n".join(lines)
 
 
@@ -1223,4 +1230,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import sys
+    sys.stdout.reconfigure(errors="backslashreplace")  # a non-ASCII path on an ASCII terminal (stderr does this already)
     main()

@@ -177,7 +177,7 @@ def _load_list(text, key):
         obj = json.loads(text)
     except (ValueError, TypeError, RecursionError):
         return [], "invalid_json"
-    if not _encodable(obj):
+    if not encodable(obj):
         return [], "unencodable_text"
     if not isinstance(obj, dict) or key not in obj:
         return [], f"no_{key}_key"
@@ -187,7 +187,7 @@ def _load_list(text, key):
     return items, ""
 
 
-def _encodable(obj) -> bool:
+def encodable(obj) -> bool:
     """False when a string in the parsed JSON is not valid Unicode text: a "\\ud800" escape
     decodes to a lone surrogate, which the tokenizer cannot encode, so one such fact in the
     memory would crash every later prompt that shows it."""

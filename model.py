@@ -417,15 +417,17 @@ def _atomic_dir(path, write) -> None:
     if os.path.isdir(head or "."):
         remove_stale(head or ".", name)  # what an interrupted save left, e.g. our own tmp name
     tmp = f"{path}.tmp-{os.getpid()}"
-    os.makedirs(tmp)
     try:
+        os.makedirs(tmp)
         write(tmp)
         for f in os.listdir(tmp):  # on disk before anything points at them
             _fsync(os.path.join(tmp, f))
-    except BaseException:
+        _swap_in(path, tmp)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception):  # a full disk (OSError; safetensors' and tokenizers' own errors): `path` is intact
+            raise CheckpointError(f"checkpoint {path}: cannot save ({one_line(e)})") from e
         raise
-    _swap_in(path, tmp)
 
 
 def non_finite(tensors: dict) -> str:

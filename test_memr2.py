@@ -9,11 +9,13 @@ import random
 import re
 import subprocess
 import sys
+import types
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from eval import (CATEGORIES, LOCOMO_SPLIT, DataError, load_locomo, locomo_split,
                   parse_conversation, parse_date, short_date)
@@ -108,7 +110,6 @@ def test_sampling_reproducible_with_generator_seed(model):
 
     assert run(0) == run(0)
     assert run(0) != run(1)
-    assert run(5, top_p=0.9) == run(5, top_p=0.9)
 
 
 def test_temperature_zero_is_argmax_and_full_softmax_sampling_matches_probs():
@@ -123,6 +124,10 @@ def test_temperature_zero_is_argmax_and_full_softmax_sampling_matches_probs():
     torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.02, rtol=0)
     # tiny top_p keeps only the most likely token
     assert (sample_next(row[:100], 1.0, 1e-6, torch.Generator().manual_seed(0)) == logits[0].argmax()).all()
+    # nucleus: of probs 0.5, 0.3, 0.15, 0.05, top_p 0.7 keeps the first two (0.5 alone is short of 0.7), renormalised
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]]).expand(20000, 4)
+    freq = torch.bincount(sample_next(probs.log(), 1.0, 0.7, torch.Generator().manual_seed(0)), minlength=4).float() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.0, 0.625, 0.0, 0.375]), atol=0.02, rtol=0)
 
 
 def test_context_overflow_caps_new_tokens(model):
@@ -171,7 +176,6 @@ def test_checkpoint_round_trip_logits_optimizer_and_tensors(tok, tmp_path):
     loaded = ck["model"]
     idx = torch.tensor([[1, 5, 9, 20]])
     assert torch.equal(loaded(idx), model(idx))
-    assert loaded.lm_head.weight is loaded.tok_emb.weight  # tie survives the round trip
     assert ck["meta"] == {"step": 7, "stage": "rl"}
     assert torch.equal(ck["tensors"]["rng"], rng) and ck["tensors"]["rng"].dtype == torch.uint8
     assert encode(ck["tok"], "the cat") == encode(tok, "the cat")
@@ -252,8 +256,8 @@ def test_a_save_interrupted_at_any_instant_leaves_the_old_or_the_new_checkpoint(
             try:
                 save_checkpoint(path, Transformer(CK), tok, {"step": k})
                 done = True
-            except OSError:
-                pass
+            except CheckpointError as e:  # an OSError inside a save (a full disk, say) is a one-line error
+                assert "cannot save (OSError: simulated crash)" in str(e)
         step = load_checkpoint(path)["meta"]["step"]
         assert step in (prev, k)
         prev = step
@@ -493,15 +497,26 @@ def test_chat_formats_and_memory_estimate():
     qwen05 = ModelConfig(vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, d_model=896, ffn_hidden=4864, qkv_bias=True)
     assert abs(train.param_count(qwen05) - 494_032_768) < 1  # Qwen2.5-0.5B's published count
     a, b = (train.memory_estimate(qwen05, M.RLConfig(), ckpt) for ckpt in (False, True))
-    assert b["activations_GiB"] < a["activations_GiB"] and a["weights_GiB"] == b["weights_GiB"]
+    assert b["activations_GiB"] < a["activations_GiB"]
+    # weights: the bytes of a real policy after one AdamW step (weights, grads, both moments) and the
+    # frozen reference and answer agent (two copies), counted tensor by tensor
+    model = Transformer(CK)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    opt.step()
+    weights = [p for p in model.parameters()]
+    measured = sum(3 * p.nbytes + p.grad.nbytes + sum(v.nbytes for v in opt.state[p].values()) for p in weights)
+    assert train.memory_estimate(CK, M.RLConfig(), False)["weights_GiB"] * 2 ** 30 == pytest.approx(measured, rel=1e-3)
     w = [train.memory_estimate(qwen05, M.RLConfig(), True, fsdp_gpus=g)["weights_GiB"] for g in (1, 2, 4, 8)]
     floor = 8 * train.param_count(qwen05) / 2 ** 30  # the gathered policy and the bf16 frozen copies stay whole
     assert w[0] > w[1] > w[2] > w[3] > floor and w[1] - w[2] == pytest.approx(2 * (w[2] - w[3]))  # sharded: 1/g
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_grads():
+def test_gradient_checkpointing_gives_the_same_loss_and_grads(monkeypatch):
     model = varied_model()
     idx = torch.tensor(prompts_of_lengths([12, 12]))
+    real, blocks = torch.utils.checkpoint.checkpoint, []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda block, *a, **k: blocks.append(block) or real(block, *a, **k))
     grads = []
     for ckpt in (False, True):
         model.zero_grad(set_to_none=True)
@@ -510,6 +525,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads():
         loss = model(idx).logsumexp(-1).mean()
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        assert blocks == (list(model.layers) if ckpt else [])  # every block, and only when asked
+        with torch.no_grad():
+            model(idx)  # no backward to come: nothing is recomputed
+        assert len(blocks) == (len(model.layers) if ckpt else 0)
     assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
 
@@ -1044,16 +1063,25 @@ def test_one_seed_gives_every_algo_the_same_questions(tiny, monkeypatch):
 
 def test_logo_step_logs_the_credit_diagnostic(tiny, monkeypatch):
     conv, tok, model = tiny
-    monkeypatch.setattr(M, "sample", scripted_sample(random.Random(6)))
+    monkeypatch.setattr(M, "sample", scripted_sample(random.Random(12)))
     cfg = M.RLConfig(n=3, K=3, p=1.0, ppo_epochs=1)
-    seen = []
-    judge = lambda sess, decisions: seen.append((sess.index, len(decisions))) or 0.5
+    seen, rng, pools = [], random.Random(2), []
+    judge = lambda sess, decisions: seen.append((sess.index, len(decisions), q := rng.random())) or q
+    real = M.credit_correlation
+    monkeypatch.setattr(M, "credit_correlation", lambda rows: pools.append(rows) or real(rows))
+    gold = {q.question: q.answer for q in conv.qa}  # right from a memory of an even number of lines: rewards vary
+    answerer = types.SimpleNamespace(answer=lambda pairs: [gold[q] if len(b.entries) % 2 == 0 else "x" for b, q in pairs])
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-    stats = M.logo_step(model, model, E.exact_answerer(cfg), tok,
+    stats = M.logo_step(model, model, answerer, tok,
                         [M.World(conv, random.Random(0), random.Random(1), torch.Generator(), judge)], 3, cfg, opt)
-    assert stats["quality_G"] == stats["quality_L"] == 0.5
-    assert len(seen) == 3 * 3 + stats["branches"] * 3 and all(n >= 1 for _, n in seen)  # one call per row, its chunks
-    assert "credit_corr_G" in stats and "credit_corr_L" in stats
+    assert len(seen) == 3 * 3 + stats["branches"] * 3 and all(n >= 1 for _, n, _ in seen)  # one call per row, its chunks
+    # every judged row, global and local, reaches the diagnostic with its own quality, and its result is logged
+    (pool,) = pools
+    assert sorted(r.quality for r in pool if r.role == "mgr") == sorted(q for _, _, q in seen)
+    assert {r.group.kind for r in pool} == {"G", "L"}
+    corr = real(pool)
+    assert all(math.isfinite(v) for v in corr.values()) and {k: stats[k] for k in corr} == corr
+    assert stats["quality_G"] == pytest.approx(sum(q for _, _, q in seen[:9]) / 9)  # the global rows come first
 
 
 def test_unfinished_generations_get_zero_reward(tiny, monkeypatch):
@@ -1192,6 +1220,7 @@ def test_unused_output_gets_none_grad_and_other_path_is_correct():
 # 2. bf16 inputs
 
 def test_bf16_inputs_keep_fp32_accuracy_inside_the_head():
+    # the head upcasts: a bf16 @ bf16 product would round the logits before .float() (log-probs off by 0.02 here)
     h, W, y = make(64, 64, 1000, dtype=torch.bfloat16, scale=2.0)
     g, e = upstream(64)
     got = values_and_grads(lambda h, W: fused_logprobs(h, W, y, 0.7, True, 16), h, W, g, e)
@@ -1202,15 +1231,6 @@ def test_bf16_inputs_keep_fp32_accuracy_inside_the_head():
     assert_close(got[1], ref[1])
     for a, b in zip(got[2:], ref[2:]):     # grads: bf16 rounding relative to the largest entry
         torch.testing.assert_close(a.double(), b.double(), atol=1e-2 * b.abs().max().item(), rtol=1e-2)
-
-
-def test_naive_bf16_logits_miss_by_at_least_1e_3():
-    # documents why the head is upcast: bf16 @ bf16 rounds the logits before .float()
-    h, W, y = make(64, 64, 1000, dtype=torch.bfloat16, scale=2.0)
-    naive = torch.log_softmax((h @ W.T).float() / 0.7, -1).gather(1, y[:, None]).squeeze(1)
-    ref = dense_reference(h, W, y, 0.7)[0]
-    assert (naive.double() - ref).abs().max() >= 1e-3
-    assert (fused_logprobs(h, W, y, 0.7).double() - ref).abs().max() < 1e-5
 
 
 # 3. gradcheck
@@ -1579,6 +1599,12 @@ def test_dates():
     (lambda d: d[1]["conversation"]["session_2"][0].update(text=None), r"conv-30\): session_2\[0\].text must be a string"),
     (lambda d: d[1]["qa"][2].update(category="2"), r"conv-30\): qa\[2\].category must be an integer"),
     (lambda d: d[1]["conversation"].pop("session_3_date_time"), r"session_3_date_time must be a date string"),
+    # "\ud800" escapes: valid JSON, but lone surrogates the tokenizer cannot encode
+    (lambda d: d[0]["conversation"]["session_1"][2].update(text="hi \ud800"),
+     r"conv-26\): session_1\[2\].text is not valid Unicode text"),
+    (lambda d: d[1]["conversation"]["session_2"][0].update(speaker="\ud800"), r"session_2\[0\].speaker is not valid Unicode"),
+    (lambda d: d[0]["conversation"].update(speaker_b="Mel\udfff"), r"conv-26\): speaker_b is not valid Unicode"),
+    (lambda d: d[1]["qa"][3].update(question="When \ud800?"), r"conv-30\): qa\[3\].question is not valid Unicode"),
 ])
 def test_loader_names_the_sample_and_field_of_bad_data(raw, tmp_path, damage, message):
     data = json.loads(json.dumps(raw))
@@ -1806,13 +1832,14 @@ def checkpoint_tensors(path):
 
 
 def rl_lines(run):
-    """RL/val metric lines minus wall-clock fields, for run-to-run comparison."""
+    """RL/val metric lines minus wall-clock fields, for run-to-run comparison (NaN as "nan", so
+    that two lines with the same undefined metric compare equal)."""
     out = []
     for line in (run / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if r["phase"] in ("rl", "val"):
             r.pop("step_time", None)
-            out.append(r)
+            out.append({k: "nan" if v != v else v for k, v in r.items()})
     return out
 
 
@@ -1824,7 +1851,10 @@ def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset):
         assert (run / d / "model.safetensors").exists(), d
     lines = rl_lines(run)
     assert [(r["phase"], r["stage"]) for r in lines] == [("val", 2), ("val", 2), ("rl", 2), ("val", 3), ("val", 3), ("rl", 3)]
-    assert {"reward_global", "local_reward", "zero_var_frac_G", "group_std_L", "mem_tokens", "cells", "step"} <= set(lines[2])
+    rl = lines[2]  # RL trained: 2 PPO epochs x 1 mini-batch of its cells, all applied, and the weights moved
+    assert rl["cells"] > 0 and rl["gen_tokens"] > 0 and rl["updates"] == 2 and rl["skipped_updates"] == 0
+    sft_w, rl_w = (load_checkpoint(run / d)["model"].state_dict() for d in ("sft", "best-stage0"))
+    assert not all(torch.equal(sft_w[k], rl_w[k]) for k in sft_w)
     assert set(res["test"]) == {"base pipeline (SFT only)", "Memory-R2 (logo, 2->3)", "oracle memory (teacher)"}
     assert res["test"]["oracle memory (teacher)"]["m_fail"] == 0.0  # the gold memory keeps every evidence turn
     assert json.loads((run / "result.json").read_text())["stages"] == [2, 3]
@@ -1856,10 +1886,13 @@ def test_resume_after_interrupt_gives_the_same_metrics_and_weights(tmp_path, tin
         assert rl_lines(run) == straight, name
         for ck in ("last", "best-stage0", "best-stage1"):
             (w1, o1, t1), (w2, o2, t2) = checkpoint_tensors(tmp_path / "straight" / ck), checkpoint_tensors(run / ck)
-            assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1), (name, ck)
-            assert (o1 is None) == (o2 is None) and t1.keys() == t2.keys()
-            if o1:
-                assert all(torch.equal(o1["state"][i]["exp_avg"], o2["state"][i]["exp_avg"]) for i in o1["state"])
+            for a, b in ((w1, w2), (t1, t2)):  # weights; every RNG state (torch's and the sampler's)
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (name, ck)
+            assert (o1 is None) == (o2 is None)
+            if o1:  # AdamW: every moment and step count, and the param groups
+                assert o1["param_groups"] == o2["param_groups"] and o1["state"].keys() == o2["state"].keys()
+                for i, s1 in o1["state"].items():
+                    assert s1.keys() == o2["state"][i].keys() and all(torch.equal(v, o2["state"][i][k]) for k, v in s1.items())
         assert sorted(f for f in os.listdir(run) if ".tmp-" in f) == []
 
 
@@ -1891,7 +1924,10 @@ def _nan_weights_step(policy, *a, **k):
     # best-stage0 is never written before a stage has trained: the pre-stage validation is not a candidate
     ("rl", ("logo_step", lambda *a, **k: {"skipped_updates": 1, "ops": {}, "reward_global": 0, "train_f1": 0}),
      "non-finite loss or gradients in 3 steps", ["sft", "last"]),
-    ("rl", ("logo_step", _nan_weights_step), "stage 2 step 1: weights became non-finite", ["sft"]),
+    ("rl", ("logo_step", _nan_weights_step), "stage 2 step 1: weights became non-finite", ["sft", "last"]),
+    # --lr 1e10: finite weights of ~1e10 whose outputs overflow; stopped before the next step's sampler meets them
+    ("rl", ("rl_optimizer", lambda policy, cfg: torch.optim.AdamW(policy.parameters(), lr=1e10)),
+     "stage 2 step 1: outputs became non-finite", ["sft", "last"]),
     ("sft", ("cell_logprobs", lambda *a, **k: (torch.full((3,), float("nan"), requires_grad=True), None, None)),
      "SFT: non-finite loss or gradients in 3 steps in a row", []),
 ])
@@ -1904,10 +1940,95 @@ def test_a_run_that_cannot_continue_stops_with_the_fix_and_keeps_only_finite_che
     assert f"--resume {tmp_path / 'r'} --{'sft-' if phase == 'sft' else ''}lr" in str(e.value)  # says how to go on
     assert f"--override {'sft_' if phase == 'sft' else ''}lr" in str(e.value)
     assert [d for d in ("sft", "best-stage0", "last") if (tmp_path / "r" / d).exists()] == saved
-    for d in saved:
-        load_checkpoint(tmp_path / "r" / d)  # loads: finite
+    for d in saved:  # loads (finite weights) and gives finite outputs: the step before
+        assert torch.isfinite(load_checkpoint(tmp_path / "r" / d)["model"](torch.tensor([[1, 5, 9]]))).all()
     log = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert phase != "sft" or sum("skipped" in r for r in log) == 3  # skipped steps are logged
+
+
+STRAIGHT = ["--sessions", "3", "--stages", "2", "--steps-per-stage", "3", "--val-every", "1", "--threads", "1", "--no-final-eval"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """An SFT model (sft-src/sft) and a run of STRAIGHT from it that nothing stopped (straight)."""
+    out = tmp_path_factory.mktemp("straight")
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(train.PRESETS, "tiny", TINY_PRESET)
+        train.main(STRAIGHT + ["--out", str(out), "--name", "sft-src", "--steps-per-stage", "0"])
+        train.main(STRAIGHT + ["--out", str(out), "--name", "straight", "--init", str(out / "sft-src" / "sft")])
+    return out
+
+
+@pytest.mark.parametrize("nth, full", [
+    (1, OSError(28, "No space left on device")),  # the first `last`, before any RL line
+    (2, SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")),  # after step 1
+    (3, OSError(28, "No space left on device")),  # a later one
+])
+def test_a_full_disk_stops_with_one_line_and_the_run_resumes_as_if_never_stopped(
+        straight_run, tmp_path, tiny_preset, monkeypatch, nth, full):
+    import model as model_py
+    argv = STRAIGHT + ["--init", str(straight_run / "sft-src" / "sft"), "--out", str(tmp_path)]
+    real, calls = model_py.save_file, []
+
+    def save_file(tensors, path, *a, **k):  # the writer of `last`'s weights meets a full disk at its nth save
+        if "last.tmp-" in path and path.endswith("model.safetensors"):
+            calls.append(path)
+            if len(calls) == nth:
+                raise full
+        return real(tensors, path, *a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(model_py, "save_file", save_file)
+        with pytest.raises(train.UserError, match="No space left on device") as e:
+            train.main(argv + ["--name", "r"])
+    run = tmp_path / "r"
+    assert "last: cannot save" in str(e.value) and f"make room, then resume: python train.py --resume {run}" in str(e.value)
+    assert "\n" not in str(e.value) and not [f for f in os.listdir(run) if ".tmp-" in f]
+    train.main(["--resume", str(run)])
+    assert rl_lines(run) == rl_lines(straight_run / "straight")
+
+
+@pytest.fixture(scope="module")
+def finished_run(straight_run):
+    """A run of STRAIGHT, 1 step, with its test evaluation: result.json and report.md written."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(train.PRESETS, "tiny", TINY_PRESET)
+        train.main([*STRAIGHT[:-1], "--out", str(straight_run), "--name", "finished", "--steps-per-stage", "1",
+                    "--init", str(straight_run / "sft-src" / "sft")])
+    return straight_run / "finished"
+
+
+def test_a_finished_run_resumed_keeps_its_minutes(finished_run, tmp_path, tiny_preset):
+    run = copy_run(finished_run, tmp_path)
+    minutes = json.loads((run / "result.json").read_text())["minutes"]
+    assert minutes > 0
+    assert train.main(["--resume", str(run)])["minutes"] == minutes  # nothing to train: the test again, same minutes
+    assert json.loads((run / "result.json").read_text())["minutes"] == minutes
+
+
+def test_a_damaged_log_stops_a_resume_before_any_work(finished_run, tmp_path, tiny_preset, monkeypatch):
+    run = copy_run(finished_run, tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:1] + ['{"phase": "va'] + lines[2:]) + "\n")
+    monkeypatch.setattr(E, "evaluate", lambda *a, **k: pytest.fail("the test evaluation ran before the log was read"))
+    with pytest.raises(train.UserError, match=re.escape(f"{run / 'metrics.jsonl'} line 2 is not JSON (JSONDecodeError")):
+        train.main(["--resume", str(run)])
+
+
+def test_a_first_command_that_never_started_does_not_block_its_correction(tmp_path, tiny_preset):
+    argv = ["--sessions", "3", "--stages", "2", "--steps-per-stage", "0", "--no-final-eval", "--threads", "1",
+            "--out", str(tmp_path), "--name", "r"]
+    with pytest.raises(train.UserError, match="no checkpoint there"):
+        train.main(argv + ["--init", str(tmp_path / "typo")])
+    train.main(argv)  # the corrected command: trains its own SFT model
+    with pytest.raises(train.UserError, match="already holds a run"):  # a run that started is still protected
+        train.main(argv + ["--seed", "1"])
+    data = locomo_slice(tmp_path / "slice.json")
+    locomo = argv[:-1] + ["l", "--data", "locomo", "--locomo-path", str(data)]
+    with pytest.raises(train.UserError, match="pass --init"):
+        train.main(locomo)
+    args, run, *_ = train.setup_run(locomo + ["--init", str(tmp_path / "r" / "sft")])  # what the error said to do
+    assert run == tmp_path / "l" and args.init
 
 
 def test_a_resume_before_the_first_rl_checkpoint_repeats_no_log_line(tmp_path):
@@ -2068,8 +2189,14 @@ def test_eval_mistakes_are_one_line_errors(interrupted_run, tmp_path, damage, ar
     (["--device", "tpu"], "unknown device"),
     (["--fsdp"], "--fsdp shards over torchrun's ranks"),
     (["--worlds-per-step", "0"], "--worlds-per-step 0: must be an integer >= 1"),
+    (["--seed", "1" + "0" * 30], f"--seed 1{'0' * 30}: must be an integer in [0, 2^63)"),
+    (["--seed", "-1"], "--seed -1: must be an integer in [0, 2^63)"),
+    (["--minibatch", "0"], "--minibatch 0: must be an integer >= 1"),
+    (["--minibatch", "-1"], "--minibatch -1: must be an integer >= 1"),  # else nothing would ever train
+    (["--stages", "64", "--sessions", "8"], "--stages 64: a conversation has --sessions 8, so a larger stage would train on all of them"),
+    (["--stages", "8,16,32", "--sessions", "16"], "cap the stages at 16"),
 ])
-def test_bad_flags_are_refused_before_anything_runs(tmp_path, argv, message):
+def test_bad_flags_are_refused_before_anything_runs(tmp_path, tiny_preset, argv, message):
     with pytest.raises(train.UserError, match=re.escape(message)):
         train.main([*argv, "--out", str(tmp_path)])
     assert os.listdir(tmp_path) == []
@@ -2081,7 +2208,7 @@ def test_out_that_cannot_hold_a_run_and_stages_alone(tmp_path, tiny_preset, monk
         train.main(["--sessions", "3", "--stages", "2", "--out", str(tmp_path / "file")])
     monkeypatch.setitem(train.PRESETS, "tiny", dict(TINY_PRESET, steps="10,5,5"))
     for stages, steps in (("32", [10]), ("8,16", [10, 5]), ("8,16,32,64", [10, 5, 5, 5])):  # cut or padded
-        assert train.parse_args(["--stages", stages]).steps == steps
+        assert train.parse_args(["--stages", stages, "--sessions", "64"]).steps == steps
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -2098,6 +2225,19 @@ def test_user_mistakes_give_one_error_line_and_no_traceback(argv, message, tmp_p
     assert p.returncode != 0
     assert "Traceback" not in p.stderr and message in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_non_ascii_run_path_on_an_ascii_terminal(tok, tmp_path):
+    ck = tmp_path / "läuft" / "ck"
+    save_checkpoint(ck, Transformer(CK), tok, {})
+    env = dict(os.environ, PYTHONIOENCODING="ascii", OMP_NUM_THREADS="1")
+    for argv in (["eval.py", str(ck), "--worlds", "1", "--sessions", "1"],
+                 ["train.py", "--init", str(ck), "--sessions", "1", "--stages", "1", "--steps-per-stage", "0",
+                  "--no-final-eval", "--threads", "1", "--out", str(tmp_path / "läuft"), "--name", "r"]):
+        p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300, env=env,
+                           cwd=str(Path(__file__).parent))
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+        assert "l\\xe4uft" in p.stdout  # the path, escaped
 
 
 def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, tiny_preset):
@@ -2121,6 +2261,23 @@ def test_a_minilm_run_trains_and_evaluates_with_its_retriever(minilm, tmp_path, 
     assert "retriever minilm)" in capsys.readouterr().out
     E.main([str(run), "--worlds", "1", "--sessions", "2", "--retriever", "bm25"])
     assert "retriever bm25)" in capsys.readouterr().out
+
+
+def test_no_questions_is_a_note_in_the_table_and_an_error_for_training(tok, raw, tmp_path, capsys):
+    data = json.loads(json.dumps(raw))
+    data[0]["qa"] = []  # conv-26, the first test conversation
+    (tmp_path / "l.json").write_text(json.dumps(data))
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, Transformer(CK), tok, {})
+    E.main([str(ck), "--data", "locomo", "--locomo-path", str(tmp_path / "l.json"), "--convs", "1", "--sessions", "1"])
+    assert re.search(rf"note: {re.escape(str(ck))} \(answerer learned:{re.escape(str(ck))}[^)]*\): 0 questions",
+                     capsys.readouterr().out)
+    (r,) = json.loads((ck / "eval-locomo-test.json").read_text()).values()
+    assert r["n_questions"] == 0 and r["m_fail"] != r["m_fail"]  # NaN, shown as '-': not "no evidence missed"
+    data[5]["qa"] = []  # conv-44, the validation part
+    (tmp_path / "l.json").write_text(json.dumps(data))
+    with pytest.raises(train.UserError, match=re.escape("the val part (conv-44) has 0 questions")):
+        train.main(["--data", "locomo", "--locomo-path", str(tmp_path / "l.json"), "--init", str(ck), "--out", str(tmp_path)])
 
 
 # ==== train.py and eval.py end to end with a pretrained model =====================================
@@ -2313,11 +2470,15 @@ def test_two_rank_runs_resume_as_they_would_have_run_fsdp_included_and_only_rank
     lines = rl_lines(runs_dir / "straight")
     assert len(lines) == 8 and all("," in r["conv"] for r in lines if r["phase"] == "rl")  # two worlds a step
     assert rl_lines(runs_dir / "cut") == lines
-    fsdp = rl_lines(runs_dir / "fsdp")  # the gradient norm is summed over shards in another order
-    assert [{k: v for k, v in r.items() if k != "grad_norm"} for r in fsdp] == \
-        [{k: v for k, v in r.items() if k != "grad_norm"} for r in lines]
-    assert [r.get("grad_norm") for r in fsdp] == pytest.approx([r.get("grad_norm") for r in lines], rel=1e-5)
-    for run, tol in (("cut", 0.0), ("fsdp", 1e-6)):
+    fsdp = rl_lines(runs_dir / "fsdp")  # sums over shards run in another order: the loss terms agree to fp32 noise
+    loose = ("grad_norm", "pg_loss", "kl", "entropy", "loss")
+    assert [{k: v for k, v in r.items() if k not in loose} for r in fsdp] == \
+        [{k: v for k, v in r.items() if k not in loose} for r in lines]
+    for k in loose:
+        assert [r.get(k) for r in fsdp] == pytest.approx([r.get(k) for r in lines], rel=1e-5, abs=1e-4), k
+    # FSDP's sums over shards run in another order; Adam normalises each coordinate's step, so fp32
+    # noise in a near-zero gradient can move that weight by up to 2 lr (6e-5) a step: a few steps' worth
+    for run, tol in (("cut", 0.0), ("fsdp", 2e-4)):
         for ck in ("last", "best-stage0", "best-stage1"):
             (w1, o1, t1), (w2, o2, t2) = checkpoint_tensors(runs_dir / "straight" / ck), checkpoint_tensors(runs_dir / run / ck)
             assert w1.keys() == w2.keys() and t1.keys() == t2.keys(), (run, ck)

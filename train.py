@@ -21,7 +21,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,9 +66,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # flag -> (test, what it must be): checked at parse time, before anything runs or is written
 FLAG_CHECKS = {
-    **{f: (lambda v: v >= 1, "an integer >= 1") for f in ("n", "K", "chunks", "ppo_epochs", "val_every", "sessions", "threads",
-                                                           "train_worlds", "worlds_per_step")},
-    **{f: (lambda v: v >= 0, "an integer >= 0") for f in ("sft_steps", "seed")},
+    **{f: (lambda v: v >= 1, "an integer >= 1") for f in ("n", "K", "chunks", "ppo_epochs", "minibatch", "val_every",
+                                                           "sessions", "threads", "train_worlds", "worlds_per_step")},
+    "sft_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "seed": (lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2^63)"),  # torch seeds are 64-bit; seed + i must fit too
     **{f: (lambda v: 0 <= v <= 1, "a number in [0, 1]") for f in ("p", "teacher_noise")},
     **{f: (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0") for f in ("lam", "phi")},
     **{f: (lambda v: math.isfinite(v) and v > 0, "a finite number > 0") for f in ("lr", "sft_lr")},
@@ -181,6 +182,9 @@ def finish_args(args):
         raise UserError("--stages and --steps-per-stage take comma-separated integers, e.g. 8,16,32")
     if min(args.stages) < 1:
         raise UserError(f"--stages {','.join(map(str, args.stages))}: every stage needs >= 1 session")
+    if args.data == "synthetic" and max(args.stages) > args.sessions:  # a larger cap reads the whole conversation
+        raise UserError(f"--stages {','.join(map(str, args.stages))}: a conversation has --sessions {args.sessions}, so a "
+                        f"larger stage would train on all of them under another name: cap the stages at {args.sessions}")
     if args.steps_per_stage is None:  # the preset's schedule, cut or padded to the stages: '--stages 32' alone works
         args.steps = (args.steps + args.steps[-1:] * len(args.stages))[:len(args.stages)]
     if len(args.steps) == 1:
@@ -220,6 +224,10 @@ def load_data(args):
             split = E.locomo_split(E.load_locomo(args.locomo_path))
         except E.DataError as e:
             raise UserError(str(e))
+        empty = [k for k, convs in split.items() if not any(c.qa for c in convs)]
+        if empty:  # no reward, no validation F1 or no test table
+            raise UserError(f"{args.locomo_path}: the {empty[0]} part ({', '.join(E.LOCOMO_SPLIT[empty[0]])}) has 0 "
+                            "questions; training needs some in every part (rewards, validation, the test table)")
         return {k: (None, v) for k, v in split.items()}
     pre = PRESETS[args.preset]
     return E.synthetic_split({k: pre[f"{k}_worlds"] for k in ("train", "val", "test")}, args.sessions)
@@ -373,6 +381,8 @@ class RunState:
     gstep: int = 0  # RL steps done in all stages
     fails: int = 0  # steps with skipped (non-finite) updates, all stages
     lines: int = 0  # lines in metrics.jsonl: a resume cuts the log back to it
+    minutes: float = 0.0  # SFT and RL minutes up to the latest `last` (all processes; a resume reads it back)
+    since: float = field(default_factory=time.time)  # when the time not yet in `minutes` began
 
     def log(self, rec: dict) -> None:
         if this_rank() == 0:
@@ -400,10 +410,7 @@ def restart_log(run: Path, keep_sft: bool) -> int:
     """Before a resume that has no RL checkpoint yet: keep the SFT log only if the SFT model
     it belongs to exists (else SFT is redone and logs afresh), drop the rest. -> lines kept."""
     f = run / "metrics.jsonl"
-    try:
-        recs = [json.loads(l) for l in f.read_text().splitlines()] if f.exists() else []
-    except ValueError:
-        raise UserError(f"{f} is not a JSON-lines log: cannot resume")
+    recs = [json.loads(l) for l in log_lines(f)]
     if any(r.get("phase") == "rl" for r in recs):
         raise UserError(f"{run / 'last'} is missing although RL steps were logged: cannot resume (start a new run)")
     kept = [json.dumps(r) for r in recs if keep_sft and r.get("phase") == "sft"]
@@ -411,12 +418,26 @@ def restart_log(run: Path, keep_sft: bool) -> int:
     return len(kept)
 
 
+def log_lines(f: Path, n: int | None = None) -> list:
+    """The first n lines (all if None) of a run's metrics.jsonl, each checked as JSON before a
+    resume does any work: the report reads them all back at the end."""
+    lines = f.read_text().splitlines()[:n] if f.exists() else []
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{f} line {i + 1} is not JSON ({one_line(e)}): cannot resume (repair that line)")
+    return lines
+
+
 def save_rl_state(path, policy, tok, opt, st: RunState) -> None:
     """Everything a resume needs: weights, optimizer, position, every RNG (Python's as JSON),
-    the streams of every world slot of every rank."""
+    the streams of every world slot of every rank, and the run's minutes so far."""
+    st.minutes, st.since = st.minutes + (time.time() - st.since) / 60, time.time()
     slots = [s for rank_slots in gather_over_ranks([(_jsonable(s.data.getstate()), _jsonable(s.algo.getstate()),
                                                       s.gen.get_state()) for s in st.streams]) for s in rank_slots]
-    meta, tensors = {"pos": {k: getattr(st, k) for k in POS}, "worlds": len(slots)}, {"torch_rng": torch.get_rng_state()}
+    meta = {"pos": {k: getattr(st, k) for k in POS}, "minutes": st.minutes, "worlds": len(slots)}
+    tensors = {"torch_rng": torch.get_rng_state()}
     for g, (data, algo, gen) in enumerate(slots):
         meta[slot_key("data_rng", g)], meta[slot_key("algo_rng", g)], tensors[slot_key("torch_gen", g)] = data, algo, gen
     save(path, policy, tok, meta, opt, tensors)
@@ -472,14 +493,16 @@ def resume_from_last(run: Path, device, policy, st: RunState, cfg: RLConfig):
         g["lr"] = cfg.lr  # the run's lr, which --override lr may have changed
     for k in POS:
         setattr(st, k, pos[k])
+    st.minutes, st.since = ck["meta"].get("minutes", 0.0), time.time()  # a finished run keeps its minutes
     on_rank0(cut_log, st.metrics, st.lines)
     print(f"resumed {run} at stage {st.stage} step {st.step}")
     return opt
 
 
 def cut_log(metrics: Path, n: int) -> None:
-    """metrics.jsonl cut back to its first n lines, those logged when `last` was saved."""
-    lines = metrics.read_text().splitlines()[:n] if metrics.exists() else []
+    """metrics.jsonl cut back to its first n lines, those logged when `last` was saved, each
+    checked before the resume does any work."""
+    lines = log_lines(metrics, n)
     if len(lines) < n:
         raise UserError(f"{metrics} is missing or shorter than its checkpoint says ({n} lines): cannot resume")
     metrics.write_text("".join(l + "\n" for l in lines))
@@ -562,11 +585,17 @@ def resumed_args(run: Path, argv: list):
 
 
 def check_finite(model, what: str, fix: str) -> None:
-    """Stop before non-finite weights go anywhere (a validation, a checkpoint, the next step)."""
+    """Stop before non-finite weights go anywhere (a validation, a checkpoint, the next step);
+    also finite weights so large that the model's outputs are not (--lr 1e10: ~1e10 weights
+    overflow attention scores), which would otherwise stop the next rollout in the sampler."""
     local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in model.state_dict().items()}  # FSDP: shards
     bad = ", ".join(b for b in gather_over_ranks(non_finite(local)) if b)
     if bad:
         raise UserError(f"{what}: weights became non-finite ({bad}); {fix}")
+    with torch.no_grad():  # a 16-token probe (1, 16) -> logits (1, 16, V)
+        probe = torch.arange(min(16, model.cfg.vocab_size), device=next(model.parameters()).device)[None]
+        if not bool(torch.isfinite(model(probe)).all()):
+            raise UserError(f"{what}: outputs became non-finite (the weights are finite but too large); {fix}")
 
 
 # ============================================================================ the run
@@ -615,15 +644,18 @@ def on_rank0(fn, *a):
 
 def run_all(argv: list) -> dict:
     args, run, device, cfg, data = setup_run(argv)
-    t0 = time.time()
-    st = start_state(args, run, device)
-    policy, ref, sft_model, tok, answerer = warm_start(args, run, cfg, device, data, st.log)
-    if args.fsdp:
-        shard(policy, ref, sft_model, device)
-    opt = resume_from_last(run, device, policy, st, cfg) if args.resume and (run / "last").exists() else None
-    for si in range(st.stage, len(args.stages)):
-        opt = train_stage(si, args, run, cfg, device, data, st, opt, policy, ref, sft_model, tok, answerer)
-    return final_test(args, run, cfg, device, data, tok, answerer, t0, st.log)
+    try:
+        st = start_state(args, run, device)
+        policy, ref, sft_model, tok, answerer = warm_start(args, run, cfg, device, data, st.log)
+        if args.fsdp:
+            shard(policy, ref, sft_model, device)
+        opt = resume_from_last(run, device, policy, st, cfg) if args.resume and (run / "last").exists() else None
+        for si in range(st.stage, len(args.stages)):
+            opt = train_stage(si, args, run, cfg, device, data, st, opt, policy, ref, sft_model, tok, answerer)
+        return final_test(args, run, cfg, device, data, tok, answerer, st)
+    except (CheckpointError, OSError) as e:  # a full disk: saves are atomic and `last` exists before RL logs
+        raise UserError(f"{e if isinstance(e, CheckpointError) else one_line(e)}; "
+                        f"make room, then resume: python train.py --resume {run}") from e
 
 
 def setup_run(argv: list):
@@ -708,7 +740,9 @@ def load_policy(policy, sd: dict | None, opt=None, osd: dict | None = None) -> N
 
 def new_run_dir(run: Path, argv: list, cfg: RLConfig, answerer: str) -> None:
     lock_run(run)
-    if (run / "args.json").exists():  # even a run killed during SFT: its sft/ and log must not be mixed in
+    # Even a run killed during SFT: its sft/ and log must not be mixed in. A run that wrote
+    # nothing but its flags never started (a bad --init): its corrected command may take it over.
+    if (run / "args.json").exists() and set(os.listdir(run)) - {".lock", "args.json"}:
         raise UserError(f"{run} already holds a run: pass --resume {run} or another --name")
     write_run_args(run, argv, cfg, answerer)
 
@@ -778,6 +812,8 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
     if st.step == 0:  # a stage's start, not a resume inside it: a fresh optimizer on the warm start
         load_policy(policy, start.state_dict())
         opt = rl_optimizer(policy, cfg)
+        if not (run / "last").exists():  # before the run's first RL line: a resume then always has a `last`
+            save_rl_state(run / "last", policy, tok, opt, st)
         # Validate before training: logged, NOT a candidate. Only checkpoints trained in
         # this stage compete for its best (official trainer: best starts at -1 per stage),
         # so the next stage always starts from a model this stage trained.
@@ -826,11 +862,12 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
     return opt
 
 
-def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, t0: float, log) -> dict:
+def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, st: RunState) -> dict:
     """The last stage's best checkpoint vs. the base pipeline (the SFT model) and the oracle
-    memory on the test worlds: report.md, result.json, the log's "done" line. -> the result."""
+    memory on the test worlds: report.md, result.json, the log's "done" line. -> the result.
+    Minutes are those of SFT and RL, saved with `last` at the end of the last stage."""
     final = load_ckpt(run / f"best-stage{len(args.stages) - 1}", device)["model"]
-    result = {"run": str(run), "minutes": (time.time() - t0) / 60}
+    result = {"run": str(run), "minutes": st.minutes}
     if not args.no_final_eval:
         samples, test = data["test"]
         base = load_ckpt(sft_path(args, run), device)["model"]
@@ -850,7 +887,7 @@ def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, t0: 
                 "answerer": answerer.name, "minibatch": cfg.minibatch,
                 "base": table[names[0]], "trained": table[names[1]], "oracle": table.get(names[2]) if len(names) > 2 else None},
                 indent=1))
-    log({"phase": "done", **result})
+    st.log({"phase": "done", **result})
     return result
 
 
@@ -869,6 +906,7 @@ def write_report(run, args, cfg, table, minutes, device, answerer_name):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")  # a non-ASCII run path on an ASCII terminal (stderr does this already)
     try:
         main()
     except UserError as e:
