@@ -456,7 +456,8 @@ def merged(old: str, fact: str) -> str:
     f = read_fact(fact)
     if f[0] == "set":
         items = [(v, how == "end")] + items
-    return fact + (BEFORE + ", ".join(f"{x} {ENDS[attr]}" if e else x for x, e in items) if items else "")
+    # (a model-written entry may mark an ending the attribute cannot have: its word is then left out)
+    return fact + (BEFORE + ", ".join(f"{x} {ENDS.get(attr, '')}".strip() if e else x for x, e in items) if items else "")
 
 
 def timeline(entries: list, speaker: str, attr: str) -> tuple:

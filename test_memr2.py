@@ -1684,6 +1684,21 @@ def test_teacher_merges_updates_keeps_every_claim_and_deletes_only_proven_false_
         "Ann has a pet named Milo; before: Rex died, Max"  # the ending is kept in the history
 
 
+def test_teacher_and_reader_never_raise_on_what_a_policy_writes():
+    """The judge replays the teacher on the policy's own memory, and the reader answers from it:
+    odd merged lines (an ending a city cannot have, empty items, stray words) must not crash a step."""
+    odd = lines_of("Nina lives in Oslo since 1 May 2023; before: Rome died, , x y z", "Nina has a pet named Rex; before:",
+                   "Nina never lived in", "Nina's pet Rex died; before: Max quit, Max")
+    facts = [{"speaker": "Nina", "dia_id": "D9:1", "fact": f} for f in
+             ("Nina lives in Lima since 9 May 2023", "Nina has a pet named Milo", "Nina's pet Rex died", "Nina never lived in Oslo")]
+    ops = E.teacher_ops(facts, odd)
+    assert ops[0] == {"op": "UPDATE", "content": "Nina lives in Lima since 9 May 2023; before: Oslo, Rome, x", "memory_id": "m1",
+                      "dia_id": "D9:1"} and ops[3] == {"op": "DELETE", "memory_id": "m1"}
+    for kind, table in E.QUESTIONS.items():
+        for attr, q in table.items():
+            assert isinstance(E.lookup_answer(q.format(s="Nina", o="Bob", v="Rex"), odd), str)
+
+
 def test_world_asks_about_every_session_at_locomo_density_and_entries_fit():
     """LoCoMo asks 4.3-8.0 questions per session; every session of a world is the last evidence
     of at least one question, on average of at least 4, and the longest merged entry fits."""
