@@ -399,8 +399,8 @@ def _questions(a, b, hist, wrong, gold):
             ask("all", attr, ", ".join(c.value for c in h), [c.dia for c in h], s=s)
         if h:
             last[(s, attr)] = ("none", h[-1].ended) if h[-1].ended else (h[-1].value, h[-1].dia)
-        if attr == "city" and h:
-            ask("when", attr, gold[h[-1].dia]["date"], [h[-1].dia], s=s, v=h[-1].value)
+            if attr == "city":  # a move's date is in its fact: asked of the current city only
+                ask("when", attr, gold[h[-1].dia]["date"], [h[-1].dia], s=s, v=h[-1].value)
     for s, attr, claim, fix in wrong:
         ask("did", attr, "no", [claim.dia, fix], s=s, v=claim.value)
         if attr in STATE and not hist[(s, attr)]:
