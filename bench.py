@@ -1,8 +1,12 @@
-"""Micro-benchmarks. Run: python bench.py"""
+"""Micro-benchmarks, and the learning check. Run: python bench.py | python bench.py fit [--init DIR]"""
+import argparse
+import json
 import multiprocessing as mp
+import sys
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -168,6 +172,42 @@ def bench_logprob(n=4096, v=32768, h=256, chunk=256, repeats=3):
     return dict(fused_mem_mib=fused_mem, dense_mem_mib=dense_mem, fused_s=fused_t, dense_s=dense_t)
 
 
+def learning_check(argv: list) -> dict:
+    """RL must fit ONE conversation, the official regime (one fixed training conversation):
+    LoGo on the first training world at 8 sessions. Its sampled train F1 should pass 0.9 within
+    30 steps; validation F1 on other worlds beside it shows what fitting one world does to the
+    rest. An implementation that cannot fit one conversation has a bug."""
+    ap = argparse.ArgumentParser(prog="bench.py fit", description=learning_check.__doc__)
+    ap.add_argument("--init", default=None, help="SFT checkpoint (default: train one first, ~12 min)")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="runs/fit", help="run directory (a finished one is read, a started one resumed)")
+    args = ap.parse_args(argv)
+    import train  # the whole pipeline; the micro-benchmarks do not need it
+    run = Path(args.out)
+    if not (run / "metrics.jsonl").exists() or '"done"' not in (run / "metrics.jsonl").read_text():
+        flags = ["--resume", str(run)] if (run / "args.json").exists() else (
+            ["--train-worlds", "1", "--stages", "8", "--steps-per-stage", str(args.steps), "--lr", str(args.lr),
+             "--val-every", "10", "--no-final-eval", "--threads", str(args.threads), "--out", str(run.parent),
+             "--name", run.name] + (["--init", args.init] if args.init else []))
+        train.main(flags)
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    f1 = [r["train_f1"] for r in rows if r.get("phase") == "rl"]
+    val = {r["step"]: (r["f1_overall"], r["f1_se"]) for r in rows if r.get("phase") == "val"}
+    run5 = [sum(f1[max(0, i - 4):i + 1]) / len(f1[max(0, i - 4):i + 1]) for i in range(len(f1))]
+    hit = next((i + 1 for i, m in enumerate(run5) if m >= 0.9), None)
+    print(f"learning check ({run}): LoGo on one training world, 8 sessions, {len(f1)} steps")
+    print("sampled train F1 per step: " + " ".join(f"{x:.2f}" for x in f1))
+    print(f"first 5 steps {sum(f1[:5]) / len(f1[:5]):.2f}, last 10 {sum(f1[-10:]) / len(f1[-10:]):.2f}; "
+          f"5-step mean >= 0.9 {'from step %d' % hit if hit else 'never'} (target: within 30 steps)")
+    print("validation F1 on other worlds (step: F1 ± SE): " + ", ".join(f"{k}: {v:.1f} ± {se:.1f}" for k, (v, se) in val.items()))
+    return {"train_f1": f1, "reached": hit, "val": val}
+
+
 if __name__ == "__main__":
-    for bench in [bench_kv_cache, bench_vs_transformers, bench_logprob]:
-        bench()
+    if sys.argv[1:2] == ["fit"]:
+        learning_check(sys.argv[2:])
+    else:
+        for bench in [bench_kv_cache, bench_vs_transformers, bench_logprob]:
+            bench()

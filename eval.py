@@ -571,25 +571,59 @@ def teacher_ops(facts: list, shown: list, rng=None, noise: float = 0.0) -> list:
 
 
 def noisy_teacher(noise: float):
-    """The SFT teacher: gold ops corrupted at rate `noise` (see teacher_ops)."""
+    """The random-noise SFT teacher: gold ops corrupted at rate `noise` (see teacher_ops)."""
     return lambda facts, shown, rng: teacher_ops(facts, shown, rng, noise)
 
 
-def teacher_trace(sample: dict, conv, n_chunks: int, noise: float = 0.0, seed: int = 0,
-                  per_fact: int = 2, cap: int = 6, manager=None, retriever: str = "bm25"):
-    """Replay the world with the teacher -> (steps, final bank). One step per chunk:
+# An untrained manager's habits: an instruct model that never learned the ops mostly INSERTs
+# (SmolLM2-135M-Instruct as the manager on LoCoMo conv-26: 95.6 % INSERT, no UPDATE). Of the
+# ops the teacher would get right, these shares go wrong, always the same way; the rest stay
+# right, so a model that imitates the habits takes the wrong op greedily (it is the mode) and
+# still samples the right one at temperature 1 (what RL can reinforce).
+HABIT = {"UPDATE as INSERT": 0.6, "UPDATE replaces": 0.1, "DELETE as NOOP": 0.7}
+
+
+def habit_teacher(rates: dict = HABIT):
+    """The habit-start SFT teacher: per op, an UPDATE becomes an INSERT of the bare fact (a
+    duplicate next to the stored entry) or replaces the stored claims with the new one
+    (not merged), a DELETE of a disproved claim becomes NOOP; INSERT and NOOP stay right and
+    no fact is missed (extraction stays good)."""
+    def manager(facts, shown, rng):
+        ops = []
+        for f, op in zip(facts, teacher_ops(facts, shown)):
+            u = rng.random()
+            if op["op"] == "UPDATE" and u < rates["UPDATE as INSERT"]:
+                op = _insert(f)
+            elif op["op"] == "UPDATE" and u < rates["UPDATE as INSERT"] + rates["UPDATE replaces"]:
+                op = dict(op, content=f["fact"])
+            elif op["op"] == "DELETE" and u < rates["DELETE as NOOP"]:
+                op = {"op": "NOOP"}
+            ops.append(op)
+        return ops
+    return manager
+
+
+def sft_teacher(kind: str, noise: float):
+    """--teacher -> (manager, fact miss rate) for teacher_trace: the habit start misses no
+    fact; the noise teacher misses them at half its op noise."""
+    return (habit_teacher(), 0.0) if kind == "habit" else (noisy_teacher(noise), noise / 2)
+
+
+def teacher_trace(sample: dict, conv, n_chunks: int, manager=None, miss: float = 0.0, seed: int = 0,
+                  per_fact: int = 2, cap: int = 6, retriever: str = "bm25"):
+    """Replay the world with a teacher -> (steps, final bank). One step per chunk:
     (session, chunk_turns, gold_facts, retrieved_memories, ops); the ops are applied to the
-    teacher's own bank, so later chunks see the (possibly noisy) memory the teacher made.
-    `manager(facts, shown, rng) -> ops` replaces the teacher's manager (the scripted ones
-    of `SCRIPTED`); the facts are gold, missed at rate noise / 2."""
+    teacher's own bank, so later chunks see the (possibly imperfect) memory the teacher made.
+    `manager(facts, shown, rng) -> ops`: the gold ops by default, else an SFT teacher
+    (`sft_teacher`) or a scripted manager (`SCRIPTED`); the facts are gold, missed at rate `miss`."""
     rng = random.Random(seed)
-    manager = manager or noisy_teacher(noise)
+    manager = manager or SCRIPTED["oracle"]
     bank, steps = MemoryBank(retriever), []
     gold = sample["gold_facts"]
     for sess in conv.sessions:
         for chunk in chunk_turns(sess.turns, n_chunks):
             facts = [{"speaker": gold[t.dia_id]["speaker"], "dia_id": t.dia_id, "fact": gold[t.dia_id]["fact"]}
-                     for t in chunk if t.dia_id in gold and not (noise and rng.random() < noise / 2)]
+                     for t in chunk if t.dia_id in gold and not (miss and rng.random() < miss)]
             # copies: later UPDATEs rewrite entries in place, and a step must show the memory as it was
             retrieved = [copy.copy(e) for e in retrieve_for_facts(bank, facts, per_fact, cap)]
             ops = manager(facts, retrieved, rng)
@@ -598,9 +632,9 @@ def teacher_trace(sample: dict, conv, n_chunks: int, noise: float = 0.0, seed: i
     return steps, bank
 
 
-def teacher_memory(sample, conv, n_chunks, noise=0.0, seed=0, manager=None, retriever="bm25") -> MemoryBank:
-    """The bank the teacher ends with; at noise 0 this is the oracle (gold) memory."""
-    return teacher_trace(sample, conv, n_chunks, noise, seed, manager=manager, retriever=retriever)[1]
+def teacher_memory(sample, conv, n_chunks, manager=None, miss=0.0, seed=0, retriever="bm25") -> MemoryBank:
+    """The bank a teacher ends with; the gold ops' is the oracle memory."""
+    return teacher_trace(sample, conv, n_chunks, manager, miss, seed, retriever=retriever)[1]
 
 
 # ------------------------------------------------------------------ scripted managers (reward sensitivity)
@@ -626,6 +660,7 @@ SCRIPTED = {
     "drop-half": lambda facts, shown, rng: [o for o in teacher_ops(facts, shown)
                                             if o["op"] != "INSERT" or rng.random() < 0.5],
     "empty": lambda facts, shown, rng: [],
+    "habit (SFT teacher)": habit_teacher(),  # several kinds at once, at the HABIT rates: the start RL works from
 }
 
 
@@ -755,19 +790,24 @@ def score(answerer, tok, banks: list, convs: list, names=CATEGORIES) -> dict:
             d["em"].append(exact_match(pred, q.answer))
     ev = [d in b.dia_ids() for b, q in pairs if q.answer not in ("none", "no") for d in q.evidence]
     out = {f"{m}_{k}": 100 * sum(v) / len(v) for k, d in per.items() for m, v in d.items()}
+    if pairs:  # the standard error of F1 over the questions: what decides if two checkpoints differ
+        out["f1_se"] = 100 * sample_sd(per["overall"]["f1"]) / math.sqrt(len(pairs))
     out |= {"n_questions": len(pairs), "m_fail": 100 * (1 - sum(ev) / len(ev)) if ev else (0.0 if pairs else math.nan),
             "mem_entries": sum(len(b.entries) for b in banks) / len(banks),
             "mem_tokens": sum(memory_tokens(tok, b) for b in banks) / len(banks)}
     return out
 
 
-def evaluate(model, tok, answerer, convs: list, cfg: RLConfig, samples=None) -> dict:
+def evaluate(model, tok, answerer, convs: list, cfg: RLConfig, samples=None, temperature: float = 0.0) -> dict:
     """Greedy read of each whole conversation (test n = 1), then `score`, plus the ops mix;
-    with the synthetic `samples`, every decision is also scored against the teacher. Under
-    torchrun each rank reads every ranks()-th conversation; the memories are gathered and every
-    rank scores all of them (the same answers a single process gives)."""
+    with the synthetic `samples`, every decision is also scored against the teacher. At a
+    `temperature` > 0 the read is one sample (seed 0): how often the policy SAMPLES the right
+    op, which is what RL can reinforce. Under torchrun each rank reads every ranks()-th
+    conversation; the memories are gathered and every rank scores all of them (the same
+    answers a single process gives)."""
     mine, trace = range(this_rank(), len(convs), ranks()), []
-    banks, counts, unfinished = (read_conversations(model, tok, [convs[i] for i in mine], cfg, temperature=0.0, trace=trace)
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(0) if temperature > 0 else None
+    banks, counts, unfinished = (read_conversations(model, tok, [convs[i] for i in mine], cfg, temperature, gen, trace)
                                  if mine else ([], Counter(), 0))
     if ranks() > 1:
         parts = gather_over_ranks((list(mine), banks, counts, unfinished, [replace(d, b=mine[d.b]) for d in trace]))
@@ -879,6 +919,13 @@ def synthetic_split(sizes: dict, n_sessions: int = 32) -> dict:
 # Two-sided 95 % quantiles of Student's t by degrees of freedom (no scipy at run time).
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
+
+
+def questions_for_se(se: float = 1.5, f1: float = 50.0) -> int:
+    """Questions that bound the standard error of an F1 (x100) near `f1` by `se`. A score in
+    [0, 1] with mean m has variance <= m (1 - m), the most at m = 0.5: 1,112 questions keep
+    SE <= 1.5 at any F1 (567 at F1 85). Validation asks at least this many (PRESETS)."""
+    return math.ceil(f1 * (100 - f1) / se ** 2)
 
 
 def sample_sd(xs: list) -> float:
@@ -1189,11 +1236,15 @@ def cli_evaluate(argv: list) -> None:
     ap.add_argument("--retriever", choices=RETRIEVERS, default=None,
                     help="memory retrieval (default: the run's, else bm25); the sizes are the run's, else the paper's "
                          "for a pretrained chat model and 2/6/4 for ours")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy (the test); 1: one sampled read, the ops RL samples (seed 0)")
     args = ap.parse_args(argv)
+    if not 0 <= args.temperature <= 10:
+        raise SystemExit(f"error: --temperature {args.temperature}: must be in [0, 10]")
     try:
         ckpt = find_checkpoint(Path(args.path))
         ck = load_checkpoint(ckpt)
-        out = ckpt / f"eval-{args.data}-{args.split}.json"
+        out = ckpt / f"eval-{args.data}-{args.split}{f'-T{args.temperature:g}' if args.temperature else ''}.json"
         out.write_text("{}")  # fail now, not after the whole evaluation, if the result cannot be written
         samples, convs = eval_data(args)
         # retrieval as the run had it (args.json), else the paper's sizes for a pretrained model's context
@@ -1211,7 +1262,8 @@ def cli_evaluate(argv: list) -> None:
         raise SystemExit(f"error: {e}")
     except OSError as e:  # the result file, tried first: a read-only checkpoint fails before the evaluation
         raise SystemExit(f"error: cannot write {e.filename}: {e.strerror or e}")
-    table = {f"{ckpt} (answerer {answerer.name}, retriever {cfg.retriever})": evaluate(ck["model"], ck["tok"], answerer, convs, cfg, samples)}
+    table = {f"{ckpt} (answerer {answerer.name}, retriever {cfg.retriever}, T {args.temperature:g})":
+             evaluate(ck["model"], ck["tok"], answerer, convs, cfg, samples, args.temperature)}
     if samples is not None:
         table["oracle memory (teacher)"] = score(answerer, ck["tok"], oracle_banks(samples, convs, cfg), convs)
     print(report_table(table))

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 
 from eval import (CATEGORIES, LOCOMO_SPLIT, DataError, load_locomo, locomo_split,
                   parse_conversation, parse_date, short_date)
-from memory import MAX_CONTENT_WORDS, MemoryBank, bloat_cost, bm25, parse_facts, parse_operations, retrieve_for_facts, retrieve_for_question
+from memory import MAX_CONTENT_WORDS, QA, Conversation, MemoryBank, bloat_cost, bm25, parse_facts, parse_operations, retrieve_for_facts, retrieve_for_question
 from memr2 import fused_logprobs
 from model import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, CheckpointError, ModelConfig, Transformer, chat_prompt,
                    decode, encode, generate, left_pad, load_checkpoint, load_tokenizer, save_checkpoint, save_tokenizer,
@@ -1684,6 +1684,64 @@ def test_teacher_merges_updates_keeps_every_claim_and_deletes_only_proven_false_
         "Ann has a pet named Milo; before: Rex died, Max"  # the ending is kept in the history
 
 
+def test_habit_teacher_writes_the_wrong_op_as_its_mode_and_the_right_one_sometimes():
+    """The habit start's teacher, on hand-made cases: a move is an INSERT of the bare fact most of
+    the time, a replacing UPDATE sometimes, the merged UPDATE the rest; a correction is mostly
+    NOOP; an INSERT and a NOOP always stay right, and every fact gets exactly one op."""
+    shown = lines_of("Ann has a pet named Rex", "Ann visited Oslo")
+    fact = lambda text: {"speaker": "Ann", "dia_id": "D3:1", "fact": text}
+    facts = [fact("Ann has a pet named Milo"), fact("Ann never visited Oslo"), fact("Ann visited Rome"),
+             fact("Ann visited Oslo")]
+    teacher, rng, seen = E.habit_teacher(), random.Random(0), collections.Counter()
+    n = 4000
+    for _ in range(n):
+        ops = teacher(facts, shown, rng)
+        assert len(ops) == 4 and ops[2] == {"op": "INSERT", "content": "Ann visited Rome", "speaker": "Ann", "dia_id": "D3:1"}
+        assert ops[3] == {"op": "NOOP"}
+        up = ops[0]
+        seen["update " + ("insert" if up["op"] == "INSERT" else
+                          "replace" if up["content"] == "Ann has a pet named Milo" else
+                          "merge" if up["content"] == "Ann has a pet named Milo; before: Rex" else "other")] += 1
+        seen["delete " + ops[1]["op"]] += 1
+        assert ops[1] in ({"op": "NOOP"}, {"op": "DELETE", "memory_id": "m2"})
+    h = E.HABIT
+    for key, want in [("update insert", h["UPDATE as INSERT"]), ("update replace", h["UPDATE replaces"]),
+                      ("update merge", 1 - h["UPDATE as INSERT"] - h["UPDATE replaces"]),
+                      ("delete NOOP", h["DELETE as NOOP"]), ("delete DELETE", 1 - h["DELETE as NOOP"])]:
+        assert abs(seen[key] / n - want) < 0.03, (key, seen[key] / n, want)
+    assert seen["update other"] == 0
+    # the habit's mode is the wrong op for both kinds, and the right one stays common enough to sample
+    assert seen["update insert"] > seen["update merge"] >= 0.2 * n and seen["delete NOOP"] > seen["delete DELETE"] >= 0.2 * n
+
+
+def test_habit_teacher_misses_no_fact_and_its_memory_scores_below_the_oracle():
+    sample = E.make_world(3)
+    conv = E.parse_conversation(sample)
+    manager, miss = E.sft_teacher("habit", 0.3)
+    steps, bank = E.teacher_trace(sample, conv, 2, manager, miss, seed=1)
+    gold = [t.dia_id for s in conv.sessions for t in s.turns if t.dia_id in sample["gold_facts"]]
+    assert miss == 0 and [f["dia_id"] for *_, facts, _, _ in steps for f in facts] == gold
+    f1 = lambda b: sum(M.token_f1(E.lookup_answer(q.question, retrieve_for_question(b, q.question, 4)), q.answer)
+                       for q in conv.qa) / len(conv.qa)
+    assert f1(bank) < 0.95 * f1(E.teacher_memory(sample, conv, 2))
+
+
+def test_validation_size_bounds_the_standard_error_of_f1(tok):
+    """questions_for_se: the bound m (1 - m) / n on the variance of a mean of [0, 1] scores. The
+    preset's validation worlds ask enough questions for SE <= 1.5 at any F1, and `score` reports
+    the measured SE (sample SD / sqrt(n))."""
+    assert E.questions_for_se(1.5, 50) == 1112 and E.questions_for_se(1.5, 85) == 567
+    assert E.questions_for_se(3.0, 50) == 278  # a quarter: SE goes as 1 / sqrt(n)
+    samples, convs = E.synthetic_split({"val": train.PRESETS["tiny"]["val_worlds"]})["val"]
+    assert sum(len(c.qa) for c in convs) >= E.questions_for_se()
+    # two questions answered right and wrong: F1 50, per-question SD 70.7, SE 50
+    bank = MemoryBank()
+    bank.apply([{"op": "INSERT", "speaker": "Nina", "content": "Nina has a pet named Rex"}], 1, "1 May 2023")
+    qa = [QA("What is the name of Nina's pet?", a, ["D1:1"], 4, [1]) for a in ("Rex", "Max")]
+    out = E.score(E.exact_answerer(M.RLConfig()), tok, [bank], [Conversation("x", ("Nina", "Bob"), [], qa, {})])
+    assert out["f1_overall"] == 50.0 and abs(out["f1_se"] - 50.0) < 1e-9
+
+
 def test_teacher_and_reader_never_raise_on_what_a_policy_writes():
     """The judge replays the teacher on the policy's own memory, and the reader answers from it:
     odd merged lines (an ending a city cannot have, empty items, stray words) must not crash a step."""
@@ -1776,7 +1834,7 @@ def test_world_is_reproducible_changes_state_and_noise_hurts():
     assert {"INSERT", "UPDATE", "DELETE"} <= set(ops)  # moves, endings, corrections
     f1 = lambda bank: sum(M.token_f1(E.lookup_answer(q.question, retrieve_for_question(bank, q.question, 4)), q.answer)
                           for q in conv.qa) / len(conv.qa)
-    assert f1(E.teacher_memory(sample, conv, 2, noise=0.4, seed=1)) < f1(E.teacher_memory(sample, conv, 2)) == 1.0
+    assert f1(E.teacher_memory(sample, conv, 2, E.noisy_teacher(0.4), 0.2, seed=1)) < f1(E.teacher_memory(sample, conv, 2)) == 1.0
 
 
 def test_sessions_are_chunked_into_consecutive_runs():

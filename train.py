@@ -39,8 +39,9 @@ from memory import RETRIEVERS, retrieve_for_question
 from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, is_hf_dir, load_checkpoint,
                    non_finite, one_line, packaged_minilm, pick_device, save_checkpoint, train_tokenizer)
 
+# val_worlds: >= eval.questions_for_se() questions (1,112), so validation F1 has a standard error <= 1.5
 TINY = dict(d_model=128, n_layer=4, n_head=4, vocab=1024, sft_steps=2500, sft_batch=32,
-            train_worlds=800, val_worlds=4, test_worlds=24, steps="10,5,5")
+            train_worlds=800, val_worlds=6, test_worlds=24, steps="10,5,5")
 PRESETS = {  # model, SFT budget, world counts, steps; RL knobs come from RLConfig unless a preset names them
     "tiny": TINY,
     "gpu": TINY | dict(d_model=384, n_layer=8, n_head=6, vocab=2048, sft_steps=8000, sft_batch=64, n=16,
@@ -77,7 +78,7 @@ FLAG_CHECKS = {
 }
 # what may change when a run is resumed (--override); the rest would silently mix two runs
 OVERRIDABLE = ("lr", "threads", "device", "no_final_eval")
-OVERRIDABLE_BEFORE_SFT = ("sft_lr", "sft_steps", "teacher_noise")  # while the run has no SFT model yet
+OVERRIDABLE_BEFORE_SFT = ("sft_lr", "sft_steps", "teacher", "teacher_noise")  # while the run has no SFT model yet
 
 
 def parse_args(argv=None):
@@ -114,9 +115,11 @@ def build_parser():
     g = ap.add_argument_group("SFT warm start")
     g.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's, tiny 2500, gpu 8000)")
     g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate (cosine to 10 %%)")
+    g.add_argument("--teacher", choices=["habit", "noise"], default="habit",
+                   help="SFT teacher: an untrained manager's habits (eval.HABIT: UPDATEs written as INSERTs or "
+                        "replacing, corrections not DELETEd) or random noise at --teacher-noise (see README)")
     g.add_argument("--teacher-noise", type=float, default=0.3,
-                   help="rate of wrong/missing teacher ops in SFT data (0: a perfect teacher, which leaves RL nothing "
-                        "to fix in this world; see README)")
+                   help="--teacher noise: rate of wrong/missing teacher ops (0: a perfect teacher)")
     g = ap.add_argument_group("LoGo-GRPO")
     g.add_argument("--algo", choices=["logo", "grpo", "local"], default="logo",
                    help="logo: global + local groups; grpo: global only (never branches); local: local groups only")
@@ -233,18 +236,19 @@ def load_data(args):
     return E.synthetic_split({k: pre[f"{k}_worlds"] for k in ("train", "val", "test")}, args.sessions)
 
 
-def sft_examples(samples, convs, cfg: RLConfig, noise: float, seed: int, answer_role: bool) -> list:
-    """(role, prompt, target) triples from the teacher: the gold extractor output, the
-    (noisy) teacher's manager ops given the memory it has made so far, and (when the
+def sft_examples(samples, convs, cfg: RLConfig, teacher: str, noise: float, seed: int, answer_role: bool) -> list:
+    """(role, prompt, target) triples from the SFT teacher (`--teacher`): the gold extractor
+    output, the teacher's manager ops given the memory it has made so far, and (when the
     answerer is learned) the exact-lookup answer over what retrieval shows it."""
     ex = []
+    manager, miss = E.sft_teacher(teacher, noise)
     for i, (s, c) in enumerate(zip(samples, convs)):
-        steps, bank = E.teacher_trace(s, c, cfg.chunks, noise, seed + i, cfg.per_fact, cfg.mem_cap, retriever=cfg.retriever)
+        steps, bank = E.teacher_trace(s, c, cfg.chunks, manager, miss, seed + i, cfg.per_fact, cfg.mem_cap, cfg.retriever)
         for sess, chunk, facts, shown, ops in steps:
             ex.append(("ext", extractor_prompt(chunk, sess.date), facts_target(facts)))
             if facts:
                 ex.append(("mgr", manager_prompt(shown, facts), ops_target(ops)))
-        for b in (bank, E.teacher_memory(s, c, cfg.chunks, retriever=cfg.retriever)) if answer_role else ():  # noisy and clean
+        for b in (bank, E.teacher_memory(s, c, cfg.chunks, retriever=cfg.retriever)) if answer_role else ():  # taught and gold
             for q in c.qa:
                 mem = retrieve_for_question(b, q.question, cfg.qa_top_k, cfg.qa_by_session)
                 ex.append(("ans", answer_prompt(mem, q.question), E.lookup_answer(q.question, mem)))
@@ -768,7 +772,7 @@ def warm_start(args, run: Path, cfg: RLConfig, device, data, log):
         if args.data == "locomo":
             raise UserError("--data locomo has no teacher traces: pass --init <an SFT checkpoint> (e.g. runs/<name>/sft)")
         samples, convs = data["train"]
-        examples = sft_examples(samples, convs, cfg, args.teacher_noise, args.seed, args.answerer == "learned")
+        examples = sft_examples(samples, convs, cfg, args.teacher, args.teacher_noise, args.seed, args.answerer == "learned")
         pre = PRESETS[args.preset]
         tok = train_tokenizer([p + t for _, p, t in examples[:20000]], pre["vocab"])
         model = Transformer(ModelConfig(vocab_size=tok.get_vocab_size(), d_model=pre["d_model"], n_layer=pre["n_layer"],
@@ -792,21 +796,23 @@ def warm_start(args, run: Path, cfg: RLConfig, device, data, log):
 
 
 def stage_warm_start(si, args, run: Path, device, sft_model):
-    """The previous stage's best checkpoint (the SFT model for the first stage). It is also the
-    stage's KL reference, as in the official trainer."""
+    """The previous stage's best checkpoint (the SFT model for the first stage) -> (model, its
+    validation metrics or None). It is also the stage's KL reference, as in the official trainer."""
     if si == 0:  # in fp32: from disk where the frozen copy is bf16
-        return sft_model if sft_model.lm_head.weight.dtype == torch.float32 else load_ckpt(sft_path(args, run), device)["model"]
+        return (sft_model if sft_model.lm_head.weight.dtype == torch.float32
+                else load_ckpt(sft_path(args, run), device)["model"]), None
     prev = run / f"best-stage{si - 1}"
     if not prev.exists():
         raise UserError(f"{prev} is missing: stage {si + 1} has no warm start (restore it or start a new run)")
-    return load_ckpt(prev, device)["model"]
+    ck = load_ckpt(prev, device)
+    return ck["model"], ck["meta"].get("val")
 
 
 def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, opt, policy, ref, sft_model, tok, answerer):
     """Curriculum stage si (args.stages[si] sessions), from step st.step: 0, or where a resume
     left it with opt, the stage's optimizer. -> the optimizer."""
     S = args.stages[si]
-    start = stage_warm_start(si, args, run, device, sft_model)
+    start, start_val = stage_warm_start(si, args, run, device, sft_model)
     ref.load_state_dict(start.state_dict())  # also after a resume: the reference is not in `last`
     val_samples, val = data["val"]
     if st.step == 0:  # a stage's start, not a resume inside it: a fresh optimizer on the warm start
@@ -816,14 +822,17 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
             save_rl_state(run / "last", policy, tok, opt, st)
         # Validate before training: logged, NOT a candidate. Only checkpoints trained in
         # this stage compete for its best (official trainer: best starts at -1 per stage),
-        # so the next stage always starts from a model this stage trained.
-        with whole(policy):
-            v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
+        # so the next stage always starts from a model this stage trained. Validation reads
+        # whole conversations greedily, so a previous stage's best needs no second reading.
+        if start_val is None:
+            with whole(policy):
+                start_val = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
+        v = start_val
         st.best = -1.0
         st.log({"phase": "val", "stage": S, "step": 0, "gstep": st.gstep, **v})
-        print(f"stage {S} sessions: val F1 {v['f1_overall']:.1f} before training")
+        print(f"stage {S} sessions: val F1 {v['f1_overall']:.1f} ± {v['f1_se']:.1f} before training")
         if args.steps[si] == 0:  # nothing to train: the warm start passes through
-            save(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0})
+            save(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0, "val": v})
     train_convs = data["train"][1][:args.train_worlds]  # None: all
     # judges score rows against the gold facts, for the credit-assignment diagnostic: LoCoMo has none
     judges = {c.sample_id: E.make_judge(s) for s, c in zip(*data["train"])} if data["train"][0] else {}
@@ -853,7 +862,7 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
             st.log({"phase": "val", "stage": S, "step": step + 1, "gstep": st.gstep, **v})
             if v["f1_overall"] > st.best:
                 st.best = v["f1_overall"]
-                save(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": step + 1})
+                save(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": step + 1, "val": v})
         st.log(rec)
         save_rl_state(run / "last", policy, tok, opt, st)  # an interruption loses at most one step
     print(f"stage {S} sessions: best val F1 {st.best:.1f}")
