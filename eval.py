@@ -1262,7 +1262,8 @@ def cli_evaluate(argv: list) -> None:
         raise SystemExit(f"error: {e}")
     except OSError as e:  # the result file, tried first: a read-only checkpoint fails before the evaluation
         raise SystemExit(f"error: cannot write {e.filename}: {e.strerror or e}")
-    table = {f"{ckpt} (answerer {answerer.name}, retriever {cfg.retriever}, T {args.temperature:g})":
+    table = {f"{ckpt} (answerer {answerer.name}, retriever {cfg.retriever}"
+             f"{f', sampled at T {args.temperature:g}' if args.temperature else ''})":
              evaluate(ck["model"], ck["tok"], answerer, convs, cfg, samples, args.temperature)}
     if samples is not None:
         table["oracle memory (teacher)"] = score(answerer, ck["tok"], oracle_banks(samples, convs, cfg), convs)

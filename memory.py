@@ -225,9 +225,11 @@ _STOP = set("a an the is are was were be been do does did to of in on at for and
             "when where who which how that this it its s has have had".split())
 
 
-def terms(text: str) -> list:
+@functools.lru_cache(maxsize=1 << 16)
+def terms(text: str) -> tuple:
     """Lower-case word tokens minus stop words, with a crude plural/verb 's' strip so that
-    'lives' matches 'live', 'pets' matches 'pet' and 'hobbies' matches 'hobby'."""
+    'lives' matches 'live', 'pets' matches 'pet' and 'hobbies' matches 'hobby'. Cached: the
+    same entries are scored against every fact and question of a rollout."""
     out = []
     for w in re.findall(r"[a-z0-9]+", text.lower()):
         if w in _STOP:
@@ -235,26 +237,34 @@ def terms(text: str) -> list:
         if len(w) > 4 and w.endswith("ies"):
             w = w[:-3] + "y"
         out.append(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w)
-    return out
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _counts(text: str) -> Counter:  # a document's term counts (read only)
+    return Counter(terms(text))
 
 
 def bm25(query: str, docs: list, k1=1.2, b=0.75) -> list:
     """BM25 score of each doc string against the query; deterministic, no model."""
-    toks = [terms(d) for d in docs]
-    if not toks:
+    tfs = [_counts(d) for d in docs]
+    if not tfs:
         return []
-    avg = sum(map(len, toks)) / len(toks) or 1.0
-    df = Counter(w for t in toks for w in set(t))
-    n = len(toks)
+    lens = [sum(tf.values()) for tf in tfs]
+    avg = sum(lens) / len(lens) or 1.0
+    df = Counter(w for tf in tfs for w in tf)
+    n = len(tfs)
+    q = dict.fromkeys(terms(query))  # distinct, in a fixed order (a set's order changes with the hash seed)
     scores = []
-    for t in toks:
-        tf = Counter(t)
+    for tf, L in zip(tfs, lens):
         s = 0.0
-        for w in set(terms(query)):
+        for w in q:
             if w in tf:
                 idf = math.log(1 + (n - df[w] + 0.5) / (df[w] + 0.5))
-                s += idf * tf[w] * (k1 + 1) / (tf[w] + k1 * (1 - b + b * len(t) / avg))
-        scores.append(s)
+                s += idf * tf[w] * (k1 + 1) / (tf[w] + k1 * (1 - b + b * L / avg))
+        # rounded: equal matches summed in another order differ in the last bit, and must tie
+        # (a tie goes to the newest entry; the last bit would pick one by the term order)
+        scores.append(round(s, 9))
     return scores
 
 

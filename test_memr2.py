@@ -1781,9 +1781,10 @@ def test_reward_ranks_scripted_managers_oracle_first_empty_last():
     samples, convs = E.synthetic_split({"test": 8})["test"]
     tok = E.world_tokenizer(E.synthetic_split({"train": 8})["train"][0], 512)
     res = {k: v["reward"] for k, v in E.sensitivity(samples, convs, tok, M.RLConfig()).items()}
-    assert set(res) == {"oracle", "insert-only", "replace-updates", "duplicate-updates", "no-delete", "drop-half", "empty"}
+    assert set(res) == {"oracle", "insert-only", "replace-updates", "duplicate-updates", "no-delete", "drop-half", "empty",
+                        "habit (SFT teacher)"}
     assert res["oracle"] >= 99 and res["empty"] <= 10
-    for name in ("insert-only", "replace-updates", "duplicate-updates", "no-delete", "drop-half"):
+    for name in ("insert-only", "replace-updates", "duplicate-updates", "no-delete", "drop-half", "habit (SFT teacher)"):
         assert res["empty"] < res[name] < res["oracle"] - 8, name
 
 
