@@ -980,8 +980,17 @@ def compare(run_dirs: list, out_dir: Path) -> str:
     oracle = [r["oracle"]["f1_overall"] for r in runs if r.get("oracle")]
     nq = runs[0]["trained"].get("n_questions", "?") if runs else "?"
     md += ["", f"Test questions per run: {nq}. Base pipeline (SFT only) test F1: {sum(base) / len(base):.1f}; "
-               f"oracle memory: {sum(oracle) / len(oracle) if oracle else math.nan:.1f}.", "",
-           "Paired differences of test F1, first arm minus second, same seeds: mean [t-based 95 % interval] and per seed:", ""]
+               f"oracle memory: {sum(oracle) / len(oracle) if oracle else math.nan:.1f}."]
+    md += ["", "Trained minus the SFT start (the same base model in every run), mean [t-based 95 % interval] over seeds:", ""]
+    for arm, rs in arms.items():
+        parts = []
+        for name, c in (("F1", "f1_overall"), ("UPDATE acc", "acc_UPDATE"), ("DELETE acc", "acc_DELETE"),
+                        ("INSERT acc", "acc_INSERT")):
+            d = [x for r in rs if (x := r["trained"].get(c, math.nan) - r["base"].get(c, math.nan)) == x]  # NaN-free
+            parts.append(f"{name} {_fmt(t_interval(d)) if len(d) > 1 else '-'}")
+        md.append(f"- {arm}: " + "; ".join(parts))
+    md += ["", "Paired differences of test F1 between arms, first minus second, same seeds: mean [t-based 95 % interval] "
+               "and per seed:", ""]
     names = list(arms)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -1023,34 +1032,68 @@ def _credit(rs: list, stage, kind: str) -> list:
     return [x for x in xs if x == x]
 
 
+OPS = ("INSERT", "UPDATE", "DELETE")
+
+
 def _plots(arms: dict, curves: dict, out_dir: Path) -> None:
-    """Validation curves and the credit diagnostic per stage, as PNG, if matplotlib is there."""
+    """curves.png: validation F1 and training reward against RL steps per arm (the SFT start as
+    a line), and the credit diagnostic per stage; ops.png: per-op accuracy of the SFT start
+    and of each arm after RL. PNGs only where matplotlib is installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
-    color = {arm: f"C{i}" for i, arm in enumerate(arms)}  # one colour per arm in both panels
+    fig, ax = plt.subplots(1, 3, figsize=(17, 4.5))
+    color = {arm: f"C{i}" for i, arm in enumerate(arms)}  # one colour per arm in every panel
+    start = [f for rs in arms.values() for r in rs for st, step, f in r["val_curve"][:1] if step == 0]
+    if start:
+        ax[0].axhline(sum(start) / len(start), color="grey", ls=":", label="SFT start")
     for arm, pts in curves.items():
         ax[0].plot([x for x, _, _ in pts], [f for _, _, f in pts], marker="o", color=color[arm], label=arm)
-    ax[0].set(xlabel="RL steps (a stage's step 0 is its warm start, re-validated)", ylabel="val F1",
-              title="validation F1 (mean over seeds)")
+    ax[0].set(xlabel="RL steps", ylabel="validation F1", title="validation F1 (mean over seeds)")
     ax[0].legend(fontsize=7)
+    for arm, rs in arms.items():
+        by_step = {}
+        for r in rs:
+            for x, y in r["reward_curve"]:
+                by_step.setdefault(x, []).append(y)
+        xs = sorted(by_step)
+        ys = [sum(by_step[x]) / len(by_step[x]) for x in xs]
+        smooth = [sum(ys[max(0, i - 4):i + 1]) / len(ys[max(0, i - 4):i + 1]) for i in range(len(ys))]  # 5-step mean
+        ax[1].plot(xs, smooth, color=color[arm], label=arm)
+    ax[1].set(xlabel="RL steps", ylabel="reward_global (5-step mean)",
+              title="training reward (sampled rollouts; the stage's sessions)")
+    ax[1].legend(fontsize=7)
     for arm, rs in arms.items():
         for kind, style in (("G", "--"), ("L", "-")):
             ys = [t_interval(_credit(rs, s, kind) or [math.nan]) for s in rs[0]["stages"]]
             if all(math.isnan(y[0]) for y in ys):  # an arm without local rows
                 continue
-            ax[1].errorbar([str(s) for s in rs[0]["stages"]], [y[0] for y in ys], yerr=[[y[0] - y[1] for y in ys], [y[2] - y[0] for y in ys]],
+            ax[2].errorbar([str(s) for s in rs[0]["stages"]], [y[0] for y in ys], yerr=[[y[0] - y[1] for y in ys], [y[2] - y[0] for y in ys]],
                            linestyle=style, marker="o", capsize=3, color=color[arm],
                            label=f"{arm} {'global' if kind == 'G' else 'local'}")
-    ax[1].axhline(0, color="grey", lw=0.5)
-    ax[1].set(xlabel="stage (sessions)", ylabel="corr(advantage, true quality)", title="credit diagnostic (95 % t-interval)")
-    ax[1].legend(fontsize=7)
+    ax[2].axhline(0, color="grey", lw=0.5)
+    ax[2].set(xlabel="stage (sessions)", ylabel="corr(advantage, true quality)", title="credit diagnostic (95 % t-interval)")
+    ax[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "curves.png", dpi=100)
+    plt.close(fig)
+    # per-op accuracy: the SFT start (shared by every run), then each arm's mean +- std over seeds
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = {"SFT start": [r["base"] for rs in arms.values() for r in rs]} | {a: [r["trained"] for r in rs] for a, rs in arms.items()}
+    w = 0.8 / len(bars)
+    for j, (name, tables) in enumerate(bars.items()):
+        vals = [[t.get(f"acc_{op}", math.nan) for t in tables] for op in OPS]
+        ax.bar([i + j * w for i in range(len(OPS))], [sum(v) / len(v) for v in vals], w, yerr=[sample_sd(v) for v in vals],
+               capsize=2, color="grey" if j == 0 else color[name], label=name)
+    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(OPS))], [f"{op} acc" for op in OPS])
+    ax.set(ylabel="% of the teacher's ops matched (test, greedy)", title="decisions before and after RL (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "ops.png", dpi=100)
+    plt.close(fig)
 
 
 def read_run_result(d: Path) -> dict:
@@ -1062,6 +1105,7 @@ def read_run_result(d: Path) -> dict:
         for k in ("algo", "stages", "seed", "base", "trained"):
             r[k]
         rl = [v for v in vals if v["phase"] == "rl"]
+        r["reward_curve"] = [(v["gstep"], v["reward_global"]) for v in rl]  # x = RL steps taken, as the plots' x
         r["cost"] = {"updates": sum(v.get("updates", 0) for v in rl), "gen_tokens": sum(v.get("gen_tokens", 0) for v in rl)}
         r["credit"] = {}  # stage -> {kind: mean over its steps of the credit correlation}
         for s in r["stages"]:

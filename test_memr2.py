@@ -2,6 +2,7 @@
 and the issues is a test that can fail. Tiny models only; the whole file runs in a few minutes
 on 2 CPU cores."""
 import collections
+import importlib.util
 import json
 import math
 import os
@@ -1858,8 +1859,8 @@ def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
             corr = {"credit_corr_G": 0.1 * seed, "credit_corr_L": 0.1 * seed + (0.3 if algo == "logo" else math.nan)}
             (d / "metrics.jsonl").write_text("".join(json.dumps(v) + "\n" for v in [
                 {"phase": "sft", "step": 0, "loss": 1.0}, {"phase": "val", "stage": 8, "step": 0, "f1_overall": 10.0},
-                {"phase": "rl", "stage": 8, "step": 1, "updates": 4, "gen_tokens": 100, **corr},
-                {"phase": "rl", "stage": 16, "step": 1, "updates": 2, "gen_tokens": 50, **corr},
+                {"phase": "rl", "stage": 8, "step": 1, "gstep": 1, "reward_global": 0.2, "updates": 4, "gen_tokens": 100, **corr},
+                {"phase": "rl", "stage": 16, "step": 1, "gstep": 2, "reward_global": 0.3, "updates": 2, "gen_tokens": 50, **corr},
                 {"phase": "val", "stage": 16, "step": 1, "f1_overall": f1}]))
             runs.append(d)
     md = E.compare(runs, tmp_path / "results")
@@ -1870,6 +1871,10 @@ def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
     assert "logo 8->16, 16 sessions: global +0.15 [-0.49, +0.79], local +0.45 [-0.19, +1.09], local - global +0.30 [+0.30, +0.30]" in md
     assert "grpo 8->16, 8 sessions: global +0.15 [-0.49, +0.79], local -, local - global -" in md
     assert "- logo 8->16: 8:0=10.0 16:1=32.0" in md
+    # trained - base = (+20, +24): mean 22, se 2; UPDATE accuracy was never measured here: no interval
+    assert "- logo 8->16: F1 +22.0 [-3.4, +47.4]; UPDATE acc -;" in md
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "results" / "curves.png").stat().st_size > 0 and (tmp_path / "results" / "ops.png").stat().st_size > 0
     assert json.loads((tmp_path / "results" / "runs.json").read_text())[0]["seed"] == 1
 
 
