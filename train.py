@@ -832,6 +832,7 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
         st.log({"phase": "val", "stage": S, "step": 0, "gstep": st.gstep, **v})
         print(f"stage {S} sessions: val F1 {v['f1_overall']:.1f} ± {v['f1_se']:.1f} before training")
         if args.steps[si] == 0:  # nothing to train: the warm start passes through
+            st.best = v["f1_overall"]
             save(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0, "val": v})
     train_convs = data["train"][1][:args.train_worlds]  # None: all
     # judges score rows against the gold facts, for the credit-assignment diagnostic: LoCoMo has none
