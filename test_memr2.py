@@ -1844,6 +1844,30 @@ def test_sessions_are_chunked_into_consecutive_runs():
     assert M.chunk_turns(list(range(4)), 6) == [[0], [1], [2], [3]]
 
 
+def test_sft_length_buckets_cut_padding_and_give_the_padded_batch_loss_and_gradient():
+    """SFT runs a length-sorted batch as <= 3 contiguous buckets: every cell once, in order, less
+    padded area, and the same loss (mean over all target tokens) and gradient as one padded batch."""
+    rng = random.Random(0)
+    cells = sorted([M.Cell([BOS_ID] + [rng.randrange(7, 300) for _ in range(rng.randrange(3, 40))],
+                           [rng.randrange(7, 300) for _ in range(rng.randrange(1, 9))], True) for _ in range(13)],
+                   key=lambda c: len(c.prompt) + len(c.response))
+    buckets = train.length_buckets(cells)
+    assert 1 < len(buckets) <= 3 and [c for b in buckets for c in b] == cells
+    area = lambda cs: len(cs) * max(len(c.prompt) + len(c.response) for c in cs)
+    assert sum(map(area, buckets)) < area(cells)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=300, n_layer=2, d_model=32, n_head=4, n_kv_head=4, max_seq_len=64))
+    grads = []
+    for parts in ([cells], buckets):
+        model.zero_grad()
+        loss = -torch.cat([M.cell_logprobs(model, b, 1.0, 256)[0] for b in parts]).mean()
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-6
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+    assert train.length_buckets(cells[:1]) == [cells[:1]]
+
+
 # ==== eval.py: the experiment table ===============================================================
 def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
     """Arms are compared per seed (paired), with a t-interval over seeds."""
