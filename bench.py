@@ -183,14 +183,14 @@ def learning_check(argv: list) -> dict:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/fit", help="run directory (a finished one is read, a started one resumed)")
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)  # anything else goes to train.py as it is (e.g. --n 8)
     import train  # the whole pipeline; the micro-benchmarks do not need it
     run = Path(args.out)
     if not (run / "metrics.jsonl").exists() or '"done"' not in (run / "metrics.jsonl").read_text():
         flags = ["--resume", str(run)] if (run / "args.json").exists() else (
             ["--train-worlds", "1", "--stages", "8", "--steps-per-stage", str(args.steps), "--lr", str(args.lr),
              "--val-every", "10", "--no-final-eval", "--threads", str(args.threads), "--out", str(run.parent),
-             "--name", run.name] + (["--init", args.init] if args.init else []))
+             "--name", run.name] + (["--init", args.init] if args.init else []) + extra)
         train.main(flags)
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     f1 = [r["train_f1"] for r in rows if r.get("phase") == "rl"]
