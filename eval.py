@@ -1281,7 +1281,7 @@ def cli_evaluate(argv: list) -> None:
                     help="memory retrieval (default: the run's, else bm25); the sizes are the run's, else the paper's "
                          "for a pretrained chat model and 2/6/4 for ours")
     ap.add_argument("--temperature", type=float, default=0.0,
-                    help="0: greedy (the test); 1: one sampled read, the ops RL samples (seed 0)")
+                    help="0: greedy (the test); > 0: one read sampled at it (seed 0), as RL's rollouts sample")
     args = ap.parse_args(argv)
     if not 0 <= args.temperature <= 10:
         raise SystemExit(f"error: --temperature {args.temperature}: must be in [0, 10]")

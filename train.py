@@ -74,7 +74,7 @@ FLAG_CHECKS = {
     "seed": (lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2^63)"),  # torch seeds are 64-bit; seed + i must fit too
     **{f: (lambda v: 0 <= v <= 1, "a number in [0, 1]") for f in ("p", "teacher_noise")},
     **{f: (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0") for f in ("lam", "phi")},
-    **{f: (lambda v: math.isfinite(v) and v > 0, "a finite number > 0") for f in ("lr", "sft_lr")},
+    **{f: (lambda v: math.isfinite(v) and v > 0, "a finite number > 0") for f in ("lr", "sft_lr", "temperature")},
     "name": (lambda v: re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=-]*", v), "letters, digits, '_', '.', '-', '=' (no path)"),
 }
 # what may change when a run is resumed (--override); the rest would silently mix two runs
@@ -131,6 +131,8 @@ def build_parser():
     g.add_argument("--lam", type=float, default=None, help=f"bloat penalty weight lambda (RLConfig: {d.lam})")
     g.add_argument("--phi", type=float, default=None, help=f"free memory share phi of the dialogue (RLConfig: {d.phi})")
     g.add_argument("--lr", type=float, default=None, help=f"RL learning rate, constant (RLConfig: {d.lr})")
+    g.add_argument("--temperature", type=float, default=None,
+                   help=f"rollout and log-prob temperature, global and local (RLConfig: {d.temperature}; the paper's 1)")
     g.add_argument("--ppo-epochs", type=int, default=None, help=f"passes over each step's pool (RLConfig: {d.ppo_epochs})")
     g.add_argument("--minibatch", type=int, default=None,
                    help=f"cells per optimizer step (RLConfig: {d.minibatch}). LoGo's local rows make ~1.5x GRPO's pool "
@@ -206,7 +208,7 @@ def rl_config(args) -> RLConfig:
     # RLConfig holds every default; a preset, then a flag, overrides only what it names.
     preset = PRESETS[args.preset]
     given = {f: getattr(args, f) if getattr(args, f) is not None else preset.get(f)
-             for f in ("n", "K", "chunks", "ppo_epochs", "minibatch", "p", "lam", "phi", "lr")}
+             for f in ("n", "K", "chunks", "ppo_epochs", "minibatch", "p", "lam", "phi", "lr", "temperature")}
     cfg = RLConfig(algo=args.algo, retriever=args.retriever, **{f: v for f, v in given.items() if v is not None})
     if args.init_hf:  # the paper's N and retrieval sizes for a pretrained model; the tiny model's short context needs less
         cfg = replace(cfg, **PAPER_RETRIEVAL)
