@@ -42,7 +42,7 @@ from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, 
 
 # val_worlds: >= eval.questions_for_se() questions (1,112), so validation F1 has a standard error <= 1.5
 TINY = dict(d_model=128, n_layer=4, n_head=4, vocab=1024, sft_steps=2500, sft_batch=32,
-            train_worlds=800, val_worlds=6, test_worlds=24, steps="10,5,5")
+            train_worlds=800, val_worlds=6, test_worlds=24, steps="20,5,5")
 PRESETS = {  # model, SFT budget, world counts, steps; RL knobs come from RLConfig unless a preset names them
     "tiny": TINY,
     "gpu": TINY | dict(d_model=384, n_layer=8, n_head=6, vocab=2048, sft_steps=8000, sft_batch=64, n=16,
@@ -148,7 +148,7 @@ def build_parser():
     g = ap.add_argument_group("curriculum")
     g.add_argument("--stages", default="8,16,32", help="session caps of the curriculum; '32' trains directly")
     g.add_argument("--steps-per-stage", default=None,
-                   help="RL steps per stage, e.g. 10,5,5 (default: the preset's 10,5,5, cut or padded to the stages)")
+                   help="RL steps per stage, e.g. 30,15,15 (default: the preset's 20,5,5, cut or padded to the stages)")
     g.add_argument("--val-every", type=int, default=5, help="validate every this many RL steps")
     g = ap.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds SFT, data and algorithm streams")
