@@ -1868,6 +1868,28 @@ def test_sft_length_buckets_cut_padding_and_give_the_padded_batch_loss_and_gradi
     assert train.length_buckets(cells[:1]) == [cells[:1]]
 
 
+def test_base_test_is_read_once_per_sft_model_and_setting(tmp_path, monkeypatch):
+    """The base pipeline's test table is kept beside its SFT model: a second run from the same
+    --init reads it back, another setting (retrieval sizes) or a damaged file reads the test
+    worlds again, and a --init-hf model directory is never written."""
+    calls = []
+    monkeypatch.setattr(E, "evaluate", lambda model, tok, answerer, test, cfg, samples: calls.append(cfg) or {"f1_overall": 50.0 + len(calls)})
+    monkeypatch.setattr(train, "load_ckpt", lambda path, device: {"model": None})
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    args = types.SimpleNamespace(init=str(sft), init_hf=None)
+    test = [types.SimpleNamespace(sample_id="w1"), types.SimpleNamespace(sample_id="w2")]
+    answerer = types.SimpleNamespace(name="exact")
+    get = lambda cfg: train.base_test(args, tmp_path / "run", cfg, "cpu", None, answerer, test, None)
+    assert get(M.RLConfig())["f1_overall"] == 51.0 and get(M.RLConfig())["f1_overall"] == 51.0 and len(calls) == 1
+    assert get(M.RLConfig(qa_top_k=30))["f1_overall"] == 52.0 and get(M.RLConfig())["f1_overall"] == 51.0
+    (sft / "base-test.json").write_text("{not json")
+    assert get(M.RLConfig())["f1_overall"] == 53.0 and len(calls) == 3
+    args.init_hf = str(sft)
+    (sft / "base-test.json").unlink()
+    assert get(M.RLConfig())["f1_overall"] == 54.0 and not (sft / "base-test.json").exists()
+
+
 # ==== eval.py: the experiment table ===============================================================
 def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
     """Arms are compared per seed (paired), with a t-interval over seeds."""

@@ -894,8 +894,7 @@ def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, st: 
     result = {"run": str(run), "minutes": st.minutes}
     if not args.no_final_eval:
         samples, test = data["test"]
-        base = load_ckpt(sft_path(args, run), device)["model"]
-        table = {"base pipeline (SFT only)": E.evaluate(base, tok, answerer, test, cfg, samples),
+        table = {"base pipeline (SFT only)": base_test(args, run, cfg, device, tok, answerer, test, samples),
                  f"Memory-R2 ({cfg.algo}, {'->'.join(map(str, args.stages))})": E.evaluate(final, tok, answerer, test, cfg, samples)}
         if samples is not None:
             table["oracle memory (teacher)"] = E.score(answerer, tok, E.oracle_banks(samples, test, cfg), test)
@@ -913,6 +912,34 @@ def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, st: 
                 indent=1))
     st.log({"phase": "done", **result})
     return result
+
+
+def base_test(args, run: Path, cfg: RLConfig, device, tok, answerer, test, samples) -> dict:
+    """The base pipeline's test metrics. Its reading is greedy and its model frozen, so every run
+    from one --init SFT model gets the same table: it is kept beside that model, keyed by all
+    that changes it (an experiment's runs read the test worlds once, not once each). Not with
+    --init-hf (the user's model directory) or under torchrun."""
+    sft_dir = sft_path(args, run)
+    base = lambda: E.evaluate(load_ckpt(sft_dir, device)["model"], tok, answerer, test, cfg, samples)
+    if args.init_hf or ranks() > 1:
+        return base()
+    key = json.dumps({"retrieval": [cfg.retriever, cfg.per_fact, cfg.mem_cap, cfg.qa_top_k, cfg.qa_by_session],
+                      "chunks": cfg.chunks, "max_new": cfg.max_new, "answerer": answerer.name, "device": str(device),
+                      "threads": torch.get_num_threads(), "test": [c.sample_id for c in test]}, sort_keys=True)
+    cache = sft_dir / "base-test.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: read the test worlds again
+        known = {}
+    if key not in known:
+        known[key] = base()
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        try:  # two runs may write it at once: each replaces the file whole, with the same value
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, cache)
+        except OSError:  # a read-only SFT directory: nothing kept, nothing lost
+            tmp.unlink(missing_ok=True)
+    return known[key]
 
 
 def write_report(run, args, cfg, table, minutes, device, answerer_name):
