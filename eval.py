@@ -17,13 +17,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from model import CheckpointError, load_checkpoint, packaged_minilm, train_tokenizer
 from memory import (QA, RETRIEVERS, Conversation, Entry, MemoryBank, Session, Turn, bloat_cost, encodable, minilm, rank,
                     retrieve_for_facts, short_date)
-from memr2 import (CHAT_MAX_NEW, PAPER_RETRIEVAL, AnswerAgent, RLConfig, bleu1, chunk_turns, dialogue_tokens,
-                   exact_match, gather_over_ranks, memory_tokens, model_reader, qa_scores, ranks, read_conversations, row_reward,
-                   sample_questions, this_rank, token_f1)
+from memr2 import (CHAT_MAX_NEW, PAPER_RETRIEVAL, AnswerAgent, Decision, RLConfig, chunk_turns, dialogue_tokens,
+                   gather_over_ranks, memory_tokens, model_reader, normalize_answer, qa_scores, ranks, row_reward,
+                   run_session, sample_questions, this_rank, token_f1)
 
 # =============================================================================
 # LoCoMo data loading
@@ -764,15 +765,51 @@ def decision_metrics(c: Counter) -> dict:
 
 
 def make_judge(sample: dict):
-    """judge(session, decisions) -> the share of the session's gold facts extracted and
-    handled right: the true quality of one row, for the credit-assignment diagnostic."""
-    def judge(sess, decisions):
+    """judge(decisions) -> the share of the gold facts of a row's chunks extracted and handled
+    right: the true quality of one row, for the credit-assignment diagnostic."""
+    def judge(decisions):
         c = decision_counts(decisions, sample["gold_facts"])
         return c["right"] / c["fact_gold"] if c["fact_gold"] else float("nan")
     return judge
 
 
 # ============================================================================ evaluation
+def read_conversations(model, tok, convs: list, cfg: RLConfig, temperature: float = 0.0, gen=None, trace=None):
+    """One rollout of each whole conversation from an empty memory, all conversations in one
+    batch (evaluation: greedy). Returns (final banks, op counts, unfinished call count); with
+    a `trace` list, each Decision's b is rewritten to the index of its conversation."""
+    banks, counts, unfinished = [MemoryBank(cfg.retriever) for _ in convs], Counter(), 0
+    # a real model reads a LoCoMo conversation for an hour on CPU; the bar shows only on a terminal
+    for t in tqdm(range(max(len(c.sessions) for c in convs)), desc="reading sessions", leave=False, disable=None):
+        live = [i for i, c in enumerate(convs) if t < len(c.sessions)]
+        steps = []
+        ext, mgr, c = run_session(model, tok, [banks[i] for i in live], [convs[i].sessions[t] for i in live],
+                                  cfg, temperature, gen, steps)
+        if trace is not None:
+            trace += [Decision(live[d.b], d.turns, d.facts, d.shown, d.ops) for d in steps]
+        counts += c
+        unfinished += sum(not cell.finished for row in ext + mgr for cell in row.cells)
+    return banks, counts, unfinished
+
+
+# Reported beside F1, never rewarded.
+def bleu1(pred: str, gold: str) -> float:
+    """BLEU-1 as the official reward manager computes it (reported only): both strings get the
+    same SQuAD normalisation as F1; clipped unigram precision x brevity penalty, BP = 1 if
+    |pred| >= |gold| else exp(1 - |gold| / |pred|); 0 when either side is empty."""
+    p, r = normalize_answer(pred), normalize_answer(gold)
+    if not p or not r:
+        return 0.0
+    rc = Counter(r)
+    p1 = sum(min(c, rc[w]) for w, c in Counter(p).items()) / len(p)
+    bp = 1.0 if len(p) >= len(r) else math.exp(1 - len(r) / len(p))
+    return bp * p1
+
+
+def exact_match(pred: str, gold: str) -> float:
+    return float(normalize_answer(pred) == normalize_answer(gold))
+
+
 def score(answerer, tok, banks: list, convs: list, names=CATEGORIES) -> dict:
     """Answer every question of each conversation from its final bank; F1, BLEU-1 and exact
     match overall and per category (x100), M-Fail, memory size. M-Fail is the share of the

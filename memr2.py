@@ -37,8 +37,6 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 from torch.distributed.fsdp import FSDPModule
-from tqdm import tqdm
-
 from model import chat_prompt, decode, encode, generate
 from memory import (MemoryBank, bloat_cost, parse_facts, parse_operations, retrieve_for_facts,
                     retrieve_for_question, short_date)
@@ -75,6 +73,23 @@ def answer_prompt(memories, question: str) -> str:
     return ROLE["ans"] + "Q: " + question + "\n" + mem + SEP
 
 
+def facts_target(facts) -> str:
+    # Keys in the order the model can best write them: the fact, then its subject, then its source.
+    return _compact({"facts": [{"fact": f["fact"], "speaker": f["speaker"], "dia_id": f["dia_id"]} for f in facts]})
+
+
+def ops_target(ops) -> str:
+    return _compact({"operations": ops})
+
+
+def chunk_turns(turns, n_chunks: int) -> list:
+    """N chunks of ceil(#turns/N) consecutive turns (the official code's chunking); fewer if turns run out."""
+    size = max(1, math.ceil(len(turns) / n_chunks))
+    return [turns[i:i + size] for i in range(0, len(turns), size)]
+
+
+
+# ---------------------------------------------------------------- the same roles for an instruct model
 # An instruct model (its config names a chat format) gets the same inputs in its chat template:
 # a system prompt with the role's task as the paper describes it, one worked example, then the
 # real input with the reply schema. The tiny model's prompts above are untouched.
@@ -133,21 +148,6 @@ def as_chat(model, role: str, prompt: str) -> str:
     example, reply = CHAT_EXAMPLE[role]
     return chat_prompt(fmt, [("system", CHAT_SYSTEM[role]), ("user", head + example + tail), ("assistant", reply),
                              ("user", head + body + tail)])
-
-
-def facts_target(facts) -> str:
-    # Keys in the order the model can best write them: the fact, then its subject, then its source.
-    return _compact({"facts": [{"fact": f["fact"], "speaker": f["speaker"], "dia_id": f["dia_id"]} for f in facts]})
-
-
-def ops_target(ops) -> str:
-    return _compact({"operations": ops})
-
-
-def chunk_turns(turns, n_chunks: int) -> list:
-    """N chunks of ceil(#turns/N) consecutive turns (the official code's chunking); fewer if turns run out."""
-    size = max(1, math.ceil(len(turns) / n_chunks))
-    return [turns[i:i + size] for i in range(0, len(turns), size)]
 
 
 # ============================================================================ configuration
@@ -225,6 +225,7 @@ class Row:
     cells: list = field(default_factory=list)
     reward: float = 0.0
     adv: float = 0.0
+    decisions: list = field(default_factory=list)  # its chunks' Decisions (read by the diagnostics only)
     quality: float = float("nan")  # diagnostic only: share of gold decisions right (synthetic world)
 
     @property
@@ -274,24 +275,6 @@ def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperat
     return ext, mgr, counts
 
 
-def read_conversations(model, tok, convs: list, cfg: RLConfig, temperature: float = 0.0, gen=None, trace=None):
-    """One rollout of each whole conversation from an empty memory, all conversations in one
-    batch (evaluation: greedy). Returns (final banks, op counts, unfinished call count); with
-    a `trace` list, each Decision's b is rewritten to the index of its conversation."""
-    banks, counts, unfinished = [MemoryBank(cfg.retriever) for _ in convs], Counter(), 0
-    # a real model reads a LoCoMo conversation for an hour on CPU; the bar shows only on a terminal
-    for t in tqdm(range(max(len(c.sessions) for c in convs)), desc="reading sessions", leave=False, disable=None):
-        live = [i for i, c in enumerate(convs) if t < len(c.sessions)]
-        steps = []
-        ext, mgr, c = run_session(model, tok, [banks[i] for i in live], [convs[i].sessions[t] for i in live],
-                                  cfg, temperature, gen, steps)
-        if trace is not None:
-            trace += [Decision(live[d.b], d.turns, d.facts, d.shown, d.ops) for d in steps]
-        counts += c
-        unfinished += sum(not cell.finished for row in ext + mgr for cell in row.cells)
-    return banks, counts, unfinished
-
-
 # ============================================================================ answer agent
 class AnswerAgent:
     """The frozen answer agent (paper Sec. 3): retrieval shows the top memories per speaker and
@@ -330,7 +313,7 @@ def extract_answer(text: str) -> str:
     return (m.group(1) if m else text).strip()
 
 
-# ============================================================================ metrics (token F1 of the official code, BLEU-1 of its reward manager)
+# ============================================================================ the reward's metric (token F1 of the official code)
 def normalize_answer(s: str) -> list:
     """SQuAD-style: lower-case, no punctuation, no articles, collapsed whitespace."""
     s = "".join(ch for ch in str(s).lower() if ch not in set(string.punctuation))
@@ -347,23 +330,6 @@ def token_f1(pred: str, gold: str) -> float:
         return 0.0
     prec, rec = len(common) / len(p), len(common) / len(g)
     return 2 * prec * rec / (prec + rec)
-
-
-def bleu1(pred: str, gold: str) -> float:
-    """BLEU-1 as the official reward manager computes it (reported only): both strings get the
-    same SQuAD normalisation as F1; clipped unigram precision x brevity penalty, BP = 1 if
-    |pred| >= |gold| else exp(1 - |gold| / |pred|); 0 when either side is empty."""
-    p, r = normalize_answer(pred), normalize_answer(gold)
-    if not p or not r:
-        return 0.0
-    rc = Counter(r)
-    p1 = sum(min(c, rc[w]) for w, c in Counter(p).items()) / len(p)
-    bp = 1.0 if len(p) >= len(r) else math.exp(1 - len(r) / len(p))
-    return bp * p1
-
-
-def exact_match(pred: str, gold: str) -> float:
-    return float(normalize_answer(pred) == normalize_answer(gold))
 
 
 # ============================================================================ rewards (official code: per-session global, immediate local)
@@ -442,28 +408,6 @@ def assign_advantages(rows: list) -> dict:
         f"group_std_{k}": sum(v) / max(1, len(v)) for k, v in stds.items()}
 
 
-def credit_correlation(rows: list) -> dict:
-    """Does a row's advantage say how good its own decisions were? Per group kind, the pooled
-    within-group correlation of advantage and true quality (the teacher's score of the row's
-    decisions), over manager rows of groups whose rewards vary; qualities are centred per group."""
-    groups = {}
-    for row in rows:
-        if row.role == "mgr" and row.quality == row.quality:
-            groups.setdefault(row.group, []).append(row)
-    out = {}
-    for kind in ("G", "L"):
-        a, q = [], []
-        for gid, members in groups.items():
-            rewards = [row.reward for row in members]
-            if gid.kind == kind and len(members) > 1 and max(rewards) > min(rewards):
-                qm = sum(row.quality for row in members) / len(members)
-                a += [row.adv for row in members]
-                q += [row.quality - qm for row in members]
-        den = math.sqrt(sum(x * x for x in a) * sum(y * y for y in q))
-        out[f"credit_corr_{kind}"] = sum(x * y for x, y in zip(a, q)) / den if den > 0 else float("nan")
-    return out
-
-
 # ============================================================================ the loss (per-call clipped surrogate, official code)
 def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entropy=False):
     """Log-probs of every response token of `cells` under `model` -> (logp (N,), ent (N,) or
@@ -530,18 +474,18 @@ class Branch:
     pairs: list = field(default_factory=list)  # the K branches' (extractor row, manager row)
 
 
-def play_session(policy, tok, banks: list, session, group, cfg: RLConfig, gen, judge) -> tuple:
+def play_session(policy, tok, banks: list, session, group, cfg: RLConfig, gen) -> tuple:
     """One session on every bank (in place) -> ([(extractor row, manager row)] per bank, op
-    counts); `group(role)` names the rows' group, `judge` their true quality (else NaN)."""
+    counts); `group(role)` names the rows' group."""
     trace = []
     ext, mgr, counts = run_session(policy, tok, banks, [session] * len(banks), cfg, cfg.temperature, gen, trace)
     for i, (e, m) in enumerate(zip(ext, mgr)):
         e.group, m.group = group("ext"), group("mgr")
-        e.quality = m.quality = judge(session, [d for d in trace if d.b == i]) if judge else float("nan")
+        e.decisions = m.decisions = [d for d in trace if d.b == i]
     return list(zip(ext, mgr)), counts
 
 
-def global_rollouts(policy, tok, conv, S: int, cfg: RLConfig, algo_rng, gen, judge) -> tuple:
+def global_rollouts(policy, tok, conv, S: int, cfg: RLConfig, algo_rng, gen) -> tuple:
     """n rollouts of sessions 1..S from empty memory; before each session a coin (p) may pick
     a branch point -> (final banks, pairs[t-1][i] of rollout i at session t, branches, op counts)."""
     banks, pairs, branches, counts = [MemoryBank(cfg.retriever) for _ in range(cfg.n)], [], [], Counter()
@@ -549,19 +493,19 @@ def global_rollouts(policy, tok, conv, S: int, cfg: RLConfig, algo_rng, gen, jud
         if cfg.algo != "grpo" and algo_rng.random() < cfg.p:  # plain GRPO never branches
             i = algo_rng.randrange(cfg.n)
             branches.append(Branch(t, i, banks[i].snapshot()))
-        prs, c = play_session(policy, tok, banks, session, lambda role: Group("G", t, role), cfg, gen, judge)
+        prs, c = play_session(policy, tok, banks, session, lambda role: Group("G", t, role), cfg, gen)
         pairs.append(prs)
         counts += c
     return banks, pairs, branches, counts
 
 
-def local_rerollouts(policy, tok, conv, branches: list, cfg: RLConfig, gen, judge) -> None:
+def local_rerollouts(policy, tok, conv, branches: list, cfg: RLConfig, gen) -> None:
     """Local rerollouts, still with theta_old: K copies of each snapshot rerun its session,
     SAMPLING at the training temperature. Branches never continue past their session."""
     for br in branches:
         br.banks = [br.memory.snapshot() for _ in range(cfg.K)]
         br.pairs, _ = play_session(policy, tok, br.banks, conv.sessions[br.session - 1],
-                                   lambda role: Group("L", br.session, role, br.source), cfg, gen, judge)
+                                   lambda role: Group("L", br.session, role, br.source), cfg, gen)
 
 
 def assign_rewards(answerer, tok, conv, S: int, banks: list, glob: list, branches: list, q_global: list,
@@ -588,7 +532,8 @@ class World:
     """One training conversation of a step with its own random streams: `data_rng` picks the
     questions, `algo_rng` the branch points, `gen` the samples, so one seed asks every algorithm
     the same questions. `judge` (optional) scores rows against a teacher for the credit
-    diagnostic; it never touches the reward. Under torchrun every rank rolls out its own worlds."""
+    diagnostic (`world_numbers`); it never touches the reward. Under torchrun every rank rolls
+    out its own worlds."""
     conv: object
     data_rng: random.Random
     algo_rng: random.Random
@@ -596,69 +541,50 @@ class World:
     judge: object = None
 
 
-def world_pool(policy, answerer: AnswerAgent, tok, w: World, S: int, cfg: RLConfig) -> tuple:
-    """One world's global rollouts, local rerollouts, rewards and advantages -> (its pool of
-    rows, its stats). Its groups stay inside it: a world's rows never meet another's."""
+@dataclass
+class WorldStep:
+    """One world's part of a step: the pool of rows the loss trains on, and what the step's
+    numbers are read from (`world_numbers`)."""
+    pool: list
+    global_rows: list
+    local_rows: list
+    banks: list  # the global rollouts' final memories
+    branches: list
+    f1: list  # [n][q] global rollouts' F1 per reward question
+    pens: list  # [n] their bloat penalties
+    finished: list  # [n][S]
+    r_global: list  # [n][S]
+    counts: Counter  # op counts of the global rollouts
+    groups: dict  # assign_advantages' zero-variance shares and group spreads
+
+
+def world_pool(policy, answerer: AnswerAgent, tok, w: World, S: int, cfg: RLConfig) -> WorldStep:
+    """One world's global rollouts, local rerollouts, rewards and advantages. Its groups stay
+    inside it: a world's rows never meet another's."""
     conv = w.conv
     S = min(S, len(conv.sessions))
     q_global = sample_questions(conv.qa, S, cfg.q_global, w.data_rng)
     q_seed = w.data_rng.random()  # local subsets derive from it, so no arm shifts another's draws
-    banks, glob, branches, counts = global_rollouts(policy, tok, conv, S, cfg, w.algo_rng, w.gen, w.judge)
-    local_rerollouts(policy, tok, conv, branches, cfg, w.gen, w.judge)
+    banks, glob, branches, counts = global_rollouts(policy, tok, conv, S, cfg, w.algo_rng, w.gen)
+    local_rerollouts(policy, tok, conv, branches, cfg, w.gen)
     f1, pens, finished, r_global = assign_rewards(answerer, tok, conv, S, banks, glob, branches, q_global, q_seed, cfg)
     # Advantages per (group, role), then one merged pool with no weight between its parts.
     global_rows = [row for prs in glob for pr in prs for row in pr]
     local_rows = [row for br in branches for pr in br.pairs for row in pr]
     pool = (global_rows if cfg.algo != "local" else []) + local_rows
-    stats = {"conv": conv.sample_id} | assign_advantages(pool) | credit_correlation(pool)
-    mean = lambda xs: sum(xs) / max(1, len(xs))
-    stats.update({
-        "reward_global": sum(map(sum, r_global)) / (cfg.n * S), "train_f1": mean([mean(row) for row in f1]),
-        "local_reward": mean([row.reward for row in local_rows]),
-        "local_distinct": mean([len({json.dumps(sorted((e.speaker, e.content) for e in b.entries.values()))
-                                     for b in br.banks}) for br in branches]),
-        "branches": len(branches), "local_share": len(local_rows) / max(1, len(pool)),
-        "gen_tokens": sum(len(c.response) for row in global_rows + local_rows for c in row.cells),
-        "unfinished_frac": 1 - sum(map(sum, finished)) / (cfg.n * S),
-        "mem_tokens": mean([memory_tokens(tok, b) for b in banks]), "mem_entries": mean([len(b.entries) for b in banks]),
-        "bloat": sum(pens) / (cfg.n * cfg.lam) if cfg.lam else 0.0,
-        "quality_G": _nanmean([row.quality for row in global_rows if row.role == "mgr"]),
-        "quality_L": _nanmean([row.quality for row in local_rows if row.role == "mgr"]),
-        "ops": {k: v / cfg.n for k, v in counts.items()},
-    })
-    return pool, stats
+    groups = assign_advantages(pool)
+    return WorldStep(pool, global_rows, local_rows, banks, branches, f1, pens, finished, r_global, counts, groups)
 
 
 def logo_step(policy, ref, answerer: AnswerAgent, tok, worlds: list, S: int, cfg: RLConfig, opt) -> dict:
     """One policy update (paper Alg. 1): each World's rollouts, rewards and advantages, then
     one update on their pools (`ppo_update`; under torchrun, with every rank's worlds).
-    -> the stats: the mean over the worlds of every rank, then the update's."""
+    -> the step's numbers: the mean over the worlds of every rank, then the update's."""
     with whole(policy):
-        pools, stats = zip(*(world_pool(policy, answerer, tok, w, S, cfg) for w in worlds))
-    out = mean_over_worlds([s for rank_stats in gather_over_ranks(list(stats)) for s in rank_stats])
-    return out | ppo_update(policy, ref, list(pools), cfg, opt)
-
-
-def mean_over_worlds(per: list) -> dict:
-    """Per-world stats -> one dict: a number's mean over the worlds that have it (NaN where none
-    has), an op count's mean with 0 where a world made none, the conversation ids joined."""
-    def mean(xs):
-        xs = [x for x in xs if x == x]
-        return float("nan") if not xs else xs[0] if len(xs) == 1 else sum(xs) / len(xs)
-    out = {}
-    for k in per[0]:
-        if k == "conv":
-            out[k] = ",".join(s[k] for s in per)
-        elif k == "ops":
-            out[k] = {op: mean([s[k].get(op, 0) for s in per]) for op in dict.fromkeys(o for s in per for o in s[k])}
-        else:
-            out[k] = mean([s[k] for s in per])
-    return out
-
-
-def _nanmean(xs):
-    xs = [x for x in xs if x == x]  # NaN-free
-    return sum(xs) / len(xs) if xs else float("nan")
+        steps = [world_pool(policy, answerer, tok, w, S, cfg) for w in worlds]
+    numbers = [world_numbers(w, st, S, cfg, tok) for w, st in zip(worlds, steps)]
+    out = mean_over_worlds([x for rank_numbers in gather_over_ranks(numbers) for x in rank_numbers])
+    return out | ppo_update(policy, ref, [st.pool for st in steps], cfg, opt)
 
 
 def ppo_update(policy, ref, pools: list, cfg: RLConfig, opt) -> dict:
@@ -745,6 +671,77 @@ def clipped_step(model, opt, clip: float) -> float | None:
         return None
     opt.step()
     return norm
+
+
+# ============================================================================ the step's numbers (logged only, never in the loss)
+def world_numbers(w: World, st: WorldStep, S: int, cfg: RLConfig, tok) -> dict:
+    """One world's numbers for the log: rewards, group statistics, cost, memory size, op counts
+    and, with a judge (synthetic world), the credit diagnostic."""
+    S = min(S, len(w.conv.sessions))
+    if w.judge:  # a manager row's true quality: the teacher's score of its chunks' decisions
+        for row in st.global_rows + st.local_rows:
+            if row.role == "mgr":
+                row.quality = w.judge(row.decisions)
+    mean = lambda xs: sum(xs) / max(1, len(xs))
+    n = cfg.n
+    return {"conv": w.conv.sample_id, **st.groups, **credit_correlation(st.pool),
+            "reward_global": sum(map(sum, st.r_global)) / (n * S), "train_f1": mean([mean(row) for row in st.f1]),
+            "local_reward": mean([row.reward for row in st.local_rows]),
+            "local_distinct": mean([len({json.dumps(sorted((e.speaker, e.content) for e in b.entries.values()))
+                                         for b in br.banks}) for br in st.branches]),
+            "branches": len(st.branches), "local_share": len(st.local_rows) / max(1, len(st.pool)),
+            "gen_tokens": sum(len(c.response) for row in st.global_rows + st.local_rows for c in row.cells),
+            "unfinished_frac": 1 - sum(map(sum, st.finished)) / (n * S),
+            "mem_tokens": mean([memory_tokens(tok, b) for b in st.banks]),
+            "mem_entries": mean([len(b.entries) for b in st.banks]),
+            "bloat": sum(st.pens) / (n * cfg.lam) if cfg.lam else 0.0,
+            "quality_G": _nanmean([row.quality for row in st.global_rows if row.role == "mgr"]),
+            "quality_L": _nanmean([row.quality for row in st.local_rows if row.role == "mgr"]),
+            "ops": {k: v / n for k, v in st.counts.items()}}
+
+
+def credit_correlation(rows: list) -> dict:
+    """Does a row's advantage say how good its own decisions were? Per group kind, the pooled
+    within-group correlation of advantage and true quality (the teacher's score of the row's
+    decisions), over manager rows of groups whose rewards vary; qualities are centred per group."""
+    groups = {}
+    for row in rows:
+        if row.role == "mgr" and row.quality == row.quality:
+            groups.setdefault(row.group, []).append(row)
+    out = {}
+    for kind in ("G", "L"):
+        a, q = [], []
+        for gid, members in groups.items():
+            rewards = [row.reward for row in members]
+            if gid.kind == kind and len(members) > 1 and max(rewards) > min(rewards):
+                qm = sum(row.quality for row in members) / len(members)
+                a += [row.adv for row in members]
+                q += [row.quality - qm for row in members]
+        den = math.sqrt(sum(x * x for x in a) * sum(y * y for y in q))
+        out[f"credit_corr_{kind}"] = sum(x * y for x, y in zip(a, q)) / den if den > 0 else float("nan")
+    return out
+
+
+def mean_over_worlds(per: list) -> dict:
+    """Per-world stats -> one dict: a number's mean over the worlds that have it (NaN where none
+    has), an op count's mean with 0 where a world made none, the conversation ids joined."""
+    def mean(xs):
+        xs = [x for x in xs if x == x]
+        return float("nan") if not xs else xs[0] if len(xs) == 1 else sum(xs) / len(xs)
+    out = {}
+    for k in per[0]:
+        if k == "conv":
+            out[k] = ",".join(s[k] for s in per)
+        elif k == "ops":
+            out[k] = {op: mean([s[k].get(op, 0) for s in per]) for op in dict.fromkeys(o for s in per for o in s[k])}
+        else:
+            out[k] = mean([s[k] for s in per])
+    return out
+
+
+def _nanmean(xs):
+    xs = [x for x in xs if x == x]  # NaN-free
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 # ============================================================================ data parallelism (torchrun)

@@ -855,14 +855,14 @@ def test_token_f1_is_squad_normalised_set_overlap():
 
 def test_bleu1_is_the_official_squad_normalised_clipped_precision_times_brevity_penalty():
     """BLEU-1 as the official reward manager computes it, on hand cases."""
-    assert M.bleu1("paris paris", "paris") == pytest.approx(0.5)  # clipped count 1 of 2
-    assert M.bleu1("rome", "rome in italy") == pytest.approx(M.math.exp(1 - 3))
-    assert M.bleu1("8 May 2023", "8 May 2023") == 1.0
+    assert E.bleu1("paris paris", "paris") == pytest.approx(0.5)  # clipped count 1 of 2
+    assert E.bleu1("rome", "rome in italy") == pytest.approx(math.exp(1 - 3))
+    assert E.bleu1("8 May 2023", "8 May 2023") == 1.0
     # the official tokenisation: punctuation and articles are not tokens
-    assert M.bleu1("homeless shelter, gym, church", "books, movies, dreams") == 0.0
-    assert M.bleu1("The cat.", "a cat") == 1.0
-    assert M.bleu1("the dog, a cat", "dog cat bird") == pytest.approx(M.math.exp(1 - 3 / 2))
-    assert M.bleu1("", "") == 0.0 and M.bleu1("", "x") == 0.0 and M.bleu1("x", "the") == 0.0
+    assert E.bleu1("homeless shelter, gym, church", "books, movies, dreams") == 0.0
+    assert E.bleu1("The cat.", "a cat") == 1.0
+    assert E.bleu1("the dog, a cat", "dog cat bird") == pytest.approx(math.exp(1 - 3 / 2))
+    assert E.bleu1("", "") == 0.0 and E.bleu1("", "x") == 0.0 and E.bleu1("x", "the") == 0.0
 
 
 # ==== memr2.py: rewards ===========================================================================
@@ -1067,7 +1067,7 @@ def test_logo_step_logs_the_credit_diagnostic(tiny, monkeypatch):
     monkeypatch.setattr(M, "sample", scripted_sample(random.Random(12)))
     cfg = M.RLConfig(n=3, K=3, p=1.0, ppo_epochs=1)
     seen, rng, pools = [], random.Random(2), []
-    judge = lambda sess, decisions: seen.append((sess.index, len(decisions), q := rng.random())) or q
+    judge = lambda decisions: seen.append((decisions[0].turns[0].dia_id, len(decisions), q := rng.random())) or q
     real = M.credit_correlation
     monkeypatch.setattr(M, "credit_correlation", lambda rows: pools.append(rows) or real(rows))
     gold = {q.question: q.answer for q in conv.qa}  # right from a memory of an even number of lines: rewards vary
