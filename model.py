@@ -215,7 +215,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(w, std=0.02 / math.sqrt(2 * cfg.n_layer))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.prefix_kv = (None, {})  # generate's K/V of shared prompt prefixes: (weights key, {ids: [(k, v)]})
+        self.prefix_cache = (None, {})  # generate's K/V of shared prompt prefixes: (weights key, {ids: [(k, v)]})
 
     @staticmethod
     def _init(m):
@@ -328,9 +328,9 @@ def prefix_kv(model: Transformer, prefix: list[int]) -> list:
     dev = model.cos.device.type
     key = (tuple((id(p), p._version, p.dtype, p.device) for p in model.parameters()),
            torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev))
-    if model.prefix_kv[0] != key:
-        model.prefix_kv = (key, {})
-    store, ids = model.prefix_kv[1], tuple(prefix)
+    if model.prefix_cache[0] != key:
+        model.prefix_cache = (key, {})
+    store, ids = model.prefix_cache[1], tuple(prefix)
     if ids not in store:
         if len(store) >= 8:  # a few roles' prefixes; drop the oldest beyond that
             store.pop(next(iter(store)))

@@ -171,9 +171,9 @@ def test_prefix_cache_gives_the_logits_and_greedy_tokens_of_the_full_prompts(mod
     assert got == ref == [greedy_by_recompute(model, p, 20) for p in full]
     assert len({tuple(r) for r in ref}) == len(ref)  # the rows really differ
     # a later call reuses the stored K/V, in a batch of another size
-    kv = model.prefix_kv[1][tuple(PREFIX)]
+    kv = model.prefix_cache[1][tuple(PREFIX)]
     assert generate(model, RESTS[2:], 20, temperature=0, eos_id=None, prefix=PREFIX)[0] == ref[2:]
-    assert model.prefix_kv[1][tuple(PREFIX)] is kv
+    assert model.prefix_cache[1][tuple(PREFIX)] is kv
 
 
 def test_prefix_cache_samples_the_same_tokens_with_the_same_generator(model):
