@@ -53,6 +53,41 @@ def bench_kv_cache():
           f"speed-up {t_slow / t_fast:.1f}x (target >= 5x)")
 
 
+@torch.no_grad()
+def bench_prefix():
+    """A chat role's calls share a long head (system prompt, worked example): generate(prefix=) runs it
+    once at batch 1 and keeps its K/V; against the full prompts, same model and batch, same tokens."""
+    torch.set_num_threads(1)  # as bench_kv_cache
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(max_seq_len=512)).eval()
+    g = torch.Generator().manual_seed(0)
+    prefix = [BOS_ID] + torch.randint(7, 1024, (199,), generator=g).tolist()  # 200 tokens
+    rests = [torch.randint(7, 1024, (n,), generator=g).tolist() for n in torch.randint(8, 33, (16,), generator=g).tolist()]
+    n_new = 32
+    generate(model, rests[:2], 4, temperature=0, eos_id=None)  # warm-up
+
+    def best(prompts, prefix=(), stored=False):
+        """Best of 3 wall times; the prefix's K/V computed in each call, or stored by an earlier call."""
+        times = []
+        for _ in range(3):
+            model.prefix_cache = (None, {})
+            if stored:
+                generate(model, prompts[:1], 1, prefix=prefix)
+            t0 = time.perf_counter()
+            out, _ = generate(model, prompts, n_new, temperature=0, eos_id=None, prefix=prefix)
+            times.append(time.perf_counter() - t0)
+        return out, min(times)
+
+    for batch in (rests, rests[:1]):  # an answer batch; an extractor call of one conversation
+        full, t_full = best([prefix + r for r in batch])
+        cold, t_cold = best(batch, prefix)
+        warm, t_warm = best(batch, prefix, stored=True)  # a later call of the role
+        assert full == cold == warm, "prefix path and full prompts disagree"
+        print(f"prefix cache, {len(batch)} prompt(s) of a 200-token prefix + 8..32 tokens, {n_new} new: full prompts "
+              f"{t_full:.2f} s, prefix computed in the call {t_cold:.2f} s ({t_full / t_cold:.1f}x), "
+              f"stored by an earlier call {t_warm:.2f} s ({t_full / t_warm:.1f}x)")
+
+
 # ============================================================================ vs the transformers library
 @torch.no_grad()
 def bench_vs_transformers():
@@ -209,5 +244,5 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["fit"]:
         learning_check(sys.argv[2:])
     else:
-        for bench in [bench_kv_cache, bench_vs_transformers, bench_logprob]:
+        for bench in [bench_kv_cache, bench_prefix, bench_vs_transformers, bench_logprob]:
             bench()

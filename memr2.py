@@ -150,6 +150,22 @@ def as_chat(model, role: str, prompt: str) -> str:
                              ("user", head + body + tail)])
 
 
+def chat_ids(model, tok, role: str, prompts: list) -> tuple[list, list]:
+    """Role prompts as the model reads them -> (the ids every one starts with, the rest of each). For a
+    chat model that shared part is the system prompt and worked example, the same in every call of the
+    role, so generate computes its K/V once; the tiny model's role prompts share nothing worth it."""
+    ids = [encode(tok, as_chat(model, role, p)) for p in prompts]
+    if not model.cfg.chat_format or not ids:
+        return [], ids
+    # The role's prompt around an empty input, up to the first token where a real prompt differs
+    # (a BPE merge across the boundary ends the shared part a token early); each row keeps >= 1 token.
+    fixed = encode(tok, as_chat(model, role, ROLE[role] + SEP))
+    n = min(len(fixed), *(len(p) - 1 for p in ids))
+    for p in ids:
+        n = next((i for i in range(n) if p[i] != fixed[i]), n)
+    return fixed[:n], [p[n:] for p in ids]
+
+
 # ============================================================================ configuration
 @dataclass
 class RLConfig:
@@ -236,9 +252,10 @@ class Row:
 def sample(model, tok, prompts: list, role: str, cfg: RLConfig, temperature: float, gen=None):
     """Batched KV-cache sampling -> list of Cells. Training rollouts sample plainly (no top-k,
     no top-p) so the loss's log-probs belong to the distribution that was sampled."""
-    ids = [encode(tok, as_chat(model, role, p)) for p in prompts]
-    outs, done = generate(model, ids, cfg.max_new[role], temperature=temperature, eos_id=model.cfg.eos_id, generator=gen)
-    return [Cell(p, o, d) for p, o, d in zip(ids, outs, done)]
+    prefix, rest = chat_ids(model, tok, role, prompts)
+    outs, done = generate(model, rest, cfg.max_new[role], temperature=temperature, eos_id=model.cfg.eos_id,
+                          generator=gen, prefix=prefix)
+    return [Cell(prefix + r, o, d) for r, o, d in zip(rest, outs, done)]
 
 
 def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperature: float, gen=None, trace=None):
@@ -301,8 +318,8 @@ def model_reader(model, tok, cfg: RLConfig):
     def read(items):
         prompts, out = [answer_prompt(mem, q) for mem, q in items], []
         for i in range(0, len(prompts), 64):
-            outs, _ = generate(model, [encode(tok, as_chat(model, "ans", p)) for p in prompts[i:i + 64]],
-                              cfg.max_new["ans"], temperature=0.0)
+            prefix, rest = chat_ids(model, tok, "ans", prompts[i:i + 64])
+            outs, _ = generate(model, rest, cfg.max_new["ans"], temperature=0.0, prefix=prefix)
             out += [extract_answer(decode(tok, o)) for o in outs]
         return out
     return read

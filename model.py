@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.distributed.fsdp import FSDPModule
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -214,6 +215,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(w, std=0.02 / math.sqrt(2 * cfg.n_layer))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.prefix_cache = (None, {})  # generate's K/V of shared prompt prefixes: (weights key, {ids: [(k, v)]})
 
     @staticmethod
     def _init(m):
@@ -312,36 +314,72 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
 
 
 @torch.no_grad()
+def prefix_kv(model: Transformer, prefix: list[int]) -> list:
+    """Keys and values of a prompt prefix -> [(k, v) per layer], each (1, Hkv, P, hd). Kept on the model
+    while its weights stay the same: every call of a role repeats its system prompt and worked example."""
+    def compute():
+        cache = KVCache(model.cfg.n_layer, len(prefix))
+        model.hidden_states(torch.tensor([prefix], device=model.cos.device), kv_cache=cache)  # causal, from slot 0
+        return list(zip(cache.k, cache.v))
+    if isinstance(model, FSDPModule):  # its gathered weights change without a version bump: no reuse
+        return compute()
+    # An optimizer step or load_state_dict bumps a weight's version; .to() changes its dtype or device;
+    # autocast changes the dtype the K/V are computed in.
+    dev = model.cos.device.type
+    key = (tuple((id(p), p._version, p.dtype, p.device) for p in model.parameters()),
+           torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev))
+    if model.prefix_cache[0] != key:
+        model.prefix_cache = (key, {})
+    store, ids = model.prefix_cache[1], tuple(prefix)
+    if ids not in store:
+        if len(store) >= 8:  # a few roles' prefixes; drop the oldest beyond that
+            store.pop(next(iter(store)))
+        store[ids] = compute()
+    return store[ids]
+
+
+@torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, eos_id: int | None = -1, generator: torch.Generator | None = None,
+             prefix: list[int] = (),
              ) -> tuple[list[list[int]], list[bool]]:
     """Sample continuations for prompts of different lengths -> (new ids per row, finished-with-EOS per row).
 
     A finished row's ids end with eos_id; -1 (the default) means the model's own (`cfg.eos_id`, a chat
     model's end of turn), None never stops early. A row gets at most
-    max_seq_len - len(prompt) new tokens; running out of room counts as unfinished.
+    max_seq_len - len(prefix + prompt) new tokens; running out of room counts as unfinished.
+    prefix: ids that every row's prompt starts with, left out of `prompts`: their K/V are computed once
+    for the whole batch (and reused by later calls, see prefix_kv). Row slots: [prefix][pads][prompt][new],
+    with positions as if there were no pads, so each row computes what its full prompt alone would.
     """
     out, finished = [[] for _ in prompts], [False] * len(prompts)
     cfg, device = model.cfg, next(model.parameters()).device
     eos_id = cfg.eos_id if eos_id == -1 else eos_id
-    caps = [min(max_new_tokens, cfg.max_seq_len - len(p)) for p in prompts]
+    P = len(prefix)
+    caps = [min(max_new_tokens, cfg.max_seq_len - P - len(p)) for p in prompts]
     rows = [i for i, c in enumerate(caps) if c > 0]
     if not rows:
         return out, finished
     if any(len(prompts[i]) == 0 for i in rows):
-        raise ValueError("generate: empty prompt (start prompts with BOS)")
+        raise ValueError("generate: empty prompt (start prompts with BOS; keep >= 1 token of each after a prefix)")
     was_training = model.training
     model.eval()
     try:
         idx, pos, mask = left_pad([prompts[i] for i in rows], device)  # (B, L)
         B, L = idx.shape
+        pos = pos + P
         steps = max(caps[i] for i in rows)
         cap = torch.tensor([caps[i] for i in rows], device=device)  # (B,)
         # Every generated slot is a real token, so the mask can be extended to its final width up front.
-        mask = torch.cat([mask, mask.new_ones(B, steps)], dim=1)  # (B, L + steps)
+        mask = torch.cat([mask.new_ones(B, P), mask, mask.new_ones(B, steps)], dim=1)  # (B, P + L + steps)
         next_pos = pos[:, -1] + 1  # (B,) position of each row's first new token
-        cache = KVCache(cfg.n_layer, L + steps)
-        logits = model.lm_head(model.hidden_states(idx, pos, mask[:, :L], cache)[:, -1])  # (B, V)
+        cache = KVCache(cfg.n_layer, P + L + steps)
+        if P:
+            for layer, (k, v) in enumerate(prefix_kv(model, prefix)):
+                cache.update(layer, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
+            cache.length = P
+        S = P + L  # slots the prompts fill
+        logits = model.lm_head(model.hidden_states(idx, pos, mask[:, :S], cache)[:, -1])  # (B, V)
         tokens = torch.zeros(B, steps, dtype=torch.long, device=device)
         n_new = torch.zeros(B, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -357,7 +395,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                 break
             # Finished rows keep decoding junk (cheaper than shrinking the batch); clamp so positions stay in range.
             p = (next_pos + t).clamp(max=cfg.max_seq_len - 1)[:, None]  # (B, 1)
-            logits = model.lm_head(model.hidden_states(nxt[:, None], p, mask[:, :L + t + 1], cache)[:, -1])
+            logits = model.lm_head(model.hidden_states(nxt[:, None], p, mask[:, :S + t + 1], cache)[:, -1])
         for j, (row, n, e) in enumerate(zip(rows, n_new.tolist(), eos.tolist())):
             out[row], finished[row] = tokens[j, :n].tolist(), e
     finally:

@@ -147,6 +147,63 @@ def test_generate_restores_training_mode(model):
     assert model.training
 
 
+def logits_and_tokens(model, monkeypatch, prompts, n, **kw):
+    """generate's tokens, and the logits it sampled each step from (steps, B, V)."""
+    import model as model_module
+    seen, real = [], model_module.sample_next
+    monkeypatch.setattr(model_module, "sample_next", lambda logits, *a: seen.append(logits.clone()) or real(logits, *a))
+    out, _ = generate(model, prompts, n, eos_id=None, **kw)
+    monkeypatch.undo()
+    return torch.stack(seen), out
+
+
+# A 10-token prefix shared by a ragged batch: the rest of each prompt is 1 to 12 tokens long.
+PREFIX = prompts_of_lengths([10], seed=5)[0]
+RESTS = [p[1:] for p in prompts_of_lengths([2, 8, 4, 13], seed=6)]
+
+
+def test_prefix_cache_gives_the_logits_and_greedy_tokens_of_the_full_prompts(model, monkeypatch):
+    """The prefix's K/V, computed once at batch 1 and shared by every row, change no row's logits."""
+    full = [PREFIX + r for r in RESTS]
+    ref_logits, ref = logits_and_tokens(model, monkeypatch, full, 20, temperature=0)
+    got_logits, got = logits_and_tokens(model, monkeypatch, RESTS, 20, temperature=0, prefix=PREFIX)
+    torch.testing.assert_close(got_logits, ref_logits, atol=1e-4, rtol=0)  # every step, every row
+    assert got == ref == [greedy_by_recompute(model, p, 20) for p in full]
+    assert len({tuple(r) for r in ref}) == len(ref)  # the rows really differ
+    # a later call reuses the stored K/V, in a batch of another size
+    kv = model.prefix_cache[1][tuple(PREFIX)]
+    assert generate(model, RESTS[2:], 20, temperature=0, eos_id=None, prefix=PREFIX)[0] == ref[2:]
+    assert model.prefix_cache[1][tuple(PREFIX)] is kv
+
+
+def test_prefix_cache_samples_the_same_tokens_with_the_same_generator(model):
+    def run(seed, **kw):
+        return generate(model, kw.pop("prompts"), 15, temperature=1.0, eos_id=None,
+                        generator=torch.Generator().manual_seed(seed), **kw)[0]
+
+    with_prefix = run(0, prompts=RESTS, prefix=PREFIX)
+    assert with_prefix == run(0, prompts=[PREFIX + r for r in RESTS])
+    assert with_prefix != run(1, prompts=RESTS, prefix=PREFIX)
+
+
+def test_a_weight_update_invalidates_the_stored_prefix(model, monkeypatch):
+    """RL changes the policy between rollouts: stale prefix K/V would give the old model's logits."""
+    full = [PREFIX + r for r in RESTS]
+    before, _ = logits_and_tokens(model, monkeypatch, RESTS, 3, temperature=0, prefix=PREFIX)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    model(torch.tensor([PREFIX])).logsumexp(-1).mean().backward()
+    opt.step()  # in place, as training does
+    ref, _ = logits_and_tokens(model, monkeypatch, full, 3, temperature=0)
+    got, _ = logits_and_tokens(model, monkeypatch, RESTS, 3, temperature=0, prefix=PREFIX)
+    assert (ref - before).abs().max() > 0.1  # the step moved the logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    with torch.no_grad():  # load_state_dict copies in place too
+        model.load_state_dict(varied_model(seed=3).state_dict())
+    ref, _ = logits_and_tokens(model, monkeypatch, full, 3, temperature=0)
+    got, _ = logits_and_tokens(model, monkeypatch, RESTS, 3, temperature=0, prefix=PREFIX)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def tok():
     texts = ["the cat sat on the mat", "Memory agents ADD, UPDATE, DELETE facts.", "naïve café — 東京 🚀"] * 5
@@ -418,6 +475,29 @@ def test_hf_tokenizer_and_chat_format_equal_the_library(hf_dir, locomo_turns):
     msgs = [("system", M.CHAT_SYSTEM["ext"]), ("user", head + example + tail), ("assistant", reply), ("user", user)]
     assert p == ht.apply_chat_template([{"role": r, "content": t} for r, t in msgs], tokenize=False,
                                        add_generation_prompt=True)
+
+
+def test_chat_role_calls_share_the_system_prompt_and_example_and_sample_as_without(hf_dir):
+    """memr2 passes each chat role's fixed head (system prompt, worked example) as generate's prefix:
+    the ids are the full prompts' and greedy replies those of the full prompts."""
+    ck = load_checkpoint(hf_dir)
+    model, tok = ck["model"], ck["tok"]
+    conv = load_locomo(LOCOMO_FILE)[0]
+    turns = conv.sessions[0].turns
+    prompts = {"ext": [M.extractor_prompt(turns[i:j], conv.sessions[0].date) for i, j in [(0, 1), (1, 4), (4, 6)]],
+               "ans": [M.answer_prompt([], q.question) for q in conv.qa[:3]]}
+    cfg = M.RLConfig(max_new={"ext": 12, "ans": 12})
+    for role, ps in prompts.items():
+        full = [encode(tok, M.as_chat(model, role, p)) for p in ps]
+        prefix, rest = M.chat_ids(model, tok, role, ps)
+        assert [prefix + r for r in rest] == full
+        system = encode(tok, chat_prompt(model.cfg.chat_format, [("system", M.CHAT_SYSTEM[role])], False))
+        assert len(prefix) > len(system) + 10  # the system prompt and (most of) the worked example
+        cells = M.sample(model, tok, ps, role, cfg, 0.0)
+        ref, done = generate(model, full, 12, temperature=0)
+        assert [c.prompt for c in cells] == full
+        assert [(c.response, c.finished) for c in cells] == list(zip(ref, done))
+    assert M.chat_ids(Transformer(TINY), tok, "ext", prompts["ext"])[0] == []  # no chat format: no prefix
 
 
 def test_saved_hf_dir_loads_in_the_library_with_equal_logits(hf_dir, tmp_path, locomo_turns):
