@@ -562,6 +562,7 @@ class World:
 class WorldStep:
     """One world's part of a step: the pool of rows the loss trains on, and what the step's
     numbers are read from (`world_numbers`)."""
+    S: int  # sessions played (the stage's cap, or fewer where the conversation is shorter)
     pool: list
     global_rows: list
     local_rows: list
@@ -590,7 +591,7 @@ def world_pool(policy, answerer: AnswerAgent, tok, w: World, S: int, cfg: RLConf
     local_rows = [row for br in branches for pr in br.pairs for row in pr]
     pool = (global_rows if cfg.algo != "local" else []) + local_rows
     groups = assign_advantages(pool)
-    return WorldStep(pool, global_rows, local_rows, banks, branches, f1, pens, finished, r_global, counts, groups)
+    return WorldStep(S, pool, global_rows, local_rows, banks, branches, f1, pens, finished, r_global, counts, groups)
 
 
 def logo_step(policy, ref, answerer: AnswerAgent, tok, worlds: list, S: int, cfg: RLConfig, opt) -> dict:
@@ -599,7 +600,7 @@ def logo_step(policy, ref, answerer: AnswerAgent, tok, worlds: list, S: int, cfg
     -> the step's numbers: the mean over the worlds of every rank, then the update's."""
     with whole(policy):
         steps = [world_pool(policy, answerer, tok, w, S, cfg) for w in worlds]
-    numbers = [world_numbers(w, st, S, cfg, tok) for w, st in zip(worlds, steps)]
+    numbers = [world_numbers(w, st, cfg, tok) for w, st in zip(worlds, steps)]
     out = mean_over_worlds([x for rank_numbers in gather_over_ranks(numbers) for x in rank_numbers])
     return out | ppo_update(policy, ref, [st.pool for st in steps], cfg, opt)
 
@@ -691,16 +692,15 @@ def clipped_step(model, opt, clip: float) -> float | None:
 
 
 # ============================================================================ the step's numbers (logged only, never in the loss)
-def world_numbers(w: World, st: WorldStep, S: int, cfg: RLConfig, tok) -> dict:
+def world_numbers(w: World, st: WorldStep, cfg: RLConfig, tok) -> dict:
     """One world's numbers for the log: rewards, group statistics, cost, memory size, op counts
     and, with a judge (synthetic world), the credit diagnostic."""
-    S = min(S, len(w.conv.sessions))
     if w.judge:  # a manager row's true quality: the teacher's score of its chunks' decisions
         for row in st.global_rows + st.local_rows:
             if row.role == "mgr":
                 row.quality = w.judge(row.decisions)
     mean = lambda xs: sum(xs) / max(1, len(xs))
-    n = cfg.n
+    n, S = cfg.n, st.S
     return {"conv": w.conv.sample_id, **st.groups, **credit_correlation(st.pool),
             "reward_global": sum(map(sum, st.r_global)) / (n * S), "train_f1": mean([mean(row) for row in st.f1]),
             "local_reward": mean([row.reward for row in st.local_rows]),
