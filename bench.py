@@ -269,6 +269,7 @@ def learning_check(argv: list) -> dict:
     ap.add_argument("--out", default="runs/fit", help="run directory (a finished one is read, a started one resumed)")
     args, extra = ap.parse_known_args(argv)  # anything else goes to train.py as it is (e.g. --n 8)
     import train  # the whole pipeline; the micro-benchmarks do not need it
+    from eval import running_mean
     run = Path(args.out)
     if not (run / "metrics.jsonl").exists() or '"done"' not in (run / "metrics.jsonl").read_text():
         flags = ["--resume", str(run)] if (run / "args.json").exists() else (
@@ -279,8 +280,7 @@ def learning_check(argv: list) -> dict:
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     f1 = [r["train_f1"] for r in rows if r.get("phase") == "rl"]
     val = {r["step"]: (r["f1_overall"], r["f1_se"]) for r in rows if r.get("phase") == "val"}
-    run5 = [sum(f1[max(0, i - 4):i + 1]) / len(f1[max(0, i - 4):i + 1]) for i in range(len(f1))]
-    hit = next((i + 1 for i, m in enumerate(run5) if m >= 0.9), None)
+    hit = next((i + 1 for i, m in enumerate(running_mean(f1)) if m >= 0.9), None)
     print(f"learning check ({run}): LoGo on one training world, 8 sessions, {len(f1)} steps")
     print("sampled train F1 per step: " + " ".join(f"{x:.2f}" for x in f1))
     print(f"first 5 steps {sum(f1[:5]) / len(f1[:5]):.2f}, last 10 {sum(f1[-10:]) / len(f1[-10:]):.2f}; "

@@ -965,6 +965,11 @@ def questions_for_se(se: float = 1.5, f1: float = 50.0) -> int:
     return math.ceil(f1 * (100 - f1) / se ** 2)
 
 
+def running_mean(xs: list, k: int = 5) -> list:
+    """The mean of each value and the k - 1 before it (fewer at the start)."""
+    return [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
+
+
 def sample_sd(xs: list) -> float:
     """Sample standard deviation (n - 1); 0.0 for fewer than two values. NaN-tolerant,
     unlike statistics.stdev: a missing metric gives NaN, not an error."""
@@ -1098,8 +1103,7 @@ def _plots(arms: dict, curves: dict, out_dir: Path) -> None:
                 by_step.setdefault(x, []).append(y)
         xs = sorted(by_step)
         ys = [sum(by_step[x]) / len(by_step[x]) for x in xs]
-        smooth = [sum(ys[max(0, i - 4):i + 1]) / len(ys[max(0, i - 4):i + 1]) for i in range(len(ys))]  # 5-step mean
-        ax[1].plot(xs, smooth, color=color[arm], label=arm)
+        ax[1].plot(xs, running_mean(ys), color=color[arm], label=arm)
     ax[1].set(xlabel="RL steps", ylabel="reward_global (5-step mean)",
               title="training reward (sampled rollouts; the stage's sessions)")
     ax[1].legend(fontsize=7)
