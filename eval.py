@@ -22,7 +22,7 @@ from tqdm import tqdm
 from model import CheckpointError, load_checkpoint, packaged_minilm, train_tokenizer
 from memory import (QA, RETRIEVERS, Conversation, Entry, MemoryBank, Session, Turn, bloat_cost, encodable, minilm, rank,
                     retrieve_for_facts, short_date)
-from memr2 import (CHAT_MAX_NEW, PAPER_RETRIEVAL, AnswerAgent, Decision, RLConfig, chunk_turns, dialogue_tokens,
+from memr2 import (CHAT_MAX_NEW, PRETRAINED, AnswerAgent, Decision, RLConfig, chunk_turns, context_sizes, dialogue_tokens,
                    gather_over_ranks, memory_tokens, model_reader, normalize_answer, qa_scores, ranks, row_reward,
                    run_session, sample_questions, this_rank, token_f1)
 
@@ -481,7 +481,7 @@ def timeline(entries: list, speaker: str, attr: str) -> tuple:
     return line, never
 
 
-def lookup_answer(question: str, entries: list) -> str:
+def exact_answer(question: str, entries: list) -> str:
     """The exact reader: answer a world question from `entries` (what retrieval shows). It is
     the synthetic world's frozen answer agent, gives the learned answerer its SFT targets, and
     checks that the teacher's gold memory answers everything."""
@@ -490,7 +490,7 @@ def lookup_answer(question: str, entries: list) -> str:
         if not m:
             continue
         if kind == "pair":
-            vals = [lookup_answer(QUESTIONS["now"][attr].format(s=p), entries) for p in (m["s"], m["o"])]
+            vals = [exact_answer(QUESTIONS["now"][attr].format(s=p), entries) for p in (m["s"], m["o"])]
             return "none" if vals == ["none", "none"] else " and ".join(vals)
         line, never = timeline(entries, m["s"], attr)
         values = [x for x, _ in line]
@@ -610,32 +610,32 @@ def sft_teacher(kind: str, noise: float):
     return (habit_teacher(), 0.0) if kind == "habit" else (noisy_teacher(noise), noise / 2)
 
 
-def teacher_trace(sample: dict, conv, n_chunks: int, manager=None, miss: float = 0.0, seed: int = 0,
-                  per_fact: int = 2, cap: int = 6, retriever: str = "bm25"):
-    """Replay the world with a teacher -> (steps, final bank). One step per chunk:
+def teacher_trace(sample: dict, conv, cfg: RLConfig, manager=None, miss: float = 0.0, seed: int = 0):
+    """Replay the world with a teacher, chunked and retrieving as `cfg` says (the policy's
+    chunks and retrieval) -> (steps, final bank). One step per chunk:
     (session, chunk_turns, gold_facts, retrieved_memories, ops); the ops are applied to the
     teacher's own bank, so later chunks see the (possibly imperfect) memory the teacher made.
     `manager(facts, shown, rng) -> ops`: the gold ops by default, else an SFT teacher
     (`sft_teacher`) or a scripted manager (`SCRIPTED`); the facts are gold, missed at rate `miss`."""
     rng = random.Random(seed)
     manager = manager or SCRIPTED["oracle"]
-    bank, steps = MemoryBank(retriever), []
+    bank, steps = MemoryBank(cfg.retriever), []
     gold = sample["gold_facts"]
     for sess in conv.sessions:
-        for chunk in chunk_turns(sess.turns, n_chunks):
+        for chunk in chunk_turns(sess.turns, cfg.chunks):
             facts = [{"speaker": gold[t.dia_id]["speaker"], "dia_id": t.dia_id, "fact": gold[t.dia_id]["fact"]}
                      for t in chunk if t.dia_id in gold and not (miss and rng.random() < miss)]
             # copies: later UPDATEs rewrite entries in place, and a step must show the memory as it was
-            retrieved = [copy.copy(e) for e in retrieve_for_facts(bank, facts, per_fact, cap)]
+            retrieved = [copy.copy(e) for e in retrieve_for_facts(bank, facts, cfg.per_fact, cfg.mem_cap)]
             ops = manager(facts, retrieved, rng)
             steps.append((sess, chunk, facts, retrieved, ops))
             bank.apply(ops, sess.index, short_date(sess.date))
     return steps, bank
 
 
-def teacher_memory(sample, conv, n_chunks, manager=None, miss=0.0, seed=0, retriever="bm25") -> MemoryBank:
+def teacher_memory(sample, conv, cfg: RLConfig, manager=None, miss=0.0, seed=0) -> MemoryBank:
     """The bank a teacher ends with; the gold ops' is the oracle memory."""
-    return teacher_trace(sample, conv, n_chunks, manager, miss, seed, retriever=retriever)[1]
+    return teacher_trace(sample, conv, cfg, manager, miss, seed)[1]
 
 
 # ------------------------------------------------------------------ scripted managers (reward sensitivity)
@@ -666,8 +666,8 @@ SCRIPTED = {
 
 
 def exact_answerer(cfg: RLConfig) -> AnswerAgent:
-    """The synthetic world's frozen answer agent: `lookup_answer` over what retrieval shows."""
-    return AnswerAgent(lambda items: [lookup_answer(q, mem) for mem, q in items], cfg, "exact")
+    """The synthetic world's frozen answer agent: `exact_answer` over what retrieval shows."""
+    return AnswerAgent(lambda items: [exact_answer(q, mem) for mem, q in items], cfg, "exact")
 
 
 def sensitivity(samples: list, convs: list, tok, cfg: RLConfig) -> dict:
@@ -677,12 +677,12 @@ def sensitivity(samples: list, convs: list, tok, cfg: RLConfig) -> dict:
     penalty). A reward that cannot rank these cannot teach memory management."""
     answerer, out = exact_answerer(cfg), {}
     for name, manager in SCRIPTED.items():
-        banks = [teacher_memory(s, c, cfg.chunks, manager=manager, retriever=cfg.retriever) for s, c in zip(samples, convs)]
+        banks = [teacher_memory(s, c, cfg, manager) for s, c in zip(samples, convs)]
         res = score(answerer, tok, banks, convs)
-        T = [dialogue_tokens(tok, c)[-1] for c in convs]
-        res["bloat_c"] = 100 * sum(bloat_cost(memory_tokens(tok, b), t, cfg.phi) for b, t in zip(banks, T)) / len(banks)
+        ends = [dialogue_tokens(tok, c)[-1] for c in convs]  # T_S of each world
+        res["bloat_c"] = 100 * sum(bloat_cost(memory_tokens(tok, b), t, cfg.phi) for b, t in zip(banks, ends)) / len(banks)
         rewards = []
-        for b, c, t in zip(banks, convs, T):
+        for b, c, t in zip(banks, convs, ends):
             f1, pen = qa_scores(answerer, tok, [b], c.qa, t, cfg)
             rewards.append(row_reward(f1[0], pen[0], finished=True))
         res["reward"] = 100 * sum(rewards) / len(rewards)
@@ -714,11 +714,10 @@ def memory_shares(samples: list, convs: list, tok, cfg: RLConfig) -> list:
     free for the right memory to cost nothing."""
     out = []
     for s, c in zip(samples, convs):
-        T, bank, shares = dialogue_tokens(tok, c), MemoryBank(), {}
-        for sess, _, _, _, ops in teacher_trace(s, c, cfg.chunks, per_fact=cfg.per_fact, cap=cfg.mem_cap,
-                                                retriever=cfg.retriever)[0]:
+        dialogue, bank, shares = dialogue_tokens(tok, c), MemoryBank(), {}
+        for sess, _, _, _, ops in teacher_trace(s, c, cfg)[0]:
             bank.apply(ops, sess.index, short_date(sess.date))
-            shares[sess.index] = memory_tokens(tok, bank) / T[sess.index - 1]
+            shares[sess.index] = memory_tokens(tok, bank) / dialogue[sess.index - 1]
         out.append([shares[t] for t in sorted(shares)])
     return out
 
@@ -810,26 +809,26 @@ def exact_match(pred: str, gold: str) -> float:
     return float(normalize_answer(pred) == normalize_answer(gold))
 
 
-def score(answerer, tok, banks: list, convs: list, names=CATEGORIES) -> dict:
+def score(answerer, tok, banks: list, convs: list) -> dict:
     """Answer every question of each conversation from its final bank; F1, BLEU-1 and exact
     match overall and per category (x100), M-Fail, memory size. M-Fail is the share of the
     questions' gold evidence turns missing from the bank; answers of "none" and "no" are left
     out of it, since a claim proven false leaves the right memory nothing to hold."""
-    pairs = [(b, q) for b, c in zip(banks, convs) for q in c.qa]
-    preds = answerer.answer([(b, q.question) for b, q in pairs])
+    asked = [(b, q) for b, c in zip(banks, convs) for q in c.qa]
+    preds = answerer.answer([(b, q.question) for b, q in asked])
     per = {}
-    for (b, q), pred in zip(pairs, preds):
-        cat = names.get(q.category, str(q.category))
+    for (b, q), pred in zip(asked, preds):
+        cat = CATEGORIES.get(q.category, str(q.category))
         for key in ("overall", cat):
             d = per.setdefault(key, {"f1": [], "bleu1": [], "em": []})
             d["f1"].append(token_f1(pred, q.answer))
             d["bleu1"].append(bleu1(pred, q.answer))
             d["em"].append(exact_match(pred, q.answer))
-    ev = [d in b.dia_ids() for b, q in pairs if q.answer not in ("none", "no") for d in q.evidence]
+    ev = [d in b.dia_ids() for b, q in asked if q.answer not in ("none", "no") for d in q.evidence]
     out = {f"{m}_{k}": 100 * sum(v) / len(v) for k, d in per.items() for m, v in d.items()}
-    if pairs:  # the standard error of F1 over the questions: what decides if two checkpoints differ
-        out["f1_se"] = 100 * sample_sd(per["overall"]["f1"]) / math.sqrt(len(pairs))
-    out |= {"n_questions": len(pairs), "m_fail": 100 * (1 - sum(ev) / len(ev)) if ev else (0.0 if pairs else math.nan),
+    if asked:  # the standard error of F1 over the questions: what decides if two checkpoints differ
+        out["f1_se"] = 100 * sample_sd(per["overall"]["f1"]) / math.sqrt(len(asked))
+    out |= {"n_questions": len(asked), "m_fail": 100 * (1 - sum(ev) / len(ev)) if ev else (0.0 if asked else math.nan),
             "mem_entries": sum(len(b.entries) for b in banks) / len(banks),
             "mem_tokens": sum(memory_tokens(tok, b) for b in banks) / len(banks)}
     return out
@@ -865,7 +864,7 @@ def evaluate(model, tok, answerer, convs: list, cfg: RLConfig, samples=None, tem
 
 def oracle_banks(samples: list, convs: list, cfg: RLConfig) -> list:
     """The teacher's gold memory (noise 0): the ceiling of what memory management can give."""
-    return [teacher_memory(s, c, cfg.chunks, retriever=cfg.retriever) for s, c in zip(samples, convs)]
+    return [teacher_memory(s, c, cfg) for s, c in zip(samples, convs)]
 
 
 F1_COLS = [("F1", "f1_overall")] + [(f"F1 {n}", f"f1_{n}") for n in ("single-hop", "multi-hop", "temporal", "open-domain")]
@@ -921,15 +920,15 @@ def turn_recall(convs: list, retriever: str, ks=(1, 5, 10, 30)) -> tuple:
             for key, rs in per.items()}, secs
 
 
-def fact_recall(samples: list, convs: list, retriever: str, n_chunks: int = 2, ks=(1, 2, 5, 10)) -> dict:
+def fact_recall(samples: list, convs: list, cfg: RLConfig, ks=(1, 2, 5, 10)) -> dict:
     """Facts -> the memories the manager should see, on synthetic worlds replayed by the gold teacher
     shown the WHOLE memory: for each fact whose gold op UPDATEs or DELETEs an entry, is that entry
     among the top k memories of the fact's speaker that retrieval shows for the fact? (x100)"""
     hits = []
     for sample, conv in zip(samples, convs):
-        bank, gold = MemoryBank(retriever), sample["gold_facts"]
+        bank, gold = MemoryBank(cfg.retriever), sample["gold_facts"]
         for sess in conv.sessions:
-            for chunk in chunk_turns(sess.turns, n_chunks):
+            for chunk in chunk_turns(sess.turns, cfg.chunks):
                 facts = [{"speaker": gold[t.dia_id]["speaker"], "dia_id": t.dia_id, "fact": gold[t.dia_id]["fact"]}
                          for t in chunk if t.dia_id in gold]
                 ops = teacher_ops(facts, list(bank.entries.values()))  # one op per fact, in order
@@ -1283,10 +1282,11 @@ def cli_recall(argv: list) -> None:
           "top k of the fact's speaker (x100); F1 of the exact reader on the gold memory (top-4 per speaker)\n")
     print("| retriever | facts | R@1 | R@2 | R@5 | R@10 | gold-memory F1 |\n|---|---|---|---|---|---|---|")
     for r in RETRIEVERS:
-        res, cfg = fact_recall(samples, worlds, r), RLConfig(retriever=r)
+        cfg = RLConfig(retriever=r)
+        res = fact_recall(samples, worlds, cfg)
         banks = oracle_banks(samples, worlds, cfg)
-        pairs = [(b, q) for b, c in zip(banks, worlds) for q in c.qa]
-        f1 = [token_f1(p, q.answer) for p, (_, q) in zip(exact_answerer(cfg).answer([(b, q.question) for b, q in pairs]), pairs)]
+        asked = [(b, q) for b, c in zip(banks, worlds) for q in c.qa]
+        f1 = [token_f1(p, q.answer) for p, (_, q) in zip(exact_answerer(cfg).answer([(b, q.question) for b, q in asked]), asked)]
         print(f"| {r} | {res['facts']} | " + " | ".join(f"{res[f'R@{k}']:.1f}" for k in (1, 2, 5, 10))
               + f" | {100 * sum(f1) / len(f1):.1f} |")
 
@@ -1308,13 +1308,16 @@ def eval_data(args) -> tuple:
 
 def cli_evaluate(argv: list) -> None:
     """python eval.py PATH [--data ...]: one checkpoint on a split, with the oracle beside it."""
-    ap = OneLineParser(description="Evaluate a Memory-R2 checkpoint: F1, BLEU-1, EM per category, M-Fail, memory size, ops.")
+    ap = OneLineParser(description="Evaluate a Memory-R2 checkpoint: F1, BLEU-1, EM per category, M-Fail, memory size, ops.",
+                       epilog="other jobs (each with its own --help): 'eval.py compare RUN... --out DIR' (an experiment's "
+                              "table and figures), 'eval.py sensitivity' (scripted managers' rewards), 'eval.py recall' "
+                              "(retrieval recall of BM25 and MiniLM)")
     ap.add_argument("path", help="a run dir (runs/<name>) or a checkpoint dir")
     ap.add_argument("--data", choices=["synthetic", "locomo"], default="synthetic")
     ap.add_argument("--split", choices=["val", "test"], default="test")
     ap.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"))
     ap.add_argument("--worlds", type=positive_int, default=24, help="synthetic worlds in the split")
-    ap.add_argument("--chunks", type=positive_int, default=None, help="chunks per session (default: 2, LoCoMo: 10)")
+    ap.add_argument("--chunks", type=positive_int, default=None, help="chunks per session (default: the run's; else memr2.context_sizes: 2, LoCoMo 10, a pretrained model 6)")
     ap.add_argument("--convs", type=positive_int, default=None, help="evaluate only the first N conversations of the split")
     ap.add_argument("--sessions", type=positive_int, default=None,
                     help="keep the first N sessions of each conversation and the questions about them")
@@ -1332,11 +1335,13 @@ def cli_evaluate(argv: list) -> None:
         out = ckpt / f"eval-{args.data}-{args.split}{f'-T{args.temperature:g}' if args.temperature else ''}.json"
         out.write_text("{}")  # fail now, not after the whole evaluation, if the result cannot be written
         samples, convs = eval_data(args)
-        # retrieval as the run had it (args.json), else the paper's sizes for a pretrained model's context
-        retrieval = {k: v for k, v in run_args(Path(args.path)).get("cfg", {}).items() if k in ("retriever", *PAPER_RETRIEVAL)}
-        if not retrieval and ck["model"].cfg.chat_format:
-            retrieval = dict(PAPER_RETRIEVAL)
-        cfg = RLConfig(chunks=args.chunks if args.chunks is not None else (10 if args.data == "locomo" else 2), **retrieval)
+        # N and retrieval as the model's context decides, or as the run had them (args.json; its N only
+        # where it read the same data), or as a flag says
+        run, sizes = run_args(Path(args.path)), context_sizes(bool(ck["model"].cfg.chat_format), args.data)
+        sizes |= {k: v for k, v in run.get("cfg", {}).items()
+                  if k in ("retriever", *PRETRAINED) and (k != "chunks" or run.get("data", "synthetic") == args.data)}
+        cfg = RLConfig(**sizes)
+        cfg.chunks = args.chunks or cfg.chunks
         cfg.retriever = args.retriever or cfg.retriever
         if cfg.retriever == "minilm":
             packaged_minilm()  # not installed: one line now, not after reading the conversations

@@ -312,7 +312,7 @@ def rank(bank: MemoryBank, query: str) -> list:
     return [ents[i] for i in order if keep(scores[i])]
 
 
-def retrieve_for_facts(bank: MemoryBank, facts: list, per_fact=2, cap=6) -> list:
+def retrieve_for_facts(bank: MemoryBank, facts: list, per_fact: int, cap: int) -> list:
     """Manager retrieval (paper Sec. 3; official sizes 5 and 25): per fact the top `per_fact`
     memories of the same speaker, merged in order, de-duplicated, capped."""
     out = []
@@ -322,7 +322,7 @@ def retrieve_for_facts(bank: MemoryBank, facts: list, per_fact=2, cap=6) -> list
     return out[:cap]
 
 
-def retrieve_for_question(bank: MemoryBank, question: str, per_speaker=4, by_session=False) -> list:
+def retrieve_for_question(bank: MemoryBank, question: str, per_speaker: int, by_session: bool = False) -> list:
     """Answer-agent retrieval (paper Sec. 3; official size 30): the top `per_speaker` memories of
     each speaker, in the order of one score over the whole bank (best first: easier for a tiny
     learned reader, and with BM25 the asked speaker's entries share the question's name, so they
@@ -337,7 +337,7 @@ def retrieve_for_question(bank: MemoryBank, question: str, per_speaker=4, by_ses
 
 
 # ----------------------------------------------------------------------------- bloat cost
-def bloat_cost(memory_tokens: int, dialogue_tokens: int, phi: float = 0.7) -> float:
+def bloat_cost(memory_tokens: int, dialogue_tokens: int, phi: float) -> float:
     """c(M, T_t) = max(0, tok(M) - phi*T_t) / T_t (paper Eq. for the compression penalty): memory up to phi of the
     dialogue read so far is free, beyond that the cost grows linearly."""
     if dialogue_tokens <= 0:

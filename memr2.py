@@ -175,7 +175,7 @@ class RLConfig:
     n: int = 4  # global group size (paper 16)
     K: int = 4  # local group size
     p: float = 0.5  # per-session branch probability
-    chunks: int = 2  # chunks per session (paper 6; our sessions have 3 turns)
+    chunks: int = 2  # chunks per session N (paper 6; our sessions have 3 turns; context_sizes below)
     temperature: float = 0.5  # sampling AND log-prob temperature, global and local alike (paper 1; see README)
     lam: float = 0.3  # bloat penalty weight
     phi: float = 0.7  # free share of the dialogue length (the paper's; the right memory stays free, see README)
@@ -199,8 +199,16 @@ class RLConfig:
     logprob_chunk: int = 256  # rows per chunk of the fused log-prob kernel
 
 
-# The official code's retrieval sizes and order: a pretrained model's context has room for them.
-PAPER_RETRIEVAL = dict(per_fact=5, mem_cap=25, qa_top_k=30, qa_by_session=True)
+# The RLConfig fields a model's context decides, in one place. RLConfig's own values fit the tiny
+# model's 256 tokens on the synthetic world (3-turn sessions); a pretrained model's context has
+# room for the official code's N and retrieval sizes and order.
+PRETRAINED = dict(chunks=6, per_fact=5, mem_cap=25, qa_top_k=30, qa_by_session=True)
+LOCOMO_CHUNKS = 10  # the tiny model on LoCoMo: about 2 of a session's ~22 turns fit one chunk's prompt
+
+
+def context_sizes(pretrained: bool, data: str) -> dict:
+    """RLConfig overrides for a model and data set: {} keeps RLConfig's tiny-model values."""
+    return dict(PRETRAINED) if pretrained else {"chunks": LOCOMO_CHUNKS} if data == "locomo" else {}
 
 
 # ============================================================================ rollouts
@@ -249,7 +257,7 @@ class Row:
         return all(c.finished for c in self.cells)
 
 
-def sample(model, tok, prompts: list, role: str, cfg: RLConfig, temperature: float, gen=None):
+def sample_cells(model, tok, prompts: list, role: str, cfg: RLConfig, temperature: float, gen=None):
     """Batched KV-cache sampling -> list of Cells. Training rollouts sample plainly (no top-k,
     no top-p) so the loss's log-probs belong to the distribution that was sampled."""
     prefix, rest = chat_ids(model, tok, role, prompts)
@@ -268,7 +276,7 @@ def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperat
     for k in range(max(map(len, chunks))):
         # Extractor: the new turns only. In training all B prompts are the same chunk.
         live = [b for b in range(B) if k < len(chunks[b])]
-        cells = dict(zip(live, sample(model, tok, [extractor_prompt(chunks[b][k], sessions[b].date) for b in live], "ext", cfg, temperature, gen)))
+        cells = dict(zip(live, sample_cells(model, tok, [extractor_prompt(chunks[b][k], sessions[b].date) for b in live], "ext", cfg, temperature, gen)))
         facts = {}
         for b, c in cells.items():
             ext[b].cells.append(c)
@@ -279,7 +287,7 @@ def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperat
         # there is nothing to decide, so the call is skipped (it would only learn "[]").
         todo = [b for b in live if facts[b]]
         shown = {b: retrieve_for_facts(banks[b], facts[b], cfg.per_fact, cfg.mem_cap) for b in todo}
-        cells = sample(model, tok, [manager_prompt(shown[b], facts[b]) for b in todo], "mgr", cfg, temperature, gen)
+        cells = sample_cells(model, tok, [manager_prompt(shown[b], facts[b]) for b in todo], "mgr", cfg, temperature, gen)
         ops = {b: [] for b in live}
         for b, c in zip(todo, cells):
             mgr[b].cells.append(c)
@@ -301,9 +309,9 @@ class AnswerAgent:
     def __init__(self, read, cfg: RLConfig, name: str):
         self.read, self.top_k, self.by_session, self.name, self.cache = read, cfg.qa_top_k, cfg.qa_by_session, name, {}
 
-    def answer(self, pairs: list) -> list:
-        """pairs: [(bank, question)] -> [answer string]."""
-        shown = [(retrieve_for_question(bank, q, self.top_k, self.by_session), q) for bank, q in pairs]
+    def answer(self, asked: list) -> list:
+        """asked: [(bank, question)] -> [answer string]."""
+        shown = [(retrieve_for_question(bank, q, self.top_k, self.by_session), q) for bank, q in asked]
         keys = [(q, tuple((e.memory_id, e.session, e.content, e.session_time) for e in mem)) for mem, q in shown]
         todo = {k: s for k, s in zip(keys, shown) if k not in self.cache}
         self.cache.update(zip(todo, self.read(list(todo.values()))))
@@ -320,14 +328,9 @@ def model_reader(model, tok, cfg: RLConfig):
         for i in range(0, len(prompts), 64):
             prefix, rest = chat_ids(model, tok, "ans", prompts[i:i + 64])
             outs, _ = generate(model, rest, cfg.max_new["ans"], temperature=0.0, prefix=prefix)
-            out += [extract_answer(decode(tok, o)) for o in outs]
+            out += [decode(tok, o).strip() for o in outs]
         return out
     return read
-
-
-def extract_answer(text: str) -> str:
-    m = re.search(r"<answer>(.*?)(</answer>|$)", text, re.S)
-    return (m.group(1) if m else text).strip()
 
 
 # ============================================================================ the reward's metric (token F1 of the official code)
@@ -432,25 +435,25 @@ def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entro
     plain causal attention needs no mask; the head runs only on response positions."""
     dev = next(model.parameters()).device
     seqs = [c.prompt + c.response for c in cells]
-    T = max(len(s) for s in seqs)
-    idx = torch.zeros(len(seqs), T, dtype=torch.long)
-    sel = torch.zeros(len(seqs), T, dtype=torch.bool)  # (B, T): position t predicts token t+1
+    L = max(len(s) for s in seqs)
+    idx = torch.zeros(len(seqs), L, dtype=torch.long)
+    sel = torch.zeros(len(seqs), L, dtype=torch.bool)  # (B, L): position t predicts token t+1
     for b, (c, s) in enumerate(zip(cells, seqs)):
         idx[b, :len(s)] = torch.tensor(s)
         sel[b, len(c.prompt) - 1:len(s) - 1] = True
     idx, sel = idx.to(dev), sel.to(dev)
-    h = model.hidden_states(idx)  # (B, T, D)
+    h = model.hidden_states(idx)  # (B, L, D)
     targets = idx[:, 1:][sel[:, :-1]]  # (N,)
     out = fused_logprobs(h[sel], model.lm_head.weight, targets, temperature, with_entropy, chunk)
     logp, ent = out if with_entropy else (out, None)
-    owner = torch.arange(len(cells), device=dev)[:, None].expand(-1, T)[sel]  # (N,)
+    owner = torch.arange(len(cells), device=dev)[:, None].expand(-1, L)[sel]  # (N,)
     return logp, ent, owner
 
 
 def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig, share=(1.0, 1.0)):
     """Clipped surrogate with one ratio per model call (the paper's "turn-level"; not a dialogue
     Turn), averaged over (row, chunk) cells, minus an entropy bonus, plus a k3 KL to the
-    reference. Tokens: logp/old/ref/entropy/owner (N,); cells: adv (C,).
+    reference. Tokens: logp/old/ref/entropy/owner (N,); cells: adv (n_cells,).
       l_c   = mean over the cell's tokens of (logp - old_logp)
       r_c   = exp(min(l_c, ratio_cap))
       L_c   = max(-A r_c, -A clip(r_c, 1-eps, 1+eps)); for A < 0 also min(L_c, -A * dual_clip)
@@ -458,11 +461,11 @@ def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig,
     Cells, not tokens, are averaged: a long output weighs as much as a short one. `share`:
     these cells' and tokens' shares of an update made of several parts (ppo_update); each
     mean and each logged figure is scaled by it, so the parts add up to the whole's."""
-    C = adv.shape[0]
-    count = torch.zeros(C, device=logp.device).index_add_(0, owner, torch.ones_like(logp))
-    log_ratio = torch.zeros(C, device=logp.device).index_add_(0, owner, logp - old_logp) / count.clamp(min=1)
-    ratio = torch.exp(torch.clamp(log_ratio, max=cfg.ratio_cap))  # (C,)
-    plain, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.eps, 1 + cfg.eps)  # (C,) each
+    n_cells = adv.shape[0]
+    count = torch.zeros(n_cells, device=logp.device).index_add_(0, owner, torch.ones_like(logp))
+    log_ratio = torch.zeros(n_cells, device=logp.device).index_add_(0, owner, logp - old_logp) / count.clamp(min=1)
+    ratio = torch.exp(torch.clamp(log_ratio, max=cfg.ratio_cap))  # (n_cells,)
+    plain, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.eps, 1 + cfg.eps)  # (n_cells,) each
     ppo = torch.maximum(plain, clipped)
     dual = (adv < 0) & (ppo > -adv * cfg.dual_clip)  # where the dual clip bounds the loss
     surr = torch.where(dual, -adv * cfg.dual_clip, ppo)
@@ -504,16 +507,17 @@ def play_session(policy, tok, banks: list, session, group, cfg: RLConfig, gen) -
 
 def global_rollouts(policy, tok, conv, S: int, cfg: RLConfig, algo_rng, gen) -> tuple:
     """n rollouts of sessions 1..S from empty memory; before each session a coin (p) may pick
-    a branch point -> (final banks, pairs[t-1][i] of rollout i at session t, branches, op counts)."""
-    banks, pairs, branches, counts = [MemoryBank(cfg.retriever) for _ in range(cfg.n)], [], [], Counter()
+    a branch point -> (final banks, by_session: by_session[t-1][i] is the (extractor row, manager
+    row) pair of rollout i at session t, branches, op counts)."""
+    banks, by_session, branches, counts = [MemoryBank(cfg.retriever) for _ in range(cfg.n)], [], [], Counter()
     for t, session in enumerate(conv.sessions[:S], 1):
         if cfg.algo != "grpo" and algo_rng.random() < cfg.p:  # plain GRPO never branches
             i = algo_rng.randrange(cfg.n)
             branches.append(Branch(t, i, banks[i].snapshot()))
-        prs, c = play_session(policy, tok, banks, session, lambda role: Group("G", t, role), cfg, gen)
-        pairs.append(prs)
+        pairs, c = play_session(policy, tok, banks, session, lambda role: Group("G", t, role), cfg, gen)
+        by_session.append(pairs)
         counts += c
-    return banks, pairs, branches, counts
+    return banks, by_session, branches, counts
 
 
 def local_rerollouts(policy, tok, conv, branches: list, cfg: RLConfig, gen) -> None:
@@ -525,20 +529,20 @@ def local_rerollouts(policy, tok, conv, branches: list, cfg: RLConfig, gen) -> N
                                    lambda role: Group("L", br.session, role, br.source), cfg, gen)
 
 
-def assign_rewards(answerer, tok, conv, S: int, banks: list, glob: list, branches: list, q_global: list,
+def assign_rewards(answerer, tok, conv, S: int, banks: list, by_session: list, branches: list, q_global: list,
                    q_seed: float, cfg: RLConfig) -> tuple:
     """Rewards, both kinds through `qa_scores` and `row_reward` (rules: README, 'Rewards').
     -> (global F1 [n][q], global penalties [n], finished [n][S], global rewards [n][S])."""
-    T = dialogue_tokens(tok, conv)
-    f1, pens = qa_scores(answerer, tok, banks, q_global, T[S - 1], cfg)
-    finished = [[e.finished and m.finished for e, m in (glob[t][i] for t in range(S))] for i in range(cfg.n)]
+    dialogue = dialogue_tokens(tok, conv)  # T_t after each session t
+    f1, pens = qa_scores(answerer, tok, banks, q_global, dialogue[S - 1], cfg)
+    finished = [[e.finished and m.finished for e, m in (by_session[t][i] for t in range(S))] for i in range(cfg.n)]
     r_global = global_rewards(f1, q_global, S, pens, finished)
     for t in range(S):
-        for i, (e, m) in enumerate(glob[t]):
+        for i, (e, m) in enumerate(by_session[t]):
             e.reward = m.reward = r_global[i][t]
     for br in branches:  # one question subset per branch point, drawn from its own seed
         qs = sample_questions(conv.qa, br.session, cfg.q_local, random.Random(f"{q_seed}:{br.session}"))
-        lf1, lpen = qa_scores(answerer, tok, br.banks, qs, T[br.session - 1], cfg)
+        lf1, lpen = qa_scores(answerer, tok, br.banks, qs, dialogue[br.session - 1], cfg)
         for (e, m), f, p in zip(br.pairs, lf1, lpen):
             e.reward = m.reward = row_reward(f, p, e.finished and m.finished)
     return f1, pens, finished, r_global
@@ -583,12 +587,12 @@ def world_pool(policy, answerer: AnswerAgent, tok, w: World, S: int, cfg: RLConf
     S = min(S, len(conv.sessions))
     q_global = sample_questions(conv.qa, S, cfg.q_global, w.data_rng)
     q_seed = w.data_rng.random()  # local subsets derive from it, so no arm shifts another's draws
-    banks, glob, branches, counts = global_rollouts(policy, tok, conv, S, cfg, w.algo_rng, w.gen)
+    banks, by_session, branches, counts = global_rollouts(policy, tok, conv, S, cfg, w.algo_rng, w.gen)
     local_rerollouts(policy, tok, conv, branches, cfg, w.gen)
-    f1, pens, finished, r_global = assign_rewards(answerer, tok, conv, S, banks, glob, branches, q_global, q_seed, cfg)
+    f1, pens, finished, r_global = assign_rewards(answerer, tok, conv, S, banks, by_session, branches, q_global, q_seed, cfg)
     # Advantages per (group, role), then one merged pool with no weight between its parts.
-    global_rows = [row for prs in glob for pr in prs for row in pr]
-    local_rows = [row for br in branches for pr in br.pairs for row in pr]
+    global_rows = [row for pairs in by_session for pair in pairs for row in pair]
+    local_rows = [row for br in branches for pair in br.pairs for row in pair]
     pool = (global_rows if cfg.algo != "local" else []) + local_rows
     groups = assign_advantages(pool)
     return WorldStep(S, pool, global_rows, local_rows, banks, branches, f1, pens, finished, r_global, counts, groups)

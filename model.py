@@ -48,17 +48,6 @@ def decode(tok: Tokenizer, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=True)
 
 
-def save_tokenizer(tok: Tokenizer, path) -> None:
-    tok.save(str(path))
-
-
-def load_tokenizer(path) -> Tokenizer:
-    path = str(path)
-    if os.path.isdir(path):  # accept the checkpoint directory as well as the file itself
-        path = os.path.join(path, "tokenizer.json")
-    return Tokenizer.from_file(path)
-
-
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -299,18 +288,13 @@ def left_pad(prompts: list[list[int]], device, pad_id: int = PAD_ID):
     return idx, pos, mask
 
 
-def sample_next(logits, temperature: float, top_p: float, generator=None):
-    """logits (B, V) -> next token ids (B,)."""
+def sample_next(logits, temperature: float, generator=None):
+    """logits (B, V) -> next token ids (B,): argmax at temperature 0, else a draw from the plain
+    softmax (no top-k, no top-p), so RL's log-probs are those of the distribution sampled."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = F.softmax(logits.float() / temperature, dim=-1)
-    if top_p >= 1:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    # Nucleus: keep the smallest prefix of the sorted distribution whose mass reaches top_p (at least 1 token).
-    p_sorted, order = probs.sort(-1, descending=True)
-    p_sorted[p_sorted.cumsum(-1) - p_sorted >= top_p] = 0.0
-    choice = torch.multinomial(p_sorted, 1, generator=generator)  # multinomial renormalises
-    return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
@@ -340,8 +324,7 @@ def prefix_kv(model: Transformer, prefix: list[int]) -> list:
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, eos_id: int | None = -1, generator: torch.Generator | None = None,
-             prefix: list[int] = (),
+             eos_id: int | None = -1, generator: torch.Generator | None = None, prefix: list[int] = (),
              ) -> tuple[list[list[int]], list[bool]]:
     """Sample continuations for prompts of different lengths -> (new ids per row, finished-with-EOS per row).
 
@@ -385,7 +368,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         done = torch.zeros(B, dtype=torch.bool, device=device)
         eos = torch.zeros(B, dtype=torch.bool, device=device)
         for t in range(steps):
-            nxt = sample_next(logits, temperature, top_p, generator)  # (B,)
+            nxt = sample_next(logits, temperature, generator)  # (B,)
             tokens[:, t] = nxt
             n_new += (~done).long()
             if eos_id is not None:

