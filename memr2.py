@@ -273,21 +273,25 @@ def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperat
     B = len(banks)
     ext, mgr, counts = [Row("ext") for _ in range(B)], [Row("mgr") for _ in range(B)], Counter()
     chunks = [chunk_turns(s.turns, cfg.chunks) for s in sessions]
+    # Extractor: the new turns only, so no chunk waits for another's memory: every chunk of every
+    # row is one batch (in training the B rows are the same session).
+    calls = [(b, k) for b in range(B) for k in range(len(chunks[b]))]
+    cells = sample_cells(model, tok, [extractor_prompt(chunks[b][k], sessions[b].date) for b, k in calls], "ext", cfg,
+                         temperature, gen)
+    facts = {}
+    for (b, k), c in zip(calls, cells):
+        ext[b].cells.append(c)
+        facts[b, k], why = parse_facts(decode(tok, c.response)) if c.finished else ([], "unfinished")
+        counts["facts"] += len(facts[b, k])
+        counts["bad_facts_json"] += why == "invalid_json"
     for k in range(max(map(len, chunks))):
-        # Extractor: the new turns only. In training all B prompts are the same chunk.
+        # Manager, chunk by chunk: facts + memories retrieved from each row's own bank as the
+        # earlier chunks left it. With no facts there is nothing to decide, so the call is skipped
+        # (it would only learn "[]").
         live = [b for b in range(B) if k < len(chunks[b])]
-        cells = dict(zip(live, sample_cells(model, tok, [extractor_prompt(chunks[b][k], sessions[b].date) for b in live], "ext", cfg, temperature, gen)))
-        facts = {}
-        for b, c in cells.items():
-            ext[b].cells.append(c)
-            facts[b], why = parse_facts(decode(tok, c.response)) if c.finished else ([], "unfinished")
-            counts["facts"] += len(facts[b])
-            counts["bad_facts_json"] += why == "invalid_json"
-        # Manager: facts + memories retrieved from each rollout's own bank. With no facts
-        # there is nothing to decide, so the call is skipped (it would only learn "[]").
-        todo = [b for b in live if facts[b]]
-        shown = {b: retrieve_for_facts(banks[b], facts[b], cfg.per_fact, cfg.mem_cap) for b in todo}
-        cells = sample_cells(model, tok, [manager_prompt(shown[b], facts[b]) for b in todo], "mgr", cfg, temperature, gen)
+        todo = [b for b in live if facts[b, k]]
+        shown = {b: retrieve_for_facts(banks[b], facts[b, k], cfg.per_fact, cfg.mem_cap) for b in todo}
+        cells = sample_cells(model, tok, [manager_prompt(shown[b], facts[b, k]) for b in todo], "mgr", cfg, temperature, gen)
         ops = {b: [] for b in live}
         for b, c in zip(todo, cells):
             mgr[b].cells.append(c)
@@ -295,7 +299,7 @@ def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperat
             counts["bad_ops_json"] += why == "invalid_json"
         for b in live:
             if trace is not None:  # copies: a later UPDATE rewrites entries in place
-                trace.append(Decision(b, chunks[b][k], facts[b], [copy.copy(e) for e in shown.get(b, [])], ops[b]))
+                trace.append(Decision(b, chunks[b][k], facts[b, k], [copy.copy(e) for e in shown.get(b, [])], ops[b]))
             counts.update(banks[b].apply(ops[b], sessions[b].index, short_date(sessions[b].date)))
     return ext, mgr, counts
 
