@@ -955,6 +955,72 @@ def test_global_reward_credits_each_evidence_session_and_zeroes_unfinished():
     assert r[1] == pytest.approx([0.75, 0.0, 0.0])  # session 3 unfinished -> 0
 
 
+def test_local_reward_is_f1_of_the_branch_points_questions_from_the_memory_right_after_its_session():
+    """assign_rewards on a hand-made case: 3 sessions of 10, 10, 20 words (T = 10, 20, 40 with a
+    word-count tokenizer), branch points at sessions 1 and 2 with K = 2 hand-built memories each, and
+    an answer agent that answers with the whole memory. A local row's reward is row_reward of the
+    questions about sessions <= t only, answered from ITS bank after session t, with the penalty at
+    T_t; a global row's uses the global questions, its rollout's final bank and T_S."""
+    word_tok = types.SimpleNamespace(encode=lambda text, add_special_tokens: types.SimpleNamespace(ids=text.split()))
+    turn = lambda s, n: E.Turn("Ann", f"D{s}:1", " ".join(["word"] * n))
+    sessions = [E.Session(s, "1 May 2023", [turn(s, n)]) for s, n in ((1, 10), (2, 10), (3, 20))]
+    q1, q2, q3, q4 = (QA(q, a, [f"D{s}:1"], 4, [s]) for q, a, s in [
+        ("Where does Ann live?", "Oslo", 1), ("What is Ann's job?", "chef", 1),
+        ("What is Ann's pet?", "Rex", 3), ("Where did Ann travel?", "Rome", 2)])
+    conv = Conversation("hand", ("Ann", "Bo"), sessions, [q1, q2, q3, q4], {})
+
+    def bank(*words):  # one one-word entry per word: memory tokens = number of words
+        b = MemoryBank()
+        b.apply([{"op": "INSERT", "speaker": "Ann", "content": w} for w in words], 1, "1 May 2023")
+        return b
+    asked = collections.defaultdict(list)  # id(bank) -> questions asked of it
+    answerer = types.SimpleNamespace(answer=lambda pairs: [
+        asked[id(b)].append(q) or " ".join(e.content for e in b.entries.values()) for b, q in pairs])
+    pair = lambda finished=True: (M.Row("ext", cells=[M.Cell([1], [2], True)]), M.Row("mgr", cells=[M.Cell([1], [2], finished)]))
+
+    def run(q_local):
+        cfg = M.RLConfig(n=2, K=2, lam=1.0, phi=0.1, q_local=q_local)
+        final = [bank("Rex"), bank("Oslo", "Rex", "Milo", "Max", "Tom")]  # the global rollouts' final memories
+        glob = [[pair(), pair()] for _ in range(3)]
+        branches = [M.Branch(1, 0, bank(), [bank("Oslo", "chef"), bank("Oslo")], [pair(), pair()]),
+                    M.Branch(2, 1, bank(), [bank("Oslo", "chef", "Rome"), bank("Rome")], [pair(), pair(finished=False)])]
+        asked.clear()
+        out = M.assign_rewards(answerer, word_tok, conv, 3, final, glob, branches, [q1, q2, q3, q4], 0.25, cfg)
+        return out, final, glob, branches
+
+    (f1, pens, finished, r_global), final, glob, branches = run(q_local=16)  # 16 >= every pool: all its questions
+    # token F1 of the whole memory against a one-word answer it holds: P = 1/n, R = 1, F1 = 2/(n + 1)
+    # branch point 1 (questions q1, q2; T_1 = 10, free 0.1 * 10 = 1 token):
+    #   "Oslo chef": F1 2/3, 2/3 -> 2/3; cost (2 - 1) / 10 = 0.1 -> 0.566667
+    #   "Oslo":      F1 1, 0 -> 0.5; 1 token is free -> 0.5
+    # branch point 2 (q1, q2, q4; T_2 = 20, free 2 tokens):
+    #   "Oslo chef Rome": F1 1/2 each -> 0.5; cost (3 - 2) / 20 = 0.05 -> 0.45
+    #   "Rome": its manager call was cut off -> 0
+    local = [[row.reward for pr in br.pairs for row in pr] for br in branches]
+    assert local[0] == pytest.approx([0.566667, 0.566667, 0.5, 0.5], abs=1e-6)
+    assert local[1] == pytest.approx([0.45, 0.45, 0.0, 0.0], abs=1e-6)
+    # The wrong rules give other numbers: the global questions q1..q4 would give branch 1's first
+    # bank (2/3 + 2/3 + 0 + 0) / 4 - 0.1 = 0.233333; the source rollout's final memory "Rex" gives 0;
+    # T_3 = 40 (4 tokens free) drops the penalties: 0.666667 and 0.5.
+    for br in branches:  # each bank was asked exactly its branch point's questions
+        pool = {q.question for q in conv.qa if max(q.sessions) <= br.session}
+        assert all(sorted(asked[id(b)]) == sorted(pool) for b in br.banks)
+    assert all(sorted(asked[id(b)]) == sorted(q.question for q in conv.qa) for b in final)
+    # global rows (questions q1..q4 on the FINAL memory, T_3 = 40, free 4 tokens), by the session of their evidence:
+    #   rollout 0, "Rex" (cost 0):          s1 (q1, q2) 0; s2 (q4) 0; s3 (q3) F1 1
+    #   rollout 1, 5 words (F1 2/6 = 1/3 where it holds the answer, cost (5 - 4) / 40 = 0.025):
+    #     s1 (1/3 + 0) / 2 - 0.025 = 0.141667; s2 0 - 0.025; s3 1/3 - 0.025 = 0.308333
+    assert r_global[0] == pytest.approx([0.0, 0.0, 1.0]) and pens == pytest.approx([0.0, 0.025])
+    assert r_global[1] == pytest.approx([0.141667, -0.025, 0.308333], abs=1e-6)
+    assert [[(e.reward, m.reward) for e, m in glob[t]] for t in range(3)] == [
+        [(r_global[i][t],) * 2 for i in range(2)] for t in range(3)]
+    # with q_local = 1, a branch point asks one question of ALL its K branches, one of its own pool
+    *_, branches = run(q_local=1)
+    for br in branches:
+        (a, b) = (asked[id(bk)] for bk in br.banks)
+        assert len(a) == 1 and a == b and max(next(q for q in conv.qa if q.question == a[0]).sessions) <= br.session
+
+
 # ==== memr2.py: group advantages ==================================================================
 def test_group_advantage_is_standardised_with_unbiased_std():
     """GRPO's baseline is the group mean; advantages are (r - mean) / (std + 1e-6), std unbiased."""
