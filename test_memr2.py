@@ -796,18 +796,20 @@ def test_retrieval_is_lexical_deterministic_and_per_speaker():
 
 
 def test_retrieval_ranks_all_entries_with_one_score_asked_speaker_first():
-    # The issue's case: Peggy's entry written first, Nina's second. Scored per speaker, both
-    # got the same within-speaker score and Peggy's came first; one score over the bank puts
-    # the entry that shares the asked name first.
-    """One BM25 score over the whole bank, so scores of two speakers' entries are comparable."""
+    """bm25 on three entries of two speakers, by hand, and retrieve_for_question's order: one BM25
+    score over the whole bank (idf and average length from all entries), best first, no zero scores.
+    Peggy's matching entry is written first; the entry that shares the asked name comes first."""
     b = MemoryBank()
     b.apply([{"op": "INSERT", "speaker": "Peggy", "content": "Peggy lives in Tokyo"},
              {"op": "INSERT", "speaker": "Peggy", "content": "Peggy works as a chef"},
              {"op": "INSERT", "speaker": "Nina", "content": "Nina lives in Paris"}], 1, "1 May 2023")
+    # terms: query (nina, live); entries (peggy, live, tokyo), (peggy, work, as, chef), (nina, live, pari):
+    # n = 3, avg length 10/3; idf = ln(1 + (n - df + 0.5) / (df + 0.5)): nina ln(8/3) = 0.980829,
+    # live ln(1.6) = 0.470004; a term met once in a 3-term entry: 2.2 / (1 + 1.2 (0.25 + 0.75 * 0.9)) = 1.042654
+    scores = bm25("Where does Nina live?", [e.content for e in b.entries.values()])
+    assert scores == pytest.approx([0.470004 * 1.042654, 0.0, (0.980829 + 0.470004) * 1.042654], abs=1e-6)
     got = retrieve_for_question(b, "Where does Nina live?", per_speaker=2)
-    assert got[0].content == "Nina lives in Paris" and got[1].content == "Peggy lives in Tokyo"
-    scores = dict(zip([e.content for e in b.entries.values()], bm25("Where does Nina live?", [e.content for e in b.entries.values()])))
-    assert [e.content for e in got] == sorted(scores, key=lambda c: -scores[c])[:2]
+    assert [e.content for e in got] == ["Nina lives in Paris", "Peggy lives in Tokyo"]  # 1.512717, 0.490051; chef: 0
 
 
 def test_retrieval_ties_go_to_the_newest_entry():
@@ -928,7 +930,10 @@ def test_retriever_flag_paper_sizes_with_init_hf_and_a_missing_encoder(tmp_path,
 def test_token_f1_is_squad_normalised_set_overlap():
     """The reward's F1 is the official code's: SQuAD normalisation, overlap of token sets."""
     assert M.token_f1("The Paris!", "paris") == 1.0
-    assert M.token_f1("Paris and Rome", "Rome") == pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
+    # 3 tokens, 1 shared: P = 1/3, R = 1, F1 = 2 (1/3) / (4/3) = 0.5
+    assert M.token_f1("Paris and Rome", "Rome") == pytest.approx(0.5)
+    # a SET of shared tokens: {rome}, P = 1/2, R = 1/3, F1 = 2 (1/6) / (5/6) = 0.4 (SQuAD's multiset: 2 shared, 0.8)
+    assert M.token_f1("Rome Rome", "Rome Rome Paris") == pytest.approx(0.4)
     assert M.token_f1("", "") == 1.0 and M.token_f1("x", "") == 0.0 and M.token_f1("a", "b") == 0.0
     assert M.token_f1("7", 7) == 1.0  # int gold answers are cast with str()
 
@@ -1031,13 +1036,17 @@ def test_group_advantage_is_standardised_with_unbiased_std():
 
 
 def test_groups_are_per_role_and_zero_variance_groups_are_counted():
-    """Extractor and manager rows are separate groups; a group with equal rewards teaches nothing."""
+    """assign_advantages on an extractor and a manager G group, rewards (0, 1) each, and an L group of
+    equal rewards: each role is its own group, the equal group gets A = 0 and counts as zero-variance."""
     rows = [M.Row("ext", M.Group("G", 1, "ext"), reward=r) for r in (0.0, 1.0)] + \
            [M.Row("mgr", M.Group("G", 1, "mgr"), reward=r) for r in (0.0, 1.0)] + \
            [M.Row("mgr", M.Group("L", 1, "mgr", 0), reward=0.3) for _ in range(2)]
     stats = M.assign_advantages(rows)
-    assert rows[1].adv == rows[3].adv > 0 > rows[0].adv  # roles grouped apart, same rewards -> same advantages
-    assert stats["zero_var_frac_L"] == 1.0 and stats["zero_var_frac_G"] == 0.0
+    # each role's G group is (0, 1): mean 0.5, unbiased std sqrt(0.5) = 0.707107, A = -+0.5 / 0.707107 = -+0.707106
+    # (one group of both roles, (0, 1, 0, 1), would have std 0.577350 and A = -+0.866024)
+    assert [r.adv for r in rows] == pytest.approx([-0.707106, 0.707106, -0.707106, 0.707106, 0.0, 0.0], abs=1e-6)
+    assert stats == pytest.approx({"zero_var_frac_G": 0.0, "zero_var_frac_L": 1.0, "group_std_G": 0.707107,
+                                   "group_std_L": 0.0}, abs=1e-6)
 
 
 # ==== memr2.py: the loss ==========================================================================
@@ -1062,10 +1071,10 @@ def test_turn_ratio_is_the_mean_token_log_ratio_and_is_clipped():
     # cell log-ratio = mean(0.4, 0.2) = 0.3 -> r = e^0.3 = 1.35 > 1.2: A > 0 is clipped at 1.2
     """The PPO ratio is per model call: exp of the call's mean token log-ratio, then clipped."""
     assert _loss([0.4, 0.2], [0.0, 0.0], [1.0], [0, 0]) == pytest.approx(-1.2)
-    # A < 0 with r = e^0.3: max(-A r, -A clip) = -A r (the pessimistic side is not clipped)
-    assert _loss([0.4, 0.2], [0.0, 0.0], [-1.0], [0, 0]) == pytest.approx(torch.exp(torch.tensor(0.3)).item())
-    # r < 0.8 with A > 0: the pessimistic unclipped term -A r wins
-    assert _loss([-0.5], [0.0], [2.0], [0]) == pytest.approx(-2 * torch.exp(torch.tensor(-0.5)).item())
+    # A < 0 with r = e^0.3 = 1.349859: max(-A r, -A clip) = -A r (the pessimistic side is not clipped)
+    assert _loss([0.4, 0.2], [0.0, 0.0], [-1.0], [0, 0]) == pytest.approx(1.349859, abs=1e-6)
+    # r = e^-0.5 = 0.606531 < 0.8 with A = 2: the pessimistic unclipped term -A r = -1.213061 wins (clipped: -1.6)
+    assert _loss([-0.5], [0.0], [2.0], [0]) == pytest.approx(-1.213061, abs=1e-6)
 
 
 def test_dual_clip_bounds_the_loss_of_negative_advantages():
@@ -1089,13 +1098,17 @@ def test_clip_fractions_count_only_active_clips_as_the_official_metrics():
 
 
 def test_kl_term_is_k3_and_entropy_is_a_bonus():
-    """The k3 KL estimator to the reference is non-negative; entropy lowers the loss."""
+    """logo_grpo_loss with A = 0 on three tokens of two calls (2 + 1): the KL is the k3 estimator
+    e^d - d - 1, d = ref - logp, and it and the entropy are means over TOKENS; loss = beta_kl KL - beta_h H."""
     cfg = M.RLConfig(beta_kl=1.0, beta_h=0.5)
-    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
-    d = ref - logp
-    loss, s = M.logo_grpo_loss(logp, logp, ref, torch.tensor([2.0, 4.0]), torch.tensor([0, 0]), torch.tensor([0.0]), cfg)
-    assert s["kl"] == pytest.approx((torch.exp(d) - d - 1).mean().item())
-    assert loss.item() == pytest.approx(s["kl"] - 0.5 * 3.0)
+    logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -1.0, -0.5])
+    loss, s = M.logo_grpo_loss(logp, logp, ref, torch.tensor([2.0, 4.0, 6.0]), torch.tensor([0, 0, 1]),
+                               torch.tensor([0.0, 0.0]), cfg)
+    # d = (-0.5, 1, 0): e^-0.5 + 0.5 - 1 = 0.106531, e^1 - 1 - 1 = 0.718282, 0 -> mean 0.274937
+    # (a mean per call would give 0.206203; k1 = mean d 0.166667; d = logp - ref 0.172200)
+    assert s["kl"] == pytest.approx(0.274937, abs=1e-6)
+    assert s["entropy"] == pytest.approx(4.0)  # (2 + 4 + 6) / 3; per call (3 + 6) / 2 = 4.5
+    assert loss.item() == pytest.approx(0.274937 - 0.5 * 4.0, abs=1e-6)
 
 
 # ==== memr2.py: one LoGo-GRPO step ================================================================
