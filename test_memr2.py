@@ -197,7 +197,9 @@ def test_prefix_cache_samples_the_same_tokens_with_the_same_generator(model):
 
 
 def test_a_weight_update_invalidates_the_stored_prefix(model, monkeypatch):
-    """RL changes the policy between rollouts: stale prefix K/V would give the old model's logits."""
+    """An in-place AdamW step, then a load_state_dict, between prefix-cached generate calls: each later
+    call has the changed model's logits (RL changes the policy between rollouts; stale prefix K/V would
+    give the old model's)."""
     full = [PREFIX + r for r in RESTS]
     before, _ = logits_and_tokens(model, monkeypatch, RESTS, 3, temperature=0, prefix=PREFIX)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
@@ -2278,7 +2280,8 @@ def test_resume_after_interrupt_gives_the_same_metrics_and_weights(tmp_path, tin
 
 @pytest.mark.parametrize("poison", ["loss", "gradient"])
 def test_non_finite_loss_or_gradient_skips_the_update(monkeypatch, poison):
-    """One NaN step would poison every later checkpoint; it is skipped and counted instead."""
+    """ppo_update, 2 epochs, with a NaN loss or a NaN gradient in one parameter: both updates skipped
+    and counted, weights and AdamW state untouched (one NaN step would poison every later checkpoint)."""
     torch.manual_seed(0)
     model = train.Transformer(train.ModelConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, n_kv_head=2))
     before = [p.detach().clone() for p in model.parameters()]
