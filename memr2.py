@@ -43,7 +43,7 @@ from memory import (MemoryBank, bloat_cost, parse_facts, parse_operations, retri
 
 # ============================================================================ role prompts
 # The JSON schemas of the outputs are the paper's; the inputs are compact lines, since the
-# tiny model's context is 256 tokens (so histories reset at every chunk, not every session).
+# tiny model's context is 384 tokens (so histories reset at every chunk, not every session).
 ROLE = {"ext": "<ext>Extract facts.\n", "mgr": "<mgr>Update memory.\n", "ans": "<ans>Answer.\n"}
 SEP = "<sep>"
 
@@ -175,7 +175,7 @@ class RLConfig:
     n: int = 4  # global group size (paper 16)
     K: int = 4  # local group size
     p: float = 0.5  # per-session branch probability
-    chunks: int = 2  # chunks per session N (paper 6; our sessions have 3 turns; context_sizes below)
+    chunks: int = 2  # chunks per session N (paper 6; our sessions have 4 turns; context_sizes below)
     temperature: float = 0.5  # sampling AND log-prob temperature, global and local alike (paper 1; see README)
     lam: float = 0.3  # bloat penalty weight
     phi: float = 0.7  # free share of the dialogue length (the paper's; the right memory stays free, see README)
@@ -187,7 +187,7 @@ class RLConfig:
     qa_top_k: int = 4  # answer retrieval: top per speaker (paper 30) ...
     qa_by_session: bool = False  # ... best first, or by session then score (paper)
     max_new: dict = field(default_factory=lambda: {"ext": 128, "mgr": 192, "ans": 16})
-    lr: float = 5e-5  # the paper's 2e-6 is for a 7B model and moves nothing here; 1e-4 breaks extraction (README)
+    lr: float = 5e-5  # the paper's 2e-6 is for a 7B model and moves nothing here; 1e-4 breaks extraction (results/README.md)
     ppo_epochs: int = 2
     minibatch: int = 64  # cells per optimizer step, fixed order
     eps: float = 0.2  # ratio clip
@@ -200,7 +200,7 @@ class RLConfig:
 
 
 # The RLConfig fields a model's context decides, in one place. RLConfig's own values fit the tiny
-# model's 256 tokens on the synthetic world (3-turn sessions); a pretrained model's context has
+# model's 384 tokens on the synthetic world (4-turn sessions); a pretrained model's context has
 # room for the official code's N and retrieval sizes and order.
 PRETRAINED = dict(chunks=6, per_fact=5, mem_cap=25, qa_top_k=30, qa_by_session=True)
 LOCOMO_CHUNKS = 10  # the tiny model on LoCoMo: about 2 of a session's ~22 turns fit one chunk's prompt
@@ -535,7 +535,7 @@ def local_rerollouts(policy, tok, conv, branches: list, cfg: RLConfig, gen) -> N
 
 def assign_rewards(answerer, tok, conv, S: int, banks: list, by_session: list, branches: list, q_global: list,
                    q_seed: float, cfg: RLConfig) -> tuple:
-    """Rewards, both kinds through `qa_scores` and `row_reward` (rules: README, 'Rewards').
+    """Rewards, both kinds through `qa_scores` and `row_reward` (rules: docs/method.md, 'Rewards').
     -> (global F1 [n][q], global penalties [n], finished [n][S], global rewards [n][S])."""
     dialogue = dialogue_tokens(tok, conv)  # T_t after each session t
     f1, pens = qa_scores(answerer, tok, banks, q_global, dialogue[S - 1], cfg)
@@ -836,7 +836,7 @@ def sum_gradients(model, finite: bool) -> bool:
 # log_softmax(h @ W.T / tau) and gather the targets, at the cost of the full (N, V) logits.
 # This kernel never holds them: rows go through in chunks of C, each chunk's fp32 logits
 # buffer is reused, and backward recomputes them; only O(N) row stats (max m, log-sum s,
-# entropy) are saved besides h, W, y. Derivation: README, 'The fused log-prob kernel'.
+# entropy) are saved besides h, W, y. Derivation: docs/method.md, 'The fused log-prob kernel'.
 
 def _chunk_logits(h, w32, inv_t, out):
     # (C, H) @ (H, V) -> (C, V), fp32; forward and backward share this so P matches lse

@@ -1353,7 +1353,7 @@ def test_first_update_is_on_policy_ratio_exactly_one(tiny):
     assert torch.equal(old, new) and owner.tolist() == [0] * len(cells[0].response)
 
 
-# ==== memr2.py appendix: the fused log-prob kernel (README: 'The fused log-prob kernel') ==========
+# ==== memr2.py appendix: the fused log-prob kernel (docs/method.md: 'The fused log-prob kernel') ==========
 torch.set_float32_matmul_precision("highest")   # no TF32: fp32 tolerances below are real
 
 

@@ -8,7 +8,7 @@
    memory, written to runs/<name>/report.md, with every step in metrics.jsonl.
 `--preset gpu` scales the model and the groups up for one GPU; `--resume runs/<name>`
 continues an interrupted run from its last checkpoint. `torchrun --nproc_per_node N train.py`
-runs N ranks in data parallel over conversations (README, 'More than one GPU').
+runs N ranks in data parallel over conversations (docs/training.md, 'More than one GPU').
 """
 import argparse
 import contextlib
@@ -118,7 +118,7 @@ def build_parser():
     g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate (cosine to 10 %%)")
     g.add_argument("--teacher", choices=["habit", "noise"], default="habit",
                    help="SFT teacher: an untrained manager's habits (eval.HABIT: UPDATEs written as INSERTs or "
-                        "replacing, corrections not DELETEd) or random noise at --teacher-noise (see README)")
+                        "replacing, corrections not DELETEd) or random noise at --teacher-noise (docs/method.md)")
     g.add_argument("--teacher-noise", type=float, default=0.3,
                    help="--teacher noise: rate of wrong/missing teacher ops (0: a perfect teacher)")
     g = ap.add_argument_group("LoGo-GRPO")
