@@ -2885,11 +2885,12 @@ def test_two_rank_runs_resume_as_they_would_have_run_fsdp_included_and_only_rank
     assert len(lines) == 8 and all("," in r["conv"] for r in lines if r["phase"] == "rl")  # two worlds a step
     assert rl_lines(runs_dir / "cut") == lines
     fsdp = rl_lines(runs_dir / "fsdp")  # sums over shards run in another order: the loss terms agree to fp32 noise
+    # (entropy ~5.7 nats differed by 2e-4 after two steps: rel 4e-5; a wrong share or mean would be off by far more)
     loose = ("grad_norm", "pg_loss", "kl", "entropy", "loss")
     assert [{k: v for k, v in r.items() if k not in loose} for r in fsdp] == \
         [{k: v for k, v in r.items() if k not in loose} for r in lines]
     for k in loose:
-        assert [r.get(k) for r in fsdp] == pytest.approx([r.get(k) for r in lines], rel=1e-5, abs=1e-4), k
+        assert [r.get(k) for r in fsdp] == pytest.approx([r.get(k) for r in lines], rel=1e-4, abs=1e-4), k
     # FSDP's sums over shards run in another order; Adam normalises each coordinate's step, so fp32
     # noise in a near-zero gradient can move that weight by up to 2 lr (6e-5) a step: a few steps' worth
     for run, tol in (("cut", 0.0), ("fsdp", 2e-4)):
