@@ -88,7 +88,6 @@ def chunk_turns(turns, n_chunks: int) -> list:
     return [turns[i:i + size] for i in range(0, len(turns), size)]
 
 
-
 # ---------------------------------------------------------------- the same roles for an instruct model
 # An instruct model (its config names a chat format) gets the same inputs in its chat template:
 # a system prompt with the role's task as the paper describes it, one worked example, then the
@@ -750,23 +749,20 @@ def credit_correlation(rows: list) -> dict:
 def mean_over_worlds(per: list) -> dict:
     """Per-world stats -> one dict: a number's mean over the worlds that have it (NaN where none
     has), an op count's mean with 0 where a world made none, the conversation ids joined."""
-    def mean(xs):
-        xs = [x for x in xs if x == x]
-        return float("nan") if not xs else xs[0] if len(xs) == 1 else sum(xs) / len(xs)
     out = {}
     for k in per[0]:
         if k == "conv":
             out[k] = ",".join(s[k] for s in per)
         elif k == "ops":
-            out[k] = {op: mean([s[k].get(op, 0) for s in per]) for op in dict.fromkeys(o for s in per for o in s[k])}
+            out[k] = {op: _nanmean([s[k].get(op, 0) for s in per]) for op in dict.fromkeys(o for s in per for o in s[k])}
         else:
-            out[k] = mean([s[k] for s in per])
+            out[k] = _nanmean([s[k] for s in per])
     return out
 
 
 def _nanmean(xs):
-    xs = [x for x in xs if x == x]  # NaN-free
-    return sum(xs) / len(xs) if xs else float("nan")
+    xs = [x for x in xs if x == x]  # NaN-free; one value comes back as it is (a count stays an int in the log)
+    return float("nan") if not xs else xs[0] if len(xs) == 1 else sum(xs) / len(xs)
 
 
 # ============================================================================ data parallelism (torchrun)
