@@ -118,21 +118,23 @@ def rotate(x, cos, sin):
 
 
 class KVCache:
-    """Keys/values of all layers for the slots seen so far; slots are columns of the (left-padded) batch."""
+    """Keys/values of all layers for the slots seen so far; slots are columns of the (left-padded) batch.
+    Storage for `room` slots, doubled when a step needs more."""
 
-    def __init__(self, n_layer: int, max_len: int):
+    def __init__(self, n_layer: int, room: int):
         self.k, self.v = [None] * n_layer, [None] * n_layer
-        self.max_len, self.length = max_len, 0
+        self.room, self.length = room, 0
 
     def update(self, layer: int, k, v):
         # k, v: (B, Hkv, T, hd) for the new slots -> all filled slots (B, Hkv, length + T, hd)
         L, T = self.length, k.shape[2]
-        if L + T > self.max_len:
-            raise ValueError(f"KV cache overflow: {L + T} > {self.max_len} slots")
-        if self.k[layer] is None:  # allocate lazily so the dtype follows autocast
+        if self.k[layer] is None or L + T > self.k[layer].shape[2]:  # allocated lazily: the dtype follows autocast
             B, H, _, hd = k.shape
-            self.k[layer] = k.new_empty(B, H, self.max_len, hd)
-            self.v[layer] = v.new_empty(B, H, self.max_len, hd)
+            size = max(self.room, L + T, 2 * (L if self.k[layer] is not None else 0))
+            ks, vs = k.new_empty(B, H, size, hd), v.new_empty(B, H, size, hd)
+            if self.k[layer] is not None:
+                ks[:, :, :L], vs[:, :, :L] = self.k[layer][:, :, :L], self.v[layer][:, :, :L]
+            self.k[layer], self.v[layer] = ks, vs
         self.k[layer][:, :, L:L + T] = k
         self.v[layer][:, :, L:L + T] = v
         return self.k[layer][:, :, :L + T], self.v[layer][:, :, :L + T]
@@ -323,9 +325,24 @@ def prefix_kv(model: Transformer, prefix: list[int]) -> list:
 
 
 @torch.no_grad()
+def lookup_draft(ctx: list, index: dict, k: int, n_max: int = 3) -> list:
+    """Prompt lookup: the (at most k) tokens that followed the latest earlier occurrence of ctx's
+    last n tokens, for the longest n <= n_max that occurred before. index: n-gram -> the slot just
+    after its latest occurrence; brought up to date here (index[None]: how far it has read)."""
+    for e in range(index.get(None, 1), len(ctx)):  # n-grams ending just before slot e (which follows them)
+        for n in range(1, min(n_max, e) + 1):
+            index[tuple(ctx[e - n:e])] = e
+    index[None] = len(ctx)
+    for n in range(min(n_max, len(ctx) - 1), 0, -1):
+        e = index.get(tuple(ctx[-n:]))
+        if e is not None:
+            return ctx[e:e + k]
+    return []
+
+
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              eos_id: int | None = -1, generator: torch.Generator | None = None, prefix: list[int] = (),
-             ) -> tuple[list[list[int]], list[bool]]:
+             draft: int = 8) -> tuple[list[list[int]], list[bool]]:
     """Sample continuations for prompts of different lengths -> (new ids per row, finished-with-EOS per row).
 
     A finished row's ids end with eos_id; -1 (the default) means the model's own (`cfg.eos_id`, a chat
@@ -334,10 +351,15 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     prefix: ids that every row's prompt starts with, left out of `prompts`: their K/V are computed once
     for the whole batch (and reused by later calls, see prefix_kv). Row slots: [prefix][pads][prompt][new],
     with positions as if there were no pads, so each row computes what its full prompt alone would.
+    Greedy decoding (temperature 0) also feeds up to `draft` guessed tokens per row (`lookup_draft`: the
+    roles copy facts and memories from their prompts) and keeps the ones the row's own argmax agrees
+    with, so its output is the token-by-token greedy one in fewer forward passes. A rejected guess's
+    slot stays in the cache, masked out like a pad.
     """
     out, finished = [[] for _ in prompts], [False] * len(prompts)
     cfg, device = model.cfg, next(model.parameters()).device
     eos_id = cfg.eos_id if eos_id == -1 else eos_id
+    draft = draft if temperature == 0 else 0  # a sampled token is checked against no guess
     P = len(prefix)
     caps = [min(max_new_tokens, cfg.max_seq_len - P - len(p)) for p in prompts]
     rows = [i for i, c in enumerate(caps) if c > 0]
@@ -350,37 +372,50 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     try:
         idx, pos, mask = left_pad([prompts[i] for i in rows], device)  # (B, L)
         B, L = idx.shape
-        pos = pos + P
-        steps = max(caps[i] for i in rows)
-        cap = torch.tensor([caps[i] for i in rows], device=device)  # (B,)
-        # Every generated slot is a real token, so the mask can be extended to its final width up front.
-        mask = torch.cat([mask.new_ones(B, P), mask, mask.new_ones(B, steps)], dim=1)  # (B, P + L + steps)
-        next_pos = pos[:, -1] + 1  # (B,) position of each row's first new token
-        cache = KVCache(cfg.n_layer, P + L + steps)
+        caps = [caps[i] for i in rows]
+        cache = KVCache(cfg.n_layer, P + L + max(caps))  # grows if guesses need more slots
+        mask = torch.cat([mask.new_ones(B, P), mask], dim=1)  # (B, slots): which hold real tokens
         if P:
             for layer, (k, v) in enumerate(prefix_kv(model, prefix)):
                 cache.update(layer, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
             cache.length = P
-        S = P + L  # slots the prompts fill
-        logits = model.lm_head(model.hidden_states(idx, pos, mask[:, :S], cache)[:, -1])  # (B, V)
-        tokens = torch.zeros(B, steps, dtype=torch.long, device=device)
-        n_new = torch.zeros(B, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        eos = torch.zeros(B, dtype=torch.bool, device=device)
-        for t in range(steps):
-            nxt = sample_next(logits, temperature, generator)  # (B,)
-            tokens[:, t] = nxt
-            n_new += (~done).long()
-            if eos_id is not None:
-                eos |= (nxt == eos_id) & ~done
-            done |= eos | (n_new >= cap)
-            if t == steps - 1 or bool(done.all()):
+        logits = model.lm_head(model.hidden_states(idx, pos + P, mask, cache)[:, -1:])  # (B, 1, V)
+        next_pos = pos[:, -1] + P + 1  # (B,) position of each row's newest token
+        new, done, guess, D = [[] for _ in rows], [False] * B, [[] for _ in rows], 0
+        ctx, index = [list(prefix) + prompts[i] for i in rows], [{} for _ in rows]
+        while True:
+            # logits[:, i] follows the i-th token fed: a row keeps its guesses up to the first one its
+            # argmax disagrees with, then takes the argmax (or the sample) there.
+            pick = logits.argmax(-1).tolist() if draft else sample_next(logits[:, 0], temperature, generator)[:, None].tolist()
+            kept = []
+            for j in range(B):
+                n = next((i for i, g in enumerate(guess[j]) if g != pick[j][i]), len(guess[j]))
+                kept.append(n)
+                mask[j, mask.shape[1] - D + n:mask.shape[1] - D + len(guess[j])] = False  # the rejected guesses
+                for t in ([] if done[j] else guess[j][:n] + [pick[j][n]]):
+                    new[j].append(t)
+                    done[j] = t == eos_id or len(new[j]) >= caps[j]
+                    if done[j]:
+                        break
+            if all(done):
                 break
-            # Finished rows keep decoding junk (cheaper than shrinking the batch); clamp so positions stay in range.
-            p = (next_pos + t).clamp(max=cfg.max_seq_len - 1)[:, None]  # (B, 1)
-            logits = model.lm_head(model.hidden_states(nxt[:, None], p, mask[:, :S + t + 1], cache)[:, -1])
-        for j, (row, n, e) in enumerate(zip(rows, n_new.tolist(), eos.tolist())):
-            out[row], finished[row] = tokens[j, :n].tolist(), e
+            if mask.shape[1] > P + L:  # the newest token follows the one fed before it and the guesses kept
+                next_pos += 1 + torch.tensor(kept, device=device)
+            if draft:
+                for j in range(B):
+                    ctx[j] += new[j][len(ctx[j]) - P - len(prompts[rows[j]]):]
+                    room = caps[j] - len(new[j]) - 1  # a step adds its kept guesses and one more token
+                    guess[j] = [] if done[j] else lookup_draft(ctx[j], index[j], min(draft, room))
+            # Feed each row's newest token (not yet in the cache) and its guesses at what follows it.
+            # Finished rows feed junk (cheaper than shrinking the batch); clamp so positions stay in range.
+            D = max(map(len, guess))
+            feed = torch.tensor([[r[-1]] + g + [0] * (D - len(g)) for r, g in zip(new, guess)], device=device)  # (B, 1 + D)
+            mask = torch.cat([mask, torch.tensor([[True] * (1 + len(g)) + [False] * (D - len(g)) for g in guess],
+                                                 device=device)], dim=1)
+            p = (next_pos[:, None] + torch.arange(1 + D, device=device)).clamp(max=cfg.max_seq_len - 1)  # (B, 1 + D)
+            logits = model.lm_head(model.hidden_states(feed, p, mask, cache))  # (B, 1 + D, V)
+        for j, row in enumerate(rows):
+            out[row], finished[row] = new[j], new[j][-1] == eos_id
     finally:
         model.train(was_training)
     return out, finished

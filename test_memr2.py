@@ -94,6 +94,50 @@ def test_row_stops_at_eos_and_keeps_it(model):
     assert finished[1] and out[1][-1] == eos and len(out[1]) <= 5
 
 
+def test_lookup_draft_takes_what_followed_the_longest_latest_match():
+    """lookup_draft on hand-made contexts: the longest tail n-gram (n <= 3) seen before wins, its
+    latest earlier occurrence gives the guess; an index kept across calls answers as a fresh one."""
+    from model import lookup_draft
+    ctx = [5, 6, 7, 8, 5, 6, 9, 4, 5, 6]  # tail (4, 5, 6) is new; (5, 6) ends at slots 2 and 6
+    assert lookup_draft(ctx, {}, 3) == [9, 4, 5]  # after the later (5, 6)
+    assert lookup_draft(ctx, {}, 8) == [9, 4, 5, 6]  # up to the end of the context
+    assert lookup_draft([6, 7, 1, 2, 7, 3, 6, 7], {}, 2) == [1, 2]  # (6, 7), not the later lone 7 (-> 3, 6)
+    assert lookup_draft([3, 4, 5], {}, 4) == []  # nothing repeats
+    index = {}
+    for n in range(2, len(ctx) + 1):  # one index, brought up to date call by call
+        assert lookup_draft(ctx[:n], index, 3) == lookup_draft(ctx[:n], {}, 3)
+
+
+def test_greedy_guesses_kept_and_rejected_give_the_token_by_token_tokens(model, monkeypatch):
+    """generate's greedy guessing on a ragged batch, with guesses that are right for 3 tokens and then
+    wrong: every row's tokens equal a full forward per step of its prompt alone (kept guesses are
+    the greedy tokens, rejected ones masked out of later steps), EOS inside kept guesses still ends
+    the row, and the batch takes fewer forward passes than one token a step."""
+    import model as model_module
+    prompts = prompts_of_lengths([3, 9, 6, 12])
+    free = [greedy_by_recompute(model, p, 20) for p in prompts]
+    eos = free[2][10]  # row 2 stops at its 11th token
+    refs = [greedy_by_recompute(model, p, 20, eos_id=eos) for p in prompts]
+
+    def guess(ctx, index, k):  # the row's true next tokens, the 4th one wrong
+        row = next(r for r, p in enumerate(prompts) if ctx[:len(p)] == p and len(ctx) - len(p) <= len(free[r]))
+        nxt = free[row][len(ctx) - len(prompts[row]):][:k]
+        return nxt[:3] + [(t + 1) % 64 for t in nxt[3:4]] + nxt[4:]
+
+    def forwards(**kw):
+        calls, real = [], model.hidden_states
+        with monkeypatch.context() as m:
+            m.setattr(model_module, "lookup_draft", guess)
+            m.setattr(model, "hidden_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+            return generate(model, prompts, 20, temperature=0, eos_id=eos, **kw), len(calls)
+
+    (out, finished), n_guessed = forwards(draft=6)
+    (plain, _), n_plain = forwards(draft=0)
+    assert out == refs == plain
+    assert finished == [eos in r for r in refs] and finished[2]
+    assert n_guessed <= n_plain / 2  # 4 tokens a pass (3 kept guesses + the argmax) against 1
+
+
 def test_left_padded_logits_equal_prompt_alone(model):
     """Prompts of different lengths share a batch; padding must not change any prompt's logits."""
     prompts = prompts_of_lengths([4, 11, 7])
@@ -152,11 +196,12 @@ def test_generate_restores_training_mode(model):
 
 
 def logits_and_tokens(model, monkeypatch, prompts, n, **kw):
-    """generate's tokens, and the logits it sampled each step from (steps, B, V)."""
+    """generate's tokens, and the logits it sampled each step from (steps, B, V): one token a step
+    (draft=0), so that every step's logits go through sample_next."""
     import model as model_module
     seen, real = [], model_module.sample_next
     monkeypatch.setattr(model_module, "sample_next", lambda logits, *a: seen.append(logits.clone()) or real(logits, *a))
-    out, _ = generate(model, prompts, n, eos_id=None, **kw)
+    out, _ = generate(model, prompts, n, eos_id=None, draft=0, **kw)
     monkeypatch.undo()
     return torch.stack(seen), out
 
