@@ -119,7 +119,8 @@ def rotate(x, cos, sin):
 
 class KVCache:
     """Keys/values of all layers for the slots seen so far; slots are columns of the (left-padded) batch.
-    Storage for `room` slots, doubled when a step needs more."""
+    Storage for `room` slots, grown by a quarter when a step needs more; `length` can be set back to drop
+    the newest slots."""
 
     def __init__(self, n_layer: int, room: int):
         self.k, self.v = [None] * n_layer, [None] * n_layer
@@ -130,7 +131,7 @@ class KVCache:
         L, T = self.length, k.shape[2]
         if self.k[layer] is None or L + T > self.k[layer].shape[2]:  # allocated lazily: the dtype follows autocast
             B, H, _, hd = k.shape
-            size = max(self.room, L + T, 2 * (L if self.k[layer] is not None else 0))
+            size = max(self.room, (L + T) * 5 // 4 if self.k[layer] is not None else L + T)
             ks, vs = k.new_empty(B, H, size, hd), v.new_empty(B, H, size, hd)
             if self.k[layer] is not None:
                 ks[:, :, :L], vs[:, :, :L] = self.k[layer][:, :, :L], self.v[layer][:, :, :L]
@@ -401,6 +402,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                 break
             if mask.shape[1] > P + L:  # the newest token follows the one fed before it and the guesses kept
                 next_pos += 1 + torch.tensor(kept, device=device)
+                dead = D - max(kept)  # the last guesses, rejected by every row: their slots are dropped
+                cache.length -= dead
+                mask = mask[:, :mask.shape[1] - dead]
             if draft:
                 for j in range(B):
                     ctx[j] += new[j][len(ctx[j]) - P - len(prompts[rows[j]]):]
