@@ -325,7 +325,6 @@ def prefix_kv(model: Transformer, prefix: list[int]) -> list:
     return store[ids]
 
 
-@torch.no_grad()
 def lookup_draft(ctx: list, index: dict, k: int, n_max: int = 3) -> list:
     """Prompt lookup: the (at most k) tokens that followed the latest earlier occurrence of ctx's
     last n tokens, for the longest n <= n_max that occurred before. index: n-gram -> the slot just
@@ -341,6 +340,7 @@ def lookup_draft(ctx: list, index: dict, k: int, n_max: int = 3) -> list:
     return []
 
 
+@torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              eos_id: int | None = -1, generator: torch.Generator | None = None, prefix: list[int] = (),
              draft: int = 8) -> tuple[list[list[int]], list[bool]]:

@@ -188,6 +188,17 @@ def test_context_overflow_caps_new_tokens(model):
     assert generate(model, [], 5) == ([], [])
 
 
+def test_generate_builds_no_autograd_graph(model, monkeypatch):
+    """generate, greedy and sampled, on a model whose weights require grad: every forward pass runs
+    with grad disabled (a graph kept alive by the KV cache holds every layer's activations)."""
+    seen, real = [], model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda *a, **k: seen.append(torch.is_grad_enabled()) or real(*a, **k))
+    assert all(p.requires_grad for p in model.parameters())
+    for t in (0.0, 1.0):
+        generate(model, prompts_of_lengths([3, 9]), 6, temperature=t, eos_id=None)
+    assert seen and not any(seen)
+
+
 def test_generate_restores_training_mode(model):
     """generate on a model in training mode leaves it in training mode."""
     model.train()
