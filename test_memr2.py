@@ -109,8 +109,8 @@ def test_lookup_draft_takes_what_followed_the_longest_latest_match():
 
 
 def test_greedy_guesses_kept_and_rejected_give_the_token_by_token_tokens(model, monkeypatch):
-    """generate's greedy guessing on a ragged batch, with guesses that are right for 3 tokens and then
-    wrong: every row's tokens equal a full forward per step of its prompt alone (kept guesses are
+    """generate's greedy guessing on a ragged batch of 4, with guesses that are right for 3 tokens and
+    then wrong: every row's tokens equal a full forward per step of its prompt alone (kept guesses are
     the greedy tokens, rejected ones masked out of later steps), EOS inside kept guesses still ends
     the row, and the batch takes fewer forward passes than one token a step."""
     import model as model_module
@@ -119,7 +119,10 @@ def test_greedy_guesses_kept_and_rejected_give_the_token_by_token_tokens(model, 
     eos = free[2][10]  # row 2 stops at its 11th token
     refs = [greedy_by_recompute(model, p, 20, eos_id=eos) for p in prompts]
 
+    asked = []
+
     def guess(ctx, index, k):  # the row's true next tokens, the 4th one wrong
+        asked.append(k)
         row = next(r for r, p in enumerate(prompts) if ctx[:len(p)] == p and len(ctx) - len(p) <= len(free[r]))
         nxt = free[row][len(ctx) - len(prompts[row]):][:k]
         return nxt[:3] + [(t + 1) % 64 for t in nxt[3:4]] + nxt[4:]
@@ -136,6 +139,14 @@ def test_greedy_guesses_kept_and_rejected_give_the_token_by_token_tokens(model, 
     assert out == refs == plain
     assert finished == [eos in r for r in refs] and finished[2]
     assert n_guessed <= n_plain / 2  # 4 tokens a pass (3 kept guesses + the argmax) against 1
+    # GUESSES_PER_PASS = 16 shared by the rows still running after the first token, at most `draft` each
+    running = sum(len(r) > 1 for r in refs)
+    assert running >= 3 and asked[0] == 16 // running and max(asked) <= 6
+    asked.clear()
+    with monkeypatch.context() as m:
+        m.setattr(model_module, "lookup_draft", guess)
+        assert generate(model, prompts[:1], 20, temperature=0, eos_id=eos, draft=6)[0] == refs[:1]
+    assert asked[0] == 6  # one row: `draft` guesses
 
 
 def test_left_padded_logits_equal_prompt_alone(model):
