@@ -360,9 +360,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     for the whole batch (and reused by later calls, see prefix_kv). Row slots: [prefix][pads][prompt][new],
     with positions as if there were no pads, so each row computes what its full prompt alone would.
     Greedy decoding (temperature 0) also feeds up to `draft` guessed tokens per row, GUESSES_PER_PASS over
-    the batch (`lookup_draft`: the roles copy facts and memories from their prompts) and keeps the ones the row's own argmax agrees
-    with, so its output is the token-by-token greedy one in fewer forward passes. A rejected guess's
-    slot stays in the cache, masked out like a pad, unless every row rejected it.
+    the batch (`lookup_draft`: the roles copy facts and memories from their prompts), and keeps the ones
+    the row's own argmax agrees with, so its output is the token-by-token greedy one in fewer forward
+    passes. A rejected guess's slot stays in the cache, masked out like a pad, unless every row rejected it.
     """
     out, finished = [[] for _ in prompts], [False] * len(prompts)
     cfg, device = model.cfg, next(model.parameters()).device
@@ -394,12 +394,13 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         while True:
             # logits[:, i] follows the i-th token fed: a row keeps its guesses up to the first one its
             # argmax disagrees with, then takes the argmax (or the sample) there.
-            pick = logits.argmax(-1).tolist() if draft else sample_next(logits[:, 0], temperature, generator)[:, None].tolist()
+            pick = (logits.argmax(-1) if draft else sample_next(logits[:, 0], temperature, generator)[:, None]).tolist()
             kept = []
             for j in range(B):
-                n = next((i for i, g in enumerate(guess[j]) if g != pick[j][i]), len(guess[j]))
+                n = next((i for i, g in enumerate(guess[j]) if g != pick[j][i]), len(guess[j])) if guess[j] else 0
                 kept.append(n)
-                mask[j, mask.shape[1] - D + n:mask.shape[1] - D + len(guess[j])] = False  # the rejected guesses
+                if n < len(guess[j]):  # the rejected guesses' slots
+                    mask[j, mask.shape[1] - D + n:mask.shape[1] - D + len(guess[j])] = False
                 for t in ([] if done[j] else guess[j][:n] + [pick[j][n]]):
                     new[j].append(t)
                     done[j] = t == eos_id or len(new[j]) >= caps[j]
@@ -408,7 +409,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             if all(done):
                 break
             if mask.shape[1] > P + L:  # the newest token follows the one fed before it and the guesses kept
-                next_pos += 1 + torch.tensor(kept, device=device)
+                next_pos += 1 + (torch.tensor(kept, device=device) if D else 0)
                 dead = D - max(kept)  # the last guesses, rejected by every row: their slots are dropped
                 cache.length -= dead
                 mask = mask[:, :mask.shape[1] - dead]
@@ -422,8 +423,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             # Finished rows feed junk (cheaper than shrinking the batch); clamp so positions stay in range.
             D = max(map(len, guess))
             feed = torch.tensor([[r[-1]] + g + [0] * (D - len(g)) for r, g in zip(new, guess)], device=device)  # (B, 1 + D)
-            mask = torch.cat([mask, torch.tensor([[True] * (1 + len(g)) + [False] * (D - len(g)) for g in guess],
-                                                 device=device)], dim=1)
+            fed = torch.tensor([[True] * (1 + len(g)) + [False] * (D - len(g)) for g in guess], device=device) if D else \
+                mask.new_ones(B, 1)  # (B, 1 + D): which fed slots hold real tokens
+            mask = torch.cat([mask, fed], dim=1)
             p = (next_pos[:, None] + torch.arange(1 + D, device=device)).clamp(max=cfg.max_seq_len - 1)  # (B, 1 + D)
             logits = model.lm_head(model.hidden_states(feed, p, mask, cache))  # (B, 1 + D, V)
         for j, row in enumerate(rows):
