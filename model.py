@@ -390,7 +390,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         logits = model.lm_head(model.hidden_states(idx, pos + P, mask, cache)[:, -1:])  # (B, 1, V)
         next_pos = pos[:, -1] + P + 1  # (B,) position of each row's newest token
         new, done, guess, D = [[] for _ in rows], [False] * B, [[] for _ in rows], 0
-        ctx, index = [list(prefix) + prompts[i] for i in rows], [{} for _ in rows]
+        ctx, index = ([list(prefix) + prompts[i] for i in rows], [{} for _ in rows]) if draft else (None, None)
         while True:
             # logits[:, i] follows the i-th token fed: a row keeps its guesses up to the first one its
             # argmax disagrees with, then takes the argmax (or the sample) there.

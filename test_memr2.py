@@ -127,15 +127,15 @@ def test_greedy_guesses_kept_and_rejected_give_the_token_by_token_tokens(model, 
         nxt = free[row][len(ctx) - len(prompts[row]):][:k]
         return nxt[:3] + [(t + 1) % 64 for t in nxt[3:4]] + nxt[4:]
 
-    def forwards(**kw):
+    def forwards(batch, **kw):
         calls, real = [], model.hidden_states
         with monkeypatch.context() as m:
             m.setattr(model_module, "lookup_draft", guess)
             m.setattr(model, "hidden_states", lambda *a, **k: calls.append(1) or real(*a, **k))
-            return generate(model, prompts, 20, temperature=0, eos_id=eos, **kw), len(calls)
+            return generate(model, batch, 20, temperature=0, eos_id=eos, **kw), len(calls)
 
-    (out, finished), n_guessed = forwards(draft=6)
-    (plain, _), n_plain = forwards(draft=0)
+    (out, finished), n_guessed = forwards(prompts, draft=6)
+    (plain, _), n_plain = forwards(prompts, draft=0)
     assert out == refs == plain
     assert finished == [eos in r for r in refs] and finished[2]
     assert n_guessed <= n_plain / 2  # 4 tokens a pass (3 kept guesses + the argmax) against 1
@@ -143,9 +143,7 @@ def test_greedy_guesses_kept_and_rejected_give_the_token_by_token_tokens(model, 
     running = sum(len(r) > 1 for r in refs)
     assert running >= 3 and asked[0] == 16 // running and max(asked) <= 6
     asked.clear()
-    with monkeypatch.context() as m:
-        m.setattr(model_module, "lookup_draft", guess)
-        assert generate(model, prompts[:1], 20, temperature=0, eos_id=eos, draft=6)[0] == refs[:1]
+    assert forwards(prompts[:1], draft=6)[0][0] == refs[:1]
     assert asked[0] == 6  # one row: `draft` guesses
 
 
