@@ -2161,28 +2161,37 @@ def test_sessions_are_chunked_into_consecutive_runs():
     assert M.chunk_turns(list(range(4)), 6) == [[0], [1], [2], [3]]
 
 
-def test_sft_length_buckets_cut_padding_and_give_the_padded_batch_loss_and_gradient():
-    """SFT runs a length-sorted batch as <= 3 contiguous buckets: every cell once, in order, less
-    padded area, and the same loss (mean over all target tokens) and gradient as one padded batch."""
+def test_cell_logprobs_buckets_by_length_and_matches_each_cell_alone():
+    """cell_logprobs runs an unsorted batch as <= 3 length buckets with less padded area than one
+    batch, and every cell's log-probs (found through `owner`), entropies, the mean loss and its
+    gradient equal those of the dense path on each cell alone, with no padding at all."""
     rng = random.Random(0)
-    cells = sorted([M.Cell([BOS_ID] + [rng.randrange(7, 300) for _ in range(rng.randrange(3, 40))],
-                           [rng.randrange(7, 300) for _ in range(rng.randrange(1, 9))], True) for _ in range(13)],
-                   key=lambda c: len(c.prompt) + len(c.response))
-    buckets = train.length_buckets(cells)
-    assert 1 < len(buckets) <= 3 and [c for b in buckets for c in b] == cells
-    area = lambda cs: len(cs) * max(len(c.prompt) + len(c.response) for c in cs)
-    assert sum(map(area, buckets)) < area(cells)
+    cells = [M.Cell([BOS_ID] + [rng.randrange(7, 300) for _ in range(rng.randrange(3, 40))],
+                    [rng.randrange(7, 300) for _ in range(rng.randrange(1, 9))], True) for _ in range(13)]
+    lengths = sorted(len(c.prompt) + len(c.response) for c in cells)
+    runs = M.length_buckets(lengths)
+    assert 1 < len(runs) <= 3 and runs[0][0] == 0 and runs[-1][1] == len(cells)
+    assert all(b == c for (_, b), (c, _) in zip(runs, runs[1:]))  # contiguous: every cell once
+    assert sum((b - a) * lengths[b - 1] for a, b in runs) < len(lengths) * lengths[-1]
+    assert M.length_buckets(lengths[:1]) == [(0, 1)]
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=300, n_layer=2, d_model=32, n_head=4, n_kv_head=4, max_seq_len=64))
-    grads = []
-    for parts in ([cells], buckets):
-        model.zero_grad()
-        loss = -torch.cat([M.cell_logprobs(model, b, 1.0, 256)[0] for b in parts]).mean()
-        loss.backward()
-        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
-    assert abs(grads[0][0] - grads[1][0]) < 1e-6
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
-    assert train.length_buckets(cells[:1]) == [cells[:1]]
+    logp, ent, owner = M.cell_logprobs(model, cells, 0.7, 5, True)
+    (-logp.mean()).backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    dense, dense_ent = [], []
+    for c in cells:  # the reference: one cell, full logits, log_softmax
+        seq = torch.tensor([c.prompt + c.response])
+        lp = torch.log_softmax(model(seq)[0, len(c.prompt) - 1:-1].float() / 0.7, -1)  # (len(response), V)
+        dense.append(lp.gather(1, torch.tensor(c.response)[:, None]).squeeze(1))
+        dense_ent.append(-(lp.exp() * lp).sum(-1))
+    (-torch.cat(dense).mean()).backward()
+    assert owner.tolist() != sorted(owner.tolist())  # the buckets reorder the cells
+    for i, c in enumerate(cells):
+        mine = owner == i
+        assert torch.allclose(logp[mine], dense[i], atol=1e-5) and torch.allclose(ent[mine], dense_ent[i], atol=1e-5)
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(got, model.parameters()))
 
 
 def test_base_test_is_read_once_per_sft_model_and_setting(tmp_path, monkeypatch):

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import copy
 import fcntl
-import itertools
 import json
 import math
 import os
@@ -257,17 +256,6 @@ def sft_examples(samples, convs, cfg: RLConfig, teacher: str, noise: float, seed
 
 
 # ============================================================================ SFT
-def length_buckets(cells: list, k: int = 3) -> list:
-    """Cells sorted by length -> at most k contiguous runs, cut where the padded area (run size x
-    its longest sequence) is least. A batch padded to its longest sequence is ~60 % real tokens
-    here (extractor and manager examples differ in length); three runs make it ~88 %."""
-    L = [len(c.prompt) + len(c.response) for c in cells]
-    n = len(L)
-    area = lambda cuts: sum((b - a) * L[b - 1] for a, b in zip((0, *cuts), (*cuts, n)))
-    cuts = min((c for j in range(min(k, n)) for c in itertools.combinations(range(1, n), j)), key=area)
-    return [cells[a:b] for a, b in zip((0, *cuts), (*cuts, n))]
-
-
 def sft(model, tok, examples, args, device, log, run) -> None:
     """Supervised warm start: cross-entropy on target tokens only, computed with the same
     fused log-prob kernel the RL loss uses (loss = -mean token log-prob). The manager gets
@@ -293,10 +281,8 @@ def sft(model, tok, examples, args, device, log, run) -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         roles = rng.choices(list(weights), weights=list(weights.values()), k=bs)
-        batch = sorted((rng.choice(data[r]) for r in roles), key=lambda c: len(c.prompt) + len(c.response))
-        with autocast(device):  # the mean over every target token of the batch, in length buckets
-            logp = torch.cat([cell_logprobs(model, b, 1.0, 256)[0] for b in length_buckets(batch)])
-        loss = -logp.mean()
+        with autocast(device):  # the mean over every target token of the batch
+            loss = -cell_logprobs(model, [rng.choice(data[r]) for r in roles], 1.0, 256)[0].mean()
         if guarded_step(model, loss, opt, 1.0) is None:
             streak += 1
             log({"phase": "sft", "step": step, "skipped": "non-finite loss or gradient", "lr": lr})
