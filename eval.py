@@ -786,7 +786,7 @@ def read_conversations(model, tok, convs: list, cfg: RLConfig, temperature: floa
                                   cfg, temperature, gen, steps)
         if trace is not None:
             trace += [Decision(live[d.b], d.turns, d.facts, d.shown, d.ops) for d in steps]
-        counts += c
+        counts += sum(c, Counter())
         unfinished += sum(not cell.finished for row in ext + mgr for cell in row.cells)
     return banks, counts, unfinished
 

@@ -268,10 +268,11 @@ def sample_cells(model, tok, prompts: list, role: str, cfg: RLConfig, temperatur
 
 def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperature: float, gen=None, trace=None):
     """Run sessions[b] on banks[b] for every b in one batch, writing to the banks in place
-    -> (extractor rows, manager rows, op counts). Training passes one session n or K times,
-    evaluation session t of several conversations. A `trace` list collects every chunk's Decision."""
+    -> (extractor rows, manager rows, op counts per bank). Training passes one session n + K
+    times (rollouts and branches), evaluation session t of several conversations. A `trace`
+    list collects every chunk's Decision."""
     B = len(banks)
-    ext, mgr, counts = [Row("ext") for _ in range(B)], [Row("mgr") for _ in range(B)], Counter()
+    ext, mgr, counts = [Row("ext") for _ in range(B)], [Row("mgr") for _ in range(B)], [Counter() for _ in range(B)]
     chunks = [chunk_turns(s.turns, cfg.chunks) for s in sessions]
     # Extractor: the new turns only, so no chunk waits for another's memory: every chunk of every
     # row is one batch (in training the B rows are the same session).
@@ -282,8 +283,8 @@ def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperat
     for (b, k), c in zip(calls, cells):
         ext[b].cells.append(c)
         facts[b, k], why = parse_facts(decode(tok, c.response)) if c.finished else ([], "unfinished")
-        counts["facts"] += len(facts[b, k])
-        counts["bad_facts_json"] += why == "invalid_json"
+        counts[b]["facts"] += len(facts[b, k])
+        counts[b]["bad_facts_json"] += why == "invalid_json"
     for k in range(max(map(len, chunks))):
         # Manager, chunk by chunk: facts + memories retrieved from each row's own bank as the
         # earlier chunks left it. With no facts there is nothing to decide, so the call is skipped
@@ -296,11 +297,11 @@ def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperat
         for b, c in zip(todo, cells):
             mgr[b].cells.append(c)
             ops[b], why = parse_operations(decode(tok, c.response)) if c.finished else ([], "unfinished")
-            counts["bad_ops_json"] += why == "invalid_json"
+            counts[b]["bad_ops_json"] += why == "invalid_json"
         for b in live:
             if trace is not None:  # copies: a later UPDATE rewrites entries in place
                 trace.append(Decision(b, chunks[b][k], facts[b, k], [copy.copy(e) for e in shown.get(b, [])], ops[b]))
-            counts.update(banks[b].apply(ops[b], sessions[b].index, short_date(sessions[b].date)))
+            counts[b].update(banks[b].apply(ops[b], sessions[b].index, short_date(sessions[b].date)))
     return ext, mgr, counts
 
 
@@ -513,39 +514,39 @@ class Branch:
     pairs: list = field(default_factory=list)  # the K branches' (extractor row, manager row)
 
 
-def play_session(policy, tok, banks: list, session, group, cfg: RLConfig, gen) -> tuple:
-    """One session on every bank (in place) -> ([(extractor row, manager row)] per bank, op
-    counts); `group(role)` names the rows' group."""
+def play_session(policy, tok, banks: list, session, groups: list, cfg: RLConfig, gen) -> tuple:
+    """One session on every bank (in place), sampled -> ([(extractor row, manager row)] per
+    bank, op counts per bank); groups[b] is bank b's rows' group, its role left to fill in."""
     trace = []
     ext, mgr, counts = run_session(policy, tok, banks, [session] * len(banks), cfg, cfg.temperature, gen, trace)
     for i, (e, m) in enumerate(zip(ext, mgr)):
-        e.group, m.group = group("ext"), group("mgr")
+        e.group, m.group = groups[i]._replace(role="ext"), groups[i]._replace(role="mgr")
         e.decisions = m.decisions = [d for d in trace if d.b == i]
     return list(zip(ext, mgr)), counts
 
 
-def global_rollouts(policy, tok, conv, S: int, cfg: RLConfig, algo_rng, gen) -> tuple:
-    """n rollouts of sessions 1..S from empty memory; before each session a coin (p) may pick
-    a branch point -> (final banks, by_session: by_session[t-1][i] is the (extractor row, manager
-    row) pair of rollout i at session t, branches, op counts)."""
+def rollouts(policy, tok, conv, S: int, cfg: RLConfig, algo_rng, gen) -> tuple:
+    """Global rollouts and local re-rolls, all with theta_old. n rollouts of sessions 1..S from
+    empty memory; before each session a coin (p) may pick a branch point: K deepcopies of one
+    rollout's memory as it is then. The K branches re-roll that session in the same batch as
+    the n rollouts (they start at the same moment), and never continue past it.
+    -> (the rollouts' final banks, by_session: by_session[t-1][i] is the (extractor row,
+    manager row) pair of rollout i at session t, branches, the rollouts' op counts)."""
     banks, by_session, branches, counts = [MemoryBank(cfg.retriever) for _ in range(cfg.n)], [], [], Counter()
     for t, session in enumerate(conv.sessions[:S], 1):
+        br, local, groups = None, [], [Group("G", t, None)] * cfg.n  # groups: one per bank, role to fill in
         if cfg.algo != "grpo" and algo_rng.random() < cfg.p:  # plain GRPO never branches
             i = algo_rng.randrange(cfg.n)
-            branches.append(Branch(t, i, banks[i].snapshot()))
-        pairs, c = play_session(policy, tok, banks, session, lambda role: Group("G", t, role), cfg, gen)
-        by_session.append(pairs)
-        counts += c
+            br = Branch(t, i, banks[i].snapshot())
+            br.banks = local = [br.memory.snapshot() for _ in range(cfg.K)]  # each branch writes its own copy
+            groups += [Group("L", t, None, i)] * cfg.K
+            branches.append(br)
+        pairs, c = play_session(policy, tok, banks + local, session, groups, cfg, gen)
+        by_session.append(pairs[:cfg.n])
+        if br:
+            br.pairs = pairs[cfg.n:]
+        counts += sum(c[:cfg.n], Counter())
     return banks, by_session, branches, counts
-
-
-def local_rerollouts(policy, tok, conv, branches: list, cfg: RLConfig, gen) -> None:
-    """Local rerollouts, still with theta_old: K copies of each snapshot rerun its session,
-    SAMPLING at the training temperature. Branches never continue past their session."""
-    for br in branches:
-        br.banks = [br.memory.snapshot() for _ in range(cfg.K)]
-        br.pairs, _ = play_session(policy, tok, br.banks, conv.sessions[br.session - 1],
-                                   lambda role: Group("L", br.session, role, br.source), cfg, gen)
 
 
 def assign_rewards(answerer, tok, conv, S: int, banks: list, by_session: list, branches: list, q_global: list,
@@ -600,14 +601,13 @@ class WorldStep:
 
 
 def world_pool(policy, answerer: AnswerAgent, tok, w: World, S: int, cfg: RLConfig) -> WorldStep:
-    """One world's global rollouts, local rerollouts, rewards and advantages. Its groups stay
+    """One world's global rollouts, local re-rolls, rewards and advantages. Its groups stay
     inside it: a world's rows never meet another's."""
     conv = w.conv
     S = min(S, len(conv.sessions))
     q_global = sample_questions(conv.qa, S, cfg.q_global, w.data_rng)
     q_seed = w.data_rng.random()  # local subsets derive from it, so no arm shifts another's draws
-    banks, by_session, branches, counts = global_rollouts(policy, tok, conv, S, cfg, w.algo_rng, w.gen)
-    local_rerollouts(policy, tok, conv, branches, cfg, w.gen)
+    banks, by_session, branches, counts = rollouts(policy, tok, conv, S, cfg, w.algo_rng, w.gen)
     f1, pens, finished, r_global = assign_rewards(answerer, tok, conv, S, banks, by_session, branches, q_global, q_seed, cfg)
     # Advantages per (group, role), then one merged pool with no weight between its parts.
     global_rows = [row for pairs in by_session for pair in pairs for row in pair]

@@ -1265,32 +1265,37 @@ def scripted_sample(rng, finished=True):
 
 
 def test_local_branches_start_from_identical_memory_and_never_leak(tiny, monkeypatch):
-    """logo_step with p = 1 and a scripted policy, run_session spied: the K branches of each branch
-    point start byte-identical from one rollout's memory before that session, in banks of their own,
-    differ after it, and leave the global banks as the global pass ended them."""
+    """logo_step with p = 1 and a scripted policy, run_session spied: each session runs the n
+    rollouts and one branch point's K branches in one batch; the branches start byte-identical
+    from one rollout's memory before that session, in banks and entries of their own, differ after
+    it, are grouped as local groups of that rollout, and never go on to the next session."""
     conv, tok, model = tiny
     monkeypatch.setattr(M, "sample_cells", scripted_sample(random.Random(1)))
     calls, real = [], M.run_session
     def spy(model, tok, banks, sessions, *a, **k):
-        calls.append((banks, [state(b) for b in banks], sessions[0].index))
-        return real(model, tok, banks, sessions, *a, **k)
+        before = [state(b) for b in banks]
+        out = real(model, tok, banks, sessions, *a, **k)
+        calls.append((list(banks), before, [state(b) for b in banks], sessions[0].index, out))
+        return out
     monkeypatch.setattr(M, "run_session", spy)
-    cfg = M.RLConfig(n=3, K=2, p=1.0, minibatch=8, ppo_epochs=1)
+    n, K = 3, 2
+    cfg = M.RLConfig(n=n, K=K, p=1.0, minibatch=8, ppo_epochs=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
     stats = M.logo_step(model, model, answerer, tok, [M.World(conv, random.Random(0), random.Random(1), torch.Generator())], 3, cfg, opt)
-    glob, local = calls[:3], calls[3:]
-    assert len(local) == 3 and stats["branches"] == 3  # p = 1: every session branches
-    global_banks = glob[0][0]
-    end_state = [state(b) for b in global_banks]
-    for banks, states, t in local:
-        assert len(set(states)) == 1  # the K branches start byte-identical...
-        assert states[0] in glob[t - 1][1]  # ... from one rollout's memory before session t
-        assert not any(b is g for b in banks for g in global_banks)
+    assert [len(banks) for banks, *_ in calls] == [n + K] * 3 and stats["branches"] == 3  # p = 1: every session branches
+    rollouts = calls[0][0][:n]
+    for t, (banks, before, after, index, (ext, mgr, _)) in enumerate(calls, 1):
+        assert banks[:n] == rollouts and index == t  # the rollouts go on; the branches stay in their session
+        assert len(set(before[n:])) == 1  # the K branches start byte-identical...
+        source = before[:n].index(before[n])  # ... from one rollout's memory before session t
+        assert t == 1 or before[:n] == calls[t - 2][2][:n]  # the rollouts start where the last session left them
+        assert not any(e is f for b in banks[n:] for e in b.entries.values() for g in rollouts for f in g.entries.values())
+        groups = [(e.group, m.group) for e, m in zip(ext, mgr)]
+        assert groups[:n] == [(M.Group("G", t, "ext"), M.Group("G", t, "mgr"))] * n
+        assert groups[n:] == [(M.Group("L", t, "ext", source), M.Group("L", t, "mgr", source))] * K
     assert stats["local_distinct"] > 1  # sampled branches really differ
-    # branches ran after the global pass and never wrote into the global lineage
-    assert [state(b) for b in global_banks] == end_state
-    assert len({s for s in end_state}) > 1
+    assert any(len(set(after[n:])) > 1 for *_, after, _, _ in calls)
 
 
 @pytest.mark.parametrize("algo, share", [("grpo", 0.0), ("local", 1.0), ("logo", 0.5)])
@@ -1350,8 +1355,10 @@ def test_logo_step_logs_the_credit_diagnostic(tiny, monkeypatch):
     judge = lambda decisions: seen.append((decisions[0].turns[0].dia_id, len(decisions), q := rng.random())) or q
     real = M.credit_correlation
     monkeypatch.setattr(M, "credit_correlation", lambda rows: pools.append(rows) or real(rows))
-    gold = {q.question: q.answer for q in conv.qa}  # right from a memory of an even number of lines: rewards vary
-    answerer = types.SimpleNamespace(answer=lambda asked: [gold[q] if len(b.entries) % 2 == 0 else "x" for b, q in asked])
+    # right from a memory whose "Ann likes <digit>" lines add up to an even number: rewards vary inside most groups
+    gold = {q.question: q.answer for q in conv.qa}
+    even = lambda b: sum(int(e.content[-1]) for e in b.entries.values()) % 2 == 0
+    answerer = types.SimpleNamespace(answer=lambda asked: [gold[q] if even(b) else "x" for b, q in asked])
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     stats = M.logo_step(model, model, answerer, tok,
                         [M.World(conv, random.Random(0), random.Random(1), torch.Generator(), judge)], 3, cfg, opt)
