@@ -452,7 +452,7 @@ def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entro
     dev = next(model.parameters()).device
     order = sorted(range(len(cells)), key=lambda i: len(cells[i].prompt) + len(cells[i].response))
     lengths = [len(cells[i].prompt) + len(cells[i].response) for i in order]
-    hs, ts, owners = [], [], []
+    logps, ents, owners = [], [], []
     for a, b in length_buckets(lengths):
         L = lengths[b - 1]
         idx = torch.zeros(b - a, L, dtype=torch.long)
@@ -462,12 +462,12 @@ def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entro
             idx[r, :len(c.prompt) + len(c.response)] = torch.tensor(c.prompt + c.response)
             sel[r, len(c.prompt) - 1:len(c.prompt) + len(c.response) - 1] = True
         idx, sel = idx.to(dev), sel.to(dev)
-        hs.append(model.hidden_states(idx)[sel])  # (n_b, D): response positions only
-        ts.append(idx[:, 1:][sel[:, :-1]])  # (n_b,)
-        owners.append(torch.tensor(order[a:b], device=dev)[:, None].expand(-1, L)[sel])
-    out = fused_logprobs(torch.cat(hs), model.lm_head.weight, torch.cat(ts), temperature, with_entropy, chunk)
-    logp, ent = out if with_entropy else (out, None)
-    return logp, ent, torch.cat(owners)
+        h = model.hidden_states(idx)  # (B, L, D)
+        out = fused_logprobs(h[sel], model.lm_head.weight, idx[:, 1:][sel[:, :-1]], temperature, with_entropy, chunk)
+        logps.append(out[0] if with_entropy else out)
+        ents.append(out[1] if with_entropy else None)
+        owners.append(torch.tensor(order[a:b], device=dev)[:, None].expand(-1, L)[sel])  # (n_b,)
+    return torch.cat(logps), torch.cat(ents) if with_entropy else None, torch.cat(owners)
 
 
 def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig, share=(1.0, 1.0)):
