@@ -465,7 +465,7 @@ def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entro
         h = model.hidden_states(idx)  # (B, L, D)
         out = fused_logprobs(h[sel], model.lm_head.weight, idx[:, 1:][sel[:, :-1]], temperature, with_entropy, chunk)
         logps.append(out[0] if with_entropy else out)
-        ents.append(out[1] if with_entropy else None)
+        ents += [out[1]] if with_entropy else []
         owners.append(torch.tensor(order[a:b], device=dev)[:, None].expand(-1, L)[sel])  # (n_b,)
     return torch.cat(logps), torch.cat(ents) if with_entropy else None, torch.cat(owners)
 
