@@ -450,17 +450,17 @@ def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entro
     a right-padded batch, so plain causal attention needs no mask; the head runs only on
     response positions. Tokens come bucket by bucket: `owner` says whose each one is."""
     dev = next(model.parameters()).device
-    order = sorted(range(len(cells)), key=lambda i: len(cells[i].prompt) + len(cells[i].response))
-    lengths = [len(cells[i].prompt) + len(cells[i].response) for i in order]
+    seqs = [c.prompt + c.response for c in cells]
+    order = sorted(range(len(cells)), key=lambda i: len(seqs[i]))
+    lengths = [len(seqs[i]) for i in order]
     logps, ents, owners = [], [], []
     for a, b in length_buckets(lengths):
         L = lengths[b - 1]
         idx = torch.zeros(b - a, L, dtype=torch.long)
         sel = torch.zeros(b - a, L, dtype=torch.bool)  # (B, L): position t predicts token t+1
         for r, i in enumerate(order[a:b]):
-            c = cells[i]
-            idx[r, :len(c.prompt) + len(c.response)] = torch.tensor(c.prompt + c.response)
-            sel[r, len(c.prompt) - 1:len(c.prompt) + len(c.response) - 1] = True
+            idx[r, :len(seqs[i])] = torch.tensor(seqs[i])
+            sel[r, len(cells[i].prompt) - 1:len(seqs[i]) - 1] = True
         idx, sel = idx.to(dev), sel.to(dev)
         h = model.hidden_states(idx)  # (B, L, D)
         out = fused_logprobs(h[sel], model.lm_head.weight, idx[:, 1:][sel[:, :-1]], temperature, with_entropy, chunk)

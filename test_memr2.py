@@ -2188,11 +2188,11 @@ def test_cell_logprobs_buckets_by_length_and_matches_each_cell_alone():
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     dense, dense_ent = [], []
-    for c in cells:  # the reference: one cell, full logits, log_softmax
-        seq = torch.tensor([c.prompt + c.response])
-        lp = torch.log_softmax(model(seq)[0, len(c.prompt) - 1:-1].float() / 0.7, -1)  # (len(response), V)
-        dense.append(lp.gather(1, torch.tensor(c.response)[:, None]).squeeze(1))
-        dense_ent.append(-(lp.exp() * lp).sum(-1))
+    for c in cells:  # the reference: one cell, dense_reference's full logits
+        h = model.hidden_states(torch.tensor([c.prompt + c.response]))[0, len(c.prompt) - 1:-1]  # (len(response), D)
+        lp, e = dense_reference(h, model.lm_head.weight, torch.tensor(c.response), 0.7)
+        dense.append(lp.float())
+        dense_ent.append(e.float())
     (-torch.cat(dense).mean()).backward()
     assert owner.tolist() != sorted(owner.tolist())  # the buckets reorder the cells
     for i, c in enumerate(cells):
