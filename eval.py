@@ -207,7 +207,7 @@ def locomo_split(convs: list[Conversation]) -> dict[str, list[Conversation]]:
 
 
 # ============================================================================ synthetic world
-# A world a ~1M-parameter model can learn on a CPU, with the official memory semantics
+# A world the tiny model (0.56M parameters) can learn on a CPU, with the official memory semantics
 # (the official manager prompt, prompt/math/multi_turn_mamrp.py: memory is MONOTONIC). Two
 # speakers' states CHANGE over sessions (moves, new jobs, new pets); a change, and a state
 # that ends (a pet dies, a trip is cancelled), is an UPDATE that merges into the state's one

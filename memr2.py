@@ -169,8 +169,8 @@ def chat_ids(model, tok, role: str, prompts: list) -> tuple[list, list]:
 # ============================================================================ configuration
 @dataclass
 class RLConfig:
-    """LoGo-GRPO knobs. Defaults are the paper's where they fit a ~1M-parameter model on a
-    CPU; the README lists every deviation and why."""
+    """LoGo-GRPO knobs. Defaults are the paper's where they fit the tiny model (0.56M
+    parameters) on a CPU; the README lists every deviation and why."""
     algo: str = "logo"  # logo | grpo (global groups only: never branches, whatever p) | local (local only)
     n: int = 4  # global group size (paper 16)
     K: int = 4  # local group size

@@ -1,6 +1,6 @@
 """`python train.py`: the whole Memory-R2 method on a 2-core CPU in minutes.
 
-1. data: synthetic train/val/test worlds (or LoCoMo), a BPE tokenizer, a ~1M-param model;
+1. data: synthetic train/val/test worlds (or LoCoMo), a BPE tokenizer, a 0.56M-param model;
 2. SFT warm start on the teacher's traces (extractor, manager, answerer roles);
 3. LoGo-GRPO over a session curriculum (8 -> 16 -> 32), validating before training and
    every few steps; the best-validation checkpoint of a stage starts the next;
