@@ -464,8 +464,9 @@ def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entro
         idx, sel = idx.to(dev), sel.to(dev)
         h = model.hidden_states(idx)  # (B, L, D)
         out = fused_logprobs(h[sel], model.lm_head.weight, idx[:, 1:][sel[:, :-1]], temperature, with_entropy, chunk)
-        logps.append(out[0] if with_entropy else out)
-        ents += [out[1]] if with_entropy else []
+        lp, e = out if with_entropy else (out, None)
+        logps.append(lp)
+        ents.append(e)
         owners.append(torch.tensor(order[a:b], device=dev)[:, None].expand(-1, L)[sel])  # (n_b,)
     return torch.cat(logps), torch.cat(ents) if with_entropy else None, torch.cat(owners)
 
@@ -509,8 +510,7 @@ class Branch:
     """A local branch point: session t re-run K times from rollout `source`'s memory before t."""
     session: int
     source: int  # the global rollout whose memory was copied
-    memory: MemoryBank  # a deepcopy taken BEFORE the session ran
-    banks: list = field(default_factory=list)  # the K branches' memories after the session
+    banks: list  # the K branches' memories: deepcopies of the source's before the session, written by it
     pairs: list = field(default_factory=list)  # the K branches' (extractor row, manager row)
 
 
@@ -537,8 +537,8 @@ def rollouts(policy, tok, conv, S: int, cfg: RLConfig, algo_rng, gen) -> tuple:
         br, local, groups = None, [], [Group("G", t, None)] * cfg.n  # groups: one per bank, role to fill in
         if cfg.algo != "grpo" and algo_rng.random() < cfg.p:  # plain GRPO never branches
             i = algo_rng.randrange(cfg.n)
-            br = Branch(t, i, banks[i].snapshot())
-            br.banks = local = [br.memory.snapshot() for _ in range(cfg.K)]  # each branch writes its own copy
+            br = Branch(t, i, [banks[i].snapshot() for _ in range(cfg.K)])  # each branch writes its own copy
+            local = br.banks
             groups += [Group("L", t, None, i)] * cfg.K
             branches.append(br)
         pairs, c = play_session(policy, tok, banks + local, session, groups, cfg, gen)

@@ -1104,8 +1104,8 @@ def test_local_reward_is_f1_of_the_branch_points_questions_from_the_memory_right
         cfg = M.RLConfig(n=2, K=2, lam=1.0, phi=0.1, q_local=q_local)
         final = [bank("Rex"), bank("Oslo", "Rex", "Milo", "Max", "Tom")]  # the global rollouts' final memories
         glob = [[pair(), pair()] for _ in range(3)]
-        branches = [M.Branch(1, 0, bank(), [bank("Oslo", "chef"), bank("Oslo")], [pair(), pair()]),
-                    M.Branch(2, 1, bank(), [bank("Oslo", "chef", "Rome"), bank("Rome")], [pair(), pair(finished=False)])]
+        branches = [M.Branch(1, 0, [bank("Oslo", "chef"), bank("Oslo")], [pair(), pair()]),
+                    M.Branch(2, 1, [bank("Oslo", "chef", "Rome"), bank("Rome")], [pair(), pair(finished=False)])]
         asked.clear()
         out = M.assign_rewards(answerer, word_tok, conv, 3, final, glob, branches, [q1, q2, q3, q4], 0.25, cfg)
         return out, final, glob, branches
