@@ -1,10 +1,14 @@
-"""Micro-benchmarks, and the learning check. Run: python bench.py | python bench.py fit [--init DIR]"""
+"""Micro-benchmarks, the learning check, and the one-GPU check.
+Run: python bench.py | python bench.py fit [--init DIR] | python bench.py gpu"""
 import argparse
 import json
+import math
 import multiprocessing as mp
 import sys
 import resource
 import statistics
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,6 +16,8 @@ import torch
 
 from memr2 import fused_logprobs
 from model import BOS_ID, ModelConfig, Transformer, generate, left_pad
+
+HERE = Path(__file__).resolve().parent
 
 
 @torch.no_grad()
@@ -90,14 +96,14 @@ def bench_prefix():
 
 # ============================================================================ vs the transformers library
 @torch.no_grad()
-def bench_vs_transformers():
+def bench_vs_transformers(device="cpu") -> dict:
     """Our batched KV-cache greedy sampling vs `transformers` generate on one tiny Llama model (the
     library's own random init, mapped into ours) and one ragged batch; same tokens required."""
     try:
         from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
     except ImportError:
         print("vs transformers: skipped (pip install -r requirements-test.txt)")
-        return
+        return {}
     from model import build_model, hf_config, hf_names
     torch.set_num_threads(1)  # as bench_kv_cache: one thread keeps the shared 2 cores from turning timings into noise
     torch.manual_seed(0)
@@ -106,24 +112,28 @@ def bench_vs_transformers():
     hm = LlamaForCausalLM(conf).eval()
     cfg = hf_config(conf.to_dict() | {"architectures": ["LlamaForCausalLM"]}, "bench")
     sd = hm.state_dict()
-    ours = build_model(cfg, {o: sd[t].clone() for o, t in hf_names(cfg).items()}).eval()
+    ours = build_model(cfg, {o: sd[t].clone() for o, t in hf_names(cfg).items()}).eval().to(device)
+    hm.to(device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 4096, (n,), generator=g).tolist() for n in torch.randint(8, 33, (16,), generator=g).tolist()]
     n_new = 128
-    idx, _, mask = left_pad(prompts, "cpu")
+    idx, _, mask = left_pad(prompts, device)
     gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0)
     generate(ours, prompts[:2], 4, temperature=0, eos_id=None)  # warm-up, both
     hm.generate(input_ids=idx[:2], attention_mask=mask[:2].long(), generation_config=GenerationConfig(
         max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0))
+    sync()
     t0 = time.perf_counter()
     mine, _ = generate(ours, prompts, n_new, temperature=0, eos_id=None, draft=0)  # one token a step, as theirs
-    t_ours = time.perf_counter() - t0
+    t_ours = time.perf_counter() - t0  # generate returns lists: the GPU has finished
     t0 = time.perf_counter()
     theirs = hm.generate(input_ids=idx, attention_mask=mask.long(), generation_config=gc)[:, idx.shape[1]:].tolist()
     t_lib = time.perf_counter() - t0
     same = sum(a == b for a, b in zip(mine, theirs))
-    print(f"greedy sampling, 16 prompts x {n_new} tokens, 4-layer d256 Llama: ours {t_ours:.2f} s, transformers "
-          f"generate {t_lib:.2f} s, ratio {t_lib / t_ours:.2f}x (target >= 1.0x); identical rows {same}/16")
+    print(f"greedy sampling, 16 prompts x {n_new} tokens, 4-layer d256 Llama ({device}): ours {t_ours:.2f} s, "
+          f"transformers generate {t_lib:.2f} s, ratio {t_lib / t_ours:.2f}x (target >= 1.0x); identical rows {same}/16")
+    return dict(ours_s=t_ours, transformers_s=t_lib, same=same, rows=len(prompts))
 
 
 @torch.no_grad()
@@ -293,9 +303,106 @@ def learning_check(argv: list) -> dict:
     return {"train_f1": f1, "reached": hit, "val": val}
 
 
+# ============================================================================ one GPU, once
+def _tail(p: subprocess.CompletedProcess) -> str:
+    lines = [l for l in (p.stdout + p.stderr).splitlines() if l.strip()]
+    return lines[-1] if lines else f"exit {p.returncode}"
+
+
+def _train(args: list, timeout: int) -> list:
+    """train.py in its own process (as a user runs it) -> its metrics.jsonl lines; a failure raises
+    its last printed line."""
+    p = subprocess.run([sys.executable, str(HERE / "train.py"), *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=HERE)
+    if p.returncode:
+        raise RuntimeError(_tail(p))
+    run = Path(args[args.index("--out") + 1]) / args[args.index("--name") + 1]
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _rl_summary(lines: list) -> str:
+    rl = [r for r in lines if r.get("phase") == "rl"]
+    val = [f"{r['f1_overall']:.1f}" for r in lines if r.get("phase") == "val"]
+    loss = [r.get("loss") for r in rl]  # None: the step's update was skipped
+    reward = [r["reward_global"] for r in rl]
+    bad = "" if all(math.isfinite(x) for x in loss + reward if x is not None) else ", NON-FINITE"
+    return (f"{len(rl)} RL steps, {statistics.mean(r['step_time'] for r in rl):.1f} s a step, loss "
+            + " ".join("skipped" if x is None else f"{x:.3f}" for x in loss)
+            + ", reward " + " ".join(f"{x:.3f}" for x in reward)
+            + ", val F1 " + " -> ".join(val) + bad)
+
+
+def gpu_check(argv: list) -> list:
+    """What a CPU machine cannot check, once, on one CUDA GPU in about 10 minutes, as one table:
+    the CUDA-only tests; a --preset gpu run cut to a few SFT and RL steps (bf16 autocast); one
+    LoGo step from the packaged SmolLM2-135M-Instruct (--init-hf) on a two-session LoCoMo slice;
+    the fused log-prob head against the dense one at 4096 x 32k; greedy generation against
+    `transformers`. A failed check is its row's one line; the others still run."""
+    ap = argparse.ArgumentParser(prog="bench.py gpu", description=gpu_check.__doc__)
+    ap.add_argument("--out", default="runs/gpu-check", help="directory of the two training runs")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench.py gpu: needs a CUDA GPU, and torch sees none here (torch.cuda.is_available() is False)")
+    out = Path(args.out).resolve()
+    rows = []
+
+    def check(name, fn):
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+        except Exception as e:  # a row, not a traceback: the remaining checks still run
+            result = f"FAILED: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+        rows.append((name, result, time.perf_counter() - t0))
+        print(f"{name}: {result}", flush=True)
+
+    def cuda_tests():
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", "cuda", str(HERE / "test_memr2.py")],
+                           capture_output=True, text=True, timeout=300, cwd=HERE)
+        if p.returncode:
+            raise RuntimeError(_tail(p))
+        return _tail(p)
+
+    def preset_gpu():  # data for 2,000 worlds is made on the CPU first: most of this row's time
+        return _rl_summary(_train(["--preset", "gpu", "--sft-steps", "200", "--stages", "8", "--steps-per-stage", "3",
+                                   "--sessions", "8", "--val-every", "3", "--no-final-eval", "--threads", "8",
+                                   "--out", str(out), "--name", "preset-gpu"], 420))
+
+    def smollm2_step():
+        from model import convert_gguf, packaged_gguf
+        hf = out / "smollm2"
+        if not (hf / "config.json").exists():
+            convert_gguf(packaged_gguf(), hf)
+        return _rl_summary(_train(["--init-hf", str(hf), "--data", "locomo", "--stages", "2", "--steps-per-stage", "1",
+                                   "--no-final-eval", "--threads", "8", "--out", str(out), "--name", "smollm2-logo"], 420))
+
+    def logprob():
+        r = bench_logprob(n=4096, v=32768)
+        return (f"fused / dense: peak memory {r['fused_mem_mib'] / r['dense_mem_mib']:.2f}x (target <= 0.125x), "
+                f"time {r['fused_s'] / r['dense_s']:.2f}x (target <= 1.35x)")
+
+    def vs_transformers():
+        r = bench_vs_transformers("cuda")
+        if not r:
+            raise RuntimeError("transformers missing: pip install -r requirements-test.txt")
+        return (f"ours {r['ours_s']:.2f} s, transformers {r['transformers_s']:.2f} s: {r['transformers_s'] / r['ours_s']:.2f}x "
+                f"(target >= 1.0x), identical rows {r['same']}/{r['rows']}")
+
+    check("CUDA-only tests", cuda_tests)
+    check("--preset gpu, 200 SFT + 3 RL steps, 8 sessions", preset_gpu)
+    check("SmolLM2-135M --init-hf, 1 LoGo step, LoCoMo 2 sessions", smollm2_step)
+    check("fused log-prob head, 4096 x 32768", logprob)
+    check("greedy generation vs transformers", vs_transformers)
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}\n| check | result | s |\n|---|---|---|")
+    for name, result, secs in rows:
+        print(f"| {name} | {result} | {secs:.0f} |")
+    return rows
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["fit"]:
         learning_check(sys.argv[2:])
+    elif sys.argv[1:2] == ["gpu"]:
+        gpu_check(sys.argv[2:])
     else:
         for bench in [bench_kv_cache, bench_prefix, bench_vs_transformers, bench_real_model, bench_logprob]:
             bench()
