@@ -2746,6 +2746,8 @@ def test_out_that_cannot_hold_a_run_and_stages_alone(tmp_path, tiny_preset, monk
     (["train.py", "--data", "locomo", "--locomo-path", "/no/such.json"], "cannot read"),
     (["eval.py", "/no/such/run"], "no checkpoint"),
     (["eval.py", "x", "--worlds", "0"], "--worlds"),
+    pytest.param(["bench.py", "gpu"], "bench.py gpu: needs a CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the check")),
 ])
 def test_user_mistakes_give_one_error_line_and_no_traceback(argv, message, tmp_path):
     """A user mistake is one line saying what to fix, never a traceback."""
