@@ -23,8 +23,9 @@ from model import CheckpointError, load_checkpoint, packaged_minilm, train_token
 from memory import (QA, RETRIEVERS, Conversation, Entry, MemoryBank, Session, Turn, bloat_cost, encodable, minilm, rank,
                     retrieve_for_facts, short_date)
 from memr2 import (CHAT_MAX_NEW, PRETRAINED, AnswerAgent, Decision, RLConfig, chunk_turns, context_sizes, dialogue_tokens,
-                   gather_over_ranks, memory_tokens, model_reader, normalize_answer, qa_scores, ranks, row_reward,
-                   run_session, sample_questions, this_rank, token_f1)
+                   memory_tokens, model_reader, normalize_answer, qa_scores, row_reward, run_session, sample_questions,
+                   token_f1)
+from parallel import gather_over_ranks, ranks, this_rank
 
 # =============================================================================
 # LoCoMo data loading

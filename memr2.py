@@ -35,12 +35,11 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch.autograd.function import once_differentiable
-from torch.distributed.fsdp import FSDPModule
 from model import chat_prompt, decode, encode, generate
 from memory import (MemoryBank, bloat_cost, parse_facts, parse_operations, retrieve_for_facts,
                     retrieve_for_question, short_date)
+from parallel import even_parts, gather_over_ranks, gathered, int_over_ranks, sharded, step_size, sum_gradients
 
 # ============================================================================ role prompts
 # The JSON schemas of the outputs are the paper's; the inputs are compact lines, since the
@@ -621,7 +620,7 @@ def logo_step(policy, ref, answerer: AnswerAgent, tok, worlds: list, S: int, cfg
     """One policy update (paper Alg. 1): each World's rollouts, rewards and advantages, then
     one update on their pools (`ppo_update`; under torchrun, with every rank's worlds).
     -> the step's numbers: the mean over the worlds of every rank, then the update's."""
-    with whole(policy):
+    with gathered(policy):
         steps = [world_pool(policy, answerer, tok, w, S, cfg) for w in worlds]
     numbers = [world_numbers(w, st, cfg, tok) for w, st in zip(worlds, steps)]
     out = mean_over_worlds([x for rank_numbers in gather_over_ranks(numbers) for x in rank_numbers])
@@ -645,37 +644,31 @@ def ppo_update(policy, ref, pools: list, cfg: RLConfig, opt) -> dict:
     worlds = [[(c, row.adv) for row in pool for c in row.cells if c.response] for pool in pools]
     batches = [[cells[i:i + cfg.minibatch] for i in range(0, len(cells), cfg.minibatch)] for cells in worlds]
     dev = next(policy.parameters()).device
-    steps = int(over_ranks(torch.tensor(max(map(len, batches)), device=dev), dist.ReduceOp.MAX))
-    full = cfg.minibatch * int(over_ranks(torch.tensor(len(pools), device=dev)))  # cells of a full step
+    steps = int_over_ranks(max(map(len, batches)), dev, biggest=True)
+    full = cfg.minibatch * int_over_ranks(len(pools), dev)  # cells of a full step
     if not steps:
         return {"cells": 0, "skipped_updates": 0}
-    with torch.no_grad(), whole(policy):
+    with torch.no_grad(), gathered(policy):
         olds = [[cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in bs]
                 for bs in batches]
         refs = [[cell_logprobs(ref, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk)[0] for mb in bs]
                 for bs in batches]
     agg, n, skipped = Counter(), 0, 0
     policy.train()
-    sharded = isinstance(policy, FSDPModule)
     for _ in range(cfg.ppo_epochs):
         for j in range(steps):
             parts = [(bs[j], old[j], rf[j]) for bs, old, rf in zip(batches, olds, refs) if j < len(bs)]
-            # (cells, response tokens) of step j over every world and rank: the means' denominators
-            size = over_ranks(torch.tensor([[len(mb), sum(len(c.response) for c, _ in mb)] for mb, _, _ in parts],
-                                           dtype=torch.float64, device=dev).reshape(-1, 2).sum(0)).tolist()
-            if sharded:  # FSDP gathers and reduces inside forward and backward: every rank makes as many
-                n_parts = int(over_ranks(torch.tensor(len(parts), device=dev), dist.ReduceOp.MAX))
-                parts += [None] * (n_parts - len(parts))  # a rank short of parts runs one weighted 0
+            size = step_size(parts, dev)  # [cells, tokens] of step j over every world and rank
             opt.zero_grad(set_to_none=True)
             finite, s = True, Counter()
-            for part in parts:
+            for part in even_parts(policy, parts, dev):  # None: a sharded rank's extra pass, weighted 0
                 mb, old, rf = part or ([(Cell([1], [2], True), 0.0)], torch.zeros(1, device=dev), torch.zeros(1, device=dev))
                 logp, ent, owner = cell_logprobs(policy, [c for c, _ in mb], cfg.temperature, cfg.logprob_chunk, True)
                 adv = torch.tensor([a for _, a in mb], dtype=torch.float32, device=dev)
                 share = (len(mb) / size[0], len(logp) / size[1]) if part else (0.0, 0.0)
                 loss, ps = logo_grpo_loss(logp, old, rf, ent, owner, adv, cfg, share)
                 finite = finite and bool(torch.isfinite(loss))
-                if finite or sharded:  # a NaN gradient under FSDP is caught by the norm, on every rank
+                if finite or sharded(policy):  # a NaN gradient under FSDP is caught by the norm, on every rank
                     (loss * min(1.0, size[0] / full)).backward()  # accumulates: the parts of one step sum to its loss
                 s.update(ps | {"loss": loss.item()})
             finite = sum_gradients(policy, finite)
@@ -688,7 +681,7 @@ def ppo_update(policy, ref, pools: list, cfg: RLConfig, opt) -> dict:
                 agg.update(rank_s)
             agg.update({"grad_norm": grad_norm})
             n += 1
-    cells = int(over_ranks(torch.tensor(sum(map(len, worlds)), device=dev)))
+    cells = int_over_ranks(sum(map(len, worlds)), dev)
     return {k: v / max(1, n) for k, v in agg.items()} | {"cells": cells, "updates": n, "skipped_updates": skipped}
 
 
@@ -779,68 +772,6 @@ def mean_over_worlds(per: list) -> dict:
 def _nanmean(xs):
     xs = [x for x in xs if x == x]  # NaN-free; one value comes back as it is (a count stays an int in the log)
     return float("nan") if not xs else xs[0] if len(xs) == 1 else sum(xs) / len(xs)
-
-
-# ============================================================================ data parallelism (torchrun)
-# One process is one rank; without torchrun (no process group) each helper is the identity.
-def ranks() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def this_rank() -> int:
-    return dist.get_rank() if ranks() > 1 else 0
-
-
-def over_ranks(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """x summed (or op-reduced) over the ranks, in place."""
-    if ranks() > 1:
-        dist.all_reduce(x, op)
-    return x
-
-
-@contextlib.contextmanager
-def whole(model):
-    """FSDP2: the policy's weights gathered whole on every rank for the block, so a rank's forward
-    passes (as many as its own rollouts need, unlike its peers') make no collective calls."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in units:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in units:
-            m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's default: the root keeps its own
-
-
-def gather_over_ranks(obj) -> list:
-    """[rank 0's obj, rank 1's, ...] on every rank (pickled)."""
-    if ranks() == 1:
-        return [obj]
-    out = [None] * ranks()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def sum_gradients(model, finite: bool) -> bool:
-    """DDP's all-reduce: every rank's gradient becomes the sum over ranks (each rank's loss
-    parts are already scaled by their share of the global mini-batch), so every rank takes the
-    same step; FSDP has summed each shard in backward. -> whether every rank's loss was finite
-    (if not, nothing is summed)."""
-    if ranks() == 1:
-        return finite
-    if over_ranks(torch.tensor(float(not finite), device=next(model.parameters()).device)).item() > 0:
-        return False
-    works = []
-    for p in [] if isinstance(model, FSDPModule) else model.parameters():
-        if p.requires_grad:
-            if p.grad is None:  # a rank with no cells in this step adds zeros
-                p.grad = torch.zeros_like(p)
-            works.append(dist.all_reduce(p.grad, async_op=True))
-    for w in works:
-        w.wait()
-    return True
 
 
 # ============================================================================ appendix: the fused log-prob kernel

@@ -33,11 +33,12 @@ from tqdm import tqdm
 
 import eval as E
 from memr2 import (CHAT_MAX_NEW, LOCOMO_CHUNKS, PRETRAINED, AnswerAgent, Cell, RLConfig, World, answer_prompt, cell_logprobs,
-                   context_sizes, extractor_prompt, facts_target, gather_over_ranks, guarded_step, logo_step, manager_prompt,
-                   model_reader, ops_target, ranks, this_rank, whole)
+                   context_sizes, extractor_prompt, facts_target, guarded_step, logo_step, manager_prompt, model_reader,
+                   ops_target)
 from memory import RETRIEVERS, retrieve_for_question
 from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, is_hf_dir, load_checkpoint,
                    non_finite, one_line, packaged_minilm, pick_device, save_checkpoint, train_tokenizer)
+from parallel import gather_over_ranks, gathered, ranks, this_rank
 
 # val_worlds: >= eval.questions_for_se() questions (1,112), so validation F1 has a standard error <= 1.5
 # 2 layers: the SFT ends as good as at 4 (validation F1 73-76 against 68-77) in 0.56x the step time; its
@@ -825,7 +826,7 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
         # so the next stage always starts from a model this stage trained. Validation reads
         # whole conversations greedily, so a previous stage's best needs no second reading.
         if start_val is None:
-            with whole(policy):
+            with gathered(policy):
                 start_val = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
         v = start_val
         st.best = -1.0
@@ -857,7 +858,7 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
                 raise UserError(f"non-finite loss or gradients in {st.fails} steps: stopping; {lower_lr}")
         bar.set_postfix(reward=f"{stats['reward_global']:.3f}", f1=f"{stats['train_f1']:.3f}", loss=f"{stats.get('loss', 0):.3f}")
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps[si]:
-            with whole(policy):
+            with gathered(policy):
                 v = E.evaluate(policy, tok, answerer, val, cfg, val_samples)
             rec["val_f1"] = v["f1_overall"]
             st.log({"phase": "val", "stage": S, "step": step + 1, "gstep": st.gstep, **v})
