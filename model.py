@@ -359,15 +359,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     prefix: ids that every row's prompt starts with, left out of `prompts`: their K/V are computed once
     for the whole batch (and reused by later calls, see prefix_kv). Row slots: [prefix][pads][prompt][new],
     with positions as if there were no pads, so each row computes what its full prompt alone would.
-    Greedy decoding (temperature 0) also feeds up to `draft` guessed tokens per row, GUESSES_PER_PASS over
-    the batch (`lookup_draft`: the roles copy facts and memories from their prompts), and keeps the ones
-    the row's own argmax agrees with, so its output is the token-by-token greedy one in fewer forward
-    passes. A rejected guess's slot stays in the cache, masked out like a pad, unless every row rejected it.
+    Greedy decoding (temperature 0) with draft > 0 guesses ahead (`decode_with_guesses`); otherwise one
+    token a step (`decode_one_by_one`).
     """
     out, finished = [[] for _ in prompts], [False] * len(prompts)
     cfg, device = model.cfg, next(model.parameters()).device
     eos_id = cfg.eos_id if eos_id == -1 else eos_id
-    draft = draft if temperature == 0 else 0  # a sampled token is checked against no guess
     P = len(prefix)
     caps = [min(max_new_tokens, cfg.max_seq_len - P - len(p)) for p in prompts]
     rows = [i for i, c in enumerate(caps) if c > 0]
@@ -388,51 +385,87 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                 cache.update(layer, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
             cache.length = P
         logits = model.lm_head(model.hidden_states(idx, pos + P, mask, cache)[:, -1:])  # (B, 1, V)
-        next_pos = pos[:, -1] + P + 1  # (B,) position of each row's newest token
-        new, done, guess, D = [[] for _ in rows], [False] * B, [[] for _ in rows], 0
-        ctx, index = ([list(prefix) + prompts[i] for i in rows], [{} for _ in rows]) if draft else (None, None)
-        while True:
-            # logits[:, i] follows the i-th token fed: a row keeps its guesses up to the first one its
-            # argmax disagrees with, then takes the argmax (or the sample) there.
-            pick = (logits.argmax(-1) if draft else sample_next(logits[:, 0], temperature, generator)[:, None]).tolist()
-            kept = []
-            for j in range(B):
-                n = next((i for i, g in enumerate(guess[j]) if g != pick[j][i]), len(guess[j])) if guess[j] else 0
-                kept.append(n)
-                if n < len(guess[j]):  # the rejected guesses' slots
-                    mask[j, mask.shape[1] - D + n:mask.shape[1] - D + len(guess[j])] = False
-                for t in ([] if done[j] else guess[j][:n] + [pick[j][n]]):
-                    new[j].append(t)
-                    done[j] = t == eos_id or len(new[j]) >= caps[j]
-                    if done[j]:
-                        break
-            if all(done):
-                break
-            if mask.shape[1] > P + L:  # the newest token follows the one fed before it and the guesses kept
-                next_pos += 1 + (torch.tensor(kept, device=device) if D else 0)
-                dead = D - max(kept)  # the last guesses, rejected by every row: their slots are dropped
-                cache.length -= dead
-                mask = mask[:, :mask.shape[1] - dead]
-            if draft:
-                k = min(draft, GUESSES_PER_PASS // (B - sum(done)))
-                for j in range(B):
-                    ctx[j] += new[j][len(ctx[j]) - P - len(prompts[rows[j]]):]
-                    room = caps[j] - len(new[j]) - 1  # a step adds its kept guesses and one more token
-                    guess[j] = [] if done[j] or not k else lookup_draft(ctx[j], index[j], min(k, room))
-            # Feed each row's newest token (not yet in the cache) and its guesses at what follows it.
-            # Finished rows feed junk (cheaper than shrinking the batch); clamp so positions stay in range.
-            D = max(map(len, guess))
-            feed = torch.tensor([[r[-1]] + g + [0] * (D - len(g)) for r, g in zip(new, guess)], device=device)  # (B, 1 + D)
-            fed = torch.tensor([[True] * (1 + len(g)) + [False] * (D - len(g)) for g in guess], device=device) if D else \
-                mask.new_ones(B, 1)  # (B, 1 + D): which fed slots hold real tokens
-            mask = torch.cat([mask, fed], dim=1)
-            p = (next_pos[:, None] + torch.arange(1 + D, device=device)).clamp(max=cfg.max_seq_len - 1)  # (B, 1 + D)
-            logits = model.lm_head(model.hidden_states(feed, p, mask, cache))  # (B, 1 + D, V)
+        next_pos = pos[:, -1] + P + 1  # (B,) position of each row's first new token
+        if temperature == 0 and draft:
+            ctx = [list(prefix) + prompts[i] for i in rows]  # what a row's guesses are looked up in
+            new = decode_with_guesses(model, cache, mask, logits, next_pos, caps, eos_id, ctx, draft)
+        else:
+            new = decode_one_by_one(model, cache, mask, logits, next_pos, caps, eos_id, temperature, generator)
         for j, row in enumerate(rows):
             out[row], finished[row] = new[j], new[j][-1] == eos_id
     finally:
         model.train(was_training)
     return out, finished
+
+
+def _feed(model, cache, tokens: list, mask, pos):
+    """tokens (B, 1 + D) into the cache at positions pos -> their logits (B, 1 + D, V). Finished
+    rows feed junk (cheaper than shrinking the batch); positions are clamped to stay in range."""
+    feed = torch.tensor(tokens, device=mask.device)
+    return model.lm_head(model.hidden_states(feed, pos.clamp(max=model.cfg.max_seq_len - 1), mask, cache))
+
+
+def decode_one_by_one(model, cache, mask, logits, next_pos, caps: list, eos_id, temperature: float, generator) -> list:
+    """The plain loop: each step samples (argmax at temperature 0) every row's next token from
+    logits (B, 1, V) and feeds it. -> the new ids per row, at most caps[j] of them."""
+    B = len(caps)
+    new, done = [[] for _ in range(B)], [False] * B
+    while True:
+        pick = sample_next(logits[:, 0], temperature, generator).tolist()
+        for j in range(B):
+            if not done[j]:
+                new[j].append(pick[j])
+                done[j] = pick[j] == eos_id or len(new[j]) >= caps[j]
+        if all(done):
+            return new
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        logits = _feed(model, cache, [[r[-1]] for r in new], mask, next_pos[:, None])  # (B, 1, V)
+        next_pos = next_pos + 1
+
+
+def decode_with_guesses(model, cache, mask, logits, next_pos, caps: list, eos_id, ctx: list, draft: int) -> list:
+    """Greedy decoding that feeds each row's newest token with up to `draft` guesses at the tokens
+    after it, GUESSES_PER_PASS over the batch (`lookup_draft`: the roles copy facts and memories from
+    their prompts), and keeps the guesses the row's own argmax agrees with: the token-by-token greedy
+    output in fewer forward passes. A rejected guess's slot stays in the cache, masked out like a pad,
+    unless every row rejected it. ctx: each row's prefix + prompt, extended here. -> new ids per row."""
+    B, start = len(caps), [len(c) for c in ctx]
+    new, done, guess, D, fed_any = [[] for _ in range(B)], [False] * B, [[] for _ in range(B)], 0, False
+    index = [{} for _ in range(B)]
+    while True:
+        # logits[:, i] follows the i-th token fed: a row keeps its guesses up to the first one its
+        # argmax disagrees with, then takes the argmax there.
+        pick, kept = logits.argmax(-1).tolist(), []
+        for j in range(B):
+            n = next((i for i, g in enumerate(guess[j]) if g != pick[j][i]), len(guess[j]))
+            kept.append(n)
+            if n < len(guess[j]):  # the rejected guesses' slots
+                mask[j, mask.shape[1] - D + n:mask.shape[1] - D + len(guess[j])] = False
+            for t in ([] if done[j] else guess[j][:n] + [pick[j][n]]):
+                new[j].append(t)
+                done[j] = t == eos_id or len(new[j]) >= caps[j]
+                if done[j]:
+                    break
+        if all(done):
+            return new
+        if fed_any:  # the newest token follows the one fed before it and the guesses kept
+            next_pos = next_pos + 1 + torch.tensor(kept, device=mask.device)
+            dead = D - max(kept)  # the last guesses, rejected by every row: their slots are dropped
+            cache.length -= dead
+            mask = mask[:, :mask.shape[1] - dead]
+        k = min(draft, GUESSES_PER_PASS // (B - sum(done)))
+        for j in range(B):
+            ctx[j] += new[j][len(ctx[j]) - start[j]:]
+            room = caps[j] - len(new[j]) - 1  # a step adds its kept guesses and one more token
+            guess[j] = [] if done[j] or not k else lookup_draft(ctx[j], index[j], min(k, room))
+        # Feed each row's newest token (not yet in the cache) and its guesses at what follows it.
+        D = max(map(len, guess))
+        fed = torch.tensor([[True] * (1 + len(g)) + [False] * (D - len(g)) for g in guess], device=mask.device) if D else \
+            mask.new_ones(B, 1)  # (B, 1 + D): which fed slots hold real tokens
+        mask = torch.cat([mask, fed], dim=1)
+        tokens = [[r[-1]] + g + [0] * (D - len(g)) for r, g in zip(new, guess)]
+        logits = _feed(model, cache, tokens, mask, next_pos[:, None] + torch.arange(1 + D, device=mask.device))
+        fed_any = True
 
 
 # ---------------------------------------------------------------------------------------------
