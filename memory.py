@@ -74,6 +74,10 @@ class Entry:
     session_time: str  # the date of the session that FIRST wrote it, shown to the answer agent;
     # an UPDATE keeps it, as the official memory does, so a date a question needs belongs in the content
     dia_ids: list = field(default_factory=list)  # source turns, for M-Fail
+    first_session: int = 0  # index of the session that FIRST wrote it (the official session_id); 0: `session`
+
+    def __post_init__(self):
+        self.first_session = self.first_session or self.session
 
 
 class MemoryBank:
@@ -296,11 +300,11 @@ def entry_vectors(bank: MemoryBank) -> torch.Tensor:
     return torch.stack([bank.vecs[c] for c in contents]) if contents else torch.empty(0, 0)
 
 
-def rank(bank: MemoryBank, query: str) -> list:
-    """Entries that match `query`, best first: BM25 score > 0, or cosine >= MIN_COSINE. One score
-    for the whole bank: BM25's statistics (idf, average length) come from ALL entries, so scores of
-    two speakers' entries are comparable. Ties go to the newest entry (latest session, then latest
-    written), so a stale duplicate never hides the current one."""
+def scored(bank: MemoryBank, query: str) -> list:
+    """[(entry, score)] of the entries that match `query`, best first: BM25 score > 0, or cosine >=
+    MIN_COSINE. One score for the whole bank: BM25's statistics (idf, average length) come from ALL
+    entries, so scores of two speakers' entries are comparable. Ties go to the newest entry (latest
+    session, then latest written), so a stale duplicate never hides the current one."""
     ents = list(bank.entries.values())  # dict order = write order; UPDATE keeps the position
     if not ents:
         return []
@@ -309,31 +313,42 @@ def rank(bank: MemoryBank, query: str) -> list:
     else:
         scores, keep = (entry_vectors(bank) @ query_vector(query)).tolist(), lambda s: s >= MIN_COSINE
     order = sorted(range(len(ents)), key=lambda i: (-scores[i], -ents[i].session, -i))
-    return [ents[i] for i in order if keep(scores[i])]
+    return [(ents[i], scores[i]) for i in order if keep(scores[i])]
+
+
+def rank(bank: MemoryBank, query: str) -> list:
+    """The entries that match `query`, best first (`scored` without the scores)."""
+    return [e for e, _ in scored(bank, query)]
 
 
 def retrieve_for_facts(bank: MemoryBank, facts: list, per_fact: int, cap: int) -> list:
-    """Manager retrieval (paper Sec. 3; official sizes 5 and 25): per fact the top `per_fact`
-    memories of the same speaker, merged in order, de-duplicated, capped."""
-    out = []
+    """Manager retrieval (paper Sec. 3; official sizes 5 and 25), the official rule: per fact the
+    top `per_fact` memories of the same speaker; each memory once, with its best score over the
+    facts; the `cap` best kept, best first (equal scores in the order the facts found them)."""
+    best = {}  # memory_id -> (entry, best score); insertion order = the order the facts found them
     for f in facts:
-        same = [e for e in rank(bank, f["fact"]) if e.speaker == f["speaker"]]
-        out += [e for e in same[:per_fact] if e not in out]
-    return out[:cap]
+        same = [(e, s) for e, s in scored(bank, f["fact"]) if e.speaker == f["speaker"]]
+        for e, s in same[:per_fact]:
+            if e.memory_id not in best or s > best[e.memory_id][1]:
+                best[e.memory_id] = (e, s)  # a key set again keeps its place
+    return [e for e, _ in sorted(best.values(), key=lambda es: -es[1])[:cap]]
 
 
 def retrieve_for_question(bank: MemoryBank, question: str, per_speaker: int, by_session: bool = False) -> list:
     """Answer-agent retrieval (paper Sec. 3; official size 30): the top `per_speaker` memories of
     each speaker, in the order of one score over the whole bank (best first: easier for a tiny
     learned reader, and with BM25 the asked speaker's entries share the question's name, so they
-    come first), or with `by_session` ordered by session then score (the official code's order,
-    for an LLM reader)."""
+    come first), or with `by_session` in the official code's order, for an LLM reader: by the
+    session that first wrote the entry, then score, then the oldest written first."""
     kept, out = Counter(), []
-    for e in rank(bank, question):
+    for e, s in scored(bank, question):
         if kept[e.speaker] < per_speaker:
             kept[e.speaker] += 1
-            out.append(e)
-    return sorted(out, key=lambda e: e.session) if by_session else out  # stable: score order within a session
+            out.append((e, s))
+    if by_session:
+        written = {mid: i for i, mid in enumerate(bank.entries)}
+        out.sort(key=lambda es: (es[0].first_session, -es[1], written[es[0].memory_id]))
+    return [e for e, _ in out]
 
 
 # ----------------------------------------------------------------------------- bloat cost

