@@ -534,7 +534,9 @@ def teacher_op(fact: dict, shown: list) -> dict:
     """The gold manager operation for one fact given the memories the manager is shown (the
     official manager prompt's rules): a new value of a stored state -> UPDATE that entry with
     the merged content (nothing stored is dropped); a state that ends -> UPDATE too; a claim
-    proven false -> DELETE its entry; what memory already holds -> NOOP; anything else -> INSERT."""
+    proven false -> DELETE its entry; what memory already holds -> NOOP; anything else -> INSERT,
+    a correction whose entry is not shown included (the official decision order: no matching
+    entry -> INSERT; a stored correction still tells the reader the claim is false)."""
     insert = {"op": "INSERT", "content": fact["fact"], "speaker": fact["speaker"], "dia_id": fact["dia_id"]}
     f = read_fact(fact["fact"])
     if f is None:
@@ -544,7 +546,7 @@ def teacher_op(fact: dict, shown: list) -> dict:
         return {"op": "NOOP"}
     if how == "never":
         hit = _entry_of(f, shown, v)
-        return {"op": "DELETE", "memory_id": hit.memory_id} if hit else {"op": "NOOP"}
+        return {"op": "DELETE", "memory_id": hit.memory_id} if hit else insert
     hit = _entry_of(f, shown, v if how == "end" else None) if attr in STATE else None
     if hit is None:
         return insert

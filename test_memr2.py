@@ -2011,11 +2011,12 @@ def test_exact_reader_reads_merged_entries_and_the_same_claims_spread_over_entri
 
 def test_teacher_merges_updates_keeps_every_claim_and_deletes_only_proven_false_ones():
     """The official manager rules: a new value UPDATEs the state's entry with merged content, an
-    ending is an UPDATE, DELETE only for a claim proven false, NOOP for what memory holds."""
+    ending is an UPDATE, DELETE only for a claim proven false whose entry is shown (else INSERT the
+    correction), NOOP for what memory holds."""
     b = MemoryBank()
-    b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Rex; before: Max"},
-             {"op": "INSERT", "speaker": "Ann", "content": "Ann visited Oslo"},
-             {"op": "INSERT", "speaker": "Ann", "content": "Ann has a job as a chef"}], 1, "1 May 2023")
+    b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Rex; before: Max", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Ann", "content": "Ann visited Oslo", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Ann", "content": "Ann has a job as a chef", "dia_id": "D1:1"}], 1, "1 May 2023")
     shown = list(b.entries.values())
     fact = lambda text: {"speaker": "Ann", "dia_id": "D2:1", "fact": text}
     op = lambda text: E.teacher_op(fact(text), shown)
@@ -2023,11 +2024,13 @@ def test_teacher_merges_updates_keeps_every_claim_and_deletes_only_proven_false_
                                              "memory_id": "m1", "dia_id": "D2:1"}
     assert op("Ann's pet Rex died")["content"] == "Ann's pet Rex died; before: Max"  # an ending is an UPDATE
     assert op("Ann never visited Oslo") == {"op": "DELETE", "memory_id": "m2"}
-    assert op("Ann never had a pet named Luna") == {"op": "NOOP"}  # nothing stored to prove false
+    # nothing shown to prove false: the official decision order's "no matching entry -> INSERT"
+    assert op("Ann never had a pet named Luna") == {"op": "INSERT", "content": "Ann never had a pet named Luna",
+                                                  "speaker": "Ann", "dia_id": "D2:1"}
     assert op("Ann visited Oslo") == {"op": "NOOP"} and op("Ann visited Rome")["op"] == "INSERT"
     assert op("Ann quit the job as a chef")["op"] == "UPDATE"
     ended = MemoryBank()
-    ended.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann's pet Rex died; before: Max"}], 1, "1 May 2023")
+    ended.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann's pet Rex died; before: Max", "dia_id": "D1:1"}], 1, "1 May 2023")
     assert E.teacher_op(fact("Ann has a pet named Milo"), list(ended.entries.values()))["content"] == \
         "Ann has a pet named Milo; before: Rex died, Max"  # the ending is kept in the history
 
