@@ -99,15 +99,15 @@ class MemoryBank:
         return copy.deepcopy(self)
 
     def apply(self, ops: list, session: int, session_time: str) -> Counter:
-        """Execute ops in order, at once. Returns counts of applied ops by kind and of
-        rejected ones as "rejected_<reason>". A rejected op changes nothing."""
+        """Execute ops in order, each on the bank the earlier ones left (as the official manager
+        does: two ops on one id both apply, an UPDATE after a DELETE finds no id). Returns counts
+        of applied ops by kind and of rejected ones as "rejected_<reason>". A rejected op changes nothing."""
         counts = Counter()
-        touched = set()  # each existing id may be touched once per call (the manager prompt's rule)
         for op in ops:
-            counts[self._apply_one(op, session, session_time, touched)] += 1
+            counts[self._apply_one(op, session, session_time)] += 1
         return counts
 
-    def _apply_one(self, op, session, session_time, touched) -> str:
+    def _apply_one(self, op, session, session_time) -> str:
         if not isinstance(op, dict) or not isinstance(op.get("op"), str):
             return "rejected_unknown_op"
         kind = op["op"].upper()
@@ -115,14 +115,21 @@ class MemoryBank:
             return "rejected_unknown_op"
         if kind == "NOOP":
             return "NOOP"
+        # The official manager rejects an INSERT or UPDATE without a source turn, after taking the
+        # first of a list or of "D1:2, D1:3"; a DELETE needs none.
         dia_id = op.get("dia_id")
-        dia_ids = [dia_id] if isinstance(dia_id, str) and dia_id else []
+        if isinstance(dia_id, list):
+            dia_id = dia_id[0] if dia_id else None
+        if isinstance(dia_id, str) and "," in dia_id:
+            dia_id = dia_id.split(",")[0].strip()
+        no_source = not isinstance(dia_id, str) or not dia_id
+        dia_ids = [] if no_source else [dia_id]
         if kind == "INSERT":
             speaker, bad = op.get("speaker"), _content_problem(op.get("content"))
             if not isinstance(speaker, str) or not speaker.strip():
                 return "rejected_bad_fields"
-            if bad:
-                return bad
+            if bad or no_source:
+                return bad or "rejected_no_dia_id"
             same = next((e for e in self.entries.values()
                          if e.speaker == speaker.strip() and e.content == op["content"].strip()), None)
             if same:  # an exact duplicate merges into the stored entry (official memory): new source, same date
@@ -137,23 +144,21 @@ class MemoryBank:
         mid = op.get("memory_id")
         if not isinstance(mid, str) or mid not in self.entries:
             return "rejected_unknown_id"
-        if mid in touched:
-            return "rejected_id_twice"
         if kind == "UPDATE":
             bad = _content_problem(op.get("content"))
-            if bad:
-                return bad
+            if bad or no_source:
+                return bad or "rejected_no_dia_id"
             e = self.entries[mid]
             e.content, e.session = op["content"].strip(), session  # the first date stays
             e.dia_ids = e.dia_ids + [d for d in dia_ids if d not in e.dia_ids]  # keep old sources
         else:
             del self.entries[mid]
-        touched.add(mid)
         return kind
 
     def num_tokens(self, count) -> int:
-        """Memory size in tokens of the contents, with `count(str) -> int` the same tokenizer
-        that counts the dialogue (one tokenizer for both; the official code mixes two)."""
+        """Memory size in tokens of the contents, with `count(str) -> int` the same counter that
+        counts the dialogue (the official code counts both in words, regex \\b\\w+\\b; here the
+        model's tokenizer)."""
         return sum(count(e.content) for e in self.entries.values())
 
     def dia_ids(self) -> set:

@@ -810,6 +810,9 @@ def test_an_exact_duplicate_insert_merges_into_the_stored_entry():
     ({"op": "INSERT", "speaker": "Ann", "content": "  "}, "rejected_empty_content"),
     ({"op": "INSERT", "speaker": "Ann", "content": "w " * (MAX_CONTENT_WORDS + 1)}, "rejected_too_long"),
     ({"op": "INSERT", "content": "Ann skis"}, "rejected_bad_fields"),
+    ({"op": "INSERT", "speaker": "Ann", "content": "Ann skis"}, "rejected_no_dia_id"),  # the official manager's rule
+    ({"op": "INSERT", "speaker": "Ann", "content": "Ann skis", "dia_id": []}, "rejected_no_dia_id"),
+    ({"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima", "dia_id": ""}, "rejected_no_dia_id"),
     ({"op": "MERGE"}, "rejected_unknown_op"),
     ("INSERT", "rejected_unknown_op"),
 ])
@@ -821,12 +824,18 @@ def test_rejected_operation_changes_nothing_and_is_counted_by_reason(op, reason)
     assert state(b) == before
 
 
-def test_an_id_is_touched_at_most_once_per_call():
-    """Two operations on one id in one call are ambiguous; the first wins, the rest are rejected."""
+def test_two_operations_on_one_id_apply_in_sequence():
+    """The official manager applies a call's operations one after another: a second UPDATE of an id
+    rewrites the first's content, a DELETE after them removes the entry, and an UPDATE after the
+    DELETE finds no id. A dia_id given as a list or as "D2:2, D2:3" counts as its first id."""
     b = filled_bank()
-    c = b.apply([{"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima"},
-                 {"op": "DELETE", "memory_id": "m1"}], 2, "x")
-    assert c == {"UPDATE": 1, "rejected_id_twice": 1} and "m1" in b.entries
+    c = b.apply([{"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima", "dia_id": ["D2:1", "D2:9"]},
+                 {"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Rome", "dia_id": "D2:2, D2:3"}], 2, "x")
+    assert c == {"UPDATE": 2} and b.entries["m1"].content == "Ann lives in Rome"
+    assert b.entries["m1"].dia_ids == ["D1:1", "D2:1", "D2:2"]
+    c = b.apply([{"op": "DELETE", "memory_id": "m1"},
+                 {"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Oslo", "dia_id": "D3:1"}], 3, "y")
+    assert c == {"DELETE": 1, "rejected_unknown_id": 1} and "m1" not in b.entries
 
 
 def test_parsers_and_apply_never_raise_on_fuzzed_model_output(tok):
@@ -836,7 +845,7 @@ def test_parsers_and_apply_never_raise_on_fuzzed_model_output(tok):
     rng = random.Random(0)
     valid = ['{"facts":[{"speaker":"Ann","dia_id":"D1:1","fact":"Ann skis"}]}',
              '{"operations":[{"op":"INSERT","speaker":"Ann","content":"Ann skis","dia_id":"D1:1"},'
-             '{"op":"UPDATE","memory_id":"m1","content":"Ann lives in Lima"},{"op":"DELETE","memory_id":"m2"}]}']
+             '{"op":"UPDATE","memory_id":"m1","content":"Ann lives in Lima","dia_id":"D1:2"},{"op":"DELETE","memory_id":"m2"}]}']
     alphabet = ['{', '}', '[', ']', '"', ':', ',', ' ', 'op', 'INSERT', 'facts', '0', 'null', 'm1', '\\', '\\u',
                 '\\ud800', '\\udfff', '\\n', '\\"', 'é', '\x00']  # escapes too: "\ud800" is a lone surrogate
     kinds = collections.Counter()
@@ -880,9 +889,9 @@ def test_snapshot_is_isolated_both_ways():
     writes leave the snapshot unchanged (local branches start from such a copy)."""
     parent = filled_bank()
     snap = parent.snapshot()
-    snap.apply([{"op": "DELETE", "memory_id": "m1"}, {"op": "INSERT", "speaker": "Bo", "content": "Bo skis"}], 2, "x")
+    snap.apply([{"op": "DELETE", "memory_id": "m1"}, {"op": "INSERT", "speaker": "Bo", "content": "Bo skis", "dia_id": "D1:1"}], 2, "x")
     assert "m1" in parent.entries and len(parent.entries) == 3 and parent.next_id == 4
-    parent.apply([{"op": "UPDATE", "memory_id": "m2", "content": "Ann works as a chef"}], 2, "x")
+    parent.apply([{"op": "UPDATE", "memory_id": "m2", "content": "Ann works as a chef", "dia_id": "D1:1"}], 2, "x")
     assert snap.entries["m2"].content == "Ann works as a baker"
 
 
@@ -898,9 +907,9 @@ def test_retrieval_ranks_all_entries_with_one_score_asked_speaker_first():
     score over the whole bank (idf and average length from all entries), best first, no zero scores.
     Peggy's matching entry is written first; the entry that shares the asked name comes first."""
     b = MemoryBank()
-    b.apply([{"op": "INSERT", "speaker": "Peggy", "content": "Peggy lives in Tokyo"},
-             {"op": "INSERT", "speaker": "Peggy", "content": "Peggy works as a chef"},
-             {"op": "INSERT", "speaker": "Nina", "content": "Nina lives in Paris"}], 1, "1 May 2023")
+    b.apply([{"op": "INSERT", "speaker": "Peggy", "content": "Peggy lives in Tokyo", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Peggy", "content": "Peggy works as a chef", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Nina", "content": "Nina lives in Paris", "dia_id": "D1:1"}], 1, "1 May 2023")
     # terms: query (nina, live); entries (peggy, live, tokyo), (peggy, work, as, chef), (nina, live, pari):
     # n = 3, avg length 10/3; idf = ln(1 + (n - df + 0.5) / (df + 0.5)): nina ln(8/3) = 0.980829,
     # live ln(1.6) = 0.470004; a term met once in a 3-term entry: 2.2 / (1 + 1.2 (0.25 + 0.75 * 0.9)) = 1.042654
@@ -985,11 +994,11 @@ def test_minilm_encoder_equals_transformers_bert_with_mean_pooling(minilm):
 
 def bank_of(retriever):
     b = MemoryBank(retriever)
-    b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann lives in Oslo"},
-             {"op": "INSERT", "speaker": "Ann", "content": "Ann works as a baker"},
-             {"op": "INSERT", "speaker": "Bo", "content": "Bo has a cat called Tom"}], 1, "1 May 2023")
-    b.apply([{"op": "INSERT", "speaker": "Bo", "content": "Bo lives in Rome"},
-             {"op": "INSERT", "speaker": "Bo", "content": "Bo works as a nurse"}], 2, "9 May 2023")
+    b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann lives in Oslo", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Ann", "content": "Ann works as a baker", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Bo", "content": "Bo has a cat called Tom", "dia_id": "D1:1"}], 1, "1 May 2023")
+    b.apply([{"op": "INSERT", "speaker": "Bo", "content": "Bo lives in Rome", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Bo", "content": "Bo works as a nurse", "dia_id": "D1:1"}], 2, "9 May 2023")
     return b
 
 
@@ -1037,7 +1046,7 @@ def test_entry_embeddings_are_computed_once_per_content_and_snapshots_copy_them(
     retrieve_for_question(b, q, 5)
     assert len(embedded) == 1  # nothing new to embed
     snap = b.snapshot()
-    snap.apply([{"op": "UPDATE", "memory_id": "m2", "content": "Ann works as a chef"}], 3, "x")
+    snap.apply([{"op": "UPDATE", "memory_id": "m2", "content": "Ann works as a chef", "dia_id": "D1:1"}], 3, "x")
     retrieve_for_question(snap, q, 5)
     assert embedded[1:] == [["Ann works as a chef"]]  # an UPDATE re-embeds its one entry
     assert "Ann works as a baker" not in snap.vecs and set(snap.vecs) == {e.content for e in snap.entries.values()}
@@ -1122,7 +1131,7 @@ def test_local_reward_is_f1_of_the_branch_points_questions_from_the_memory_right
 
     def bank(*words):  # one one-word entry per word: memory tokens = number of words
         b = MemoryBank()
-        b.apply([{"op": "INSERT", "speaker": "Ann", "content": w} for w in words], 1, "1 May 2023")
+        b.apply([{"op": "INSERT", "speaker": "Ann", "content": w, "dia_id": "D1:1"} for w in words], 1, "1 May 2023")
         return b
     asked = collections.defaultdict(list)  # id(bank) -> questions asked of it
     answerer = types.SimpleNamespace(answer=lambda pairs: [
@@ -1285,7 +1294,8 @@ def scripted_sample(rng, finished=True):
             else:
                 ids = [w.strip("[]") for w in p.split() if w.startswith("[m")]
                 op = rng.choice(["INSERT", "DELETE"] if ids else ["INSERT"])
-                text = M.ops_target([{"op": "INSERT", "speaker": "Ann", "content": f"Ann likes {rng.randint(0, 9)}"}
+                text = M.ops_target([{"op": "INSERT", "speaker": "Ann", "content": f"Ann likes {rng.randint(0, 9)}",
+                                      "dia_id": "D1:1"}
                                      if op == "INSERT" else {"op": "DELETE", "memory_id": rng.choice(ids)}])
             ids = encode(tok, p)
             cells.append(M.Cell(ids, encode(tok, text) + [2] * finished, finished))
@@ -1982,7 +1992,7 @@ def lines_of(*contents):
     """Entries written one per session, in order ("9 May 2023" is session 9's date)."""
     b = MemoryBank()
     for s, c in enumerate(contents, 1):
-        b.apply([{"op": "INSERT", "speaker": c.split()[0].split("'")[0], "content": c}], s, f"{s} May 2023")
+        b.apply([{"op": "INSERT", "speaker": c.split()[0].split("'")[0], "content": c, "dia_id": f"D{s}:1"}], s, f"{s} May 2023")
     return list(b.entries.values())
 
 
@@ -2089,7 +2099,7 @@ def test_validation_size_bounds_the_standard_error_of_f1(tok):
     assert sum(len(c.qa) for c in convs) >= E.questions_for_se()
     # two questions answered right and wrong: F1 50, per-question SD 70.7, SE 50
     bank = MemoryBank()
-    bank.apply([{"op": "INSERT", "speaker": "Nina", "content": "Nina has a pet named Rex"}], 1, "1 May 2023")
+    bank.apply([{"op": "INSERT", "speaker": "Nina", "content": "Nina has a pet named Rex", "dia_id": "D1:1"}], 1, "1 May 2023")
     qa = [QA("What is the name of Nina's pet?", a, ["D1:1"], 4, [1]) for a in ("Rex", "Max")]
     out = E.score(E.exact_answerer(M.RLConfig()), tok, [bank], [Conversation("x", ("Nina", "Bob"), [], qa, {})])
     assert out["f1_overall"] == 50.0 and abs(out["f1_se"] - 50.0) < 1e-9
@@ -2149,20 +2159,20 @@ def _decision(shown, facts, ops, turns=None):
 def test_decisions_are_scored_against_the_teacher_on_the_same_memories():
     """Per-op accuracy compares the model's op with the teacher's given the same facts and memories."""
     b = MemoryBank()
-    b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Rex"},
-             {"op": "INSERT", "speaker": "Ann", "content": "Ann has a job as a baker"},
-             {"op": "INSERT", "speaker": "Bo", "content": "Bo visited Rome"}], 1, "1 May 2023")
+    b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Rex", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Ann", "content": "Ann has a job as a baker", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Bo", "content": "Bo visited Rome", "dia_id": "D1:1"}], 1, "1 May 2023")
     gold = {"D2:1": {"fact": "Ann has a pet named Milo"}, "D2:2": {"fact": "Bo read the book Dune"}}
     facts = [{"speaker": "Ann", "dia_id": "D2:1", "fact": "Ann has a pet named Milo"},
              {"speaker": "Bo", "dia_id": "D2:2", "fact": "Bo read the book Dune"}]
     shown = list(b.entries.values())
-    right = [{"op": "UPDATE", "memory_id": "m1", "content": "Ann has a pet named Milo; before: Rex"},
-             {"op": "INSERT", "speaker": "Bo", "content": "Bo read the book Dune"}]
+    right = [{"op": "UPDATE", "memory_id": "m1", "content": "Ann has a pet named Milo; before: Rex", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Bo", "content": "Bo read the book Dune", "dia_id": "D1:1"}]
     c = E.decision_counts([_decision(shown, facts, right)], gold)
     assert (c["UPDATE_gold"], c["UPDATE_hit"], c["INSERT_gold"], c["INSERT_hit"], c["right"]) == (1, 1, 1, 1, 2)
     wrong_id = [dict(right[0], memory_id="m2"), right[1]]
     replaced = [dict(right[0], content="Ann has a pet named Milo"), right[1]]  # drops the earlier claim
-    duplicate = [{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Milo"}, right[1]]
+    duplicate = [{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Milo", "dia_id": "D1:1"}, right[1]]
     for ops in (wrong_id, replaced, duplicate):
         c = E.decision_counts([_decision(shown, facts, ops)], gold)
         assert (c["UPDATE_hit"], c["INSERT_hit"], c["right"]) == (0, 1, 1)
