@@ -84,9 +84,11 @@ def ops_target(ops) -> str:
 
 
 def chunk_turns(turns, n_chunks: int) -> list:
-    """N chunks of ceil(#turns/N) consecutive turns (the official code's chunking); fewer if turns run out."""
+    """N chunks of ceil(#turns/N) consecutive turns, the official code's chunking: where the turns
+    run out the last chunks are empty, and each still gets its extractor call, as the official
+    code makes N calls per session."""
     size = max(1, math.ceil(len(turns) / n_chunks))
-    return [turns[i:i + size] for i in range(0, len(turns), size)]
+    return [turns[i * size:(i + 1) * size] for i in range(n_chunks)]
 
 
 # ---------------------------------------------------------------- the same roles for an instruct model
@@ -270,26 +272,32 @@ def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperat
     """Run sessions[b] on banks[b] for every b in one batch, writing to the banks in place
     -> (extractor rows, manager rows, op counts per bank). Training passes one session n + K
     times (rollouts and branches), evaluation session t of several conversations. A `trace`
-    list collects every chunk's Decision."""
+    list collects every chunk's Decision. A call cut off unfinished ends its bank's session
+    there (the official stop_when_truncated): the session's later chunks are not read."""
     B = len(banks)
     ext, mgr, counts = [Row("ext") for _ in range(B)], [Row("mgr") for _ in range(B)], [Counter() for _ in range(B)]
     chunks = [chunk_turns(s.turns, cfg.chunks) for s in sessions]
     # Extractor: the new turns only, so no chunk waits for another's memory: every chunk of every
-    # row is one batch (in training the B rows are the same session).
+    # row is one batch (in training the B rows are the same session). A chunk after a cut-off
+    # call then drops its extractor cell, as the official code never makes that call.
     calls = [(b, k) for b in range(B) for k in range(len(chunks[b]))]
     cells = sample_cells(model, tok, [extractor_prompt(chunks[b][k], sessions[b].date) for b, k in calls], "ext", cfg,
                          temperature, gen)
-    facts = {}
-    for (b, k), c in zip(calls, cells):
-        ext[b].cells.append(c)
+    ext_cells, facts, bad = dict(zip(calls, cells)), {}, {}
+    for (b, k), c in ext_cells.items():
         facts[b, k], why = parse_facts(decode(tok, c.response)) if c.finished else ([], "unfinished")
-        counts[b]["facts"] += len(facts[b, k])
-        counts[b]["bad_facts_json"] += why == "invalid_json"
+        bad[b, k] = why == "invalid_json"
+    stopped = [False] * B  # bank b's session ended at a cut-off call
     for k in range(max(map(len, chunks))):
         # Manager, chunk by chunk: facts + memories retrieved from each row's own bank as the
         # earlier chunks left it. With no facts there is nothing to decide, so the call is skipped
         # (it would only learn "[]").
-        live = [b for b in range(B) if k < len(chunks[b])]
+        live = [b for b in range(B) if k < len(chunks[b]) and not stopped[b]]
+        for b in live:
+            ext[b].cells.append(ext_cells[b, k])
+            counts[b]["facts"] += len(facts[b, k])
+            counts[b]["bad_facts_json"] += bad[b, k]
+            stopped[b] = not ext_cells[b, k].finished
         todo = [b for b in live if facts[b, k]]
         shown = {b: retrieve_for_facts(banks[b], facts[b, k], cfg.per_fact, cfg.mem_cap) for b in todo}
         cells = sample_cells(model, tok, [manager_prompt(shown[b], facts[b, k]) for b in todo], "mgr", cfg, temperature, gen)
@@ -298,10 +306,14 @@ def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperat
             mgr[b].cells.append(c)
             ops[b], why = parse_operations(decode(tok, c.response)) if c.finished else ([], "unfinished")
             counts[b]["bad_ops_json"] += why == "invalid_json"
-        for b in live:
-            if trace is not None:  # copies: a later UPDATE rewrites entries in place
-                trace.append(Decision(b, chunks[b][k], facts[b, k], [copy.copy(e) for e in shown.get(b, [])], ops[b]))
-            counts[b].update(banks[b].apply(ops[b], sessions[b].index, short_date(sessions[b].date)))
+            stopped[b] = not c.finished
+        for b in range(B):
+            if trace is not None and k < len(chunks[b]):  # an unread chunk: its facts missed, nothing written
+                # copies: a later UPDATE rewrites entries in place
+                trace.append(Decision(b, chunks[b][k], facts[b, k] if b in ops else [],
+                                      [copy.copy(e) for e in shown.get(b, [])], ops.get(b, [])))
+            if b in ops:
+                counts[b].update(banks[b].apply(ops[b], sessions[b].index, short_date(sessions[b].date)))
     return ext, mgr, counts
 
 

@@ -1427,6 +1427,34 @@ def test_unfinished_generations_get_zero_reward(tiny, monkeypatch):
     assert seen and all(r.reward == 0.0 for r in seen)
 
 
+def test_a_cut_off_call_ends_its_rollouts_session(tiny, monkeypatch):
+    """run_session on 3 banks, a 4-turn session in 2 chunks, with scripted calls that are all finished
+    except bank 1's first extractor call and bank 0's first manager call (the official
+    stop_when_truncated): bank 0 keeps its first chunk's 2 calls, writes nothing and reads no more;
+    bank 1 keeps its cut-off call only; bank 2 reads both chunks. Every chunk still has its Decision,
+    an unread one with no facts (a missed fact for the diagnostic)."""
+    conv, tok, model = tiny
+    cut = {("ext", 2), ("mgr", 0)}  # (role, index of the call in the session's calls of that role)
+    n = collections.Counter()
+    def sample(model, tok, prompts, role, *a):
+        cells = []
+        for p in prompts:
+            dia = re.findall(r"\((D\d+:\d+)\)", p)[0] if role == "ext" else "D1:1"
+            out = (M.facts_target([{"speaker": "Ann", "dia_id": dia, "fact": f"Ann likes {dia}"}]) if role == "ext" else
+                   M.ops_target([{"op": "INSERT", "speaker": "Ann", "content": p.split("\n")[1], "dia_id": "D1:1"}]))
+            done = (role, n[role]) not in cut
+            n[role] += 1
+            cells.append(M.Cell(encode(tok, p), encode(tok, out) + [2] * done, done))
+        return cells
+    monkeypatch.setattr(M, "sample_cells", sample)
+    banks, trace = [MemoryBank() for _ in range(3)], []
+    ext, mgr, counts = M.run_session(model, tok, banks, [conv.sessions[0]] * 3, M.RLConfig(chunks=2), 0.5, trace=trace)
+    assert [len(r.cells) for r in ext] == [1, 1, 2] and [len(r.cells) for r in mgr] == [1, 0, 2]
+    assert [len(b.entries) for b in banks] == [0, 0, 2] and [c["INSERT"] for c in counts] == [0, 0, 2]
+    assert [not r.finished for r in ext + mgr] == [False, True, False, True, False, False]
+    assert sorted((d.b, bool(d.facts)) for d in trace) == [(0, False), (0, True), (1, False), (1, False), (2, True), (2, True)]
+
+
 def test_logprob_temperature_equals_sampling_temperature(tiny, monkeypatch):
     """The ratio compares log-probs at the temperature the tokens were sampled at."""
     conv, tok, model = tiny
@@ -2203,11 +2231,20 @@ def test_world_is_reproducible_changes_state_and_noise_hurts():
     assert f1(E.teacher_memory(sample, conv, M.RLConfig(), E.noisy_teacher(0.4), 0.2, seed=1)) < f1(E.teacher_memory(sample, conv, M.RLConfig())) == 1.0
 
 
-def test_sessions_are_chunked_into_consecutive_runs():
+def test_sessions_are_chunked_into_consecutive_runs(tiny, monkeypatch):
     """chunk_turns: 7 turns in 3 chunks are 3, 3, 1 consecutive turns; 4 turns asked for 6 chunks give
-    4 chunks of one."""
+    4 chunks of one and 2 empty ones, and run_session makes its 6 extractor calls (the official code
+    makes N calls per session), the empty chunks' prompts showing no turn."""
     assert M.chunk_turns(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert M.chunk_turns(list(range(4)), 6) == [[0], [1], [2], [3]]
+    assert M.chunk_turns(list(range(4)), 6) == [[0], [1], [2], [3], [], []]
+    conv, tok, model = tiny
+    prompts = []
+    monkeypatch.setattr(M, "sample_cells", lambda model, tok, ps, role, *a: prompts.extend(ps) or [
+        M.Cell(encode(tok, p), encode(tok, '{"facts":[]}') + [2], True) for p in ps])
+    session = conv.sessions[0]
+    ext, mgr, _ = M.run_session(model, tok, [MemoryBank()], [session], M.RLConfig(chunks=6), 0.5)
+    assert len(session.turns) == 4 and len(ext[0].cells) == len(prompts) == 6 and not mgr[0].cells
+    assert [p.count("(D1:") for p in prompts] == [1, 1, 1, 1, 0, 0]
 
 
 def test_cell_logprobs_buckets_by_length_and_matches_each_cell_alone():
