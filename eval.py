@@ -60,16 +60,16 @@ def parse_date(s: str) -> datetime.datetime:
 
 
 def _turn(raw: dict) -> Turn:
-    text = raw["text"]
-    if raw.get("blip_caption"):
-        # Drop BLIP's own "a photo of" so the text does not read "a photo of a photo of".
-        text += f" [shares a photo of {BLIP_PREFIX.sub('', raw['blip_caption'])}]"
-    return Turn(speaker=raw["speaker"], dia_id=raw["dia_id"], text=text)
+    # The images are not released: an image turn shows its BLIP caption after its text (without
+    # BLIP's own "a photo of", so it does not read "a photo of a photo of").
+    cap = f" [shares a photo of {BLIP_PREFIX.sub('', raw['blip_caption'])}]" if raw.get("blip_caption") else ""
+    return Turn(speaker=raw["speaker"], dia_id=raw["dia_id"], text=raw["text"], caption=cap)
 
 
-def _clean_evidence(raw: list[str], known: set[str], dropped: dict) -> list[str]:
-    """Split, parse and normalise evidence strings; keep only ids of real turns."""
-    out = []
+def _clean_evidence(raw: list[str], known: set[str], dropped: dict) -> tuple[list[str], list[str]]:
+    """Split, parse and normalise evidence strings; keep only ids of real turns. -> (the ids, the
+    first id of each string that yields one: the official loader reads only that one)."""
+    out, firsts = [], []
     for entry in raw:
         # One string may hold several ids ("D8:6; D9:17", "D9:1 D4:4 D4:6").
         tokens = [t for t in re.split(r"[;,\s]+", entry) if t]
@@ -85,7 +85,8 @@ def _clean_evidence(raw: list[str], known: set[str], dropped: dict) -> list[str]
         if ids and ids != [entry]:
             dropped["repaired_evidence"] += 1
         out += [i for i in dict.fromkeys(ids) if i not in out]  # keep order; normalising can repeat ids
-    return out
+        firsts += ids[:1]
+    return out, firsts
 
 
 def parse_conversation(sample: dict, drop_adversarial=True, drop_empty_evidence=True) -> Conversation:
@@ -108,7 +109,7 @@ def parse_conversation(sample: dict, drop_adversarial=True, drop_empty_evidence=
         if q["category"] == ADVERSARIAL and drop_adversarial:
             dropped["adversarial"] += 1
             continue
-        evidence = _clean_evidence(q["evidence"], known, dropped)
+        evidence, firsts = _clean_evidence(q["evidence"], known, dropped)
         if not evidence and drop_empty_evidence:
             dropped["empty_evidence"] += 1
             continue
@@ -118,6 +119,7 @@ def parse_conversation(sample: dict, drop_adversarial=True, drop_empty_evidence=
             evidence=evidence,
             category=int(q["category"]),
             sessions=sorted({int(DIA_ID.fullmatch(e)[1]) for e in evidence}),
+            placed=max((int(DIA_ID.fullmatch(e)[1]) for e in firsts), default=0),
         ))
     return Conversation(
         sample_id=sample["sample_id"],
@@ -900,7 +902,7 @@ def turn_bank(conv, retriever: str) -> MemoryBank:
         for t in sess.turns:
             mid = f"m{bank.next_id}"
             bank.next_id += 1
-            bank.entries[mid] = Entry(mid, t.speaker, f"{t.speaker}: {t.text}", sess.index, short_date(sess.date), [t.dia_id])
+            bank.entries[mid] = Entry(mid, t.speaker, f"{t.speaker}: {t.text}{t.caption}", sess.index, short_date(sess.date), [t.dia_id])
     return bank
 
 

@@ -28,7 +28,8 @@ from model import embed, load_minilm
 class Turn:
     speaker: str
     dia_id: str  # "D<session>:<turn>"
-    text: str  # image turns carry their caption, since the images are not released
+    text: str  # what was said: the dialogue length T counts it (as the official code counts `text`)
+    caption: str = ""  # an image turn's " [shares a photo of ...]": prompts show it after the text, T leaves it out
 
 
 @dataclass
@@ -45,6 +46,8 @@ class QA:
     evidence: list[str]  # cleaned dia_ids, each one a real turn of this conversation
     category: int
     sessions: list[int]  # sorted distinct session indices of the evidence
+    placed: int = 0  # the session that puts it in the reward pool: a stage of S sessions asks it if placed <= S.
+    # The official loader's: the latest evidence string's FIRST id ("D8:6; D9:17" reads as D8:6); 0: max(sessions)
 
 
 @dataclass

@@ -58,9 +58,11 @@ def _compact(obj) -> str:
 # Attention is causal: "[m3]" at the end of "Ann lives in Oslo [m3]" has seen its line and
 # the new facts, so the model can find it by content; put first, it would have seen nothing.
 def extractor_prompt(turns, date: str) -> str:
-    # The session's date comes first: a fact whose date a question needs carries it (an UPDATE
-    # keeps an entry's first date), as the official extractor prompt asks for absolute times.
-    return ROLE["ext"] + f"Date: {short_date(date)}\n" + "\n".join(f"{t.speaker}: {t.text} ({t.dia_id})" for t in turns) + SEP
+    # The session's date comes first, a deviation: the official fact prompt shows speaker, text
+    # and dia_id only (and asks for absolute times). The synthetic world needs it: a fact whose
+    # date a question needs carries it, since an UPDATE keeps an entry's first date.
+    return ROLE["ext"] + f"Date: {short_date(date)}\n" + "\n".join(
+        f"{t.speaker}: {t.text}{t.caption} ({t.dia_id})" for t in turns) + SEP
 
 
 def manager_prompt(memories, facts) -> str:
@@ -372,7 +374,8 @@ def token_f1(pred: str, gold: str) -> float:
 # ============================================================================ rewards (official code: per-session global, immediate local)
 def dialogue_tokens(tok, conv) -> list:
     """T_t: cumulative dialogue tokens after each session, counted over the turns' text (as the
-    official code does, no "Speaker: ") with the model's tokenizer (the same one that counts memory)."""
+    official code does: no "Speaker: ", no image caption) with the model's tokenizer (the same one
+    that counts memory; the official code counts words)."""
     total, out = 0, []
     for s in conv.sessions:
         total += sum(len(encode(tok, t.text)) for t in s.turns)
@@ -403,9 +406,10 @@ def global_rewards(f1: list, qas: list, n_sessions: int, penalties: list, finish
 
 
 def sample_questions(qas: list, max_sessions: int, k: int, rng: random.Random) -> list:
-    """Up to k questions whose evidence lies within the first max_sessions sessions; one
-    subset shared by every member of a group, so rewards stay comparable."""
-    pool = [q for q in qas if q.sessions and max(q.sessions) <= max_sessions]
+    """Up to k questions placed within the first max_sessions sessions (QA.placed: where all
+    their evidence lies, or as the official loader reads a string of several ids, where its first
+    one does); one subset shared by every member of a group, so rewards stay comparable."""
+    pool = [q for q in qas if q.sessions and (q.placed or max(q.sessions)) <= max_sessions]
     return rng.sample(pool, min(k, len(pool)))
 
 

@@ -1887,10 +1887,17 @@ def test_real_file_quirks_are_cleaned(convs, raw):
 
 
 def test_image_turns_carry_caption(convs):
-    """load_locomo appends an image turn's caption to its text (conv-26 D1:5), never twice."""
+    """load_locomo keeps an image turn's caption (conv-26 D1:5) apart from its text, never doubled: the
+    extractor is shown it after the text, and the dialogue length T counts the text only (the official
+    T counts `text`)."""
     t = convs[0].sessions[0].turns[4]  # conv-26 D1:5 shares a photo
-    assert t.dia_id == "D1:5" and t.text.endswith("[shares a photo of a dog walking past a wall with a painting of a woman]")
-    assert not any("a photo of a photo" in t.text for c in convs for s in c.sessions for t in s.turns)
+    cap = " [shares a photo of a dog walking past a wall with a painting of a woman]"
+    assert t.dia_id == "D1:5" and t.caption == cap and t.text.endswith("thankful for all the support.")
+    assert not any("a photo of a photo" in t.text + t.caption for c in convs for s in c.sessions for t in s.turns)
+    assert f"{t.text}{cap} (D1:5)" in M.extractor_prompt([t], convs[0].sessions[0].date)
+    words = types.SimpleNamespace(encode=lambda text, add_special_tokens: types.SimpleNamespace(ids=text.split()))
+    one = Conversation("one", ("A", "B"), [E.Session(1, "1 May 2023", [t])], [], {})
+    assert M.dialogue_tokens(words, one) == [len(t.text.split())] == [16]
 
 
 def test_conv43_evidence_coverage(convs):
@@ -1928,6 +1935,9 @@ def test_malformed_evidence():
     assert [x.evidence for x in conv.qa] == [
         ["D8:6", "D9:17"], ["D9:1", "D4:4", "D4:6"], ["D1:2"], ["D30:5"], ["D2:1"]]
     assert [x.sessions for x in conv.qa] == [[8, 9], [4, 9], [1], [30], [2]]
+    # the reward pool places a question as the official loader does: by each string's FIRST id
+    assert [x.placed for x in conv.qa] == [8, 9, 1, 30, 2]
+    assert conv.qa[0] in M.sample_questions(conv.qa, 8, 10, random.Random(0))  # asked at 8 sessions, not 9
     assert conv.dropped == {"adversarial": 0, "empty_evidence": 2, "bad_evidence_ids": 5, "repaired_evidence": 3}
     assert [s.index for s in conv.sessions] == list(range(1, 31)) and conv.speakers == ("Ann", "Bob")
 
