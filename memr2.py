@@ -180,7 +180,8 @@ class RLConfig:
     K: int = 4  # local group size
     p: float = 0.5  # per-session branch probability
     chunks: int = 2  # chunks per session N (paper 6; our sessions have 4 turns; context_sizes below)
-    temperature: float = 0.5  # sampling AND log-prob temperature, global and local alike (paper 1; see README)
+    temperature: float = 0.5  # sampling AND log-prob temperature (paper 1; see README)
+    local_decoding: str = "sampled"  # sampled (at `temperature`, as the rollouts) | greedy (the official code's)
     lam: float = 0.3  # bloat penalty weight
     phi: float = 0.7  # free share of the dialogue length (the paper's; the right memory stays free, see README)
     q_global: int = 64  # reward questions per step (global), shared by all rollouts
@@ -530,11 +531,11 @@ class Branch:
     pairs: list = field(default_factory=list)  # the K branches' (extractor row, manager row)
 
 
-def play_session(policy, tok, banks: list, session, groups: list, cfg: RLConfig, gen) -> tuple:
-    """One session on every bank (in place), sampled -> ([(extractor row, manager row)] per
-    bank, op counts per bank); groups[b] is bank b's rows' group, its role left to fill in."""
+def play_session(policy, tok, banks: list, session, groups: list, cfg: RLConfig, temperature: float, gen) -> tuple:
+    """One session on every bank (in place), decoded at `temperature` -> ([(extractor row, manager
+    row)] per bank, op counts per bank); groups[b] is bank b's rows' group, its role left to fill in."""
     trace = []
-    ext, mgr, counts = run_session(policy, tok, banks, [session] * len(banks), cfg, cfg.temperature, gen, trace)
+    ext, mgr, counts = run_session(policy, tok, banks, [session] * len(banks), cfg, temperature, gen, trace)
     for i, (e, m) in enumerate(zip(ext, mgr)):
         e.group, m.group = groups[i]._replace(role="ext"), groups[i]._replace(role="mgr")
         e.decisions = m.decisions = [d for d in trace if d.b == i]
@@ -544,8 +545,10 @@ def play_session(policy, tok, banks: list, session, groups: list, cfg: RLConfig,
 def rollouts(policy, tok, conv, S: int, cfg: RLConfig, algo_rng, gen) -> tuple:
     """Global rollouts and local re-rolls, all with theta_old. n rollouts of sessions 1..S from
     empty memory; before each session a coin (p) may pick a branch point: K deepcopies of one
-    rollout's memory as it is then. The K branches re-roll that session in the same batch as
-    the n rollouts (they start at the same moment), and never continue past it.
+    rollout's memory as it is then. The K branches re-roll that session, sampled in the same batch
+    as the n rollouts (they start at the same moment), or with `local_decoding` greedy in a batch
+    of their own (the official code decodes them with its validation settings, greedy, so the K
+    come out alike and their group carries no advantage); they never continue past it.
     -> (the rollouts' final banks, by_session: by_session[t-1][i] is the (extractor row,
     manager row) pair of rollout i at session t, branches, the rollouts' op counts)."""
     banks, by_session, branches, counts = [MemoryBank(cfg.retriever) for _ in range(cfg.n)], [], [], Counter()
@@ -557,7 +560,11 @@ def rollouts(policy, tok, conv, S: int, cfg: RLConfig, algo_rng, gen) -> tuple:
             local = br.banks
             groups += [Group("L", t, None, i)] * cfg.K
             branches.append(br)
-        pairs, c = play_session(policy, tok, banks + local, session, groups, cfg, gen)
+        if cfg.local_decoding == "sampled" or not local:
+            pairs, c = play_session(policy, tok, banks + local, session, groups, cfg, cfg.temperature, gen)
+        else:
+            pairs, c = play_session(policy, tok, banks, session, groups[:cfg.n], cfg, cfg.temperature, gen)
+            pairs += play_session(policy, tok, local, session, groups[cfg.n:], cfg, 0.0, gen)[0]
         by_session.append(pairs[:cfg.n])
         if br:
             br.pairs = pairs[cfg.n:]

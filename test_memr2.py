@@ -1337,6 +1337,31 @@ def test_local_branches_start_from_identical_memory_and_never_leak(tiny, monkeyp
     assert any(len(set(after[n:])) > 1 for *_, after, _, _ in calls)
 
 
+@pytest.mark.parametrize("decoding", ["greedy", "sampled"])
+def test_greedy_local_branches_are_identical_and_carry_no_advantage(tiny, decoding, tmp_path):
+    """world_pool with the real (random) tiny model, p = 1, n = 2, K = 3, 2 sessions: with
+    --local-decoding greedy (the official code's) the K branches of each snapshot write the same
+    responses, so each local group's rewards are equal and every local advantage is 0; sampled ones
+    differ. The global rollouts are sampled either way. train.py records the choice in args.json."""
+    conv, tok, model = tiny
+    cfg = M.RLConfig(n=2, K=3, p=1.0, local_decoding=decoding, max_new={"ext": 24, "mgr": 24, "ans": 8})
+    w = M.World(conv, random.Random(0), random.Random(1), torch.Generator().manual_seed(0))
+    st = M.world_pool(model, E.exact_answerer(cfg), tok, w, 2, cfg)
+    responses = lambda rows: [tuple(tuple(c.response) for c in row.cells) for row in rows if row.role == "ext"]
+    alike = [len(set(responses(row for pair in br.pairs for row in pair))) == 1 for br in st.branches]
+    assert len(st.branches) == 2 and all(len(br.pairs) == 3 for br in st.branches)
+    first = responses(st.global_rows)[:2]  # the 2 rollouts' extractor rows of session 1
+    assert first[0] != first[1]
+    if decoding == "greedy":
+        assert all(alike) and all(row.adv == 0.0 for row in st.local_rows)
+        assert all(len({row.reward for row in st.local_rows if row.group == g}) == 1 for g in {r.group for r in st.local_rows})
+    else:
+        assert not any(alike)
+    args = train.parse_args(["--local-decoding", decoding])
+    train.write_run_args(tmp_path, [], train.rl_config(args), "exact", "synthetic")
+    assert json.loads((tmp_path / "args.json").read_text())["cfg"]["local_decoding"] == decoding
+
+
 @pytest.mark.parametrize("algo, share", [("grpo", 0.0), ("local", 1.0), ("logo", 0.5)])
 def test_algo_switch_selects_the_pool(tiny, monkeypatch, algo, share):
     """logo_step with each algo, p = 1, 2 sessions, n = K = 2: 8 global rows (2 rollouts x 2 sessions
@@ -2314,17 +2339,18 @@ def test_base_test_is_read_once_per_sft_model_and_setting(tmp_path, monkeypatch)
 
 # ==== eval.py: the experiment table ===============================================================
 def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
-    """compare on four hand-written runs (logo and grpo, seeds 1 and 2): each arm's mean with its
-    t-interval, the paired per-seed difference, the credit-correlation and learning-curve lines, the F1
-    gain over the base pipeline, and runs.json."""
+    """compare on six hand-written runs (logo, grpo, and logo with greedy local re-rolls; seeds 1 and 2):
+    each arm's mean with its t-interval, the paired per-seed difference, the credit-correlation and
+    learning-curve lines, the F1 gain over the base pipeline, and runs.json."""
     runs = []
-    for algo, f1s in (("logo", [30.0, 34.0]), ("grpo", [20.0, 26.0])):
+    for algo, f1s, local in (("logo", [30.0, 34.0], "sampled"), ("grpo", [20.0, 26.0], "sampled"),
+                             ("logo", [28.0, 30.0], "greedy")):
         for seed, f1 in zip((1, 2), f1s):
-            d = tmp_path / f"{algo}-{seed}"
+            d = tmp_path / f"{algo}-{local}-{seed}"
             d.mkdir()
             metrics = {"f1_overall": f1, "m_fail": 5.0}
             (d / "result.json").write_text(json.dumps({
-                "algo": algo, "stages": [8, 16], "steps": [1, 1], "seed": seed, "minutes": 1.0,
+                "algo": algo, "stages": [8, 16], "steps": [1, 1], "seed": seed, "minutes": 1.0, "local_decoding": local,
                 "base": {"f1_overall": 10.0}, "trained": metrics, "oracle": {"f1_overall": 60.0}}))
             corr = {"credit_corr_G": 0.1 * seed, "credit_corr_L": 0.1 * seed + (0.3 if algo == "logo" else math.nan)}
             (d / "metrics.jsonl").write_text("".join(json.dumps(v) + "\n" for v in [
@@ -2335,6 +2361,7 @@ def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
             runs.append(d)
     md = E.compare(runs, tmp_path / "results")
     assert "| logo 8->16 | 2 | 32.0 ± 2.8 |" in md and "| grpo 8->16 | 2 | 23.0 ± 4.2 |" in md
+    assert "| logo 8->16 local-greedy | 2 | 29.0 ± 1.4 |" in md  # an arm of its own, named by its local decoding
     assert "| 6 | 150 | 1.0 |" in md  # optimizer steps, generated tokens, minutes per run
     # d = (+10, +8): mean 9, sd sqrt(2), se 1, t(0.975, 1 df) = 12.706
     assert "logo 8->16 vs grpo 8->16: +9.0 [-3.7, +21.7] over 2 seeds; per seed +10.0, +8.0" in md
@@ -2407,7 +2434,8 @@ def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset):
     assert not all(torch.equal(sft_w[k], rl_w[k]) for k in sft_w)
     assert set(res["test"]) == {"base pipeline (SFT only)", "Memory-R2 (logo, 2->3)", "oracle memory (teacher)"}
     assert res["test"]["oracle memory (teacher)"]["m_fail"] == 0.0  # the gold memory keeps every evidence turn
-    assert json.loads((run / "result.json").read_text())["stages"] == [2, 3]
+    result = json.loads((run / "result.json").read_text())
+    assert (result["stages"], result["local_decoding"]) == ([2, 3], "sampled")  # eval.py compare names arms by them
     assert "| model | F1 |" in (run / "report.md").read_text()
 
 
