@@ -43,8 +43,10 @@ from memory import (MemoryBank, bloat_cost, parse_facts, parse_operations, retri
                     retrieve_for_question, short_date)
 
 # ============================================================================ role prompts
-# The JSON schemas of the outputs are the paper's; the inputs are compact lines, since the
-# tiny model's context is 384 tokens (so histories reset at every chunk, not every session).
+# The outputs are JSON: the facts schema is the official one; the operations schema is compact
+# ("op", and an explicit NOOP, one op per fact; the official manager writes "operation" and leaves
+# a NOOP out of its list). The inputs are compact lines, since the tiny model's context is 384
+# tokens (so histories reset at every chunk, not every session).
 ROLE = {"ext": "<ext>Extract facts.\n", "mgr": "<mgr>Update memory.\n", "ans": "<ans>Answer.\n"}
 SEP = "<sep>"
 
