@@ -61,16 +61,16 @@ def parse_date(s: str) -> datetime.datetime:
 
 
 def _turn(raw: dict) -> Turn:
-    text = raw["text"]
-    if raw.get("blip_caption"):
-        # Drop BLIP's own "a photo of" so the text does not read "a photo of a photo of".
-        text += f" [shares a photo of {BLIP_PREFIX.sub('', raw['blip_caption'])}]"
-    return Turn(speaker=raw["speaker"], dia_id=raw["dia_id"], text=text)
+    # The images are not released: an image turn shows its BLIP caption after its text (without
+    # BLIP's own "a photo of", so it does not read "a photo of a photo of").
+    cap = f" [shares a photo of {BLIP_PREFIX.sub('', raw['blip_caption'])}]" if raw.get("blip_caption") else ""
+    return Turn(speaker=raw["speaker"], dia_id=raw["dia_id"], text=raw["text"], caption=cap)
 
 
-def _clean_evidence(raw: list[str], known: set[str], dropped: dict) -> list[str]:
-    """Split, parse and normalise evidence strings; keep only ids of real turns."""
-    out = []
+def _clean_evidence(raw: list[str], known: set[str], dropped: dict) -> tuple[list[str], list[str]]:
+    """Split, parse and normalise evidence strings; keep only ids of real turns. -> (the ids, the
+    first id of each string that yields one: the official loader reads only that one)."""
+    out, firsts = [], []
     for entry in raw:
         # One string may hold several ids ("D8:6; D9:17", "D9:1 D4:4 D4:6").
         tokens = [t for t in re.split(r"[;,\s]+", entry) if t]
@@ -86,7 +86,8 @@ def _clean_evidence(raw: list[str], known: set[str], dropped: dict) -> list[str]
         if ids and ids != [entry]:
             dropped["repaired_evidence"] += 1
         out += [i for i in dict.fromkeys(ids) if i not in out]  # keep order; normalising can repeat ids
-    return out
+        firsts += ids[:1]
+    return out, firsts
 
 
 def parse_conversation(sample: dict, drop_adversarial=True, drop_empty_evidence=True) -> Conversation:
@@ -109,7 +110,7 @@ def parse_conversation(sample: dict, drop_adversarial=True, drop_empty_evidence=
         if q["category"] == ADVERSARIAL and drop_adversarial:
             dropped["adversarial"] += 1
             continue
-        evidence = _clean_evidence(q["evidence"], known, dropped)
+        evidence, firsts = _clean_evidence(q["evidence"], known, dropped)
         if not evidence and drop_empty_evidence:
             dropped["empty_evidence"] += 1
             continue
@@ -119,6 +120,7 @@ def parse_conversation(sample: dict, drop_adversarial=True, drop_empty_evidence=
             evidence=evidence,
             category=int(q["category"]),
             sessions=sorted({int(DIA_ID.fullmatch(e)[1]) for e in evidence}),
+            placed=max((int(DIA_ID.fullmatch(e)[1]) for e in firsts), default=0),
         ))
     return Conversation(
         sample_id=sample["sample_id"],
@@ -535,7 +537,9 @@ def teacher_op(fact: dict, shown: list) -> dict:
     """The gold manager operation for one fact given the memories the manager is shown (the
     official manager prompt's rules): a new value of a stored state -> UPDATE that entry with
     the merged content (nothing stored is dropped); a state that ends -> UPDATE too; a claim
-    proven false -> DELETE its entry; what memory already holds -> NOOP; anything else -> INSERT."""
+    proven false -> DELETE its entry; what memory already holds -> NOOP; anything else -> INSERT,
+    a correction whose entry is not shown included (the official decision order: no matching
+    entry -> INSERT; a stored correction still tells the reader the claim is false)."""
     insert = {"op": "INSERT", "content": fact["fact"], "speaker": fact["speaker"], "dia_id": fact["dia_id"]}
     f = read_fact(fact["fact"])
     if f is None:
@@ -545,7 +549,7 @@ def teacher_op(fact: dict, shown: list) -> dict:
         return {"op": "NOOP"}
     if how == "never":
         hit = _entry_of(f, shown, v)
-        return {"op": "DELETE", "memory_id": hit.memory_id} if hit else {"op": "NOOP"}
+        return {"op": "DELETE", "memory_id": hit.memory_id} if hit else insert
     hit = _entry_of(f, shown, v if how == "end" else None) if attr in STATE else None
     if hit is None:
         return insert
@@ -899,7 +903,7 @@ def turn_bank(conv, retriever: str) -> MemoryBank:
         for t in sess.turns:
             mid = f"m{bank.next_id}"
             bank.next_id += 1
-            bank.entries[mid] = Entry(mid, t.speaker, f"{t.speaker}: {t.text}", sess.index, short_date(sess.date), [t.dia_id])
+            bank.entries[mid] = Entry(mid, t.speaker, f"{t.speaker}: {t.text}{t.caption}", sess.index, short_date(sess.date), [t.dia_id])
     return bank
 
 
@@ -991,7 +995,8 @@ def t_interval(xs: list) -> tuple:
 
 
 def _arm(r: dict) -> str:
-    return f"{r['algo']} {'->'.join(map(str, r['stages']))}" + (f" mb{r['minibatch']}" if r.get("minibatch", 64) != 64 else "")
+    return (f"{r['algo']} {'->'.join(map(str, r['stages']))}" + (f" mb{r['minibatch']}" if r.get("minibatch", 64) != 64 else "")
+            + (f" local-{r['local_decoding']}" if r.get("local_decoding", "sampled") != "sampled" else ""))
 
 
 def _fmt(ci, digits=1) -> str:

@@ -28,7 +28,8 @@ from model import embed, load_minilm
 class Turn:
     speaker: str
     dia_id: str  # "D<session>:<turn>"
-    text: str  # image turns carry their caption, since the images are not released
+    text: str  # what was said: the dialogue length T counts it (as the official code counts `text`)
+    caption: str = ""  # an image turn's " [shares a photo of ...]": prompts show it after the text, T leaves it out
 
 
 @dataclass
@@ -45,6 +46,8 @@ class QA:
     evidence: list[str]  # cleaned dia_ids, each one a real turn of this conversation
     category: int
     sessions: list[int]  # sorted distinct session indices of the evidence
+    placed: int = 0  # the session that puts it in the reward pool: a stage of S sessions asks it if placed <= S.
+    # The official loader's: the latest evidence string's FIRST id ("D8:6; D9:17" reads as D8:6); 0: max(sessions)
 
 
 @dataclass
@@ -74,6 +77,10 @@ class Entry:
     session_time: str  # the date of the session that FIRST wrote it, shown to the answer agent;
     # an UPDATE keeps it, as the official memory does, so a date a question needs belongs in the content
     dia_ids: list = field(default_factory=list)  # source turns, for M-Fail
+    first_session: int = 0  # index of the session that FIRST wrote it (the official session_id); 0: `session`
+
+    def __post_init__(self):
+        self.first_session = self.first_session or self.session
 
 
 class MemoryBank:
@@ -95,15 +102,15 @@ class MemoryBank:
         return copy.deepcopy(self)
 
     def apply(self, ops: list, session: int, session_time: str) -> Counter:
-        """Execute ops in order, at once. Returns counts of applied ops by kind and of
-        rejected ones as "rejected_<reason>". A rejected op changes nothing."""
+        """Execute ops in order, each on the bank the earlier ones left (as the official manager
+        does: two ops on one id both apply, an UPDATE after a DELETE finds no id). Returns counts
+        of applied ops by kind and of rejected ones as "rejected_<reason>". A rejected op changes nothing."""
         counts = Counter()
-        touched = set()  # each existing id may be touched once per call (the manager prompt's rule)
         for op in ops:
-            counts[self._apply_one(op, session, session_time, touched)] += 1
+            counts[self._apply_one(op, session, session_time)] += 1
         return counts
 
-    def _apply_one(self, op, session, session_time, touched) -> str:
+    def _apply_one(self, op, session, session_time) -> str:
         if not isinstance(op, dict) or not isinstance(op.get("op"), str):
             return "rejected_unknown_op"
         kind = op["op"].upper()
@@ -111,14 +118,21 @@ class MemoryBank:
             return "rejected_unknown_op"
         if kind == "NOOP":
             return "NOOP"
+        # The official manager rejects an INSERT or UPDATE without a source turn, after taking the
+        # first of a list or of "D1:2, D1:3"; a DELETE needs none.
         dia_id = op.get("dia_id")
-        dia_ids = [dia_id] if isinstance(dia_id, str) and dia_id else []
+        if isinstance(dia_id, list):
+            dia_id = dia_id[0] if dia_id else None
+        if isinstance(dia_id, str) and "," in dia_id:
+            dia_id = dia_id.split(",")[0].strip()
+        no_source = not isinstance(dia_id, str) or not dia_id
+        dia_ids = [] if no_source else [dia_id]
         if kind == "INSERT":
             speaker, bad = op.get("speaker"), _content_problem(op.get("content"))
             if not isinstance(speaker, str) or not speaker.strip():
                 return "rejected_bad_fields"
-            if bad:
-                return bad
+            if bad or no_source:
+                return bad or "rejected_no_dia_id"
             same = next((e for e in self.entries.values()
                          if e.speaker == speaker.strip() and e.content == op["content"].strip()), None)
             if same:  # an exact duplicate merges into the stored entry (official memory): new source, same date
@@ -133,23 +147,21 @@ class MemoryBank:
         mid = op.get("memory_id")
         if not isinstance(mid, str) or mid not in self.entries:
             return "rejected_unknown_id"
-        if mid in touched:
-            return "rejected_id_twice"
         if kind == "UPDATE":
             bad = _content_problem(op.get("content"))
-            if bad:
-                return bad
+            if bad or no_source:
+                return bad or "rejected_no_dia_id"
             e = self.entries[mid]
             e.content, e.session = op["content"].strip(), session  # the first date stays
             e.dia_ids = e.dia_ids + [d for d in dia_ids if d not in e.dia_ids]  # keep old sources
         else:
             del self.entries[mid]
-        touched.add(mid)
         return kind
 
     def num_tokens(self, count) -> int:
-        """Memory size in tokens of the contents, with `count(str) -> int` the same tokenizer
-        that counts the dialogue (one tokenizer for both; the official code mixes two)."""
+        """Memory size in tokens of the contents, with `count(str) -> int` the same counter that
+        counts the dialogue (the official code counts both in words, regex \\b\\w+\\b; here the
+        model's tokenizer)."""
         return sum(count(e.content) for e in self.entries.values())
 
     def dia_ids(self) -> set:
@@ -296,11 +308,11 @@ def entry_vectors(bank: MemoryBank) -> torch.Tensor:
     return torch.stack([bank.vecs[c] for c in contents]) if contents else torch.empty(0, 0)
 
 
-def rank(bank: MemoryBank, query: str) -> list:
-    """Entries that match `query`, best first: BM25 score > 0, or cosine >= MIN_COSINE. One score
-    for the whole bank: BM25's statistics (idf, average length) come from ALL entries, so scores of
-    two speakers' entries are comparable. Ties go to the newest entry (latest session, then latest
-    written), so a stale duplicate never hides the current one."""
+def scored(bank: MemoryBank, query: str) -> list:
+    """[(entry, score)] of the entries that match `query`, best first: BM25 score > 0, or cosine >=
+    MIN_COSINE. One score for the whole bank: BM25's statistics (idf, average length) come from ALL
+    entries, so scores of two speakers' entries are comparable. Ties go to the newest entry (latest
+    session, then latest written), so a stale duplicate never hides the current one."""
     ents = list(bank.entries.values())  # dict order = write order; UPDATE keeps the position
     if not ents:
         return []
@@ -309,31 +321,42 @@ def rank(bank: MemoryBank, query: str) -> list:
     else:
         scores, keep = (entry_vectors(bank) @ query_vector(query)).tolist(), lambda s: s >= MIN_COSINE
     order = sorted(range(len(ents)), key=lambda i: (-scores[i], -ents[i].session, -i))
-    return [ents[i] for i in order if keep(scores[i])]
+    return [(ents[i], scores[i]) for i in order if keep(scores[i])]
+
+
+def rank(bank: MemoryBank, query: str) -> list:
+    """The entries that match `query`, best first (`scored` without the scores)."""
+    return [e for e, _ in scored(bank, query)]
 
 
 def retrieve_for_facts(bank: MemoryBank, facts: list, per_fact: int, cap: int) -> list:
-    """Manager retrieval (paper Sec. 3; official sizes 5 and 25): per fact the top `per_fact`
-    memories of the same speaker, merged in order, de-duplicated, capped."""
-    out = []
+    """Manager retrieval (paper Sec. 3; official sizes 5 and 25), the official rule: per fact the
+    top `per_fact` memories of the same speaker; each memory once, with its best score over the
+    facts; the `cap` best kept, best first (equal scores in the order the facts found them)."""
+    best = {}  # memory_id -> (entry, best score); insertion order = the order the facts found them
     for f in facts:
-        same = [e for e in rank(bank, f["fact"]) if e.speaker == f["speaker"]]
-        out += [e for e in same[:per_fact] if e not in out]
-    return out[:cap]
+        same = [(e, s) for e, s in scored(bank, f["fact"]) if e.speaker == f["speaker"]]
+        for e, s in same[:per_fact]:
+            if e.memory_id not in best or s > best[e.memory_id][1]:
+                best[e.memory_id] = (e, s)  # a key set again keeps its place
+    return [e for e, _ in sorted(best.values(), key=lambda es: -es[1])[:cap]]
 
 
 def retrieve_for_question(bank: MemoryBank, question: str, per_speaker: int, by_session: bool = False) -> list:
     """Answer-agent retrieval (paper Sec. 3; official size 30): the top `per_speaker` memories of
     each speaker, in the order of one score over the whole bank (best first: easier for a tiny
     learned reader, and with BM25 the asked speaker's entries share the question's name, so they
-    come first), or with `by_session` ordered by session then score (the official code's order,
-    for an LLM reader)."""
+    come first), or with `by_session` in the official code's order, for an LLM reader: by the
+    session that first wrote the entry, then score, then the oldest written first."""
     kept, out = Counter(), []
-    for e in rank(bank, question):
+    for e, s in scored(bank, question):
         if kept[e.speaker] < per_speaker:
             kept[e.speaker] += 1
-            out.append(e)
-    return sorted(out, key=lambda e: e.session) if by_session else out  # stable: score order within a session
+            out.append((e, s))
+    if by_session:
+        written = {mid: i for i, mid in enumerate(bank.entries)}
+        out.sort(key=lambda es: (es[0].first_session, -es[1], written[es[0].memory_id]))
+    return [e for e, _ in out]
 
 
 # ----------------------------------------------------------------------------- bloat cost

@@ -42,8 +42,10 @@ from memory import (MemoryBank, bloat_cost, parse_facts, parse_operations, retri
 from parallel import even_parts, gather_over_ranks, gathered, int_over_ranks, sharded, step_size, sum_gradients
 
 # ============================================================================ role prompts
-# The JSON schemas of the outputs are the paper's; the inputs are compact lines, since the
-# tiny model's context is 384 tokens (so histories reset at every chunk, not every session).
+# The outputs are JSON: the facts schema is the official one; the operations schema is compact
+# ("op", and an explicit NOOP, one op per fact; the official manager writes "operation" and leaves
+# a NOOP out of its list). The inputs are compact lines, since the tiny model's context is 384
+# tokens (so histories reset at every chunk, not every session).
 ROLE = {"ext": "<ext>Extract facts.\n", "mgr": "<mgr>Update memory.\n", "ans": "<ans>Answer.\n"}
 SEP = "<sep>"
 
@@ -57,9 +59,11 @@ def _compact(obj) -> str:
 # Attention is causal: "[m3]" at the end of "Ann lives in Oslo [m3]" has seen its line and
 # the new facts, so the model can find it by content; put first, it would have seen nothing.
 def extractor_prompt(turns, date: str) -> str:
-    # The session's date comes first: a fact whose date a question needs carries it (an UPDATE
-    # keeps an entry's first date), as the official extractor prompt asks for absolute times.
-    return ROLE["ext"] + f"Date: {short_date(date)}\n" + "\n".join(f"{t.speaker}: {t.text} ({t.dia_id})" for t in turns) + SEP
+    # The session's date comes first, a deviation: the official fact prompt shows speaker, text
+    # and dia_id only (and asks for absolute times). The synthetic world needs it: a fact whose
+    # date a question needs carries it, since an UPDATE keeps an entry's first date.
+    return ROLE["ext"] + f"Date: {short_date(date)}\n" + "\n".join(
+        f"{t.speaker}: {t.text}{t.caption} ({t.dia_id})" for t in turns) + SEP
 
 
 def manager_prompt(memories, facts) -> str:
@@ -83,9 +87,11 @@ def ops_target(ops) -> str:
 
 
 def chunk_turns(turns, n_chunks: int) -> list:
-    """N chunks of ceil(#turns/N) consecutive turns (the official code's chunking); fewer if turns run out."""
+    """N chunks of ceil(#turns/N) consecutive turns, the official code's chunking: where the turns
+    run out the last chunks are empty, and each still gets its extractor call, as the official
+    code makes N calls per session."""
     size = max(1, math.ceil(len(turns) / n_chunks))
-    return [turns[i:i + size] for i in range(0, len(turns), size)]
+    return [turns[i * size:(i + 1) * size] for i in range(n_chunks)]
 
 
 # ---------------------------------------------------------------- the same roles for an instruct model
@@ -175,7 +181,8 @@ class RLConfig:
     K: int = 4  # local group size
     p: float = 0.5  # per-session branch probability
     chunks: int = 2  # chunks per session N (paper 6; our sessions have 4 turns; context_sizes below)
-    temperature: float = 0.5  # sampling AND log-prob temperature, global and local alike (paper 1; see README)
+    temperature: float = 0.5  # sampling AND log-prob temperature (paper 1; see README)
+    local_decoding: str = "sampled"  # sampled (at `temperature`, as the rollouts) | greedy (the official code's)
     lam: float = 0.3  # bloat penalty weight
     phi: float = 0.7  # free share of the dialogue length (the paper's; the right memory stays free, see README)
     q_global: int = 64  # reward questions per step (global), shared by all rollouts
@@ -269,26 +276,32 @@ def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperat
     """Run sessions[b] on banks[b] for every b in one batch, writing to the banks in place
     -> (extractor rows, manager rows, op counts per bank). Training passes one session n + K
     times (rollouts and branches), evaluation session t of several conversations. A `trace`
-    list collects every chunk's Decision."""
+    list collects every chunk's Decision. A call cut off unfinished ends its bank's session
+    there (the official stop_when_truncated): the session's later chunks are not read."""
     B = len(banks)
     ext, mgr, counts = [Row("ext") for _ in range(B)], [Row("mgr") for _ in range(B)], [Counter() for _ in range(B)]
     chunks = [chunk_turns(s.turns, cfg.chunks) for s in sessions]
     # Extractor: the new turns only, so no chunk waits for another's memory: every chunk of every
-    # row is one batch (in training the B rows are the same session).
+    # row is one batch (in training the B rows are the same session). A chunk after a cut-off
+    # call then drops its extractor cell, as the official code never makes that call.
     calls = [(b, k) for b in range(B) for k in range(len(chunks[b]))]
     cells = sample_cells(model, tok, [extractor_prompt(chunks[b][k], sessions[b].date) for b, k in calls], "ext", cfg,
                          temperature, gen)
-    facts = {}
-    for (b, k), c in zip(calls, cells):
-        ext[b].cells.append(c)
+    ext_cells, facts, bad = dict(zip(calls, cells)), {}, {}
+    for (b, k), c in ext_cells.items():
         facts[b, k], why = parse_facts(decode(tok, c.response)) if c.finished else ([], "unfinished")
-        counts[b]["facts"] += len(facts[b, k])
-        counts[b]["bad_facts_json"] += why == "invalid_json"
+        bad[b, k] = why == "invalid_json"
+    stopped = [False] * B  # bank b's session ended at a cut-off call
     for k in range(max(map(len, chunks))):
         # Manager, chunk by chunk: facts + memories retrieved from each row's own bank as the
         # earlier chunks left it. With no facts there is nothing to decide, so the call is skipped
         # (it would only learn "[]").
-        live = [b for b in range(B) if k < len(chunks[b])]
+        live = [b for b in range(B) if k < len(chunks[b]) and not stopped[b]]
+        for b in live:
+            ext[b].cells.append(ext_cells[b, k])
+            counts[b]["facts"] += len(facts[b, k])
+            counts[b]["bad_facts_json"] += bad[b, k]
+            stopped[b] = not ext_cells[b, k].finished
         todo = [b for b in live if facts[b, k]]
         shown = {b: retrieve_for_facts(banks[b], facts[b, k], cfg.per_fact, cfg.mem_cap) for b in todo}
         cells = sample_cells(model, tok, [manager_prompt(shown[b], facts[b, k]) for b in todo], "mgr", cfg, temperature, gen)
@@ -297,10 +310,14 @@ def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperat
             mgr[b].cells.append(c)
             ops[b], why = parse_operations(decode(tok, c.response)) if c.finished else ([], "unfinished")
             counts[b]["bad_ops_json"] += why == "invalid_json"
-        for b in live:
-            if trace is not None:  # copies: a later UPDATE rewrites entries in place
-                trace.append(Decision(b, chunks[b][k], facts[b, k], [copy.copy(e) for e in shown.get(b, [])], ops[b]))
-            counts[b].update(banks[b].apply(ops[b], sessions[b].index, short_date(sessions[b].date)))
+            stopped[b] = not c.finished
+        for b in range(B):
+            if trace is not None and k < len(chunks[b]):  # an unread chunk: its facts missed, nothing written
+                # copies: a later UPDATE rewrites entries in place
+                trace.append(Decision(b, chunks[b][k], facts[b, k] if b in ops else [],
+                                      [copy.copy(e) for e in shown.get(b, [])], ops.get(b, [])))
+            if b in ops:
+                counts[b].update(banks[b].apply(ops[b], sessions[b].index, short_date(sessions[b].date)))
     return ext, mgr, counts
 
 
@@ -359,7 +376,8 @@ def token_f1(pred: str, gold: str) -> float:
 # ============================================================================ rewards (official code: per-session global, immediate local)
 def dialogue_tokens(tok, conv) -> list:
     """T_t: cumulative dialogue tokens after each session, counted over the turns' text (as the
-    official code does, no "Speaker: ") with the model's tokenizer (the same one that counts memory)."""
+    official code does: no "Speaker: ", no image caption) with the model's tokenizer (the same one
+    that counts memory; the official code counts words)."""
     total, out = 0, []
     for s in conv.sessions:
         total += sum(len(encode(tok, t.text)) for t in s.turns)
@@ -390,9 +408,10 @@ def global_rewards(f1: list, qas: list, n_sessions: int, penalties: list, finish
 
 
 def sample_questions(qas: list, max_sessions: int, k: int, rng: random.Random) -> list:
-    """Up to k questions whose evidence lies within the first max_sessions sessions; one
-    subset shared by every member of a group, so rewards stay comparable."""
-    pool = [q for q in qas if q.sessions and max(q.sessions) <= max_sessions]
+    """Up to k questions placed within the first max_sessions sessions (QA.placed: where all
+    their evidence lies, or as the official loader reads a string of several ids, where its first
+    one does); one subset shared by every member of a group, so rewards stay comparable."""
+    pool = [q for q in qas if q.sessions and (q.placed or max(q.sessions)) <= max_sessions]
     return rng.sample(pool, min(k, len(pool)))
 
 
@@ -513,11 +532,11 @@ class Branch:
     pairs: list = field(default_factory=list)  # the K branches' (extractor row, manager row)
 
 
-def play_session(policy, tok, banks: list, session, groups: list, cfg: RLConfig, gen) -> tuple:
-    """One session on every bank (in place), sampled -> ([(extractor row, manager row)] per
-    bank, op counts per bank); groups[b] is bank b's rows' group, its role left to fill in."""
+def play_session(policy, tok, banks: list, session, groups: list, cfg: RLConfig, temperature: float, gen) -> tuple:
+    """One session on every bank (in place), decoded at `temperature` -> ([(extractor row, manager
+    row)] per bank, op counts per bank); groups[b] is bank b's rows' group, its role left to fill in."""
     trace = []
-    ext, mgr, counts = run_session(policy, tok, banks, [session] * len(banks), cfg, cfg.temperature, gen, trace)
+    ext, mgr, counts = run_session(policy, tok, banks, [session] * len(banks), cfg, temperature, gen, trace)
     for i, (e, m) in enumerate(zip(ext, mgr)):
         e.group, m.group = groups[i]._replace(role="ext"), groups[i]._replace(role="mgr")
         e.decisions = m.decisions = [d for d in trace if d.b == i]
@@ -527,8 +546,10 @@ def play_session(policy, tok, banks: list, session, groups: list, cfg: RLConfig,
 def rollouts(policy, tok, conv, S: int, cfg: RLConfig, algo_rng, gen) -> tuple:
     """Global rollouts and local re-rolls, all with theta_old. n rollouts of sessions 1..S from
     empty memory; before each session a coin (p) may pick a branch point: K deepcopies of one
-    rollout's memory as it is then. The K branches re-roll that session in the same batch as
-    the n rollouts (they start at the same moment), and never continue past it.
+    rollout's memory as it is then. The K branches re-roll that session, sampled in the same batch
+    as the n rollouts (they start at the same moment), or with `local_decoding` greedy in a batch
+    of their own (the official code decodes them with its validation settings, greedy, so the K
+    come out alike and their group carries no advantage); they never continue past it.
     -> (the rollouts' final banks, by_session: by_session[t-1][i] is the (extractor row,
     manager row) pair of rollout i at session t, branches, the rollouts' op counts)."""
     banks, by_session, branches, counts = [MemoryBank(cfg.retriever) for _ in range(cfg.n)], [], [], Counter()
@@ -540,7 +561,11 @@ def rollouts(policy, tok, conv, S: int, cfg: RLConfig, algo_rng, gen) -> tuple:
             local = br.banks
             groups += [Group("L", t, None, i)] * cfg.K
             branches.append(br)
-        pairs, c = play_session(policy, tok, banks + local, session, groups, cfg, gen)
+        if cfg.local_decoding == "sampled" or not local:
+            pairs, c = play_session(policy, tok, banks + local, session, groups, cfg, cfg.temperature, gen)
+        else:
+            pairs, c = play_session(policy, tok, banks, session, groups[:cfg.n], cfg, cfg.temperature, gen)
+            pairs += play_session(policy, tok, local, session, groups[cfg.n:], cfg, 0.0, gen)[0]
         by_session.append(pairs[:cfg.n])
         if br:
             br.pairs = pairs[cfg.n:]

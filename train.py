@@ -135,6 +135,9 @@ def build_parser():
     g.add_argument("--lr", type=float, default=None, help=f"RL learning rate, constant (RLConfig: {d.lr})")
     g.add_argument("--temperature", type=float, default=None,
                    help=f"rollout and log-prob temperature, global and local (RLConfig: {d.temperature}; the paper's 1)")
+    g.add_argument("--local-decoding", choices=["sampled", "greedy"], default=None,
+                   help=f"how local re-rolls decode (RLConfig: {d.local_decoding}, at --temperature); greedy is the "
+                        "official code's, whose K branches come out alike, so their groups carry no advantage")
     g.add_argument("--ppo-epochs", type=int, default=None, help=f"passes over each step's pool (RLConfig: {d.ppo_epochs})")
     g.add_argument("--minibatch", type=int, default=None,
                    help=f"cells per optimizer step (RLConfig: {d.minibatch}). LoGo's local rows make ~1.5x GRPO's pool "
@@ -210,7 +213,8 @@ def rl_config(args) -> RLConfig:
     # RLConfig holds every default; a preset, then a flag, overrides only what it names.
     preset = PRESETS[args.preset]
     given = {f: getattr(args, f) if getattr(args, f) is not None else preset.get(f)
-             for f in ("n", "K", "chunks", "ppo_epochs", "minibatch", "p", "lam", "phi", "lr", "temperature")}
+             for f in ("n", "K", "chunks", "ppo_epochs", "minibatch", "p", "lam", "phi", "lr", "temperature",
+                       "local_decoding")}
     # N and the retrieval sizes follow the model's context (memr2.context_sizes); a flag still wins
     sizes = {k: v for k, v in context_sizes(bool(args.init_hf), args.data).items() if given.get(k) is None}
     cfg = RLConfig(algo=args.algo, retriever=args.retriever, **{f: v for f, v in given.items() if v is not None} | sizes)
@@ -894,7 +898,7 @@ def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, st: 
             names = list(table)
             (run / "result.json").write_text(json.dumps({
                 "algo": cfg.algo, "stages": args.stages, "steps": args.steps, "seed": args.seed, "minutes": result["minutes"],
-                "answerer": answerer.name, "minibatch": cfg.minibatch,
+                "answerer": answerer.name, "minibatch": cfg.minibatch, "local_decoding": cfg.local_decoding,
                 "base": table[names[0]], "trained": table[names[1]], "oracle": table.get(names[2]) if len(names) > 2 else None},
                 indent=1))
     st.log({"phase": "done", **result})
