@@ -2966,12 +2966,16 @@ def test_two_rank_runs_resume_as_they_would_have_run_fsdp_included_and_only_rank
     assert len(lines) == 8 and all("," in r["conv"] for r in lines if r["phase"] == "rl")  # two worlds a step
     assert rl_lines(runs_dir / "cut") == lines
     fsdp = rl_lines(runs_dir / "fsdp")  # sums over shards run in another order: the loss terms agree to fp32 noise
-    # (entropy ~5.7 nats differed by 2e-4 after two steps: rel 4e-5; a wrong share or mean would be off by far more)
-    loose = ("grad_norm", "pg_loss", "kl", "entropy", "loss")
+    # (entropy ~5.7 nats differed by 2e-4 after two steps: rel 4e-5; the gradient is tiny, its norm ~2e-5 differed
+    # by up to 4 % and the KL ~1e-5 by 2x; a gradient averaged over the ranks, not summed, halves the norm)
+    loose = {"grad_norm": dict(rel=0.2), "pg_loss": dict(abs=1e-9), "kl": dict(abs=1e-4), "entropy": dict(rel=1e-4),
+             "loss": dict(rel=1e-4)}
     assert [{k: v for k, v in r.items() if k not in loose} for r in fsdp] == \
         [{k: v for k, v in r.items() if k not in loose} for r in lines]
-    for k in loose:
-        assert [r.get(k) for r in fsdp] == pytest.approx([r.get(k) for r in lines], rel=1e-4, abs=1e-4), k
+    for k in loose:  # an RL line has each of them, a val line none: the same lines on both sides, then the numbers
+        has = [k in r for r in lines]
+        assert [k in r for r in fsdp] == has and any(has), k
+        assert [r[k] for r in fsdp if k in r] == pytest.approx([r[k] for r in lines if k in r], **loose[k]), k
     # FSDP's sums over shards run in another order; Adam normalises each coordinate's step, so fp32
     # noise in a near-zero gradient can move that weight by up to 2 lr (6e-5) a step: a few steps' worth
     for run, tol in (("cut", 0.0), ("fsdp", 2e-4)):
