@@ -430,8 +430,8 @@ def test_non_finite_weights_are_never_saved_nor_loaded(tok, tmp_path):
 
 def test_pick_device_and_autocast(monkeypatch):
     """pick_device for cpu, auto with and without CUDA, cuda:1, a missing GPU and an unknown name;
-    autocast on the CPU is a no-op context."""
-    import contextlib
+    autocast on the CPU leaves matmuls in fp32 (exact, reproducible), on CUDA it asks for bf16."""
+    import warnings
     from model import autocast, pick_device
     assert pick_device("cpu") == torch.device("cpu")
     for cuda in (False, True):  # "auto" follows CUDA's availability; asking for a missing GPU is an error
@@ -443,7 +443,15 @@ def test_pick_device_and_autocast(monkeypatch):
         pick_device("cuda")
     with pytest.raises(ValueError, match="unknown device"):
         pick_device("gpu")
-    assert isinstance(autocast("cpu"), contextlib.nullcontext)
+    lin, x = torch.nn.Linear(8, 8), torch.randn(2, 8)
+    with autocast("cpu"):
+        y = lin(x)
+        assert not torch.is_autocast_enabled("cpu")
+    assert y.dtype == torch.float32 and torch.equal(y, lin(x))
+    with warnings.catch_warnings():  # without a GPU torch warns that it disables CUDA autocast; the setting still reads
+        warnings.simplefilter("ignore")
+        on_gpu = autocast("cuda:1")
+    assert (on_gpu.device, on_gpu.fast_dtype) == ("cuda", torch.bfloat16)
 
 
 # ==== model.py: Hugging Face Llama / Qwen2 directories and chat formats ===========================
@@ -997,8 +1005,13 @@ def test_minilm_retrieval_matches_meaning_where_bm25_needs_shared_words(minilm):
     q = "What is Ann's job?"
     assert retrieve_for_question(bank_of("bm25"), q, 1)[0].content != "Ann works as a baker"
     assert retrieve_for_question(bank_of("minilm"), q, 1)[0].content == "Ann works as a baker"
+    import memory
     b = bank_of("minilm")
-    assert len(retrieve_for_question(b, "zqxj vbnm", 10)) < len(b.entries)
+    nonsense, contents = "zqxj vbnm", [e.content for e in b.entries.values()]
+    v = memory.embed(*memory.minilm(), [nonsense] + contents)  # unit vectors: cosine = dot product
+    above = {c for c, cos in zip(contents, (v[1:] @ v[0]).tolist()) if cos >= 0.1}  # the official floor, 0.1
+    kept = {e.content for e in retrieve_for_question(b, nonsense, 10)}
+    assert kept == above and 0 < len(kept) < len(contents)  # the floor, not the cap of 10, decides
 
 
 def test_entry_embeddings_are_computed_once_per_content_and_snapshots_copy_them(minilm, monkeypatch):
@@ -2098,9 +2111,14 @@ def test_teacher_and_reader_never_raise_on_what_a_policy_writes():
     ops = E.teacher_ops(facts, odd)
     assert ops[0] == {"op": "UPDATE", "content": "Nina lives in Lima since 9 May 2023; before: Oslo, Rome, x", "memory_id": "m1",
                       "dia_id": "D9:1"} and ops[3] == {"op": "DELETE", "memory_id": "m1"}
-    for kind, table in E.QUESTIONS.items():
-        for attr, q in table.items():
-            assert isinstance(E.exact_answer(q.format(s="Nina", o="Bob", v="Rex"), odd), str)
+    said = {q: E.exact_answer(q, odd) for table in E.QUESTIONS.values() for q in
+            (t.format(s="Nina", o="Bob", v="Rex") for t in table.values())}
+    assert all(isinstance(a, str) for a in said.values())
+    # each line's well-formed head still reads: Nina lives in Oslo; her pet Rex died, Max before it
+    assert {q: said[q] for q in ("Where does Nina live?", "What happened to Nina's pet Rex?", "What pets did Nina have?",
+                                 "What is the name of Nina's pet?", "Did Nina have a pet named Rex?")} == \
+        {"Where does Nina live?": "Oslo", "What happened to Nina's pet Rex?": "died", "What pets did Nina have?": "Max, Rex",
+         "What is the name of Nina's pet?": "none", "Did Nina have a pet named Rex?": "yes"}
 
 
 def test_world_asks_about_every_session_at_locomo_density_and_entries_fit():
