@@ -2351,8 +2351,10 @@ def rl_lines(run):
     return out
 
 
-def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset):
+def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset, monkeypatch):
     """python train.py end to end: SFT, every curriculum stage, the test table."""
+    steps, real = [], M.world_pool
+    monkeypatch.setattr(M, "world_pool", lambda *a: steps.append(real(*a)) or steps[-1])
     res = train.main(["--sessions", "3", "--stages", "2,3", "--out", str(tmp_path), "--name", "smoke", "--threads", "1"])
     run = tmp_path / "smoke"
     for d in ("sft", "best-stage0", "best-stage1", "last"):
@@ -2360,7 +2362,11 @@ def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset):
     lines = rl_lines(run)
     assert [(r["phase"], r["stage"]) for r in lines] == [("val", 2), ("val", 2), ("rl", 2), ("val", 3), ("val", 3), ("rl", 3)]
     rl = lines[2]  # RL trained: 2 PPO epochs x 1 mini-batch of its cells, all applied, and the weights moved
-    assert rl["cells"] > 0 and rl["gen_tokens"] > 0 and rl["updates"] == 2 and rl["skipped_updates"] == 0
+    # one world a step: the first step trained on every cell of its pool that has a response, and logged their tokens
+    cells = [c for row in steps[0].pool for c in row.cells if c.response]
+    assert len(steps) == 2 and cells
+    assert (rl["cells"], rl["gen_tokens"]) == (len(cells), sum(len(c.response) for c in cells))
+    assert rl["updates"] == 2 and rl["skipped_updates"] == 0
     sft_w, rl_w = (load_checkpoint(run / d)["model"].state_dict() for d in ("sft", "best-stage0"))
     assert not all(torch.equal(sft_w[k], rl_w[k]) for k in sft_w)
     assert set(res["test"]) == {"base pipeline (SFT only)", "Memory-R2 (logo, 2->3)", "oracle memory (teacher)"}
@@ -2785,19 +2791,31 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, tiny_preset):
     assert "\n" not in str(e.value)
 
 
-def test_a_minilm_run_trains_and_evaluates_with_its_retriever(minilm, tmp_path, tiny_preset, capsys):
-    """--retriever minilm end to end: teacher traces, rollouts and answers retrieve by embeddings,
-    the run records it, and eval.py takes the run's retriever unless told otherwise."""
+def test_a_minilm_run_trains_and_evaluates_with_its_retriever(minilm, tmp_path, tiny_preset, capsys, monkeypatch):
+    """--retriever minilm end to end, every retrieval spied: teacher traces, rollouts and answers
+    retrieve by embeddings, the run records it, and eval.py takes the run's retriever unless told
+    otherwise."""
+    import memory
+    where, used, real_rank, real_step = ["outside rl"], collections.Counter(), memory.rank, train.logo_step
+    monkeypatch.setattr(memory, "rank", lambda bank, q: used.update([(where[-1], bank.retriever)]) or real_rank(bank, q))
+    def step(*a):  # the RL step: rollouts, their rewards' answers, the update
+        where.append("rl")
+        try:
+            return real_step(*a)
+        finally:
+            where.pop()
+    monkeypatch.setattr(train, "logo_step", step)
     train.main(["--retriever", "minilm", "--sessions", "3", "--stages", "2", "--out", str(tmp_path), "--name", "m",
                 "--no-final-eval", "--threads", "1"])
+    assert set(used) == {("outside rl", "minilm"), ("rl", "minilm")}, used
     run = tmp_path / "m"
     assert json.loads((run / "args.json").read_text())["cfg"]["retriever"] == "minilm"
     assert [r["phase"] for r in rl_lines(run)] == ["val", "val", "rl"]  # before training, after the step, the step
     capsys.readouterr()
-    E.main([str(run), "--worlds", "1", "--sessions", "2"])
-    assert "retriever minilm)" in capsys.readouterr().out
-    E.main([str(run), "--worlds", "1", "--sessions", "2", "--retriever", "bm25"])
-    assert "retriever bm25)" in capsys.readouterr().out
+    for asked, kind in ((None, "minilm"), ("bm25", "bm25")):
+        used.clear()
+        E.main([str(run), "--worlds", "1", "--sessions", "2"] + (["--retriever", asked] if asked else []))
+        assert f"retriever {kind})" in capsys.readouterr().out and set(used) == {("outside rl", kind)}, used
 
 
 def test_no_questions_is_a_note_in_the_table_and_an_error_for_training(tok, raw, tmp_path, capsys):
