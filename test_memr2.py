@@ -1265,6 +1265,14 @@ def make_tiny():
     return conv, tok, model
 
 
+def dense_cell_logprobs(model, cell, temperature):
+    """Reference: a cell's response-token log-probs (fp64) from one plain forward of prompt + response,
+    log_softmax(logits / temperature) over the whole vocabulary; position t predicts token t + 1."""
+    with torch.no_grad():
+        logits = model(torch.tensor([cell.prompt + cell.response]))[0, len(cell.prompt) - 1:-1].double()  # (len(response), V)
+    return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(cell.response)[:, None])[:, 0]
+
+
 def scripted_sample(rng, finished=True):
     """A stand-in policy: random but valid facts and ops, so memories really change and
     rollouts really differ."""
@@ -1421,11 +1429,13 @@ def test_unfinished_generations_get_zero_reward(tiny, monkeypatch):
 
 
 def test_logprob_temperature_equals_sampling_temperature(tiny, monkeypatch):
-    """The ratio compares log-probs at the temperature the tokens were sampled at."""
+    """The ratio compares log-probs at the temperature the tokens were sampled at: rollouts ask
+    generate for cfg.temperature (which it samples at: test_sampling_reproducible_with_generator_seed),
+    and the first mini-batch's old, reference and new log-probs, before any update, are the dense ones at 0.7."""
     conv, tok, model = tiny
     cfg = M.RLConfig(n=2, K=2, p=1.0, temperature=0.7, ppo_epochs=1)
-    temps = {"generate": set(), "sample": set(), "logprob": set()}
-    real_gen, real_lp, scripted = M.generate, M.fused_logprobs, scripted_sample(random.Random(4))
+    temps = {"generate": set(), "sample": set()}
+    real_gen, scripted = M.generate, scripted_sample(random.Random(4))
     def gen(model, prompts, max_new, temperature=1.0, **k):
         temps["generate"].add(temperature)
         return real_gen(model, prompts, max_new, temperature=temperature, **k)
@@ -1435,15 +1445,21 @@ def test_logprob_temperature_equals_sampling_temperature(tiny, monkeypatch):
     def sample(model, tok, prompts, role, cfg_, temperature, g=None):  # valid outputs, so the manager runs too
         temps["sample"].add(temperature)
         return scripted(model, tok, prompts, role, cfg_, temperature, g)
-    def lp(h, w, y, temperature=1.0, *a):
-        temps["logprob"].add(temperature)
-        return real_lp(h, w, y, temperature, *a)
     monkeypatch.setattr(M, "sample_cells", sample)
-    monkeypatch.setattr(M, "fused_logprobs", lp)
+    passes, checked, real_clp, real_loss = [], [], M.cell_logprobs, M.logo_grpo_loss
+    monkeypatch.setattr(M, "cell_logprobs", lambda m, cells, *a: passes.append(cells) or real_clp(m, cells, *a))
+    def loss(logp, old, ref, ent, owner, *a):
+        if not checked:  # the first mini-batch, weights not yet moved; its old pass was the first cell_logprobs call
+            for i, c in enumerate(passes[0]):  # old, reference (the same model here) and new log-probs
+                for x in (old, ref, logp.detach()):
+                    torch.testing.assert_close(x[owner == i].double(), dense_cell_logprobs(model, c, 0.7), atol=1e-5, rtol=0)
+            checked.append(len(passes[0]))
+        return real_loss(logp, old, ref, ent, owner, *a)
+    monkeypatch.setattr(M, "logo_grpo_loss", loss)
     answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     M.logo_step(model, model, answerer, tok, [M.World(conv, random.Random(0), random.Random(1), torch.Generator())], 2, cfg, opt)
-    assert temps["sample"] == temps["logprob"] == {0.7}  # global and local rollouts, old/ref/new log-probs
+    assert temps["sample"] == {0.7} and checked[0] > 1  # global and local rollouts; several cells checked
 
 
 def test_first_update_is_on_policy_ratio_exactly_one(tiny):
@@ -1456,11 +1472,7 @@ def test_first_update_is_on_policy_ratio_exactly_one(tiny):
         old = M.cell_logprobs(model, cells, 0.7, 4)[0]
     new, ent, owner = M.cell_logprobs(model, cells, 0.7, 4, True)
     assert torch.equal(old, new) and owner.tolist() == [0] * len(cells[0].response)
-    (c,) = cells
-    with torch.no_grad():  # position t predicts token t + 1: the response follows the prompt's last position
-        logits = model(torch.tensor([c.prompt + c.response]))[0, len(c.prompt) - 1:-1].double()  # (len(response), V)
-    dense = torch.log_softmax(logits / 0.7, -1).gather(1, torch.tensor(c.response)[:, None])[:, 0]
-    torch.testing.assert_close(new.double(), dense, atol=1e-5, rtol=0)
+    torch.testing.assert_close(new.double(), dense_cell_logprobs(model, cells[0], 0.7), atol=1e-5, rtol=0)
 
 
 # ==== memr2.py appendix: the fused log-prob kernel (docs/method.md: 'The fused log-prob kernel') ==========
@@ -2854,12 +2866,16 @@ def locomo_slice(path, n_sessions=2):
     return path
 
 
-def test_pretrained_model_trains_one_step_and_evaluates_through_the_cli(tmp_path, locomo_turns, capsys):
+def test_pretrained_model_trains_one_step_and_evaluates_through_the_cli(tmp_path, locomo_turns, capsys, monkeypatch):
     """train.py --init-hf on a tiny Qwen2 directory and a 2-session LoCoMo slice: one RL step with
-    --grad-ckpt, the memory estimate printed, the policy saved with its chat format; then eval.py on
-    the directory writes the test table of conv-26's session-1 questions."""
+    --grad-ckpt (its blocks recomputed in backward) on prompts in the chat format, the memory estimate
+    printed, the policy saved with its chat format; then eval.py on the directory writes the test
+    table of conv-26's session-1 questions."""
     d = make_hf_dir(tmp_path / "qwen", "qwen2", locomo_turns[:3000])
     data = locomo_slice(tmp_path / "slice.json")
+    pools, recomputed, real_update, real_ckpt = [], [], M.ppo_update, torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(M, "ppo_update", lambda policy, ref, p, *a: pools.extend(p) or real_update(policy, ref, p, *a))
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: recomputed.append(1) or real_ckpt(*a, **k))
     res = train.main(["--init-hf", str(d), "--data", "locomo", "--locomo-path", str(data), "--stages", "2",
                       "--steps-per-stage", "1", "--n", "2", "--K", "2", "--chunks", "2", "--grad-ckpt", "--threads", "1",
                       "--out", str(tmp_path), "--name", "hf", "--no-final-eval"])
@@ -2869,6 +2885,11 @@ def test_pretrained_model_trains_one_step_and_evaluates_through_the_cli(tmp_path
     assert [r["phase"] for r in lines] == ["val", "val", "rl"] and lines[2]["cells"] > 0
     ck = load_checkpoint(tmp_path / "hf" / "last")  # the trained policy, in our format, keeps its chat format
     assert ck["model"].cfg.chat_format == "chatml" and ck["optimizer_state"] is not None
+    assert recomputed  # --grad-ckpt reached the model
+    # every cell trained on is a chatml prompt: the role's system prompt first, the assistant's turn last
+    prompts = [ck["tok"].decode(c.prompt, skip_special_tokens=False) for pool in pools for row in pool for c in row.cells]
+    assert prompts and all(p.startswith("<|im_start|>system\nYou are the ") and p.endswith("<|im_end|>\n<|im_start|>assistant\n")
+                           for p in prompts), prompts[:1]
     E.main([str(d), "--data", "locomo", "--locomo-path", str(data), "--convs", "1", "--sessions", "1", "--chunks", "2"])
     table = json.loads((d / "eval-locomo-test.json").read_text())
     (r,) = table.values()
