@@ -1331,14 +1331,23 @@ def test_local_branches_start_from_identical_memory_and_never_leak(tiny, monkeyp
 def test_algo_switch_selects_the_pool(tiny, monkeypatch, algo, share):
     """logo_step with each algo, p = 1, 2 sessions, n = K = 2: 8 global rows (2 rollouts x 2 sessions
     x 2 roles) and, where it branches, 8 local ones (2 branch points x K x 2 roles). grpo branches
-    nowhere and trains on global rows only, local on local rows only, logo on both (share 8 / 16)."""
+    nowhere and trains on global rows only, local on local rows only, logo on both (share 8 / 16):
+    the rows the update gets, and the cells the loss sees, are those."""
     conv, tok, model = tiny
     monkeypatch.setattr(M, "sample_cells", scripted_sample(random.Random(2)))
+    trained, seen, real_update, real_clp = [], [], M.ppo_update, M.cell_logprobs
+    monkeypatch.setattr(M, "ppo_update", lambda policy, ref, pools, *a: trained.extend(pools) or real_update(policy, ref, pools, *a))
+    monkeypatch.setattr(M, "cell_logprobs", lambda m, cells, *a: seen.extend(map(id, cells)) or real_clp(m, cells, *a))
     cfg = M.RLConfig(algo=algo, n=2, K=2, p=1.0, ppo_epochs=1)  # p = 1 for both: grpo must branch nowhere by itself
     answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     stats = M.logo_step(model, model, answerer, tok, [M.World(conv, random.Random(0), random.Random(1), torch.Generator())], 2, cfg, opt)
     assert stats["local_share"] == share and stats["branches"] == (0 if algo == "grpo" else 2)
+    (pool,) = trained
+    kinds = collections.Counter(row.group.kind for row in pool)
+    assert kinds == collections.Counter(G=8 * (algo != "local"), L=8 * (algo != "grpo"))  # a count of 0 equals none
+    cells = [c for row in pool for c in row.cells if c.response]
+    assert cells and set(seen) == set(map(id, cells))  # the old, reference and new passes: these cells, no others
 
 
 def test_credit_correlation_is_within_group_and_per_kind():
