@@ -1269,7 +1269,7 @@ def dense_cell_logprobs(model, cell, temperature):
     """Reference: a cell's response-token log-probs (fp64) from one plain forward of prompt + response,
     log_softmax(logits / temperature) over the whole vocabulary; position t predicts token t + 1."""
     with torch.no_grad():
-        logits = model(torch.tensor([cell.prompt + cell.response]))[0, len(cell.prompt) - 1:-1].double()  # (len(response), V)
+        logits = model(torch.tensor([cell.prompt + cell.response]))[0, len(cell.prompt) - 1:-1].double()  # (len(resp), V)
     return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(cell.response)[:, None])[:, 0]
 
 
@@ -1336,7 +1336,7 @@ def test_algo_switch_selects_the_pool(tiny, monkeypatch, algo, share):
     conv, tok, model = tiny
     monkeypatch.setattr(M, "sample_cells", scripted_sample(random.Random(2)))
     trained, seen, real_update, real_clp = [], [], M.ppo_update, M.cell_logprobs
-    monkeypatch.setattr(M, "ppo_update", lambda policy, ref, pools, *a: trained.extend(pools) or real_update(policy, ref, pools, *a))
+    monkeypatch.setattr(M, "ppo_update", lambda policy, ref, p, *a: trained.extend(p) or real_update(policy, ref, p, *a))
     monkeypatch.setattr(M, "cell_logprobs", lambda m, cells, *a: seen.extend(map(id, cells)) or real_clp(m, cells, *a))
     cfg = M.RLConfig(algo=algo, n=2, K=2, p=1.0, ppo_epochs=1)  # p = 1 for both: grpo must branch nowhere by itself
     answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
@@ -1416,8 +1416,8 @@ def test_logo_step_logs_the_credit_diagnostic(tiny, monkeypatch):
         assert len(varied) >= 2, kind
         adv = [r.adv for g in varied for r in g]
         q = [r.quality - sum(x.quality for x in g) / len(g) for g in varied for r in g]
-        r = torch.corrcoef(torch.tensor([adv, q], dtype=torch.float64))[0, 1].item()
-        assert stats[f"credit_corr_{kind}"] == pytest.approx(r, abs=1e-9), kind
+        rho = torch.corrcoef(torch.tensor([adv, q], dtype=torch.float64))[0, 1].item()
+        assert stats[f"credit_corr_{kind}"] == pytest.approx(rho, abs=1e-9), kind
     assert stats["quality_G"] == pytest.approx(sum(q for _, _, q in seen[:9]) / 9)  # the global rows come first
 
 
@@ -2217,9 +2217,11 @@ def test_world_is_reproducible_changes_state_and_noise_hurts():
     seed, as a resumed run or another torchrun rank makes it), another seed another; the teacher's
     trace uses INSERT, UPDATE and DELETE; its memory reads at F1 1.0, a noisy teacher's lower."""
     hash_seed = "1" if os.environ.get("PYTHONHASHSEED") == "0" else "0"  # not this process's: sets of str iterate otherwise
-    p = subprocess.run([sys.executable, "-c", "import json, eval; print(json.dumps(eval.make_world(5)))"], capture_output=True,
-                       text=True, timeout=120, env=dict(os.environ, PYTHONHASHSEED=hash_seed), cwd=str(Path(__file__).parent))
-    assert json.loads(p.stdout) == E.make_world(5) != E.make_world(6), p.stderr
+    p = subprocess.run([sys.executable, "-c", "import json, eval; print(json.dumps(eval.make_world(5)))"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONHASHSEED=hash_seed),
+                       cwd=str(Path(__file__).parent))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == E.make_world(5) != E.make_world(6)
     sample = E.make_world(7)
     conv = E.parse_conversation(sample)
     ops = [op["op"] for *_, o in E.teacher_trace(sample, conv, M.RLConfig())[0] for op in o]
@@ -2897,8 +2899,8 @@ def test_pretrained_model_trains_one_step_and_evaluates_through_the_cli(tmp_path
     assert recomputed  # --grad-ckpt reached the model
     # every cell trained on is a chatml prompt: the role's system prompt first, the assistant's turn last
     prompts = [ck["tok"].decode(c.prompt, skip_special_tokens=False) for pool in pools for row in pool for c in row.cells]
-    assert prompts and all(p.startswith("<|im_start|>system\nYou are the ") and p.endswith("<|im_end|>\n<|im_start|>assistant\n")
-                           for p in prompts), prompts[:1]
+    assert prompts and all(p.startswith("<|im_start|>system\nYou are the ")
+                           and p.endswith("<|im_end|>\n<|im_start|>assistant\n") for p in prompts), prompts[:1]
     E.main([str(d), "--data", "locomo", "--locomo-path", str(data), "--convs", "1", "--sessions", "1", "--chunks", "2"])
     table = json.loads((d / "eval-locomo-test.json").read_text())
     (r,) = table.values()
@@ -3063,8 +3065,8 @@ def test_two_rank_runs_resume_as_they_would_have_run_fsdp_included_and_only_rank
     fsdp = rl_lines(runs_dir / "fsdp")  # sums over shards run in another order: the loss terms agree to fp32 noise
     # (entropy ~5.7 nats differed by 2e-4 after two steps: rel 4e-5; the gradient is tiny, its norm ~2e-5 differed
     # by up to 4 % and the KL ~1e-5 by 2x; a gradient averaged over the ranks, not summed, halves the norm)
-    loose = {"grad_norm": dict(rel=0.2), "pg_loss": dict(abs=1e-9), "kl": dict(abs=1e-4), "entropy": dict(rel=1e-4),
-             "loss": dict(rel=1e-4)}
+    loose = {"grad_norm": dict(rel=0.2), "pg_loss": dict(rel=1e-4, abs=1e-9), "kl": dict(abs=1e-4),
+             "entropy": dict(rel=1e-4), "loss": dict(rel=1e-4)}
     assert [{k: v for k, v in r.items() if k not in loose} for r in fsdp] == \
         [{k: v for k, v in r.items() if k not in loose} for r in lines]
     for k in loose:  # an RL line has each of them, a val line none: the same lines on both sides, then the numbers
