@@ -159,15 +159,23 @@ def test_left_padded_logits_equal_prompt_alone(model):
 
 
 def test_sampling_reproducible_with_generator_seed(model):
-    """generate at temperature 1 with a seeded torch.Generator: the same seed samples the same
-    tokens, another seed others."""
+    """generate at temperature 0.7 with a seeded torch.Generator samples what a plain loop samples
+    with the same seed (each row's full forward, no cache, no padding; softmax of logits / 0.7; one
+    draw over the batch a token); another seed samples other tokens."""
     prompts = prompts_of_lengths([3, 8])
 
-    def run(seed, **kw):
-        return generate(model, prompts, 12, temperature=1.0, eos_id=None,
-                        generator=torch.Generator().manual_seed(seed), **kw)[0]
+    def run(seed):
+        return generate(model, prompts, 12, temperature=0.7, eos_id=None, generator=torch.Generator().manual_seed(seed))[0]
 
-    assert run(0) == run(0)
+    def by_recompute(seed):
+        g, seqs = torch.Generator().manual_seed(seed), [list(p) for p in prompts]
+        for _ in range(12):
+            logits = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])  # (B, V)
+            for s, t in zip(seqs, torch.multinomial(torch.softmax(logits / 0.7, -1), 1, generator=g)[:, 0].tolist()):
+                s.append(t)
+        return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+    assert run(0) == by_recompute(0)
     assert run(0) != run(1)
 
 
@@ -422,8 +430,8 @@ def test_non_finite_weights_are_never_saved_nor_loaded(tok, tmp_path):
 
 def test_pick_device_and_autocast(monkeypatch):
     """pick_device for cpu, auto with and without CUDA, cuda:1, a missing GPU and an unknown name;
-    autocast on the CPU is a no-op context."""
-    import contextlib
+    autocast on the CPU leaves matmuls in fp32 (exact, reproducible), on CUDA it asks for bf16."""
+    import warnings
     from model import autocast, pick_device
     assert pick_device("cpu") == torch.device("cpu")
     for cuda in (False, True):  # "auto" follows CUDA's availability; asking for a missing GPU is an error
@@ -435,7 +443,15 @@ def test_pick_device_and_autocast(monkeypatch):
         pick_device("cuda")
     with pytest.raises(ValueError, match="unknown device"):
         pick_device("gpu")
-    assert isinstance(autocast("cpu"), contextlib.nullcontext)
+    lin, x = torch.nn.Linear(8, 8), torch.randn(2, 8)
+    with autocast("cpu"):
+        y = lin(x)
+        assert not torch.is_autocast_enabled("cpu")
+    assert y.dtype == torch.float32 and torch.equal(y, lin(x))
+    with warnings.catch_warnings():  # without a GPU torch warns that it disables CUDA autocast; the setting still reads
+        warnings.simplefilter("ignore")
+        on_gpu = autocast("cuda:1")
+    assert (on_gpu.device, on_gpu.fast_dtype) == ("cuda", torch.bfloat16)
 
 
 # ==== model.py: Hugging Face Llama / Qwen2 directories and chat formats ===========================
@@ -1027,8 +1043,13 @@ def test_minilm_retrieval_matches_meaning_where_bm25_needs_shared_words(minilm):
     q = "What is Ann's job?"
     assert retrieve_for_question(bank_of("bm25"), q, 1)[0].content != "Ann works as a baker"
     assert retrieve_for_question(bank_of("minilm"), q, 1)[0].content == "Ann works as a baker"
+    import memory
     b = bank_of("minilm")
-    assert len(retrieve_for_question(b, "zqxj vbnm", 10)) < len(b.entries)
+    nonsense, contents = "zqxj vbnm", [e.content for e in b.entries.values()]
+    v = memory.embed(*memory.minilm(), [nonsense] + contents)  # unit vectors: cosine = dot product
+    above = {c for c, cos in zip(contents, (v[1:] @ v[0]).tolist()) if cos >= 0.1}  # the official floor, 0.1
+    kept = {e.content for e in retrieve_for_question(b, nonsense, 10)}
+    assert kept == above and 0 < len(kept) < len(contents)  # the floor, not the cap of 10, decides
 
 
 def test_entry_embeddings_are_computed_once_per_content_and_snapshots_copy_them(minilm, monkeypatch):
@@ -1282,6 +1303,14 @@ def make_tiny():
     return conv, tok, model
 
 
+def dense_cell_logprobs(model, cell, temperature):
+    """Reference: a cell's response-token log-probs (fp64) from one plain forward of prompt + response,
+    log_softmax(logits / temperature) over the whole vocabulary; position t predicts token t + 1."""
+    with torch.no_grad():
+        logits = model(torch.tensor([cell.prompt + cell.response]))[0, len(cell.prompt) - 1:-1].double()  # (len(resp), V)
+    return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(cell.response)[:, None])[:, 0]
+
+
 def scripted_sample(rng, finished=True):
     """A stand-in policy: random but valid facts and ops, so memories really change and
     rollouts really differ."""
@@ -1366,14 +1395,23 @@ def test_greedy_local_branches_are_identical_and_carry_no_advantage(tiny, decodi
 def test_algo_switch_selects_the_pool(tiny, monkeypatch, algo, share):
     """logo_step with each algo, p = 1, 2 sessions, n = K = 2: 8 global rows (2 rollouts x 2 sessions
     x 2 roles) and, where it branches, 8 local ones (2 branch points x K x 2 roles). grpo branches
-    nowhere and trains on global rows only, local on local rows only, logo on both (share 8 / 16)."""
+    nowhere and trains on global rows only, local on local rows only, logo on both (share 8 / 16):
+    the rows the update gets, and the cells the loss sees, are those."""
     conv, tok, model = tiny
     monkeypatch.setattr(M, "sample_cells", scripted_sample(random.Random(2)))
+    trained, seen, real_update, real_clp = [], [], M.ppo_update, M.cell_logprobs
+    monkeypatch.setattr(M, "ppo_update", lambda policy, ref, p, *a: trained.extend(p) or real_update(policy, ref, p, *a))
+    monkeypatch.setattr(M, "cell_logprobs", lambda m, cells, *a: seen.extend(map(id, cells)) or real_clp(m, cells, *a))
     cfg = M.RLConfig(algo=algo, n=2, K=2, p=1.0, ppo_epochs=1)  # p = 1 for both: grpo must branch nowhere by itself
     answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     stats = M.logo_step(model, model, answerer, tok, [M.World(conv, random.Random(0), random.Random(1), torch.Generator())], 2, cfg, opt)
     assert stats["local_share"] == share and stats["branches"] == (0 if algo == "grpo" else 2)
+    (pool,) = trained
+    kinds = collections.Counter(row.group.kind for row in pool)
+    assert kinds == collections.Counter(G=8 * (algo != "local"), L=8 * (algo != "grpo"))  # a count of 0 equals none
+    cells = [c for row in pool for c in row.cells if c.response]
+    assert cells and set(seen) == set(map(id, cells))  # the old, reference and new passes: these cells, no others
 
 
 def test_credit_correlation_is_within_group_and_per_kind():
@@ -1431,8 +1469,19 @@ def test_logo_step_logs_the_credit_diagnostic(tiny, monkeypatch):
     (pool,) = pools
     assert sorted(r.quality for r in pool if r.role == "mgr") == sorted(q for _, _, q in seen)
     assert {r.group.kind for r in pool} == {"G", "L"}
-    corr = real(pool)
-    assert all(math.isfinite(v) for v in corr.values()) and {k: stats[k] for k in corr} == corr
+    # per kind: Pearson's r (torch.corrcoef) of advantage and quality minus its group's mean, over the manager
+    # rows of groups whose rewards vary (advantages there have mean 0 in each group, the centred qualities too)
+    for kind in ("G", "L"):
+        groups = collections.defaultdict(list)
+        for r in pool:
+            if r.role == "mgr" and r.group.kind == kind:
+                groups[r.group].append(r)
+        varied = [g for g in groups.values() if len({r.reward for r in g}) > 1]
+        assert len(varied) >= 2, kind
+        adv = [r.adv for g in varied for r in g]
+        q = [r.quality - sum(x.quality for x in g) / len(g) for g in varied for r in g]
+        rho = torch.corrcoef(torch.tensor([adv, q], dtype=torch.float64))[0, 1].item()
+        assert stats[f"credit_corr_{kind}"] == pytest.approx(rho, abs=1e-9), kind
     assert stats["quality_G"] == pytest.approx(sum(q for _, _, q in seen[:9]) / 9)  # the global rows come first
 
 
@@ -1481,11 +1530,13 @@ def test_a_cut_off_call_ends_its_rollouts_session(tiny, monkeypatch):
 
 
 def test_logprob_temperature_equals_sampling_temperature(tiny, monkeypatch):
-    """The ratio compares log-probs at the temperature the tokens were sampled at."""
+    """The ratio compares log-probs at the temperature the tokens were sampled at: rollouts ask
+    generate for cfg.temperature (which it samples at: test_sampling_reproducible_with_generator_seed),
+    and the first mini-batch's old, reference and new log-probs, before any update, are the dense ones at 0.7."""
     conv, tok, model = tiny
     cfg = M.RLConfig(n=2, K=2, p=1.0, temperature=0.7, ppo_epochs=1)
-    temps = {"generate": set(), "sample": set(), "logprob": set()}
-    real_gen, real_lp, scripted = M.generate, M.fused_logprobs, scripted_sample(random.Random(4))
+    temps = {"generate": set(), "sample": set()}
+    real_gen, scripted = M.generate, scripted_sample(random.Random(4))
     def gen(model, prompts, max_new, temperature=1.0, **k):
         temps["generate"].add(temperature)
         return real_gen(model, prompts, max_new, temperature=temperature, **k)
@@ -1495,26 +1546,34 @@ def test_logprob_temperature_equals_sampling_temperature(tiny, monkeypatch):
     def sample(model, tok, prompts, role, cfg_, temperature, g=None):  # valid outputs, so the manager runs too
         temps["sample"].add(temperature)
         return scripted(model, tok, prompts, role, cfg_, temperature, g)
-    def lp(h, w, y, temperature=1.0, *a):
-        temps["logprob"].add(temperature)
-        return real_lp(h, w, y, temperature, *a)
     monkeypatch.setattr(M, "sample_cells", sample)
-    monkeypatch.setattr(M, "fused_logprobs", lp)
+    passes, checked, real_clp, real_loss = [], [], M.cell_logprobs, M.logo_grpo_loss
+    monkeypatch.setattr(M, "cell_logprobs", lambda m, cells, *a: passes.append(cells) or real_clp(m, cells, *a))
+    def loss(logp, old, ref, ent, owner, *a):
+        if not checked:  # the first mini-batch, weights not yet moved; its old pass was the first cell_logprobs call
+            for i, c in enumerate(passes[0]):  # old, reference (the same model here) and new log-probs
+                for x in (old, ref, logp.detach()):
+                    torch.testing.assert_close(x[owner == i].double(), dense_cell_logprobs(model, c, 0.7), atol=1e-5, rtol=0)
+            checked.append(len(passes[0]))
+        return real_loss(logp, old, ref, ent, owner, *a)
+    monkeypatch.setattr(M, "logo_grpo_loss", loss)
     answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     M.logo_step(model, model, answerer, tok, [M.World(conv, random.Random(0), random.Random(1), torch.Generator())], 2, cfg, opt)
-    assert temps["sample"] == temps["logprob"] == {0.7}  # global and local rollouts, old/ref/new log-probs
+    assert temps["sample"] == {0.7} and checked[0] > 1  # global and local rollouts; several cells checked
 
 
 def test_first_update_is_on_policy_ratio_exactly_one(tiny):
     """cell_logprobs on one cell as ppo_update's old/reference pass runs it (no grad, no entropy) and
-    as its update does (grad, entropy): bit-identical log-probs, so the first ratio is exactly 1."""
+    as its update does (grad, entropy): bit-identical log-probs, so the first ratio is exactly 1; and
+    they are the response tokens' log-probs under the full logits at the temperature (dense, fp64)."""
     conv, tok, model = tiny
     cells = [M.Cell(encode(tok, "<ext>Extract facts.\nD1:1 Ann: hi<sep>"), encode(tok, '{"facts":[]}') + [2], True)]
     with torch.no_grad():
         old = M.cell_logprobs(model, cells, 0.7, 4)[0]
     new, ent, owner = M.cell_logprobs(model, cells, 0.7, 4, True)
     assert torch.equal(old, new) and owner.tolist() == [0] * len(cells[0].response)
+    torch.testing.assert_close(new.double(), dense_cell_logprobs(model, cells[0], 0.7), atol=1e-5, rtol=0)
 
 
 # ==== memr2.py appendix: the fused log-prob kernel (docs/method.md: 'The fused log-prob kernel') ==========
@@ -2221,9 +2280,14 @@ def test_teacher_and_reader_never_raise_on_what_a_policy_writes():
     ops = E.teacher_ops(facts, odd)
     assert ops[0] == {"op": "UPDATE", "content": "Nina lives in Lima since 9 May 2023; before: Oslo, Rome, x", "memory_id": "m1",
                       "dia_id": "D9:1"} and ops[3] == {"op": "DELETE", "memory_id": "m1"}
-    for kind, table in E.QUESTIONS.items():
-        for attr, q in table.items():
-            assert isinstance(E.exact_answer(q.format(s="Nina", o="Bob", v="Rex"), odd), str)
+    said = {q: E.exact_answer(q, odd) for table in E.QUESTIONS.values() for q in
+            (t.format(s="Nina", o="Bob", v="Rex") for t in table.values())}
+    assert all(isinstance(a, str) for a in said.values())
+    # each line's well-formed head still reads: Nina lives in Oslo; her pet Rex died, Max before it
+    assert {q: said[q] for q in ("Where does Nina live?", "What happened to Nina's pet Rex?", "What pets did Nina have?",
+                                 "What is the name of Nina's pet?", "Did Nina have a pet named Rex?")} == \
+        {"Where does Nina live?": "Oslo", "What happened to Nina's pet Rex?": "died", "What pets did Nina have?": "Max, Rex",
+         "What is the name of Nina's pet?": "none", "Did Nina have a pet named Rex?": "yes"}
 
 
 def test_world_asks_about_every_session_at_locomo_density_and_entries_fit():
@@ -2297,9 +2361,15 @@ def test_decisions_are_scored_against_the_teacher_on_the_same_memories():
 
 
 def test_world_is_reproducible_changes_state_and_noise_hurts():
-    """make_world: one seed gives one world, another seed another; the teacher's trace uses INSERT,
-    UPDATE and DELETE; its memory reads at F1 1.0, a noisy teacher's lower."""
-    assert E.make_world(5) == E.make_world(5) and E.make_world(5) != E.make_world(6)
+    """make_world: one seed gives one world in every process (another process, with another hash
+    seed, as a resumed run or another torchrun rank makes it), another seed another; the teacher's
+    trace uses INSERT, UPDATE and DELETE; its memory reads at F1 1.0, a noisy teacher's lower."""
+    hash_seed = "1" if os.environ.get("PYTHONHASHSEED") == "0" else "0"  # not this process's: sets of str iterate otherwise
+    p = subprocess.run([sys.executable, "-c", "import json, eval; print(json.dumps(eval.make_world(5)))"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONHASHSEED=hash_seed),
+                       cwd=str(Path(__file__).parent))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == E.make_world(5) != E.make_world(6)
     sample = E.make_world(7)
     conv = E.parse_conversation(sample)
     ops = [op["op"] for *_, o in E.teacher_trace(sample, conv, M.RLConfig())[0] for op in o]
@@ -2463,8 +2533,10 @@ def rl_lines(run):
     return out
 
 
-def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset):
+def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset, monkeypatch):
     """python train.py end to end: SFT, every curriculum stage, the test table."""
+    steps, real = [], M.world_pool
+    monkeypatch.setattr(M, "world_pool", lambda *a: steps.append(real(*a)) or steps[-1])
     res = train.main(["--sessions", "3", "--stages", "2,3", "--out", str(tmp_path), "--name", "smoke", "--threads", "1"])
     run = tmp_path / "smoke"
     for d in ("sft", "best-stage0", "best-stage1", "last"):
@@ -2472,7 +2544,11 @@ def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset):
     lines = rl_lines(run)
     assert [(r["phase"], r["stage"]) for r in lines] == [("val", 2), ("val", 2), ("rl", 2), ("val", 3), ("val", 3), ("rl", 3)]
     rl = lines[2]  # RL trained: 2 PPO epochs x 1 mini-batch of its cells, all applied, and the weights moved
-    assert rl["cells"] > 0 and rl["gen_tokens"] > 0 and rl["updates"] == 2 and rl["skipped_updates"] == 0
+    # one world a step: the first step trained on every cell of its pool that has a response, and logged their tokens
+    cells = [c for row in steps[0].pool for c in row.cells if c.response]
+    assert len(steps) == 2 and cells
+    assert (rl["cells"], rl["gen_tokens"]) == (len(cells), sum(len(c.response) for c in cells))
+    assert rl["updates"] == 2 and rl["skipped_updates"] == 0
     sft_w, rl_w = (load_checkpoint(run / d)["model"].state_dict() for d in ("sft", "best-stage0"))
     assert not all(torch.equal(sft_w[k], rl_w[k]) for k in sft_w)
     assert set(res["test"]) == {"base pipeline (SFT only)", "Memory-R2 (logo, 2->3)", "oracle memory (teacher)"}
@@ -2900,19 +2976,31 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, tiny_preset):
     assert "\n" not in str(e.value)
 
 
-def test_a_minilm_run_trains_and_evaluates_with_its_retriever(minilm, tmp_path, tiny_preset, capsys):
-    """--retriever minilm end to end: teacher traces, rollouts and answers retrieve by embeddings,
-    the run records it, and eval.py takes the run's retriever unless told otherwise."""
+def test_a_minilm_run_trains_and_evaluates_with_its_retriever(minilm, tmp_path, tiny_preset, capsys, monkeypatch):
+    """--retriever minilm end to end, every retrieval spied: teacher traces, rollouts and answers
+    retrieve by embeddings, the run records it, and eval.py takes the run's retriever unless told
+    otherwise."""
+    import memory
+    where, used, real_rank, real_step = ["outside rl"], collections.Counter(), memory.rank, train.logo_step
+    monkeypatch.setattr(memory, "rank", lambda bank, q: used.update([(where[-1], bank.retriever)]) or real_rank(bank, q))
+    def step(*a):  # the RL step: rollouts, their rewards' answers, the update
+        where.append("rl")
+        try:
+            return real_step(*a)
+        finally:
+            where.pop()
+    monkeypatch.setattr(train, "logo_step", step)
     train.main(["--retriever", "minilm", "--sessions", "3", "--stages", "2", "--out", str(tmp_path), "--name", "m",
                 "--no-final-eval", "--threads", "1"])
+    assert set(used) == {("outside rl", "minilm"), ("rl", "minilm")}, used
     run = tmp_path / "m"
     assert json.loads((run / "args.json").read_text())["cfg"]["retriever"] == "minilm"
     assert [r["phase"] for r in rl_lines(run)] == ["val", "val", "rl"]  # before training, after the step, the step
     capsys.readouterr()
-    E.main([str(run), "--worlds", "1", "--sessions", "2"])
-    assert "retriever minilm)" in capsys.readouterr().out
-    E.main([str(run), "--worlds", "1", "--sessions", "2", "--retriever", "bm25"])
-    assert "retriever bm25)" in capsys.readouterr().out
+    for asked, kind in ((None, "minilm"), ("bm25", "bm25")):
+        used.clear()
+        E.main([str(run), "--worlds", "1", "--sessions", "2"] + (["--retriever", asked] if asked else []))
+        assert f"retriever {kind})" in capsys.readouterr().out and set(used) == {("outside rl", kind)}, used
 
 
 def test_no_questions_is_a_note_in_the_table_and_an_error_for_training(tok, raw, tmp_path, capsys):
@@ -2951,12 +3039,16 @@ def locomo_slice(path, n_sessions=2):
     return path
 
 
-def test_pretrained_model_trains_one_step_and_evaluates_through_the_cli(tmp_path, locomo_turns, capsys):
+def test_pretrained_model_trains_one_step_and_evaluates_through_the_cli(tmp_path, locomo_turns, capsys, monkeypatch):
     """train.py --init-hf on a tiny Qwen2 directory and a 2-session LoCoMo slice: one RL step with
-    --grad-ckpt, the memory estimate printed, the policy saved with its chat format; then eval.py on
-    the directory writes the test table of conv-26's session-1 questions."""
+    --grad-ckpt (its blocks recomputed in backward) on prompts in the chat format, the memory estimate
+    printed, the policy saved with its chat format; then eval.py on the directory writes the test
+    table of conv-26's session-1 questions."""
     d = make_hf_dir(tmp_path / "qwen", "qwen2", locomo_turns[:3000])
     data = locomo_slice(tmp_path / "slice.json")
+    pools, recomputed, real_update, real_ckpt = [], [], M.ppo_update, torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(M, "ppo_update", lambda policy, ref, p, *a: pools.extend(p) or real_update(policy, ref, p, *a))
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: recomputed.append(1) or real_ckpt(*a, **k))
     res = train.main(["--init-hf", str(d), "--data", "locomo", "--locomo-path", str(data), "--stages", "2",
                       "--steps-per-stage", "1", "--n", "2", "--K", "2", "--chunks", "2", "--grad-ckpt", "--threads", "1",
                       "--out", str(tmp_path), "--name", "hf", "--no-final-eval"])
@@ -2966,6 +3058,11 @@ def test_pretrained_model_trains_one_step_and_evaluates_through_the_cli(tmp_path
     assert [r["phase"] for r in lines] == ["val", "val", "rl"] and lines[2]["cells"] > 0
     ck = load_checkpoint(tmp_path / "hf" / "last")  # the trained policy, in our format, keeps its chat format
     assert ck["model"].cfg.chat_format == "chatml" and ck["optimizer_state"] is not None
+    assert recomputed  # --grad-ckpt reached the model
+    # every cell trained on is a chatml prompt: the role's system prompt first, the assistant's turn last
+    prompts = [ck["tok"].decode(c.prompt, skip_special_tokens=False) for pool in pools for row in pool for c in row.cells]
+    assert prompts and all(p.startswith("<|im_start|>system\nYou are the ")
+                           and p.endswith("<|im_end|>\n<|im_start|>assistant\n") for p in prompts), prompts[:1]
     E.main([str(d), "--data", "locomo", "--locomo-path", str(data), "--convs", "1", "--sessions", "1", "--chunks", "2"])
     table = json.loads((d / "eval-locomo-test.json").read_text())
     (r,) = table.values()
@@ -3128,12 +3225,16 @@ def test_two_rank_runs_resume_as_they_would_have_run_fsdp_included_and_only_rank
     assert len(lines) == 8 and all("," in r["conv"] for r in lines if r["phase"] == "rl")  # two worlds a step
     assert rl_lines(runs_dir / "cut") == lines
     fsdp = rl_lines(runs_dir / "fsdp")  # sums over shards run in another order: the loss terms agree to fp32 noise
-    # (entropy ~5.7 nats differed by 2e-4 after two steps: rel 4e-5; a wrong share or mean would be off by far more)
-    loose = ("grad_norm", "pg_loss", "kl", "entropy", "loss")
+    # (entropy ~5.7 nats differed by 2e-4 after two steps: rel 4e-5; the gradient is tiny, its norm ~2e-5 differed
+    # by up to 4 % and the KL ~1e-5 by 2x; a gradient averaged over the ranks, not summed, halves the norm)
+    loose = {"grad_norm": dict(rel=0.2), "pg_loss": dict(rel=1e-4, abs=1e-9), "kl": dict(abs=1e-4),
+             "entropy": dict(rel=1e-4), "loss": dict(rel=1e-4)}
     assert [{k: v for k, v in r.items() if k not in loose} for r in fsdp] == \
         [{k: v for k, v in r.items() if k not in loose} for r in lines]
-    for k in loose:
-        assert [r.get(k) for r in fsdp] == pytest.approx([r.get(k) for r in lines], rel=1e-4, abs=1e-4), k
+    for k in loose:  # an RL line has each of them, a val line none: the same lines on both sides, then the numbers
+        has = [k in r for r in lines]
+        assert [k in r for r in fsdp] == has and any(has), k
+        assert [r[k] for r in fsdp if k in r] == pytest.approx([r[k] for r in lines if k in r], **loose[k]), k
     # FSDP's sums over shards run in another order; Adam normalises each coordinate's step, so fp32
     # noise in a near-zero gradient can move that weight by up to 2 lr (6e-5) a step: a few steps' worth
     for run, tol in (("cut", 0.0), ("fsdp", 2e-4)):
