@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import CheckpointError, load_checkpoint, packaged_minilm, train_tokenizer
+from model import CheckpointError, json_loads, load_checkpoint, packaged_minilm, train_tokenizer
 from memory import (QA, RETRIEVERS, Conversation, Entry, MemoryBank, Session, Turn, bloat_cost, encodable, minilm, rank,
                     retrieve_for_facts, short_date)
 from memr2 import (CHAT_MAX_NEW, PRETRAINED, AnswerAgent, Decision, RLConfig, chunk_turns, context_sizes, dialogue_tokens,
@@ -132,7 +132,7 @@ def load_locomo(path) -> list[Conversation]:
     """Read locomo10.json; any problem with the file becomes one clear DataError."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = json_loads(f.read())
     except OSError as e:
         raise DataError(f"cannot read LoCoMo file {path}: {e.strerror or e}") from e
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
@@ -1139,8 +1139,8 @@ def _plots(arms: dict, curves: dict, out_dir: Path) -> None:
 def read_run_result(d: Path) -> dict:
     """A finished run's result.json plus its validation curve; a missing or damaged file is a DataError."""
     try:
-        r = json.loads((d / "result.json").read_text())
-        vals = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+        r = json_loads((d / "result.json").read_text())
+        vals = [json_loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
         r["val_curve"] = [(v["stage"], v["step"], v["f1_overall"]) for v in vals if v["phase"] == "val"]
         for k in ("algo", "stages", "seed", "base", "trained"):
             r[k]

@@ -626,9 +626,19 @@ def _optimizer_state(path, tensors, js):
     return {"state": state, "param_groups": groups}
 
 
+def json_loads(text: str):
+    """json.loads whose every failure on bad text is a ValueError, which callers reading a user's
+    file catch: a file nested deeper than Python's recursion limit (100,000 '[') makes the decoder
+    raise RecursionError instead."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def _read_json(f):
     with open(f) as fh:
-        return json.load(fh)
+        return json_loads(fh.read())
 
 
 def one_line(e: Exception) -> str:

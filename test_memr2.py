@@ -1880,13 +1880,17 @@ def test_answers_and_adversarial_items():
 
 
 def test_load_errors(tmp_path):
-    """load_locomo on a missing file, bad JSON, a non-list and a sample without a conversation object,
-    and locomo_split without conv-43: a DataError naming each."""
+    """load_locomo on a missing file, bad JSON, JSON nested deeper than Python's recursion limit, a
+    non-list and a sample without a conversation object, and locomo_split without conv-43: a DataError
+    naming each."""
     with pytest.raises(DataError, match="cannot read"):
         load_locomo(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("[{not json")
     with pytest.raises(DataError, match="not valid JSON"):
+        load_locomo(bad)
+    bad.write_text("[" * 100_000)
+    with pytest.raises(DataError, match="not valid JSON: JSON nested too deeply"):
         load_locomo(bad)
     bad.write_text('{"sample_id": "conv-1"}')
     with pytest.raises(DataError, match="list of samples"):
@@ -2601,6 +2605,8 @@ def _nan_weights(ck):
      "(KeyError: 'optimizer.safetensors')"),
     (lambda r: (r / "last" / "optimizer.json").write_text('{"bogus": 1}'), "bad optimizer state (KeyError"),
     (lambda r: (r / "args.json").write_text("garbage"), "args.json is unreadable"),
+    (lambda r: (r / "args.json").write_text("[" * 100_000), "args.json is unreadable (ValueError: JSON nested too deeply)"),
+    (lambda r: _set_line(r / "metrics.jsonl", 1, "[" * 100_000), "line 2 is not JSON (ValueError: JSON nested too deeply)"),
     (lambda r: os.remove(r / "metrics.jsonl"), "metrics.jsonl is missing"),
     (lambda r: os.remove(r / "best-stage0"), "best-stage0 is missing: stage 2 has no warm start"),
     (lambda r: os.remove(r / "last"), "last is missing although RL steps were logged"),
@@ -2614,6 +2620,11 @@ def test_a_damaged_run_is_a_one_line_error_on_resume(interrupted_run, tmp_path, 
     with pytest.raises(train.UserError, match=re.escape(message)) as e:
         train.main(["--resume", str(run)])
     assert "\n" not in str(e.value)
+
+
+def _set_line(f, i, text):
+    lines = f.read_text().splitlines()
+    f.write_text("\n".join(lines[:i] + [text] + lines[i + 1:]) + "\n")
 
 
 def _vocab_10(ck):

@@ -36,8 +36,8 @@ from memr2 import (CHAT_MAX_NEW, LOCOMO_CHUNKS, PRETRAINED, AnswerAgent, Cell, R
                    context_sizes, extractor_prompt, facts_target, gather_over_ranks, guarded_step, logo_step, manager_prompt,
                    model_reader, ops_target, ranks, this_rank, whole)
 from memory import RETRIEVERS, retrieve_for_question
-from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, is_hf_dir, load_checkpoint,
-                   non_finite, one_line, packaged_minilm, pick_device, save_checkpoint, train_tokenizer)
+from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, is_hf_dir, json_loads,
+                   load_checkpoint, non_finite, one_line, packaged_minilm, pick_device, save_checkpoint, train_tokenizer)
 
 # val_worlds: >= eval.questions_for_se() questions (1,112), so validation F1 has a standard error <= 1.5
 # 2 layers: the SFT ends as good as at 4 (validation F1 73-76 against 68-77) in 0.56x the step time; its
@@ -428,7 +428,7 @@ def log_lines(f: Path, n: int | None = None) -> list:
     lines = f.read_text().splitlines()[:n] if f.exists() else []
     for i, line in enumerate(lines):
         try:
-            json.loads(line)
+            json_loads(line)
         except ValueError as e:
             raise UserError(f"{f} line {i + 1} is not JSON ({one_line(e)}): cannot resume (repair that line)")
     return lines
@@ -559,7 +559,7 @@ def resumed_args(run: Path, argv: list):
     """The run's own flags. Flags given with --resume must match them, except those named in
     --override (from OVERRIDABLE), which then become the run's flags from here on."""
     try:
-        saved = json.loads((run / "args.json").read_text())["argv"]
+        saved = json_loads((run / "args.json").read_text())["argv"]
         run_flags = vars(build_parser().parse_args(saved))
     except (OSError, ValueError, KeyError, TypeError, UserError) as e:
         raise UserError(f"--resume {run}: args.json is unreadable ({one_line(e)}); the run cannot be resumed")
@@ -914,7 +914,7 @@ def base_test(args, run: Path, cfg: RLConfig, device, tok, answerer, test, sampl
                       "threads": torch.get_num_threads(), "test": [c.sample_id for c in test]}, sort_keys=True)
     cache = sft_dir / "base-test.json"
     try:
-        known = json.loads(cache.read_text())
+        known = json_loads(cache.read_text())
     except (OSError, ValueError):  # none yet, or damaged: read the test worlds again
         known = {}
     if key not in known:
