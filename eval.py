@@ -186,6 +186,8 @@ def sample_problem(sample) -> str:
             yield bad(q, dict, f"qa[{j}]", "an object")
             yield bad(q.get("question"), str, f"qa[{j}].question", "a string")
             yield bad(q.get("category"), int, f"qa[{j}].category", "an integer")
+            yield q["category"] not in CATEGORIES, (f"qa[{j}].category must be one of LoCoMo's "
+                                                    f"{', '.join(map(str, CATEGORIES))}, got {q['category']}")
             yield bad(q.get("evidence"), list, f"qa[{j}].evidence", "a list of dia_id strings")
             for e in q["evidence"]:
                 yield bad(e, str, f"qa[{j}].evidence", "a list of dia_id strings")
@@ -1267,14 +1269,18 @@ def cli_recall(argv: list) -> None:
         raise SystemExit(f"error: {e}")
     samples, worlds = synthetic_split({"test": args.worlds})["test"]
     cats = ["overall"] + [CATEGORIES[k] for k in (4, 1, 2, 3)]
+    if not any(c.qa for c in convs):
+        print(f"warning: {args.locomo_path}: the test split has no questions, so its recall table is empty")
     print(f"LoCoMo test split ({len(convs)} conversations, {sum(len(c.qa) for c in convs)} questions): evidence "
           f"recall@k over all stored turns (x100), {torch.get_num_threads()} torch thread(s)\n")
     print("| retriever | questions | R@1 | R@5 | R@10 | R@30 |\n|---|---|---|---|---|---|")
     secs = {}
     for r in RETRIEVERS:
         res, secs[r] = turn_recall(convs, r)
-        for cat in cats:
-            print(f"| {r} {cat} | {res[cat]['questions']} | " + " | ".join(f"{res[cat][f'R@{k}']:.1f}" for k in (1, 5, 10, 30)) + " |")
+        for cat in cats:  # a category without questions (a cut file) has no recall: dashes
+            row = res.get(cat, {"questions": 0})
+            print(f"| {r} {cat} | {row['questions']} | "
+                  + " | ".join(f"{row[f'R@{k}']:.1f}" if row["questions"] else "-" for k in (1, 5, 10, 30)) + " |")
     turns = sum(len(s.turns) for c in convs for s in c.sessions) / len(convs)
     print(f"\nseconds per conversation ({turns:.0f} turns, all its questions): "
           + ", ".join(f"{r} {sum(v) / len(v):.2f}" for r, v in secs.items()) + f"; loading the encoder {load_s:.1f} once\n")

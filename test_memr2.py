@@ -1918,6 +1918,7 @@ def test_dates():
     (lambda d: d[0]["qa"][0].update(evidence="D1:3"), r"conv-26\): qa\[0\].evidence must be a list"),
     (lambda d: d[1]["conversation"]["session_2"][0].update(text=None), r"conv-30\): session_2\[0\].text must be a string"),
     (lambda d: d[1]["qa"][2].update(category="2"), r"conv-30\): qa\[2\].category must be an integer"),
+    (lambda d: d[0]["qa"][0].update(category=99), r"conv-26\): qa\[0\].category must be one of LoCoMo's 1, 2, 3, 4, 5, got 99"),
     (lambda d: d[1]["conversation"].pop("session_3_date_time"), r"session_3_date_time must be a date string"),
     # "\ud800" escapes: valid JSON, but lone surrogates the tokenizer cannot encode
     (lambda d: d[0]["conversation"]["session_1"][2].update(text="hi \ud800"),
@@ -2781,6 +2782,32 @@ def test_no_questions_is_a_note_in_the_table_and_an_error_for_training(tok, raw,
     (tmp_path / "l.json").write_text(json.dumps(data))
     with pytest.raises(train.UserError, match=re.escape("the val part (conv-44) has 0 questions")):
         train.main(["--data", "locomo", "--locomo-path", str(tmp_path / "l.json"), "--init", str(ck), "--out", str(tmp_path)])
+
+
+def test_recall_of_a_category_without_questions_is_dashes(minilm, tmp_path, capsys, monkeypatch):
+    """eval.py recall (BM25 alone, for time) on a 2-session LoCoMo slice without open-domain
+    questions: that row has 0 questions and dashes, the others their recall; with no test question
+    at all, a warning and dashes in every row, and the synthetic table still follows."""
+    monkeypatch.setattr(E, "RETRIEVERS", ("bm25",))
+    data = json.loads(locomo_slice(tmp_path / "l.json").read_text())
+    for s in data:
+        s["qa"] = [q for q in s["qa"] if q["category"] != 3]
+    (tmp_path / "l.json").write_text(json.dumps(data))
+    n = sum(len(s["qa"]) for s in data if s["sample_id"] in LOCOMO_SPLIT["test"])
+    E.main(["recall", "--locomo-path", str(tmp_path / "l.json"), "--worlds", "1"])
+    out = capsys.readouterr().out
+    assert "| bm25 open-domain | 0 | - | - | - | - |" in out
+    assert re.search(rf"\| bm25 overall \| {n} \| \d+\.\d \| \d+\.\d \| \d+\.\d \| \d+\.\d \|", out), out
+    assert n > 0 and "warning" not in out
+    for s in data:
+        if s["sample_id"] in LOCOMO_SPLIT["test"]:
+            s["qa"] = []
+    (tmp_path / "l.json").write_text(json.dumps(data))
+    E.main(["recall", "--locomo-path", str(tmp_path / "l.json"), "--worlds", "1"])
+    out = capsys.readouterr().out
+    assert f"warning: {tmp_path / 'l.json'}: the test split has no questions" in out
+    assert all(f"| bm25 {c} | 0 | - | - | - | - |" in out for c in ("overall", "single-hop", "multi-hop", "temporal"))
+    assert "| bm25 | " in out  # the synthetic worlds' table
 
 
 # ==== train.py and eval.py end to end with a pretrained model =====================================
