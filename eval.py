@@ -1183,9 +1183,17 @@ def run_args(path: Path) -> dict:
     """The args.json of the run that `path` (a run dir or a checkpoint inside one) belongs to; {} outside a run."""
     f = next((p / "args.json" for p in (path, path.parent) if (p / "args.json").exists()), None)
     try:
-        return json.loads(f.read_text()) if f else {}
+        args = json_loads(f.read_text()) if f else {}
     except ValueError:
         raise DataError(f"{f} is not JSON: the run's flags cannot be read") from None
+    cfg = args.get("cfg", {}) if isinstance(args, dict) else None
+    if not isinstance(cfg, dict):
+        raise DataError(f"{f} is not a JSON object with a cfg object: the run's flags cannot be read")
+    for k in ("retriever", *PRETRAINED):  # what evaluation takes from the run's cfg
+        v, d = cfg.get(k, getattr(RLConfig, k)), getattr(RLConfig, k)
+        if type(v) is not type(d) or (v not in RETRIEVERS if k == "retriever" else type(d) is int and v < 1):
+            raise DataError(f"{f}: cfg.{k} {json.dumps(v)[:40]} is not valid: the run's flags cannot be read")
+    return args
 
 
 def run_answerer(path: Path, data: str, cfg: RLConfig, tok):

@@ -2645,6 +2645,11 @@ def _vocab_10(ck):
     (None, ["--chunks", "0"], "--chunks: '0' is not an integer >= 1"),
     (None, ["--chunks", "-1"], "--chunks: '-1' is not an integer >= 1"),
     (lambda r: (r / "args.json").write_text("garbage"), [], "args.json is not JSON"),
+    (lambda r: (r / "args.json").write_text("[" * 100_000), [], "args.json is not JSON"),
+    (lambda r: (r / "args.json").write_text("[]"), [], "args.json is not a JSON object with a cfg object"),
+    (lambda r: (r / "args.json").write_text('{"cfg": []}'), [], "args.json is not a JSON object with a cfg object"),
+    (lambda r: (r / "args.json").write_text('{"cfg": {"chunks": "2"}}'), [], 'args.json: cfg.chunks "2" is not valid'),
+    (lambda r: (r / "args.json").write_text('{"cfg": {"retriever": "grep"}}'), [], 'args.json: cfg.retriever "grep" is not valid'),
     (lambda r: (r / "result.json").write_text("garbage"), ["compare"], "not a finished run's result.json"),
     (lambda r: (r / "result.json").write_text("{}") or os.remove(r / "metrics.jsonl"), ["compare"], "metrics.jsonl"),
 ])
