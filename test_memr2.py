@@ -629,11 +629,20 @@ def test_sharded_hf_weights_load_like_one_file(hf_dir, tmp_path):
 
 
 def test_unsupported_or_incomplete_hf_dirs_are_one_line_errors(hf_dir, tmp_path):
-    """load_checkpoint on copies of an HF directory with another architecture, an unsupported RoPE,
-    or tokenizer.json, hidden_size or the weights missing: a one-line CheckpointError naming each."""
+    """load_checkpoint on copies of an HF directory with another architecture, an unsupported RoPE, a
+    config.json field of the wrong type, sizes that do not match the weights, a config.json nested too
+    deeply, or tokenizer.json, hidden_size or the weights missing: a one-line CheckpointError naming each."""
     import shutil
+    no_rope = lambda c: {k: v for k, v in c.items() if k != "rope_parameters"}  # as transformers 4 writes it
     cases = {"arch": ("config.json", lambda c: c | {"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture GPT2LMHeadModel"),
+             "arch5": ("config.json", lambda c: c | {"architectures": 5}, "config.json architectures must be a list of names, got 5"),
              "rope": ("config.json", lambda c: c | {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "unsupported RoPE"),
+             "rope_str": ("config.json", lambda c: no_rope(c) | {"rope_scaling": "llama3"}, 'rope_scaling must be an object, got "llama3"'),
+             "heads": ("config.json", lambda c: c | {"num_attention_heads": "4"}, 'num_attention_heads must be an integer > 0, got "4"'),
+             "groups": ("config.json", lambda c: c | {"num_key_value_heads": 3}, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+             "ffn": ("config.json", lambda c: c | {"intermediate_size": 100}, re.escape(
+                 "config.json does not match the weights: model.layers.0.mlp.gate_proj.weight is [96, 64], the config makes [100, 64]")),
+             "deep": ("config.json", "[" * 100_000, r"corrupt config.json \(ValueError: JSON nested too deeply\)"),
              "tok": ("tokenizer.json", None, "missing tokenizer.json"),
              "key": ("config.json", lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, "config.json lacks hidden_size"),
              "weights": ("model.safetensors", None, r"missing model.safetensors \(or model.safetensors.index.json\)")}
@@ -643,7 +652,7 @@ def test_unsupported_or_incomplete_hf_dirs_are_one_line_errors(hf_dir, tmp_path)
         if edit is None:
             (d / f).unlink()
         else:
-            (d / f).write_text(json.dumps(edit(json.loads((d / f).read_text()))))
+            (d / f).write_text(edit if isinstance(edit, str) else json.dumps(edit(json.loads((d / f).read_text()))))
         with pytest.raises(CheckpointError, match=msg) as e:
             load_checkpoint(d)
         assert "\n" not in str(e.value)
