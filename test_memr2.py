@@ -2519,6 +2519,26 @@ def test_a_first_command_that_never_started_does_not_block_its_correction(tmp_pa
     assert run == tmp_path / "l" and args.init
 
 
+def test_a_full_disk_at_the_start_is_one_line_and_the_same_command_runs_once_there_is_room(straight_run, tmp_path,
+                                                                                           tiny_preset):
+    """train.main whose lock file, then args.json, cannot be written (a link to /dev/full, which refuses
+    every write with ENOSPC and truncation with EINVAL): a one-line UserError, and no args.json or
+    temporary file left; the same command runs once the file can be written."""
+    argv = STRAIGHT + ["--init", str(straight_run / "sft-src" / "sft"), "--steps-per-stage", "0", "--out", str(tmp_path),
+                       "--name", "r"]
+    run = tmp_path / "r"
+    run.mkdir()
+    for link, message in ((".lock", "Invalid argument"), ("args.json.tmp", "No space left on device")):
+        (run / link).symlink_to("/dev/full")
+        with pytest.raises(train.UserError, match=re.escape(f"cannot write the run directory {run}: {message}")) as e:
+            train.main(argv)
+        assert "\n" not in str(e.value) and not (run / "args.json").exists()
+        (run / link).unlink(missing_ok=True)
+    assert not (run / "args.json.tmp").exists()
+    train.main(argv)
+    assert (run / "best-stage0").exists()
+
+
 def test_a_resume_before_the_first_rl_checkpoint_repeats_no_log_line(tmp_path):
     """restart_log after a kill during SFT or right after the first validation: it keeps the SFT lines
     with the SFT model and none without it; RL lines without `last` are a UserError."""

@@ -526,22 +526,33 @@ def lock_run(run: Path) -> None:
         run.mkdir(parents=True, exist_ok=True)
         f = open(run / ".lock", "a+")
     except OSError as e:
-        raise UserError(f"cannot write the run directory {run}: {e.strerror or e} (choose another --out)")
+        raise unwritable(run, e)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.seek(0)
         raise UserError(f"{run} is in use by another train.py (pid {f.read().strip() or '?'}): wait for it or pass another --name")
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
+    try:  # the pid, for the message above, unbuffered: a full disk fails here and leaves nothing for close() to write
+        os.ftruncate(f.fileno(), 0)
+        os.write(f.fileno(), str(os.getpid()).encode())
+    except OSError as e:
+        f.close()
+        raise unwritable(run, e)
     _LOCKS[key] = f
+
+
+def unwritable(run: Path, e: OSError) -> UserError:
+    return UserError(f"cannot write the run directory {run}: {e.strerror or e} (choose another --out)")
 
 
 def write_run_args(run: Path, argv: list, cfg: RLConfig, answerer: str, data: str) -> None:
     tmp = run / "args.json.tmp"  # eval.py reads the answer agent, data and cfg back
-    tmp.write_text(json.dumps({"argv": argv, "answerer": answerer, "data": data, "cfg": asdict(cfg)}, indent=1))
-    os.replace(tmp, run / "args.json")
+    try:
+        tmp.write_text(json.dumps({"argv": argv, "answerer": answerer, "data": data, "cfg": asdict(cfg)}, indent=1))
+        os.replace(tmp, run / "args.json")
+    except OSError as e:  # a full disk: args.json stays as it was
+        tmp.unlink(missing_ok=True)
+        raise unwritable(run, e)
 
 
 def given_flags(argv: list) -> dict:
