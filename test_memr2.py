@@ -2539,6 +2539,20 @@ def test_a_full_disk_at_the_start_is_one_line_and_the_same_command_runs_once_the
     assert (run / "best-stage0").exists()
 
 
+def test_threads_beyond_the_cpus_are_capped_with_a_warning(tmp_path, tiny_preset, monkeypatch, capsys):
+    """setup_run with --threads 100000 (torch's thread pool segfaults at such counts): torch gets the
+    CPUs this process may use, and a warning says so; --threads 1 passes through silently."""
+    cpus = len(os.sched_getaffinity(0))
+    for threads, want in ((100_000, cpus), (1, 1)):
+        got = []
+        monkeypatch.setattr(train.torch, "set_num_threads", got.append)  # not the real pool: the old code would crash
+        train.setup_run(["--threads", str(threads), "--sessions", "3", "--stages", "2", "--out", str(tmp_path),
+                         "--name", f"t{threads}"])
+        assert got == [want]
+        out = capsys.readouterr().out
+        assert (f"warning: --threads 100000: this machine has {cpus} CPU" in out) == (threads > cpus)
+
+
 def test_a_resume_before_the_first_rl_checkpoint_repeats_no_log_line(tmp_path):
     """restart_log after a kill during SFT or right after the first validation: it keeps the SFT lines
     with the SFT model and none without it; RL lines without `last` are a UserError."""

@@ -686,7 +686,7 @@ def setup_run(argv: list):
         args = resumed_args(run, argv)  # the run continues with the flags it started with
     elif args.override:
         raise UserError("--override only applies with --resume")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(cpu_threads(args.threads))
     try:
         device = pick_device(args.device)
     except ValueError as e:
@@ -701,6 +701,15 @@ def setup_run(argv: list):
     if not args.resume:
         on_rank0(new_run_dir, run, argv, cfg, args.answerer, args.data)
     return args, run, device, cfg, data
+
+
+def cpu_threads(n: int) -> int:
+    """--threads, capped at the CPUs this process may run on: more threads only share the same
+    cores, and a count like 100,000 crashes torch's thread pool (a segfault, no message)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if n > cpus:
+        print(f"warning: --threads {n}: this machine has {cpus} CPU{'s' * (cpus > 1)}, so {cpus} threads are used")
+    return min(n, cpus)
 
 
 def shard(policy, ref, sft_model, device) -> None:
