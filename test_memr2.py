@@ -2519,6 +2519,27 @@ def test_a_first_command_that_never_started_does_not_block_its_correction(tmp_pa
     assert run == tmp_path / "l" and args.init
 
 
+def test_bench_fit_mistakes_are_one_line_and_a_failed_start_is_not_resumed(straight_run, tmp_path, tiny_preset):
+    """bench.py fit with a mistyped --init, no RL steps, a bad or unknown flag: a one-line UserError; the
+    corrected command then runs the check from the SFT model instead of resuming the failed start,
+    and a finished run without RL steps is refused, not divided by."""
+    import bench
+    out = ["--out", str(tmp_path / "fit"), "--threads", "1"]
+    for argv, message in ((["--init", str(tmp_path / "typo")], "no checkpoint there"),
+                          (["--steps", "0"], "--steps 0: must be an integer >= 1"),
+                          (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+                          (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+                          (["--bogus"], "unrecognized arguments: --bogus")):
+        with pytest.raises(train.UserError, match=re.escape(message)):
+            bench.learning_check(argv + out)
+    res = bench.learning_check(["--init", str(straight_run / "sft-src" / "sft"), "--steps", "2"] + out)
+    assert len(res["train_f1"]) == 2 and set(res["val"]) == {0, 2}  # validated before training and at the end
+    train.main(["--init", str(straight_run / "sft-src" / "sft"), "--stages", "8", "--steps-per-stage", "0",
+                "--no-final-eval", "--threads", "1", "--out", str(tmp_path), "--name", "none"])
+    with pytest.raises(train.UserError, match="a finished run without RL steps"):
+        bench.learning_check(["--out", str(tmp_path / "none")])
+
+
 def test_a_full_disk_at_the_start_is_one_line_and_the_same_command_runs_once_there_is_room(straight_run, tmp_path,
                                                                                            tiny_preset):
     """train.main whose lock file, then args.json, cannot be written (a link to /dev/full, which refuses
@@ -2763,10 +2784,12 @@ def test_out_that_cannot_hold_a_run_and_stages_alone(tmp_path, tiny_preset, monk
     (["train.py", "--data", "locomo", "--locomo-path", "/no/such.json"], "cannot read"),
     (["eval.py", "/no/such/run"], "no checkpoint"),
     (["eval.py", "x", "--worlds", "0"], "--worlds"),
+    (["bench.py", "fit", "--init", "/no/such/sft", "--data", "locomo"], "no checkpoint there"),
+    (["bench.py", "fit", "--steps", "0"], "--steps 0: must be an integer >= 1"),
 ])
 def test_user_mistakes_give_one_error_line_and_no_traceback(argv, message, tmp_path):
     """A user mistake is one line saying what to fix, never a traceback."""
-    p = subprocess.run([sys.executable, *argv, *(["--out", str(tmp_path)] if argv[0] == "train.py" else [])],
+    p = subprocess.run([sys.executable, *argv, *(["--out", str(tmp_path)] if argv[0] in ("train.py", "bench.py") else [])],
                        capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).parent))
     assert p.returncode != 0
     assert "Traceback" not in p.stderr and message in p.stderr, p.stderr

@@ -764,11 +764,16 @@ def load_policy(policy, sd: dict | None, opt=None, osd: dict | None = None) -> N
 
 def new_run_dir(run: Path, argv: list, cfg: RLConfig, answerer: str, data: str) -> None:
     lock_run(run)
-    # Even a run killed during SFT: its sft/ and log must not be mixed in. A run that wrote
-    # nothing but its flags never started (a bad --init): its corrected command may take it over.
-    if (run / "args.json").exists() and set(os.listdir(run)) - {".lock", "args.json"}:
+    # Even a run killed during SFT: its sft/ and log must not be mixed in.
+    if run_started(run):
         raise UserError(f"{run} already holds a run: pass --resume {run} or another --name")
     write_run_args(run, argv, cfg, answerer, data)
+
+
+def run_started(run: Path) -> bool:
+    """A run directory holding more than its flags. A run that wrote nothing but its flags never
+    started (a bad --init): its corrected command may take it over, and there is nothing to resume."""
+    return (run / "args.json").exists() and bool(set(os.listdir(run)) - {".lock", "args.json"})
 
 
 def sft_path(args, run: Path) -> Path:  # warm_start's model; the test reads the base pipeline back from it
