@@ -154,7 +154,9 @@ def build_parser():
     g = ap.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds SFT, data and algorithm streams")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    g.add_argument("--threads", type=int, default=2, help="torch CPU threads (use 1 for parallel runs)")
+    g.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (use 1 for parallel runs); more than this machine's CPUs are capped, "
+                        "with a warning")
     g.add_argument("--out", default="runs", help="directory of run directories")
     g.add_argument("--name", default=None, help="run name (default: <algo>-<stages>-s<seed>)")
     g.add_argument("--resume", default=None, help="continue runs/<name> from its last checkpoint (default: start a new run)")
