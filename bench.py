@@ -275,24 +275,28 @@ def learning_check(argv: list) -> dict:
     LoGo on the first training world at 8 sessions. Its sampled train F1 should pass 0.9 within
     30 steps; validation F1 on other worlds beside it shows what fitting one world does to the
     rest. An implementation that cannot fit one conversation has a bug."""
-    ap = argparse.ArgumentParser(prog="bench.py fit", description=learning_check.__doc__)
+    import train  # the whole pipeline; the micro-benchmarks do not need it
+    from eval import running_mean
+    ap = train.Parser(prog="bench.py fit", description=learning_check.__doc__)  # a bad flag: one line (train.UserError)
     ap.add_argument("--init", default=None, help="SFT checkpoint (default: train one first, ~12 min)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/fit", help="run directory (a finished one is read, a started one resumed)")
     args, extra = ap.parse_known_args(argv)  # anything else goes to train.py as it is (e.g. --n 8)
-    import train  # the whole pipeline; the micro-benchmarks do not need it
-    from eval import running_mean
+    if args.steps < 1:  # train.py takes 0 RL steps; the check has nothing to measure then
+        raise train.UserError(f"--steps {args.steps}: must be an integer >= 1")
     run = Path(args.out)
     if not (run / "metrics.jsonl").exists() or '"done"' not in (run / "metrics.jsonl").read_text():
-        flags = ["--resume", str(run)] if (run / "args.json").exists() else (
+        flags = ["--resume", str(run)] if train.run_started(run) else (
             ["--train-worlds", "1", "--stages", "8", "--steps-per-stage", str(args.steps), "--lr", str(args.lr),
              "--val-every", "10", "--no-final-eval", "--threads", str(args.threads), "--out", str(run.parent),
              "--name", run.name] + (["--init", args.init] if args.init else []) + extra)
         train.main(flags)
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     f1 = [r["train_f1"] for r in rows if r.get("phase") == "rl"]
+    if not f1:  # a run made elsewhere with --steps-per-stage 0
+        raise train.UserError(f"{run}: a finished run without RL steps, nothing to check: pass another --out")
     val = {r["step"]: (r["f1_overall"], r["f1_se"]) for r in rows if r.get("phase") == "val"}
     hit = next((i + 1 for i, m in enumerate(running_mean(f1)) if m >= 0.9), None)
     print(f"learning check ({run}): LoGo on one training world, 8 sessions, {len(f1)} steps")
@@ -400,7 +404,12 @@ def gpu_check(argv: list) -> list:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["fit"]:
-        learning_check(sys.argv[2:])
+        from train import UserError
+        try:
+            learning_check(sys.argv[2:])
+        except UserError as e:  # a bad flag or --init: one line, as train.py says it
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     elif sys.argv[1:2] == ["gpu"]:
         gpu_check(sys.argv[2:])
     else:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import CheckpointError, load_checkpoint, packaged_minilm, train_tokenizer
+from model import CheckpointError, json_loads, load_checkpoint, packaged_minilm, train_tokenizer
 from memory import (QA, RETRIEVERS, Conversation, Entry, MemoryBank, Session, Turn, bloat_cost, encodable, minilm, rank,
                     retrieve_for_facts, short_date)
 from memr2 import (CHAT_MAX_NEW, PRETRAINED, AnswerAgent, Decision, RLConfig, chunk_turns, context_sizes, dialogue_tokens,
@@ -135,7 +135,7 @@ def load_locomo(path) -> list[Conversation]:
     """Read locomo10.json; any problem with the file becomes one clear DataError."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = json_loads(f.read())
     except OSError as e:
         raise DataError(f"cannot read LoCoMo file {path}: {e.strerror or e}") from e
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
@@ -189,6 +189,8 @@ def sample_problem(sample) -> str:
             yield bad(q, dict, f"qa[{j}]", "an object")
             yield bad(q.get("question"), str, f"qa[{j}].question", "a string")
             yield bad(q.get("category"), int, f"qa[{j}].category", "an integer")
+            yield q["category"] not in CATEGORIES, (f"qa[{j}].category must be one of LoCoMo's "
+                                                    f"{', '.join(map(str, CATEGORIES))}, got {q['category']}")
             yield bad(q.get("evidence"), list, f"qa[{j}].evidence", "a list of dia_id strings")
             for e in q["evidence"]:
                 yield bad(e, str, f"qa[{j}].evidence", "a list of dia_id strings")
@@ -1145,8 +1147,8 @@ def _plots(arms: dict, curves: dict, out_dir: Path) -> None:
 def read_run_result(d: Path) -> dict:
     """A finished run's result.json plus its validation curve; a missing or damaged file is a DataError."""
     try:
-        r = json.loads((d / "result.json").read_text())
-        vals = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+        r = json_loads((d / "result.json").read_text())
+        vals = [json_loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
         r["val_curve"] = [(v["stage"], v["step"], v["f1_overall"]) for v in vals if v["phase"] == "val"]
         for k in ("algo", "stages", "seed", "base", "trained"):
             r[k]
@@ -1187,9 +1189,17 @@ def run_args(path: Path) -> dict:
     """The args.json of the run that `path` (a run dir or a checkpoint inside one) belongs to; {} outside a run."""
     f = next((p / "args.json" for p in (path, path.parent) if (p / "args.json").exists()), None)
     try:
-        return json.loads(f.read_text()) if f else {}
+        args = json_loads(f.read_text()) if f else {}
     except ValueError:
         raise DataError(f"{f} is not JSON: the run's flags cannot be read") from None
+    cfg = args.get("cfg", {}) if isinstance(args, dict) else None
+    if not isinstance(cfg, dict):
+        raise DataError(f"{f} is not a JSON object with a cfg object: the run's flags cannot be read")
+    for k in ("retriever", *PRETRAINED):  # what evaluation takes from the run's cfg
+        v, d = cfg.get(k, getattr(RLConfig, k)), getattr(RLConfig, k)
+        if type(v) is not type(d) or (v not in RETRIEVERS if k == "retriever" else type(d) is int and v < 1):
+            raise DataError(f"{f}: cfg.{k} {json.dumps(v)[:40]} is not valid: the run's flags cannot be read")
+    return args
 
 
 def run_answerer(path: Path, data: str, cfg: RLConfig, tok):
@@ -1273,14 +1283,18 @@ def cli_recall(argv: list) -> None:
         raise SystemExit(f"error: {e}")
     samples, worlds = synthetic_split({"test": args.worlds})["test"]
     cats = ["overall"] + [CATEGORIES[k] for k in (4, 1, 2, 3)]
+    if not any(c.qa for c in convs):
+        print(f"warning: {args.locomo_path}: the test split has no questions, so its recall table is empty")
     print(f"LoCoMo test split ({len(convs)} conversations, {sum(len(c.qa) for c in convs)} questions): evidence "
           f"recall@k over all stored turns (x100), {torch.get_num_threads()} torch thread(s)\n")
     print("| retriever | questions | R@1 | R@5 | R@10 | R@30 |\n|---|---|---|---|---|---|")
     secs = {}
     for r in RETRIEVERS:
         res, secs[r] = turn_recall(convs, r)
-        for cat in cats:
-            print(f"| {r} {cat} | {res[cat]['questions']} | " + " | ".join(f"{res[cat][f'R@{k}']:.1f}" for k in (1, 5, 10, 30)) + " |")
+        for cat in cats:  # a category without questions (a cut file) has no recall: dashes
+            row = res.get(cat, {"questions": 0})
+            print(f"| {r} {cat} | {row['questions']} | "
+                  + " | ".join(f"{row[f'R@{k}']:.1f}" if row["questions"] else "-" for k in (1, 5, 10, 30)) + " |")
     turns = sum(len(s.turns) for c in convs for s in c.sessions) / len(convs)
     print(f"\nseconds per conversation ({turns:.0f} turns, all its questions): "
           + ", ".join(f"{r} {sum(v) / len(v):.2f}" for r, v in secs.items()) + f"; loading the encoder {load_s:.1f} once\n")

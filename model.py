@@ -659,9 +659,19 @@ def _optimizer_state(path, tensors, js):
     return {"state": state, "param_groups": groups}
 
 
+def json_loads(text: str):
+    """json.loads whose every failure on bad text is a ValueError, which callers reading a user's
+    file catch: a file nested deeper than Python's recursion limit (100,000 '[') makes the decoder
+    raise RecursionError instead."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def _read_json(f):
     with open(f) as fh:
-        return json.load(fh)
+        return json_loads(fh.read())
 
 
 def one_line(e: Exception) -> str:
@@ -745,28 +755,49 @@ def _token_str(v):
 
 def hf_config(c: dict, where: str) -> ModelConfig:
     """A Hugging Face config.json (dict) -> ModelConfig without the token ids; unsupported features are one-line errors."""
-    arch = (c.get("architectures") or ["?"])[0]
-    if arch not in HF_ARCHS:
+    archs = c.get("architectures") or ["?"]
+    if not isinstance(archs, list):
+        raise CheckpointError(f"{where}: config.json architectures must be a list of names, "
+                              f"got {json.dumps(archs)[:40]}")
+    arch = archs[0]
+    if not isinstance(arch, str) or arch not in HF_ARCHS:
         raise CheckpointError(f"{where}: unsupported architecture {arch} (supported: {', '.join(HF_ARCHS)})")
     if c.get("hidden_act", "silu") != "silu" or c.get("attention_bias") or c.get("mlp_bias") or c.get("use_sliding_window"):
         raise CheckpointError(f"{where}: unsupported config (need silu, no attention/mlp bias, no sliding window)")
     # RoPE: transformers 4 writes rope_theta and rope_scaling, transformers 5 one rope_parameters dict.
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope_key = "rope_parameters" if c.get("rope_parameters") else "rope_scaling"
+    rope = c.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{where}: config.json {rope_key} must be an object, got {json.dumps(rope)[:40]}")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3"):
         raise CheckpointError(f"{where}: unsupported RoPE scaling {kind!r} (supported: default, llama3)")
+
+    def num(v, key, integer=True):  # each size the model is built from: a JSON number > 0, an integer where it counts
+        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not 0 < v < math.inf:
+            raise CheckpointError(f"{where}: config.json {key} must be {'an integer' if integer else 'a number'} > 0, "
+                                  f"got {json.dumps(v)[:40]}")
+        return v
     try:
-        heads, d = c["num_attention_heads"], c["hidden_size"]
+        heads, d = num(c["num_attention_heads"], "num_attention_heads"), num(c["hidden_size"], "hidden_size")
+        kv = num(c.get("num_key_value_heads") or heads, "num_key_value_heads")
+        if heads % kv:  # each key/value head serves a whole group of query heads
+            raise CheckpointError(f"{where}: config.json num_attention_heads {heads} is not a multiple of "
+                                  f"num_key_value_heads {kv}")
+        head_dim = c.get("head_dim")
         return ModelConfig(
-            vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=heads,
-            n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, max_seq_len=c.get("max_position_embeddings", 4096),
-            rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            vocab_size=num(c["vocab_size"], "vocab_size"), n_layer=num(c["num_hidden_layers"], "num_hidden_layers"),
+            n_head=heads, n_kv_head=kv, d_model=d,
+            max_seq_len=num(c.get("max_position_embeddings", 4096), "max_position_embeddings"),
+            rope_theta=float(num(c.get("rope_theta", rope.get("rope_theta", 10000.0)), "rope_theta", False)),
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            head_dim=0 if c.get("head_dim") in (None, d // heads) else c["head_dim"],
-            ffn_hidden=c["intermediate_size"], norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            head_dim=0 if head_dim in (None, d // heads) else num(head_dim, "head_dim"),
+            ffn_hidden=num(c["intermediate_size"], "intermediate_size"),
+            norm_eps=float(num(c.get("rms_norm_eps", 1e-6), "rms_norm_eps", False)),
             qkv_bias=HF_ARCHS[arch] == "qwen2",
-            rope_scaling={k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                               "original_max_position_embeddings")} if kind == "llama3" else None)
+            rope_scaling={k: num(rope[k], f"{rope_key}.{k}", False) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                                           "original_max_position_embeddings")}
+            if kind == "llama3" else None)
     except KeyError as e:
         raise CheckpointError(f"{where}: config.json lacks {e.args[0]}") from e
 
@@ -822,6 +853,14 @@ def load_hf(path, device="cpu") -> dict:
     missing = [h for h in names.values() if h not in weights]
     if missing:
         raise CheckpointError(f"{path}: weights lack {missing[0]} ({len(missing)} missing)")
+    with torch.device("meta"):  # the shapes the config makes, without memory
+        want = Transformer(cfg).state_dict()
+    wrong = [theirs for ours, theirs in names.items() if weights[theirs].shape != want[ours].shape]
+    if wrong:  # else load_state_dict's error, one paragraph per weight
+        w, ours = wrong[0], next(o for o, t in names.items() if t == wrong[0])
+        raise CheckpointError(f"{path}: config.json does not match the weights: {w} is {list(weights[w].shape)}, the "
+                              f"config makes {list(want[ours].shape)}"
+                              + (f" ({len(wrong)} weights differ)" if len(wrong) > 1 else ""))
     sd = {ours: weights[theirs].float() for ours, theirs in names.items()}
     model = build_model(cfg, sd)
     meta = {"kind": "hf", "arch": c["architectures"][0], "source": path}

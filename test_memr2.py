@@ -645,11 +645,20 @@ def test_sharded_hf_weights_load_like_one_file(hf_dir, tmp_path):
 
 
 def test_unsupported_or_incomplete_hf_dirs_are_one_line_errors(hf_dir, tmp_path):
-    """load_checkpoint on copies of an HF directory with another architecture, an unsupported RoPE,
-    or tokenizer.json, hidden_size or the weights missing: a one-line CheckpointError naming each."""
+    """load_checkpoint on copies of an HF directory with another architecture, an unsupported RoPE, a
+    config.json field of the wrong type, sizes that do not match the weights, a config.json nested too
+    deeply, or tokenizer.json, hidden_size or the weights missing: a one-line CheckpointError naming each."""
     import shutil
+    no_rope = lambda c: {k: v for k, v in c.items() if k != "rope_parameters"}  # as transformers 4 writes it
     cases = {"arch": ("config.json", lambda c: c | {"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture GPT2LMHeadModel"),
+             "arch5": ("config.json", lambda c: c | {"architectures": 5}, "config.json architectures must be a list of names, got 5"),
              "rope": ("config.json", lambda c: c | {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "unsupported RoPE"),
+             "rope_str": ("config.json", lambda c: no_rope(c) | {"rope_scaling": "llama3"}, 'rope_scaling must be an object, got "llama3"'),
+             "heads": ("config.json", lambda c: c | {"num_attention_heads": "4"}, 'num_attention_heads must be an integer > 0, got "4"'),
+             "groups": ("config.json", lambda c: c | {"num_key_value_heads": 3}, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+             "ffn": ("config.json", lambda c: c | {"intermediate_size": 100}, re.escape(
+                 "config.json does not match the weights: model.layers.0.mlp.gate_proj.weight is [96, 64], the config makes [100, 64]")),
+             "deep": ("config.json", "[" * 100_000, r"corrupt config.json \(ValueError: JSON nested too deeply\)"),
              "tok": ("tokenizer.json", None, "missing tokenizer.json"),
              "key": ("config.json", lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, "config.json lacks hidden_size"),
              "weights": ("model.safetensors", None, r"missing model.safetensors \(or model.safetensors.index.json\)")}
@@ -659,7 +668,7 @@ def test_unsupported_or_incomplete_hf_dirs_are_one_line_errors(hf_dir, tmp_path)
         if edit is None:
             (d / f).unlink()
         else:
-            (d / f).write_text(json.dumps(edit(json.loads((d / f).read_text()))))
+            (d / f).write_text(edit if isinstance(edit, str) else json.dumps(edit(json.loads((d / f).read_text()))))
         with pytest.raises(CheckpointError, match=msg) as e:
             load_checkpoint(d)
         assert "\n" not in str(e.value)
@@ -2084,13 +2093,17 @@ def test_answers_and_adversarial_items():
 
 
 def test_load_errors(tmp_path):
-    """load_locomo on a missing file, bad JSON, a non-list and a sample without a conversation object,
-    and locomo_split without conv-43: a DataError naming each."""
+    """load_locomo on a missing file, bad JSON, JSON nested deeper than Python's recursion limit, a
+    non-list and a sample without a conversation object, and locomo_split without conv-43: a DataError
+    naming each."""
     with pytest.raises(DataError, match="cannot read"):
         load_locomo(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("[{not json")
     with pytest.raises(DataError, match="not valid JSON"):
+        load_locomo(bad)
+    bad.write_text("[" * 100_000)
+    with pytest.raises(DataError, match="not valid JSON: JSON nested too deeply"):
         load_locomo(bad)
     bad.write_text('{"sample_id": "conv-1"}')
     with pytest.raises(DataError, match="list of samples"):
@@ -2118,6 +2131,7 @@ def test_dates():
     (lambda d: d[0]["qa"][0].update(evidence="D1:3"), r"conv-26\): qa\[0\].evidence must be a list"),
     (lambda d: d[1]["conversation"]["session_2"][0].update(text=None), r"conv-30\): session_2\[0\].text must be a string"),
     (lambda d: d[1]["qa"][2].update(category="2"), r"conv-30\): qa\[2\].category must be an integer"),
+    (lambda d: d[0]["qa"][0].update(category=99), r"conv-26\): qa\[0\].category must be one of LoCoMo's 1, 2, 3, 4, 5, got 99"),
     (lambda d: d[1]["conversation"].pop("session_3_date_time"), r"session_3_date_time must be a date string"),
     # "\ud800" escapes: valid JSON, but lone surrogates the tokenizer cannot encode
     (lambda d: d[0]["conversation"]["session_1"][2].update(text="hi \ud800"),
@@ -2741,6 +2755,62 @@ def test_a_first_command_that_never_started_does_not_block_its_correction(tmp_pa
     assert run == tmp_path / "l" and args.init
 
 
+def test_bench_fit_mistakes_are_one_line_and_a_failed_start_is_not_resumed(straight_run, tmp_path, tiny_preset):
+    """bench.py fit with a mistyped --init, no RL steps, a bad or unknown flag: a one-line UserError; the
+    corrected command then runs the check from the SFT model instead of resuming the failed start,
+    and a finished run without RL steps is refused, not divided by."""
+    import bench
+    out = ["--out", str(tmp_path / "fit"), "--threads", "1"]
+    for argv, message in ((["--init", str(tmp_path / "typo")], "no checkpoint there"),
+                          (["--steps", "0"], "--steps 0: must be an integer >= 1"),
+                          (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+                          (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+                          (["--bogus"], "unrecognized arguments: --bogus")):
+        with pytest.raises(train.UserError, match=re.escape(message)):
+            bench.learning_check(argv + out)
+    res = bench.learning_check(["--init", str(straight_run / "sft-src" / "sft"), "--steps", "2"] + out)
+    assert len(res["train_f1"]) == 2 and set(res["val"]) == {0, 2}  # validated before training and at the end
+    train.main(["--init", str(straight_run / "sft-src" / "sft"), "--stages", "8", "--steps-per-stage", "0",
+                "--no-final-eval", "--threads", "1", "--out", str(tmp_path), "--name", "none"])
+    with pytest.raises(train.UserError, match="a finished run without RL steps"):
+        bench.learning_check(["--out", str(tmp_path / "none")])
+
+
+def test_a_full_disk_at_the_start_is_one_line_and_the_same_command_runs_once_there_is_room(straight_run, tmp_path,
+                                                                                           tiny_preset):
+    """train.main whose lock file, then args.json, cannot be written (a link to /dev/full, which refuses
+    every write with ENOSPC and truncation with EINVAL): a one-line UserError, and no args.json or
+    temporary file left; the same command runs once the file can be written."""
+    argv = STRAIGHT + ["--init", str(straight_run / "sft-src" / "sft"), "--steps-per-stage", "0", "--out", str(tmp_path),
+                       "--name", "r"]
+    run = tmp_path / "r"
+    run.mkdir()
+    for link, message in ((".lock", "Invalid argument"), ("args.json.tmp", "No space left on device")):
+        (run / link).symlink_to("/dev/full")
+        with pytest.raises(train.UserError, match=re.escape(f"cannot write the run directory {run}: {message}")) as e:
+            train.main(argv)
+        assert "\n" not in str(e.value) and not (run / "args.json").exists()
+        if link == ".lock":
+            (run / link).unlink()  # room again for the lock
+    assert not os.path.lexists(run / "args.json.tmp")  # the failed write's temporary file (here the link) is gone
+    train.main(argv)
+    assert (run / "best-stage0").exists()
+
+
+def test_threads_beyond_the_cpus_are_capped_with_a_warning(tmp_path, tiny_preset, monkeypatch, capsys):
+    """setup_run with --threads 100000 (torch's thread pool segfaults at such counts): torch gets the
+    CPUs this process may use, and a warning says so; --threads 1 passes through silently."""
+    cpus = len(os.sched_getaffinity(0))
+    for threads, want in ((100_000, cpus), (1, 1)):
+        got = []
+        monkeypatch.setattr(train.torch, "set_num_threads", got.append)  # not the real pool: the old code would crash
+        train.setup_run(["--threads", str(threads), "--sessions", "3", "--stages", "2", "--out", str(tmp_path),
+                         "--name", f"t{threads}"])
+        assert got == [want]
+        out = capsys.readouterr().out
+        assert (f"warning: --threads 100000: this machine has {cpus} CPU" in out) == (threads > cpus)
+
+
 def test_a_resume_before_the_first_rl_checkpoint_repeats_no_log_line(tmp_path):
     """restart_log after a kill during SFT or right after the first validation: it keeps the SFT lines
     with the SFT model and none without it; RL lines without `last` are a UserError."""
@@ -2837,6 +2907,8 @@ def _nan_weights(ck):
      "(KeyError: 'optimizer.safetensors')"),
     (lambda r: (r / "last" / "optimizer.json").write_text('{"bogus": 1}'), "bad optimizer state (KeyError"),
     (lambda r: (r / "args.json").write_text("garbage"), "args.json is unreadable"),
+    (lambda r: (r / "args.json").write_text("[" * 100_000), "args.json is unreadable (ValueError: JSON nested too deeply)"),
+    (lambda r: _set_line(r / "metrics.jsonl", 1, "[" * 100_000), "line 2 is not JSON (ValueError: JSON nested too deeply)"),
     (lambda r: os.remove(r / "metrics.jsonl"), "metrics.jsonl is missing"),
     (lambda r: os.remove(r / "best-stage0"), "best-stage0 is missing: stage 2 has no warm start"),
     (lambda r: os.remove(r / "last"), "last is missing although RL steps were logged"),
@@ -2850,6 +2922,11 @@ def test_a_damaged_run_is_a_one_line_error_on_resume(interrupted_run, tmp_path, 
     with pytest.raises(train.UserError, match=re.escape(message)) as e:
         train.main(["--resume", str(run)])
     assert "\n" not in str(e.value)
+
+
+def _set_line(f, i, text):
+    lines = f.read_text().splitlines()
+    f.write_text("\n".join(lines[:i] + [text] + lines[i + 1:]) + "\n")
 
 
 def _vocab_10(ck):
@@ -2869,6 +2946,11 @@ def _vocab_10(ck):
     (None, ["--chunks", "0"], "--chunks: '0' is not an integer >= 1"),
     (None, ["--chunks", "-1"], "--chunks: '-1' is not an integer >= 1"),
     (lambda r: (r / "args.json").write_text("garbage"), [], "args.json is not JSON"),
+    (lambda r: (r / "args.json").write_text("[" * 100_000), [], "args.json is not JSON"),
+    (lambda r: (r / "args.json").write_text("[]"), [], "args.json is not a JSON object with a cfg object"),
+    (lambda r: (r / "args.json").write_text('{"cfg": []}'), [], "args.json is not a JSON object with a cfg object"),
+    (lambda r: (r / "args.json").write_text('{"cfg": {"chunks": "2"}}'), [], 'args.json: cfg.chunks "2" is not valid'),
+    (lambda r: (r / "args.json").write_text('{"cfg": {"retriever": "grep"}}'), [], 'args.json: cfg.retriever "grep" is not valid'),
     (lambda r: (r / "result.json").write_text("garbage"), ["compare"], "not a finished run's result.json"),
     (lambda r: (r / "result.json").write_text("{}") or os.remove(r / "metrics.jsonl"), ["compare"], "metrics.jsonl"),
 ])
@@ -2939,12 +3021,14 @@ def test_out_that_cannot_hold_a_run_and_stages_alone(tmp_path, tiny_preset, monk
     (["train.py", "--data", "locomo", "--locomo-path", "/no/such.json"], "cannot read"),
     (["eval.py", "/no/such/run"], "no checkpoint"),
     (["eval.py", "x", "--worlds", "0"], "--worlds"),
+    (["bench.py", "fit", "--init", "/no/such/sft", "--data", "locomo"], "no checkpoint there"),
+    (["bench.py", "fit", "--steps", "0"], "--steps 0: must be an integer >= 1"),
     pytest.param(["bench.py", "gpu"], "bench.py gpu: needs a CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the check")),
 ])
 def test_user_mistakes_give_one_error_line_and_no_traceback(argv, message, tmp_path):
     """A user mistake is one line saying what to fix, never a traceback."""
-    p = subprocess.run([sys.executable, *argv, *(["--out", str(tmp_path)] if argv[0] == "train.py" else [])],
+    p = subprocess.run([sys.executable, *argv, *(["--out", str(tmp_path)] if argv[0] in ("train.py", "bench.py") else [])],
                        capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).parent))
     assert p.returncode != 0
     assert "Traceback" not in p.stderr and message in p.stderr, p.stderr
@@ -3020,6 +3104,32 @@ def test_no_questions_is_a_note_in_the_table_and_an_error_for_training(tok, raw,
     (tmp_path / "l.json").write_text(json.dumps(data))
     with pytest.raises(train.UserError, match=re.escape("the val part (conv-44) has 0 questions")):
         train.main(["--data", "locomo", "--locomo-path", str(tmp_path / "l.json"), "--init", str(ck), "--out", str(tmp_path)])
+
+
+def test_recall_of_a_category_without_questions_is_dashes(minilm, tmp_path, capsys, monkeypatch):
+    """eval.py recall (BM25 alone, for time) on a 2-session LoCoMo slice without open-domain
+    questions: that row has 0 questions and dashes, the others their recall; with no test question
+    at all, a warning and dashes in every row, and the synthetic table still follows."""
+    monkeypatch.setattr(E, "RETRIEVERS", ("bm25",))
+    data = json.loads(locomo_slice(tmp_path / "l.json").read_text())
+    for s in data:
+        s["qa"] = [q for q in s["qa"] if q["category"] != 3]
+    (tmp_path / "l.json").write_text(json.dumps(data))
+    n = sum(len(s["qa"]) for s in data if s["sample_id"] in LOCOMO_SPLIT["test"])
+    E.main(["recall", "--locomo-path", str(tmp_path / "l.json"), "--worlds", "1"])
+    out = capsys.readouterr().out
+    assert "| bm25 open-domain | 0 | - | - | - | - |" in out
+    assert re.search(rf"\| bm25 overall \| {n} \| \d+\.\d \| \d+\.\d \| \d+\.\d \| \d+\.\d \|", out), out
+    assert n > 0 and "warning" not in out
+    for s in data:
+        if s["sample_id"] in LOCOMO_SPLIT["test"]:
+            s["qa"] = []
+    (tmp_path / "l.json").write_text(json.dumps(data))
+    E.main(["recall", "--locomo-path", str(tmp_path / "l.json"), "--worlds", "1"])
+    out = capsys.readouterr().out
+    assert f"warning: {tmp_path / 'l.json'}: the test split has no questions" in out
+    assert all(f"| bm25 {c} | 0 | - | - | - | - |" in out for c in ("overall", "single-hop", "multi-hop", "temporal"))
+    assert "| bm25 | " in out  # the synthetic worlds' table
 
 
 # ==== train.py and eval.py end to end with a pretrained model =====================================

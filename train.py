@@ -36,8 +36,8 @@ from memr2 import (CHAT_MAX_NEW, LOCOMO_CHUNKS, PRETRAINED, AnswerAgent, Cell, R
                    context_sizes, extractor_prompt, facts_target, guarded_step, logo_step, manager_prompt, model_reader,
                    ops_target)
 from memory import RETRIEVERS, retrieve_for_question
-from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, is_hf_dir, load_checkpoint,
-                   non_finite, one_line, packaged_minilm, pick_device, save_checkpoint, train_tokenizer)
+from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, is_hf_dir, json_loads,
+                   load_checkpoint, non_finite, one_line, packaged_minilm, pick_device, save_checkpoint, train_tokenizer)
 from parallel import gather_over_ranks, gathered, ranks, this_rank
 
 # val_worlds: >= eval.questions_for_se() questions (1,112), so validation F1 has a standard error <= 1.5
@@ -158,7 +158,9 @@ def build_parser():
     g = ap.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds SFT, data and algorithm streams")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    g.add_argument("--threads", type=int, default=2, help="torch CPU threads (use 1 for parallel runs)")
+    g.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (use 1 for parallel runs); more than this machine's CPUs are capped, "
+                        "with a warning")
     g.add_argument("--out", default="runs", help="directory of run directories")
     g.add_argument("--name", default=None, help="run name (default: <algo>-<stages>-s<seed>)")
     g.add_argument("--resume", default=None, help="continue runs/<name> from its last checkpoint (default: start a new run)")
@@ -433,7 +435,7 @@ def log_lines(f: Path, n: int | None = None) -> list:
     lines = f.read_text().splitlines()[:n] if f.exists() else []
     for i, line in enumerate(lines):
         try:
-            json.loads(line)
+            json_loads(line)
         except ValueError as e:
             raise UserError(f"{f} line {i + 1} is not JSON ({one_line(e)}): cannot resume (repair that line)")
     return lines
@@ -531,22 +533,33 @@ def lock_run(run: Path) -> None:
         run.mkdir(parents=True, exist_ok=True)
         f = open(run / ".lock", "a+")
     except OSError as e:
-        raise UserError(f"cannot write the run directory {run}: {e.strerror or e} (choose another --out)")
+        raise unwritable(run, e)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.seek(0)
         raise UserError(f"{run} is in use by another train.py (pid {f.read().strip() or '?'}): wait for it or pass another --name")
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
+    try:  # the pid, for the message above, unbuffered: a full disk fails here and leaves nothing for close() to write
+        os.ftruncate(f.fileno(), 0)
+        os.write(f.fileno(), str(os.getpid()).encode())
+    except OSError as e:
+        f.close()
+        raise unwritable(run, e)
     _LOCKS[key] = f
+
+
+def unwritable(run: Path, e: OSError) -> UserError:
+    return UserError(f"cannot write the run directory {run}: {e.strerror or e} (choose another --out)")
 
 
 def write_run_args(run: Path, argv: list, cfg: RLConfig, answerer: str, data: str) -> None:
     tmp = run / "args.json.tmp"  # eval.py reads the answer agent, data and cfg back
-    tmp.write_text(json.dumps({"argv": argv, "answerer": answerer, "data": data, "cfg": asdict(cfg)}, indent=1))
-    os.replace(tmp, run / "args.json")
+    try:
+        tmp.write_text(json.dumps({"argv": argv, "answerer": answerer, "data": data, "cfg": asdict(cfg)}, indent=1))
+        os.replace(tmp, run / "args.json")
+    except OSError as e:  # a full disk: args.json stays as it was
+        tmp.unlink(missing_ok=True)
+        raise unwritable(run, e)
 
 
 def given_flags(argv: list) -> dict:
@@ -564,7 +577,7 @@ def resumed_args(run: Path, argv: list):
     """The run's own flags. Flags given with --resume must match them, except those named in
     --override (from OVERRIDABLE), which then become the run's flags from here on."""
     try:
-        saved = json.loads((run / "args.json").read_text())["argv"]
+        saved = json_loads((run / "args.json").read_text())["argv"]
         run_flags = vars(build_parser().parse_args(saved))
     except (OSError, ValueError, KeyError, TypeError, UserError) as e:
         raise UserError(f"--resume {run}: args.json is unreadable ({one_line(e)}); the run cannot be resumed")
@@ -680,7 +693,7 @@ def setup_run(argv: list):
         args = resumed_args(run, argv)  # the run continues with the flags it started with
     elif args.override:
         raise UserError("--override only applies with --resume")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(cpu_threads(args.threads))
     try:
         device = pick_device(args.device)
     except ValueError as e:
@@ -695,6 +708,15 @@ def setup_run(argv: list):
     if not args.resume:
         on_rank0(new_run_dir, run, argv, cfg, args.answerer, args.data)
     return args, run, device, cfg, data
+
+
+def cpu_threads(n: int) -> int:
+    """--threads, capped at the CPUs this process may run on: more threads only share the same
+    cores, and a count like 100,000 crashes torch's thread pool (a segfault, no message)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if n > cpus:
+        print(f"warning: --threads {n}: this machine has {cpus} CPU{'s' * (cpus > 1)}, so {cpus} threads are used")
+    return min(n, cpus)
 
 
 def shard(policy, ref, sft_model, device) -> None:
@@ -749,11 +771,16 @@ def load_policy(policy, sd: dict | None, opt=None, osd: dict | None = None) -> N
 
 def new_run_dir(run: Path, argv: list, cfg: RLConfig, answerer: str, data: str) -> None:
     lock_run(run)
-    # Even a run killed during SFT: its sft/ and log must not be mixed in. A run that wrote
-    # nothing but its flags never started (a bad --init): its corrected command may take it over.
-    if (run / "args.json").exists() and set(os.listdir(run)) - {".lock", "args.json"}:
+    # Even a run killed during SFT: its sft/ and log must not be mixed in.
+    if run_started(run):
         raise UserError(f"{run} already holds a run: pass --resume {run} or another --name")
     write_run_args(run, argv, cfg, answerer, data)
+
+
+def run_started(run: Path) -> bool:
+    """A run directory holding more than its flags. A run that wrote nothing but its flags never
+    started (a bad --init): its corrected command may take it over, and there is nothing to resume."""
+    return (run / "args.json").exists() and bool(set(os.listdir(run)) - {".lock", "args.json"})
 
 
 def sft_path(args, run: Path) -> Path:  # warm_start's model; the test reads the base pipeline back from it
@@ -919,7 +946,7 @@ def base_test(args, run: Path, cfg: RLConfig, device, tok, answerer, test, sampl
                       "threads": torch.get_num_threads(), "test": [c.sample_id for c in test]}, sort_keys=True)
     cache = sft_dir / "base-test.json"
     try:
-        known = json.loads(cache.read_text())
+        known = json_loads(cache.read_text())
     except (OSError, ValueError):  # none yet, or damaged: read the test worlds again
         known = {}
     if key not in known:
