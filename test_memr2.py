@@ -3065,8 +3065,8 @@ def test_a_minilm_run_trains_and_evaluates_with_its_retriever(minilm, tmp_path, 
     retrieve by embeddings, the run records it, and eval.py takes the run's retriever unless told
     otherwise."""
     import memory
-    where, used, real_rank, real_step = ["outside rl"], collections.Counter(), memory.rank, train.logo_step
-    monkeypatch.setattr(memory, "rank", lambda bank, q: used.update([(where[-1], bank.retriever)]) or real_rank(bank, q))
+    where, used, real_scored, real_step = ["outside rl"], collections.Counter(), memory.scored, train.logo_step
+    monkeypatch.setattr(memory, "scored", lambda bank, q: used.update([(where[-1], bank.retriever)]) or real_scored(bank, q))
     def step(*a):  # the RL step: rollouts, their rewards' answers, the update
         where.append("rl")
         try:
