@@ -18,9 +18,10 @@ exponentiated, then clipped). What a group compares decides the credit:
   local:  a session re-rolled K times from one rollout's snapshot of the memory before it,
           rewarded right after that session: the K branches start from identical memory,
           so their reward differences come from that session's actions alone.
-Both kinds go into one pool and one clipped loss. The file reads in the method's order:
-role prompts, rollouts, the answer agent, rewards, advantages, the loss, one step; the fused
-log-prob kernel that keeps the loss from holding (tokens x vocab) logits is the appendix.
+Both kinds go into one pool and one clipped loss. The file reads in the method's order, each
+name defined before its first use: role prompts, rollouts, the answer agent, rewards,
+advantages, the loss, one world's pool, the update, the step's logged numbers, one step; the
+fused log-prob kernel that keeps the loss from holding (tokens x vocab) logits is the appendix.
 """
 import contextlib
 import copy
@@ -522,7 +523,7 @@ def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig,
                   "dual_clip_frac": frac(dual), "ratio_cap_frac": frac(capped)}
 
 
-# ============================================================================ one LoGo-GRPO step (paper Alg. 1)
+# ============================================================================ one world's pool: rollouts, branches, rewards, advantages
 @dataclass
 class Branch:
     """A local branch point: session t re-run K times from rollout `source`'s memory before t."""
@@ -641,15 +642,27 @@ def world_pool(policy, answerer: AnswerAgent, tok, w: World, S: int, cfg: RLConf
     return WorldStep(S, pool, global_rows, local_rows, banks, branches, f1, pens, finished, r_global, counts, groups)
 
 
-def logo_step(policy, ref, answerer: AnswerAgent, tok, worlds: list, S: int, cfg: RLConfig, opt) -> dict:
-    """One policy update (paper Alg. 1): each World's rollouts, rewards and advantages, then
-    one update on their pools (`ppo_update`; under torchrun, with every rank's worlds).
-    -> the step's numbers: the mean over the worlds of every rank, then the update's."""
-    with gathered(policy):
-        steps = [world_pool(policy, answerer, tok, w, S, cfg) for w in worlds]
-    numbers = [world_numbers(w, st, cfg, tok) for w, st in zip(worlds, steps)]
-    out = mean_over_worlds([x for rank_numbers in gather_over_ranks(numbers) for x in rank_numbers])
-    return out | ppo_update(policy, ref, [st.pool for st in steps], cfg, opt)
+# ============================================================================ the update (PPO epochs over mini-batches; the loss above)
+def clipped_step(model, opt, clip: float) -> float | None:
+    """Clip, step -> the gradient norm; or None, gradients dropped, if the norm is not finite."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
+    if not math.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        return None
+    opt.step()
+    return norm
+
+
+def guarded_step(model, loss, opt, clip: float) -> float | None:
+    """Backward, clip, step -> the gradient norm; or None, changing nothing, when the loss or
+    the gradient norm is not finite. A finite loss can still have NaN gradients, and one NaN
+    step would turn every weight (and every later checkpoint) into NaN."""
+    opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return None
+    loss.backward()
+    return clipped_step(model, opt, clip)
 
 
 def ppo_update(policy, ref, pools: list, cfg: RLConfig, opt) -> dict:
@@ -710,29 +723,34 @@ def ppo_update(policy, ref, pools: list, cfg: RLConfig, opt) -> dict:
     return {k: v / max(1, n) for k, v in agg.items()} | {"cells": cells, "updates": n, "skipped_updates": skipped}
 
 
-def guarded_step(model, loss, opt, clip: float) -> float | None:
-    """Backward, clip, step -> the gradient norm; or None, changing nothing, when the loss or
-    the gradient norm is not finite. A finite loss can still have NaN gradients, and one NaN
-    step would turn every weight (and every later checkpoint) into NaN."""
-    opt.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
-        return None
-    loss.backward()
-    return clipped_step(model, opt, clip)
-
-
-def clipped_step(model, opt, clip: float) -> float | None:
-    """Clip, step -> the gradient norm; or None, gradients dropped, if the norm is not finite."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
-    if not math.isfinite(norm):
-        opt.zero_grad(set_to_none=True)
-        return None
-    opt.step()
-    return norm
-
-
 # ============================================================================ the step's numbers (logged only, never in the loss)
+def _nanmean(xs):
+    xs = [x for x in xs if x == x]  # NaN-free; one value comes back as it is (a count stays an int in the log)
+    return float("nan") if not xs else xs[0] if len(xs) == 1 else sum(xs) / len(xs)
+
+
+def credit_correlation(rows: list) -> dict:
+    """Does a row's advantage say how good its own decisions were? Per group kind, the pooled
+    within-group correlation of advantage and true quality (the teacher's score of the row's
+    decisions), over manager rows of groups whose rewards vary; qualities are centred per group."""
+    groups = {}
+    for row in rows:
+        if row.role == "mgr" and row.quality == row.quality:
+            groups.setdefault(row.group, []).append(row)
+    out = {}
+    for kind in ("G", "L"):
+        a, q = [], []
+        for gid, members in groups.items():
+            rewards = [row.reward for row in members]
+            if gid.kind == kind and len(members) > 1 and max(rewards) > min(rewards):
+                qm = sum(row.quality for row in members) / len(members)
+                a += [row.adv for row in members]
+                q += [row.quality - qm for row in members]
+        den = math.sqrt(sum(x * x for x in a) * sum(y * y for y in q))
+        out[f"credit_corr_{kind}"] = sum(x * y for x, y in zip(a, q)) / den if den > 0 else float("nan")
+    return out
+
+
 def world_numbers(w: World, st: WorldStep, cfg: RLConfig, tok) -> dict:
     """One world's numbers for the log: rewards, group statistics, cost, memory size, op counts
     and, with a judge (synthetic world), the credit diagnostic."""
@@ -758,28 +776,6 @@ def world_numbers(w: World, st: WorldStep, cfg: RLConfig, tok) -> dict:
             "ops": {k: v / n for k, v in st.counts.items()}}
 
 
-def credit_correlation(rows: list) -> dict:
-    """Does a row's advantage say how good its own decisions were? Per group kind, the pooled
-    within-group correlation of advantage and true quality (the teacher's score of the row's
-    decisions), over manager rows of groups whose rewards vary; qualities are centred per group."""
-    groups = {}
-    for row in rows:
-        if row.role == "mgr" and row.quality == row.quality:
-            groups.setdefault(row.group, []).append(row)
-    out = {}
-    for kind in ("G", "L"):
-        a, q = [], []
-        for gid, members in groups.items():
-            rewards = [row.reward for row in members]
-            if gid.kind == kind and len(members) > 1 and max(rewards) > min(rewards):
-                qm = sum(row.quality for row in members) / len(members)
-                a += [row.adv for row in members]
-                q += [row.quality - qm for row in members]
-        den = math.sqrt(sum(x * x for x in a) * sum(y * y for y in q))
-        out[f"credit_corr_{kind}"] = sum(x * y for x, y in zip(a, q)) / den if den > 0 else float("nan")
-    return out
-
-
 def mean_over_worlds(per: list) -> dict:
     """Per-world stats -> one dict: a number's mean over the worlds that have it (NaN where none
     has), an op count's mean with 0 where a world made none, the conversation ids joined."""
@@ -794,9 +790,16 @@ def mean_over_worlds(per: list) -> dict:
     return out
 
 
-def _nanmean(xs):
-    xs = [x for x in xs if x == x]  # NaN-free; one value comes back as it is (a count stays an int in the log)
-    return float("nan") if not xs else xs[0] if len(xs) == 1 else sum(xs) / len(xs)
+# ============================================================================ one LoGo-GRPO step (paper Alg. 1)
+def logo_step(policy, ref, answerer: AnswerAgent, tok, worlds: list, S: int, cfg: RLConfig, opt) -> dict:
+    """One policy update (paper Alg. 1): each World's rollouts, rewards and advantages, then
+    one update on their pools (`ppo_update`; under torchrun, with every rank's worlds).
+    -> the step's numbers: the mean over the worlds of every rank, then the update's."""
+    with gathered(policy):
+        steps = [world_pool(policy, answerer, tok, w, S, cfg) for w in worlds]
+    numbers = [world_numbers(w, st, cfg, tok) for w, st in zip(worlds, steps)]
+    out = mean_over_worlds([x for rank_numbers in gather_over_ranks(numbers) for x in rank_numbers])
+    return out | ppo_update(policy, ref, [st.pool for st in steps], cfg, opt)
 
 
 # ============================================================================ appendix: the fused log-prob kernel
