@@ -18,9 +18,10 @@ exponentiated, then clipped). What a group compares decides the credit:
   local:  a session re-rolled K times from one rollout's snapshot of the memory before it,
           rewarded right after that session: the K branches start from identical memory,
           so their reward differences come from that session's actions alone.
-Both kinds go into one pool and one clipped loss. The file reads in the method's order:
-role prompts, rollouts, the answer agent, rewards, advantages, the loss, one step; the fused
-log-prob kernel that keeps the loss from holding (tokens x vocab) logits is the appendix.
+Both kinds go into one pool and one clipped loss. The file reads in the method's order, each
+name defined before its first use: role prompts, rollouts, the answer agent, rewards,
+advantages, the loss, one episode's pool, the update, the step's logged numbers, one step; the
+fused log-prob kernel that keeps the loss from holding (tokens x vocab) logits is the appendix.
 """
 import contextlib
 import copy
@@ -522,7 +523,7 @@ def logo_grpo_loss(logp, old_logp, ref_logp, entropy, owner, adv, cfg: RLConfig,
                   "dual_clip_frac": frac(dual), "ratio_cap_frac": frac(capped)}
 
 
-# ============================================================================ one LoGo-GRPO step (paper Alg. 1)
+# ============================================================================ one episode's pool: rollouts, branches, rewards, advantages
 @dataclass
 class Branch:
     """A local branch point: session t re-run K times from rollout `source`'s memory before t."""
@@ -593,12 +594,12 @@ def assign_rewards(answerer, tok, conv, S: int, banks: list, by_session: list, b
 
 
 @dataclass
-class World:
+class Episode:
     """One training conversation of a step with its own random streams: `data_rng` picks the
     questions, `algo_rng` the branch points, `gen` the samples, so one seed asks every algorithm
     the same questions. `judge` (optional) scores rows against a teacher for the credit
-    diagnostic (`world_numbers`); it never touches the reward. Under torchrun every rank rolls
-    out its own worlds."""
+    diagnostic (`episode_numbers`); it never touches the reward. Under torchrun every rank rolls
+    out its own episodes."""
     conv: object
     data_rng: random.Random
     algo_rng: random.Random
@@ -607,9 +608,9 @@ class World:
 
 
 @dataclass
-class WorldStep:
-    """One world's part of a step: the pool of rows the loss trains on, and what the step's
-    numbers are read from (`world_numbers`)."""
+class EpisodeStep:
+    """One episode's part of a step: the pool of rows the loss trains on, and what the step's
+    numbers are read from (`episode_numbers`)."""
     S: int  # sessions played (the stage's cap, or fewer where the conversation is shorter)
     pool: list
     global_rows: list
@@ -624,9 +625,9 @@ class WorldStep:
     groups: dict  # assign_advantages' zero-variance shares and group spreads
 
 
-def world_pool(policy, answerer: AnswerAgent, tok, w: World, S: int, cfg: RLConfig) -> WorldStep:
-    """One world's global rollouts, local re-rolls, rewards and advantages. Its groups stay
-    inside it: a world's rows never meet another's."""
+def episode_pool(policy, answerer: AnswerAgent, tok, w: Episode, S: int, cfg: RLConfig) -> EpisodeStep:
+    """One episode's global rollouts, local re-rolls, rewards and advantages. Its groups stay
+    inside it: an episode's rows never meet another's."""
     conv = w.conv
     S = min(S, len(conv.sessions))
     q_global = sample_questions(conv.qa, S, cfg.q_global, w.data_rng)
@@ -638,36 +639,48 @@ def world_pool(policy, answerer: AnswerAgent, tok, w: World, S: int, cfg: RLConf
     local_rows = [row for br in branches for pair in br.pairs for row in pair]
     pool = (global_rows if cfg.algo != "local" else []) + local_rows
     groups = assign_advantages(pool)
-    return WorldStep(S, pool, global_rows, local_rows, banks, branches, f1, pens, finished, r_global, counts, groups)
+    return EpisodeStep(S, pool, global_rows, local_rows, banks, branches, f1, pens, finished, r_global, counts, groups)
 
 
-def logo_step(policy, ref, answerer: AnswerAgent, tok, worlds: list, S: int, cfg: RLConfig, opt) -> dict:
-    """One policy update (paper Alg. 1): each World's rollouts, rewards and advantages, then
-    one update on their pools (`ppo_update`; under torchrun, with every rank's worlds).
-    -> the step's numbers: the mean over the worlds of every rank, then the update's."""
-    with gathered(policy):
-        steps = [world_pool(policy, answerer, tok, w, S, cfg) for w in worlds]
-    numbers = [world_numbers(w, st, cfg, tok) for w, st in zip(worlds, steps)]
-    out = mean_over_worlds([x for rank_numbers in gather_over_ranks(numbers) for x in rank_numbers])
-    return out | ppo_update(policy, ref, [st.pool for st in steps], cfg, opt)
+# ============================================================================ the update (PPO epochs over mini-batches; the loss above)
+def clipped_step(model, opt, clip: float) -> float | None:
+    """Clip, step -> the gradient norm; or None, gradients dropped, if the norm is not finite."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
+    if not math.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        return None
+    opt.step()
+    return norm
+
+
+def guarded_step(model, loss, opt, clip: float) -> float | None:
+    """Backward, clip, step -> the gradient norm; or None, changing nothing, when the loss or
+    the gradient norm is not finite. A finite loss can still have NaN gradients, and one NaN
+    step would turn every weight (and every later checkpoint) into NaN."""
+    opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return None
+    loss.backward()
+    return clipped_step(model, opt, clip)
 
 
 def ppo_update(policy, ref, pools: list, cfg: RLConfig, opt) -> dict:
     """Old and reference log-probs once (no grad, the same kernel and temperature as the
     update, so the first ratio is exactly 1), then ppo_epochs passes over fixed-order
-    mini-batches of cells. `pools` holds one pool of rows per world of this process.
+    mini-batches of cells. `pools` holds one pool of rows per episode of this process.
 
-    Several worlds (in one process, or one per torchrun rank) make one update as one process
-    holding all of them would: optimizer step j takes the j-th mini-batch of every world, and
+    Several episodes (in one process, or one per torchrun rank) make one update as one process
+    holding all of them would: optimizer step j takes the j-th mini-batch of every episode, and
     its loss is the mean over all those cells (tokens, for KL and entropy; the official code
-    averages over the global mini-batch). Each world's part is weighted by its share of the
+    averages over the global mini-batch). Each episode's part is weighted by its share of the
     step's cells, its gradient accumulated, and the sum taken over ranks. Every rank takes as
-    many steps as the world with the most mini-batches; a non-finite loss or gradient on any
+    many steps as the episode with the most mini-batches; a non-finite loss or gradient on any
     rank skips that update everywhere, and is counted. A step of fewer cells than a full one
-    (minibatch x every world) has its loss scaled by how full it is, as the official code
+    (minibatch x every episode) has its loss scaled by how full it is, as the official code
     scales a partial last mini-batch by len / mini-batch size."""
-    worlds = [[(c, row.adv) for row in pool for c in row.cells if c.response] for pool in pools]
-    batches = [[cells[i:i + cfg.minibatch] for i in range(0, len(cells), cfg.minibatch)] for cells in worlds]
+    episodes = [[(c, row.adv) for row in pool for c in row.cells if c.response] for pool in pools]
+    batches = [[cells[i:i + cfg.minibatch] for i in range(0, len(cells), cfg.minibatch)] for cells in episodes]
     dev = next(policy.parameters()).device
     steps = int_over_ranks(max(map(len, batches)), dev, biggest=True)
     full = cfg.minibatch * int_over_ranks(len(pools), dev)  # cells of a full step
@@ -683,7 +696,7 @@ def ppo_update(policy, ref, pools: list, cfg: RLConfig, opt) -> dict:
     for _ in range(cfg.ppo_epochs):
         for j in range(steps):
             parts = [(bs[j], old[j], rf[j]) for bs, old, rf in zip(batches, olds, refs) if j < len(bs)]
-            size = step_size(parts, dev)  # [cells, tokens] of step j over every world and rank
+            size = step_size(parts, dev)  # [cells, tokens] of step j over every episode and rank
             opt.zero_grad(set_to_none=True)
             finite, s = True, Counter()
             for part in even_parts(policy, parts, dev):  # None: a sharded rank's extra pass, weighted 0
@@ -706,56 +719,14 @@ def ppo_update(policy, ref, pools: list, cfg: RLConfig, opt) -> dict:
                 agg.update(rank_s)
             agg.update({"grad_norm": grad_norm})
             n += 1
-    cells = int_over_ranks(sum(map(len, worlds)), dev)
+    cells = int_over_ranks(sum(map(len, episodes)), dev)
     return {k: v / max(1, n) for k, v in agg.items()} | {"cells": cells, "updates": n, "skipped_updates": skipped}
 
 
-def guarded_step(model, loss, opt, clip: float) -> float | None:
-    """Backward, clip, step -> the gradient norm; or None, changing nothing, when the loss or
-    the gradient norm is not finite. A finite loss can still have NaN gradients, and one NaN
-    step would turn every weight (and every later checkpoint) into NaN."""
-    opt.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
-        return None
-    loss.backward()
-    return clipped_step(model, opt, clip)
-
-
-def clipped_step(model, opt, clip: float) -> float | None:
-    """Clip, step -> the gradient norm; or None, gradients dropped, if the norm is not finite."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
-    if not math.isfinite(norm):
-        opt.zero_grad(set_to_none=True)
-        return None
-    opt.step()
-    return norm
-
-
 # ============================================================================ the step's numbers (logged only, never in the loss)
-def world_numbers(w: World, st: WorldStep, cfg: RLConfig, tok) -> dict:
-    """One world's numbers for the log: rewards, group statistics, cost, memory size, op counts
-    and, with a judge (synthetic world), the credit diagnostic."""
-    if w.judge:  # a manager row's true quality: the teacher's score of its chunks' decisions
-        for row in st.global_rows + st.local_rows:
-            if row.role == "mgr":
-                row.quality = w.judge(row.decisions)
-    mean = lambda xs: sum(xs) / max(1, len(xs))
-    n, S = cfg.n, st.S
-    return {"conv": w.conv.sample_id, **st.groups, **credit_correlation(st.pool),
-            "reward_global": sum(map(sum, st.r_global)) / (n * S), "train_f1": mean([mean(row) for row in st.f1]),
-            "local_reward": mean([row.reward for row in st.local_rows]),
-            "local_distinct": mean([len({json.dumps(sorted((e.speaker, e.content) for e in b.entries.values()))
-                                         for b in br.banks}) for br in st.branches]),
-            "branches": len(st.branches), "local_share": len(st.local_rows) / max(1, len(st.pool)),
-            "gen_tokens": sum(len(c.response) for row in st.global_rows + st.local_rows for c in row.cells),
-            "unfinished_frac": 1 - sum(map(sum, st.finished)) / (n * S),
-            "mem_tokens": mean([memory_tokens(tok, b) for b in st.banks]),
-            "mem_entries": mean([len(b.entries) for b in st.banks]),
-            "bloat": sum(st.pens) / (n * cfg.lam) if cfg.lam else 0.0,
-            "quality_G": _nanmean([row.quality for row in st.global_rows if row.role == "mgr"]),
-            "quality_L": _nanmean([row.quality for row in st.local_rows if row.role == "mgr"]),
-            "ops": {k: v / n for k, v in st.counts.items()}}
+def _nanmean(xs):
+    xs = [x for x in xs if x == x]  # NaN-free; one value comes back as it is (a count stays an int in the log)
+    return float("nan") if not xs else xs[0] if len(xs) == 1 else sum(xs) / len(xs)
 
 
 def credit_correlation(rows: list) -> dict:
@@ -780,9 +751,34 @@ def credit_correlation(rows: list) -> dict:
     return out
 
 
-def mean_over_worlds(per: list) -> dict:
-    """Per-world stats -> one dict: a number's mean over the worlds that have it (NaN where none
-    has), an op count's mean with 0 where a world made none, the conversation ids joined."""
+def episode_numbers(w: Episode, st: EpisodeStep, cfg: RLConfig, tok) -> dict:
+    """One episode's numbers for the log: rewards, group statistics, cost, memory size, op counts
+    and, with a judge (synthetic world), the credit diagnostic."""
+    if w.judge:  # a manager row's true quality: the teacher's score of its chunks' decisions
+        for row in st.global_rows + st.local_rows:
+            if row.role == "mgr":
+                row.quality = w.judge(row.decisions)
+    mean = lambda xs: sum(xs) / max(1, len(xs))
+    n, S = cfg.n, st.S
+    return {"conv": w.conv.sample_id, **st.groups, **credit_correlation(st.pool),
+            "reward_global": sum(map(sum, st.r_global)) / (n * S), "train_f1": mean([mean(row) for row in st.f1]),
+            "local_reward": mean([row.reward for row in st.local_rows]),
+            "local_distinct": mean([len({json.dumps(sorted((e.speaker, e.content) for e in b.entries.values()))
+                                         for b in br.banks}) for br in st.branches]),
+            "branches": len(st.branches), "local_share": len(st.local_rows) / max(1, len(st.pool)),
+            "gen_tokens": sum(len(c.response) for row in st.global_rows + st.local_rows for c in row.cells),
+            "unfinished_frac": 1 - sum(map(sum, st.finished)) / (n * S),
+            "mem_tokens": mean([memory_tokens(tok, b) for b in st.banks]),
+            "mem_entries": mean([len(b.entries) for b in st.banks]),
+            "bloat": sum(st.pens) / (n * cfg.lam) if cfg.lam else 0.0,
+            "quality_G": _nanmean([row.quality for row in st.global_rows if row.role == "mgr"]),
+            "quality_L": _nanmean([row.quality for row in st.local_rows if row.role == "mgr"]),
+            "ops": {k: v / n for k, v in st.counts.items()}}
+
+
+def mean_over_episodes(per: list) -> dict:
+    """Per-episode stats -> one dict: a number's mean over the episodes that have it (NaN where
+    none has), an op count's mean with 0 where an episode made none, the conversation ids joined."""
     out = {}
     for k in per[0]:
         if k == "conv":
@@ -794,9 +790,17 @@ def mean_over_worlds(per: list) -> dict:
     return out
 
 
-def _nanmean(xs):
-    xs = [x for x in xs if x == x]  # NaN-free; one value comes back as it is (a count stays an int in the log)
-    return float("nan") if not xs else xs[0] if len(xs) == 1 else sum(xs) / len(xs)
+# ============================================================================ one LoGo-GRPO step (paper Alg. 1)
+def rl_step(policy, ref, answerer: AnswerAgent, tok, episodes: list, S: int, cfg: RLConfig, opt) -> dict:
+    """One policy update (paper Alg. 1) for any --algo (logo, grpo, local): each Episode's
+    rollouts, rewards and advantages, then one update on their pools (`ppo_update`; under
+    torchrun, with every rank's episodes). -> the step's numbers: the mean over the episodes
+    of every rank, then the update's."""
+    with gathered(policy):
+        steps = [episode_pool(policy, answerer, tok, ep, S, cfg) for ep in episodes]
+    numbers = [episode_numbers(ep, st, cfg, tok) for ep, st in zip(episodes, steps)]
+    out = mean_over_episodes([x for rank_numbers in gather_over_ranks(numbers) for x in rank_numbers])
+    return out | ppo_update(policy, ref, [st.pool for st in steps], cfg, opt)
 
 
 # ============================================================================ appendix: the fused log-prob kernel

@@ -1342,7 +1342,7 @@ def scripted_sample(rng, finished=True):
 
 
 def test_local_branches_start_from_identical_memory_and_never_leak(tiny, monkeypatch):
-    """logo_step with p = 1 and a scripted policy, run_session spied: each session runs the n
+    """rl_step with p = 1 and a scripted policy, run_session spied: each session runs the n
     rollouts and one branch point's K branches in one batch; the branches start byte-identical
     from one rollout's memory before that session, in banks and entries of their own, differ after
     it, are grouped as local groups of that rollout, and never go on to the next session."""
@@ -1359,7 +1359,7 @@ def test_local_branches_start_from_identical_memory_and_never_leak(tiny, monkeyp
     cfg = M.RLConfig(n=n, K=K, p=1.0, minibatch=8, ppo_epochs=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
-    stats = M.logo_step(model, model, answerer, tok, [M.World(conv, random.Random(0), random.Random(1), torch.Generator())], 3, cfg, opt)
+    stats = M.rl_step(model, model, answerer, tok, [M.Episode(conv, random.Random(0), random.Random(1), torch.Generator())], 3, cfg, opt)
     assert [len(banks) for banks, *_ in calls] == [n + K] * 3 and stats["branches"] == 3  # p = 1: every session branches
     rollouts = calls[0][0][:n]
     for t, (banks, before, after, index, (ext, mgr, _)) in enumerate(calls, 1):
@@ -1377,14 +1377,14 @@ def test_local_branches_start_from_identical_memory_and_never_leak(tiny, monkeyp
 
 @pytest.mark.parametrize("decoding", ["greedy", "sampled"])
 def test_greedy_local_branches_are_identical_and_carry_no_advantage(tiny, decoding, tmp_path):
-    """world_pool with the real (random) tiny model, p = 1, n = 2, K = 3, 2 sessions: with
+    """episode_pool with the real (random) tiny model, p = 1, n = 2, K = 3, 2 sessions: with
     --local-decoding greedy (the official code's) the K branches of each snapshot write the same
     responses, so each local group's rewards are equal and every local advantage is 0; sampled ones
     differ. The global rollouts are sampled either way. train.py records the choice in args.json."""
     conv, tok, model = tiny
     cfg = M.RLConfig(n=2, K=3, p=1.0, local_decoding=decoding, max_new={"ext": 24, "mgr": 24, "ans": 8})
-    w = M.World(conv, random.Random(0), random.Random(1), torch.Generator().manual_seed(0))
-    st = M.world_pool(model, E.exact_answerer(cfg), tok, w, 2, cfg)
+    w = M.Episode(conv, random.Random(0), random.Random(1), torch.Generator().manual_seed(0))
+    st = M.episode_pool(model, E.exact_answerer(cfg), tok, w, 2, cfg)
     responses = lambda rows: [tuple(tuple(c.response) for c in row.cells) for row in rows if row.role == "ext"]
     alike = [len(set(responses(row for pair in br.pairs for row in pair))) == 1 for br in st.branches]
     assert len(st.branches) == 2 and all(len(br.pairs) == 3 for br in st.branches)
@@ -1402,7 +1402,7 @@ def test_greedy_local_branches_are_identical_and_carry_no_advantage(tiny, decodi
 
 @pytest.mark.parametrize("algo, share", [("grpo", 0.0), ("local", 1.0), ("logo", 0.5)])
 def test_algo_switch_selects_the_pool(tiny, monkeypatch, algo, share):
-    """logo_step with each algo, p = 1, 2 sessions, n = K = 2: 8 global rows (2 rollouts x 2 sessions
+    """rl_step with each algo, p = 1, 2 sessions, n = K = 2: 8 global rows (2 rollouts x 2 sessions
     x 2 roles) and, where it branches, 8 local ones (2 branch points x K x 2 roles). grpo branches
     nowhere and trains on global rows only, local on local rows only, logo on both (share 8 / 16):
     the rows the update gets, and the cells the loss sees, are those."""
@@ -1414,7 +1414,7 @@ def test_algo_switch_selects_the_pool(tiny, monkeypatch, algo, share):
     cfg = M.RLConfig(algo=algo, n=2, K=2, p=1.0, ppo_epochs=1)  # p = 1 for both: grpo must branch nowhere by itself
     answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    stats = M.logo_step(model, model, answerer, tok, [M.World(conv, random.Random(0), random.Random(1), torch.Generator())], 2, cfg, opt)
+    stats = M.rl_step(model, model, answerer, tok, [M.Episode(conv, random.Random(0), random.Random(1), torch.Generator())], 2, cfg, opt)
     assert stats["local_share"] == share and stats["branches"] == (0 if algo == "grpo" else 2)
     (pool,) = trained
     kinds = collections.Counter(row.group.kind for row in pool)
@@ -1451,14 +1451,14 @@ def test_one_seed_gives_every_algo_the_same_questions(tiny, monkeypatch):
         answerer = E.exact_answerer(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=0.0)
         data_rng = random.Random(7)
-        M.logo_step(model, model, answerer, tok, [M.World(conv, data_rng, random.Random(algo), torch.Generator())], 3, cfg, opt)
+        M.rl_step(model, model, answerer, tok, [M.Episode(conv, data_rng, random.Random(algo), torch.Generator())], 3, cfg, opt)
         asked[algo + "_next"] = data_rng.random()  # the data stream advanced by the same draws
     assert asked["logo"][0] == asked["grpo"][0]  # the global subset, drawn before any branch coin
     assert len(asked["logo"]) > 1 == len(asked["grpo"])  # logo also drew local subsets...
     assert asked["logo_next"] == asked["grpo_next"]  # ...without shifting the next step's draws
 
 
-def test_logo_step_logs_the_credit_diagnostic(tiny, monkeypatch):
+def test_rl_step_logs_the_credit_diagnostic(tiny, monkeypatch):
     conv, tok, model = tiny
     monkeypatch.setattr(M, "sample_cells", scripted_sample(random.Random(12)))
     cfg = M.RLConfig(n=3, K=3, p=1.0, ppo_epochs=1)
@@ -1471,8 +1471,8 @@ def test_logo_step_logs_the_credit_diagnostic(tiny, monkeypatch):
     even = lambda b: sum(int(e.content[-1]) for e in b.entries.values()) % 2 == 0
     answerer = types.SimpleNamespace(answer=lambda asked: [gold[q] if even(b) else "x" for b, q in asked])
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-    stats = M.logo_step(model, model, answerer, tok,
-                        [M.World(conv, random.Random(0), random.Random(1), torch.Generator(), judge)], 3, cfg, opt)
+    stats = M.rl_step(model, model, answerer, tok,
+                        [M.Episode(conv, random.Random(0), random.Random(1), torch.Generator(), judge)], 3, cfg, opt)
     assert len(seen) == 3 * 3 + stats["branches"] * 3 and all(n >= 1 for _, n, _ in seen)  # one call per row, its chunks
     # every judged row, global and local, reaches the diagnostic with its own quality, and its result is logged
     (pool,) = pools
@@ -1495,7 +1495,7 @@ def test_logo_step_logs_the_credit_diagnostic(tiny, monkeypatch):
 
 
 def test_unfinished_generations_get_zero_reward(tiny, monkeypatch):
-    """logo_step with a scripted policy whose every output is cut off, F1 forced to 1: every row,
+    """rl_step with a scripted policy whose every output is cut off, F1 forced to 1: every row,
     global and local, gets reward 0 (a cut-off output is not judged)."""
     conv, tok, model = tiny
     monkeypatch.setattr(M, "sample_cells", scripted_sample(random.Random(3), finished=False))
@@ -1506,7 +1506,7 @@ def test_unfinished_generations_get_zero_reward(tiny, monkeypatch):
     answerer.answer = lambda asked: [q for _, q in asked]  # would score F1 = 1 on everything
     monkeypatch.setattr(M, "token_f1", lambda p, g: 1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    M.logo_step(model, model, answerer, tok, [M.World(conv, random.Random(0), random.Random(1), torch.Generator())], 2, cfg, opt)
+    M.rl_step(model, model, answerer, tok, [M.Episode(conv, random.Random(0), random.Random(1), torch.Generator())], 2, cfg, opt)
     assert seen and all(r.reward == 0.0 for r in seen)
 
 
@@ -1568,7 +1568,7 @@ def test_logprob_temperature_equals_sampling_temperature(tiny, monkeypatch):
     monkeypatch.setattr(M, "logo_grpo_loss", loss)
     answerer = M.AnswerAgent(M.model_reader(Transformer(model.cfg), tok, cfg), cfg, "learned")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    M.logo_step(model, model, answerer, tok, [M.World(conv, random.Random(0), random.Random(1), torch.Generator())], 2, cfg, opt)
+    M.rl_step(model, model, answerer, tok, [M.Episode(conv, random.Random(0), random.Random(1), torch.Generator())], 2, cfg, opt)
     assert temps["sample"] == {0.7} and checked[0] > 1  # global and local rollouts; several cells checked
 
 
@@ -2549,8 +2549,8 @@ def rl_lines(run):
 
 def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset, monkeypatch):
     """python train.py end to end: SFT, every curriculum stage, the test table."""
-    steps, real = [], M.world_pool
-    monkeypatch.setattr(M, "world_pool", lambda *a: steps.append(real(*a)) or steps[-1])
+    steps, real = [], M.episode_pool
+    monkeypatch.setattr(M, "episode_pool", lambda *a: steps.append(real(*a)) or steps[-1])
     res = train.main(["--sessions", "3", "--stages", "2,3", "--out", str(tmp_path), "--name", "smoke", "--threads", "1"])
     run = tmp_path / "smoke"
     for d in ("sft", "best-stage0", "best-stage1", "last"):
@@ -2581,7 +2581,7 @@ def test_resume_after_interrupt_gives_the_same_metrics_and_weights(tmp_path, tin
     train.main(base + init + ["--name", "straight"])
     # interrupted in the third RL step, and inside the swap of the third `last` save (its files written, not yet in place)
     with monkeypatch.context() as m:
-        interrupt_on_call(m, train, "logo_step", 3)
+        interrupt_on_call(m, train, "rl_step", 3)
         with pytest.raises(KeyboardInterrupt):
             train.main(base + init + ["--name", "in-step"])
     with monkeypatch.context() as m:
@@ -2634,9 +2634,9 @@ def _nan_weights_step(policy, *a, **k):
 
 @pytest.mark.parametrize("phase, patch, message, saved", [
     # best-stage0 is never written before a stage has trained: the pre-stage validation is not a candidate
-    ("rl", ("logo_step", lambda *a, **k: {"skipped_updates": 1, "ops": {}, "reward_global": 0, "train_f1": 0}),
+    ("rl", ("rl_step", lambda *a, **k: {"skipped_updates": 1, "ops": {}, "reward_global": 0, "train_f1": 0}),
      "non-finite loss or gradients in 3 steps", ["sft", "last"]),
-    ("rl", ("logo_step", _nan_weights_step), "stage 2 step 1: weights became non-finite", ["sft", "last"]),
+    ("rl", ("rl_step", _nan_weights_step), "stage 2 step 1: weights became non-finite", ["sft", "last"]),
     # --lr 1e10: finite weights of ~1e10 whose outputs overflow; stopped before the next step's sampler meets them
     ("rl", ("rl_optimizer", lambda policy, cfg: torch.optim.AdamW(policy.parameters(), lr=1e10)),
      "stage 2 step 1: outputs became non-finite", ["sft", "last"]),
@@ -2881,7 +2881,7 @@ def interrupted_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("interrupted")
     with pytest.MonkeyPatch.context() as m:
         m.setitem(train.PRESETS, "tiny", TINY_PRESET)
-        interrupt_on_call(m, train, "logo_step", 2)
+        interrupt_on_call(m, train, "rl_step", 2)
         with pytest.raises(KeyboardInterrupt):
             train.main(["--sessions", "3", "--stages", "2,3", "--out", str(out), "--name", "r", "--no-final-eval",
                         "--threads", "1"])
@@ -3065,7 +3065,7 @@ def test_a_minilm_run_trains_and_evaluates_with_its_retriever(minilm, tmp_path, 
     retrieve by embeddings, the run records it, and eval.py takes the run's retriever unless told
     otherwise."""
     import memory
-    where, used, real_scored, real_step = ["outside rl"], collections.Counter(), memory.scored, train.logo_step
+    where, used, real_scored, real_step = ["outside rl"], collections.Counter(), memory.scored, train.rl_step
     monkeypatch.setattr(memory, "scored", lambda bank, q: used.update([(where[-1], bank.retriever)]) or real_scored(bank, q))
     def step(*a):  # the RL step: rollouts, their rewards' answers, the update
         where.append("rl")
@@ -3073,7 +3073,7 @@ def test_a_minilm_run_trains_and_evaluates_with_its_retriever(minilm, tmp_path, 
             return real_step(*a)
         finally:
             where.pop()
-    monkeypatch.setattr(train, "logo_step", step)
+    monkeypatch.setattr(train, "rl_step", step)
     train.main(["--retriever", "minilm", "--sessions", "3", "--stages", "2", "--out", str(tmp_path), "--name", "m",
                 "--no-final-eval", "--threads", "1"])
     assert set(used) == {("outside rl", "minilm"), ("rl", "minilm")}, used
@@ -3204,13 +3204,13 @@ def dp_step(slots: list) -> tuple:
     ref.load_state_dict(model.state_dict())
     cfg = M.RLConfig(n=3, K=2, p=0.5, minibatch=8, ppo_epochs=2, lr=1e-2)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    worlds = [M.World(E.parse_conversation(E.make_world(11 + g, n_sessions=3)), s.data, s.algo, s.gen)
+    worlds = [M.Episode(E.parse_conversation(E.make_world(11 + g, n_sessions=3)), s.data, s.algo, s.gen)
               for g, s in ((g, train.world_streams(0, g, "cpu")) for g in slots)]
     cells, real = [], M.ppo_update
     M.ppo_update = lambda policy, ref, pools, *a: cells.extend(sum(len(r.cells) for r in p) for p in pools) or \
         real(policy, ref, pools, *a)
     try:
-        M.logo_step(model, ref, E.exact_answerer(cfg), tok, worlds, 3, cfg, opt)
+        M.rl_step(model, ref, E.exact_answerer(cfg), tok, worlds, 3, cfg, opt)
     finally:
         M.ppo_update = real
     return model.state_dict(), cells
@@ -3301,11 +3301,11 @@ def dp_train_worker(r: int, runs: list, root: Path):
                 any(c in (args[1] or "") for c in "wax+") if isinstance(args[1], str) else args[2] & (os.O_WRONLY | os.O_RDWR))):
             seen.append(f"{event} {args[0]}")
     sys.addaudithook(audit)
-    real, errors = train.logo_step, []
+    real, errors = train.rl_step, []
     for argv, port, n in runs:
         os.environ["MASTER_PORT"] = str(port)
         calls = []
-        train.logo_step = lambda *a: (_ for _ in ()).throw(KeyboardInterrupt) if len(calls) == n - 1 else \
+        train.rl_step = lambda *a: (_ for _ in ()).throw(KeyboardInterrupt) if len(calls) == n - 1 else \
             calls.append(1) or real(*a)
         try:
             train.main(argv)

@@ -32,8 +32,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from tqdm import tqdm
 
 import eval as E
-from memr2 import (CHAT_MAX_NEW, LOCOMO_CHUNKS, PRETRAINED, AnswerAgent, Cell, RLConfig, World, answer_prompt, cell_logprobs,
-                   context_sizes, extractor_prompt, facts_target, guarded_step, logo_step, manager_prompt, model_reader,
+from memr2 import (CHAT_MAX_NEW, LOCOMO_CHUNKS, PRETRAINED, AnswerAgent, Cell, RLConfig, Episode, answer_prompt, cell_logprobs,
+                   context_sizes, extractor_prompt, facts_target, guarded_step, rl_step, manager_prompt, model_reader,
                    ops_target)
 from memory import RETRIEVERS, retrieve_for_question
 from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, is_hf_dir, json_loads,
@@ -874,10 +874,10 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
     for step in bar:
         ts = time.time()
         convs = [train_convs[s.data.randrange(len(train_convs))] for s in st.streams]
-        worlds = [World(c, s.data, s.algo, s.gen, judges.get(c.sample_id)) for c, s in zip(convs, st.streams)]
+        worlds = [Episode(c, s.data, s.algo, s.gen, judges.get(c.sample_id)) for c, s in zip(convs, st.streams)]
         policy.train()
         with autocast(device):
-            stats = logo_step(policy, ref, answerer, tok, worlds, S, cfg, opt)
+            stats = rl_step(policy, ref, answerer, tok, worlds, S, cfg, opt)
         st.step, st.gstep = step + 1, st.gstep + 1
         check_finite(policy, f"stage {S} step {step + 1}", f"{run / 'last'} holds the step before; {lower_lr}")
         ops = stats.pop("ops")
