@@ -104,7 +104,7 @@ def bench_vs_transformers(device="cpu") -> dict:
     except ImportError:
         print("vs transformers: skipped (pip install -r requirements-test.txt)")
         return {}
-    from model import build_model, hf_config, hf_names
+    from checkpoint import build_model, hf_config, hf_names
     torch.set_num_threads(1)  # as bench_kv_cache: one thread keeps the shared 2 cores from turning timings into noise
     torch.manual_seed(0)
     conf = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
@@ -145,7 +145,7 @@ def bench_real_model(n_prompts=8, n_new=32):
     import tempfile
     try:
         from transformers import AutoModelForCausalLM, GenerationConfig
-        from model import CheckpointError, convert_gguf, load_checkpoint, packaged_gguf
+        from checkpoint import CheckpointError, convert_gguf, load_checkpoint, packaged_gguf
         import eval as E
         from memr2 import chat_ids, extractor_prompt
         gguf = packaged_gguf()
@@ -372,7 +372,7 @@ def gpu_check(argv: list) -> list:
                                    "--out", str(out), "--name", "preset-gpu"], 420))
 
     def smollm2_step():
-        from model import convert_gguf, packaged_gguf
+        from checkpoint import convert_gguf, packaged_gguf
         hf = out / "smollm2"
         if not (hf / "config.json").exists():
             convert_gguf(packaged_gguf(), hf)

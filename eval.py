@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import CheckpointError, json_loads, load_checkpoint, packaged_minilm, train_tokenizer
+from checkpoint import CheckpointError, json_loads, load_checkpoint, packaged_minilm
+from model import train_tokenizer
 from memory import (QA, RETRIEVERS, Conversation, Entry, MemoryBank, Session, Turn, bloat_cost, encodable, minilm, rank,
                     retrieve_for_facts, short_date)
 from memr2 import (CHAT_MAX_NEW, PRETRAINED, AnswerAgent, Decision, RLConfig, chunk_turns, context_sizes, dialogue_tokens,

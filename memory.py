@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import embed, load_minilm
 
 # ----------------------------------------------------------------------------- the dialogue
 # What the agent reads, session by session. eval.py fills these from LoCoMo or from the
@@ -285,14 +284,23 @@ MIN_COSINE = 0.1  # "minilm": the official code's similarity floor
 
 
 @functools.cache
-def minilm():  # loaded once per process, on first use: a "bm25" run never reads the weights
+def minilm():
+    """(encoder, tokenizer), loaded once per process on first use. The encoder's code (checkpoint.py)
+    is imported here too: a "bm25" run never reads the weights, and BM25 needs no other file."""
+    from checkpoint import load_minilm
     return load_minilm()
+
+
+def embed_texts(texts: list) -> torch.Tensor:
+    """(N, D) unit vectors of texts under all-MiniLM-L6-v2."""
+    from checkpoint import embed
+    return embed(*minilm(), texts)
 
 
 @functools.lru_cache(maxsize=1 << 14)
 def query_vector(text: str) -> torch.Tensor:
     """Unit vector (D,) of a fact or question: the same ones come back across rollouts and steps."""
-    return embed(*minilm(), [text])[0]
+    return embed_texts([text])[0]
 
 
 def entry_vectors(bank: MemoryBank) -> torch.Tensor:
@@ -302,7 +310,7 @@ def entry_vectors(bank: MemoryBank) -> torch.Tensor:
     contents = [e.content for e in bank.entries.values()]
     new = [c for c in dict.fromkeys(contents) if c not in bank.vecs]
     if new:
-        bank.vecs.update((c, v.clone()) for c, v in zip(new, embed(*minilm(), new)))  # clone: a row, not the batch
+        bank.vecs.update((c, v.clone()) for c, v in zip(new, embed_texts(new)))  # clone: a row, not the batch
     if len(bank.vecs) > len(contents):
         bank.vecs = {c: bank.vecs[c] for c in contents}
     return torch.stack([bank.vecs[c] for c in contents]) if contents else torch.empty(0, 0)

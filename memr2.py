@@ -37,7 +37,8 @@ from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
-from model import chat_prompt, decode, encode, generate
+from checkpoint import chat_prompt
+from model import decode, encode, generate
 from memory import (MemoryBank, bloat_cost, parse_facts, parse_operations, retrieve_for_facts,
                     retrieve_for_question, short_date)
 from parallel import even_parts, gather_over_ranks, gathered, int_over_ranks, sharded, step_size, sum_gradients

@@ -22,15 +22,15 @@ from eval import (CATEGORIES, LOCOMO_SPLIT, DataError, load_locomo, locomo_split
                   parse_conversation, parse_date, short_date)
 from memory import MAX_CONTENT_WORDS, QA, Conversation, MemoryBank, bloat_cost, bm25, parse_facts, parse_operations, retrieve_for_facts, retrieve_for_question
 from memr2 import fused_logprobs
-from model import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, CheckpointError, ModelConfig, Transformer, chat_prompt,
-                   decode, encode, generate, left_pad, load_checkpoint, save_checkpoint,
+from checkpoint import CheckpointError, chat_prompt, load_checkpoint, save_checkpoint
+from model import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, ModelConfig, Transformer, decode, encode, generate, left_pad,
                    train_tokenizer)
 import eval as E
 import memr2 as M
 import train
 
 
-# ==== model.py: tokenizer, transformer, KV-cache sampling, checkpoints ============================
+# ==== model.py and checkpoint.py: tokenizer, transformer, KV-cache sampling, checkpoints ============================
 TINY = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=48)
 CK = ModelConfig(vocab_size=300, n_layer=1, n_head=4, n_kv_head=2, d_model=32, max_seq_len=48)  # fits the `tok` fixture
 
@@ -380,7 +380,7 @@ def test_atomic_save_replaces_existing_and_leaves_no_temp_dirs(tok, tmp_path):
 
 def test_a_save_interrupted_at_any_instant_leaves_the_old_or_the_new_checkpoint(tok, tmp_path, monkeypatch):
     """Nothing lost on interruption: a kill during a save leaves a whole checkpoint, old or new."""
-    import model as model_module
+    import checkpoint
     path, prev, k, done = tmp_path / "ckpt", 0, 0, False
     save_checkpoint(path, Transformer(CK), tok, {"step": 0})
     while not done:  # crash at the k-th file-system step of a save, for every k until one save completes
@@ -394,7 +394,7 @@ def test_a_save_interrupted_at_any_instant_leaves_the_old_or_the_new_checkpoint(
                 return real(*a, **kw)
             return f
         with monkeypatch.context() as m:
-            for mod, name in ((os, "rename"), (os, "replace"), (os, "symlink"), (model_module, "_fsync")):
+            for mod, name in ((os, "rename"), (os, "replace"), (os, "symlink"), (checkpoint, "_fsync")):
                 m.setattr(mod, name, crash_at_k(getattr(mod, name)))
             try:
                 save_checkpoint(path, Transformer(CK), tok, {"step": k})
@@ -454,7 +454,7 @@ def test_pick_device_and_autocast(monkeypatch):
     assert (on_gpu.device, on_gpu.fast_dtype) == ("cuda", torch.bfloat16)
 
 
-# ==== model.py: Hugging Face Llama / Qwen2 directories and chat formats ===========================
+# ==== checkpoint.py: Hugging Face Llama / Qwen2 directories and chat formats ========================
 # Tiny random models built with `transformers` (a test-only dependency) are the reference:
 # no download, and every check compares our code with the library on the same files.
 LOCOMO_FILE = Path(__file__).parent / "data" / "locomo10.json"
@@ -605,7 +605,7 @@ def test_saved_hf_dir_loads_in_the_library_with_equal_logits(hf_dir, tmp_path, l
     """save_hf of a loaded directory and of our tiny model: transformers loads both with our logits
     (within 1e-4) and our loader reads the saved directory back exactly, so a trained model goes back
     to the user's tools unchanged."""
-    from model import save_hf
+    from checkpoint import save_hf
     ck = load_checkpoint(hf_dir)
     save_hf(tmp_path / "out", ck["model"], ck["tok"])
     idx, pos, mask = left_pad(ragged_batch(ck["tok"], locomo_turns[20:23]), "cpu")
@@ -689,7 +689,7 @@ def test_chat_formats_and_memory_estimate():
     templates, param_count against Qwen2.5-0.5B's published count, memory_estimate's weights against
     the bytes of a real AdamW step (1 / g of the sharded part under FSDP), and grad-ckpt lowering
     the activations."""
-    from model import detect_chat_format
+    from checkpoint import detect_chat_format
     msgs = [("system", "S"), ("user", " hi ")]
     assert chat_prompt("chatml", msgs) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n hi <|im_end|>\n<|im_start|>assistant\n"
     assert chat_prompt("llama3", msgs, add_generation_prompt=False) == (
@@ -738,11 +738,11 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(monkeypatch):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
 
 
-# ==== model.py: the GGUF converter, with a real pretrained model offline (SmolLM2-135M-Instruct) ====
+# ==== checkpoint.py: the GGUF converter, with a real pretrained model offline (SmolLM2-135M-Instruct) ====
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     pytest.importorskip("gguf")
-    from model import convert_gguf, packaged_gguf
+    from checkpoint import convert_gguf, packaged_gguf
     try:
         src = packaged_gguf()
     except CheckpointError:
@@ -776,16 +776,16 @@ def test_smollm2_conversion_answers_and_matches_the_library(smollm2):
 
 
 def test_convert_gguf_errors_are_one_line(tmp_path):
-    """convert_gguf on a missing and on a non-GGUF file: a CheckpointError each; `model.py
+    """convert_gguf on a missing and on a non-GGUF file: a CheckpointError each; `checkpoint.py
     convert-gguf` on a missing file: non-zero exit and one stderr line."""
-    from model import convert_gguf
+    from checkpoint import convert_gguf
     pytest.importorskip("gguf")
     with pytest.raises(CheckpointError, match="no such GGUF file"):
         convert_gguf(tmp_path / "none.gguf", tmp_path / "out")
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(CheckpointError, match="unreadable GGUF file"):
         convert_gguf(tmp_path / "bad.gguf", tmp_path / "out")
-    r = subprocess.run([sys.executable, "model.py", "convert-gguf", str(tmp_path / "none.gguf"), str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, "checkpoint.py", "convert-gguf", str(tmp_path / "none.gguf"), str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=Path(__file__).parent)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "no such GGUF file" in r.stderr
 
@@ -988,7 +988,7 @@ def test_answer_retrieval_by_session_is_the_official_order():
 def minilm():
     """(model dir, encoder, tokenizer): the one instance retrieval uses, loaded once."""
     import memory
-    from model import packaged_minilm
+    from checkpoint import packaged_minilm
     try:
         path = packaged_minilm()
     except CheckpointError:
@@ -1000,7 +1000,7 @@ def test_minilm_encoder_equals_transformers_bert_with_mean_pooling(minilm):
     """model.embed with the packaged all-MiniLM-L6-v2 on 4 texts in two batches (one text over
     256 tokens): transformers' BertModel with masked mean pooling and normalisation, within 1e-5."""
     tf = pytest.importorskip("transformers")
-    from model import embed
+    from checkpoint import embed
     path, enc, tok = minilm
     texts = ["Ann lives in Oslo", "Where does Ann live? She told Bo on 8 May, 2023, at the café.", "hello",
              "Caroline: " + "I went to the LGBTQ support group yesterday and it was so powerful. " * 30]  # > 256 tokens
@@ -1055,7 +1055,7 @@ def test_minilm_retrieval_matches_meaning_where_bm25_needs_shared_words(minilm):
     import memory
     b = bank_of("minilm")
     nonsense, contents = "zqxj vbnm", [e.content for e in b.entries.values()]
-    v = memory.embed(*memory.minilm(), [nonsense] + contents)  # unit vectors: cosine = dot product
+    v = memory.embed_texts([nonsense] + contents)  # unit vectors: cosine = dot product
     above = {c for c, cos in zip(contents, (v[1:] @ v[0]).tolist()) if cos >= 0.1}  # the official floor, 0.1
     kept = {e.content for e in retrieve_for_question(b, nonsense, 10)}
     assert kept == above and 0 < len(kept) < len(contents)  # the floor, not the cap of 10, decides
@@ -1069,8 +1069,8 @@ def test_entry_embeddings_are_computed_once_per_content_and_snapshots_copy_them(
     q = "Where does Ann live?"
     memory.query_vector(q)
     embedded = []
-    real = memory.embed
-    monkeypatch.setattr(memory, "embed", lambda enc, tok, texts: embedded.append(list(texts)) or real(enc, tok, texts))
+    real = memory.embed_texts
+    monkeypatch.setattr(memory, "embed_texts", lambda texts: embedded.append(list(texts)) or real(texts))
     before = [e.memory_id for e in retrieve_for_question(b, q, 5)]
     assert sorted(embedded[0]) == sorted(e.content for e in b.entries.values()) and len(embedded) == 1  # one batch
     retrieve_for_question(b, q, 5)
@@ -2684,9 +2684,9 @@ def test_a_full_disk_stops_with_one_line_and_the_run_resumes_as_if_never_stopped
         straight_run, tmp_path, tiny_preset, monkeypatch, nth, full):
     """train.main whose nth save of `last` meets a full disk: a one-line UserError saying to make room
     and resume, no temporary files left; the resumed run logs what the straight run logged."""
-    import model as model_py
+    import checkpoint
     argv = STRAIGHT + ["--init", str(straight_run / "sft-src" / "sft"), "--out", str(tmp_path)]
-    real, calls = model_py.save_file, []
+    real, calls = checkpoint.save_file, []
 
     def save_file(tensors, path, *a, **k):  # the writer of `last`'s weights meets a full disk at its nth save
         if "last.tmp-" in path and path.endswith("model.safetensors"):
@@ -2695,7 +2695,7 @@ def test_a_full_disk_stops_with_one_line_and_the_run_resumes_as_if_never_stopped
                 raise full
         return real(tensors, path, *a, **k)
     with monkeypatch.context() as m:
-        m.setattr(model_py, "save_file", save_file)
+        m.setattr(checkpoint, "save_file", save_file)
         with pytest.raises(train.UserError, match="No space left on device") as e:
             train.main(argv + ["--name", "r"])
     run = tmp_path / "r"

@@ -36,8 +36,9 @@ from memr2 import (CHAT_MAX_NEW, LOCOMO_CHUNKS, PRETRAINED, AnswerAgent, Cell, R
                    context_sizes, extractor_prompt, facts_target, guarded_step, rl_step, manager_prompt, model_reader,
                    ops_target)
 from memory import RETRIEVERS, retrieve_for_question
-from model import (EOS_ID, CheckpointError, ModelConfig, Transformer, autocast, encode, is_hf_dir, json_loads,
-                   load_checkpoint, non_finite, one_line, packaged_minilm, pick_device, save_checkpoint, train_tokenizer)
+from checkpoint import (CheckpointError, is_hf_dir, json_loads, load_checkpoint, non_finite, one_line, packaged_minilm,
+                        save_checkpoint)
+from model import EOS_ID, ModelConfig, Transformer, autocast, encode, pick_device, train_tokenizer
 from parallel import gather_over_ranks, gathered, ranks, this_rank
 
 # val_worlds: >= eval.questions_for_se() questions (1,112), so validation F1 has a standard error <= 1.5
