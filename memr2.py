@@ -23,7 +23,6 @@ name defined before its first use: role prompts, rollouts, the answer agent, rew
 advantages, the loss, one episode's pool, the update, the step's logged numbers, one step; the
 fused log-prob kernel that keeps the loss from holding (tokens x vocab) logits is the appendix.
 """
-import contextlib
 import copy
 import itertools
 import json

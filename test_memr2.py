@@ -18,16 +18,17 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from eval import (CATEGORIES, LOCOMO_SPLIT, DataError, load_locomo, locomo_split,
-                  parse_conversation, parse_date, short_date)
-from memory import MAX_CONTENT_WORDS, QA, Conversation, MemoryBank, bloat_cost, bm25, parse_facts, parse_operations, retrieve_for_facts, retrieve_for_question
-from memr2 import fused_logprobs
-from checkpoint import CheckpointError, chat_prompt, load_checkpoint, save_checkpoint
 from model import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, ModelConfig, Transformer, decode, encode, generate, left_pad,
                    train_tokenizer)
+from checkpoint import CheckpointError, chat_prompt, load_checkpoint, save_checkpoint
+from memory import (MAX_CONTENT_WORDS, QA, Conversation, MemoryBank, Session, Turn, bloat_cost, bm25, parse_facts,
+                    parse_operations, retrieve_for_facts, retrieve_for_question, short_date)
+from memr2 import fused_logprobs
+from world import CATEGORIES, LOCOMO_SPLIT, DataError, load_locomo, locomo_split, parse_conversation, parse_date
 import eval as E
 import memr2 as M
 import train
+import world as W
 
 
 # ==== model.py and checkpoint.py: tokenizer, transformer, KV-cache sampling, checkpoints ============================
@@ -1138,7 +1139,7 @@ def test_bleu1_is_the_official_squad_normalised_clipped_precision_times_brevity_
 def test_global_reward_credits_each_evidence_session_and_zeroes_unfinished():
     """global_rewards on hand-set F1s of two rollouts: each session's row gets the mean F1 of the
     questions with evidence in it, minus the rollout's penalty; an unfinished row gets 0."""
-    qa = [E.QA("q1", "a", ["D1:1"], 4, [1]), E.QA("q2", "a", ["D1:2", "D3:1"], 1, [1, 3])]
+    qa = [QA("q1", "a", ["D1:1"], 4, [1]), QA("q2", "a", ["D1:2", "D3:1"], 1, [1, 3])]
     f1 = [[1.0, 0.0], [0.5, 1.0]]
     r = M.global_rewards(f1, qa, 3, penalties=[0.1, 0.0], finished=[[True] * 3, [True, True, False]])
     assert r[0] == pytest.approx([0.5 - 0.1, -0.1, 0.0 - 0.1])  # session 2: no question -> F1 0, penalty only
@@ -1152,8 +1153,8 @@ def test_local_reward_is_f1_of_the_branch_points_questions_from_the_memory_right
     questions about sessions <= t only, answered from ITS bank after session t, with the penalty at
     T_t; a global row's uses the global questions, its rollout's final bank and T_S."""
     word_tok = types.SimpleNamespace(encode=lambda text, add_special_tokens: types.SimpleNamespace(ids=text.split()))
-    turn = lambda s, n: E.Turn("Ann", f"D{s}:1", " ".join(["word"] * n))
-    sessions = [E.Session(s, "1 May 2023", [turn(s, n)]) for s, n in ((1, 10), (2, 10), (3, 20))]
+    turn = lambda s, n: Turn("Ann", f"D{s}:1", " ".join(["word"] * n))
+    sessions = [Session(s, "1 May 2023", [turn(s, n)]) for s, n in ((1, 10), (2, 10), (3, 20))]
     q1, q2, q3, q4 = (QA(q, a, [f"D{s}:1"], 4, [s]) for q, a, s in [
         ("Where does Ann live?", "Oslo", 1), ("What is Ann's job?", "chef", 1),
         ("What is Ann's pet?", "Rex", 3), ("Where did Ann travel?", "Rome", 2)])
@@ -1303,8 +1304,8 @@ def tiny():
 
 
 def make_tiny():
-    sample = E.make_world(11, n_sessions=3)
-    conv = E.parse_conversation(sample)
+    sample = W.make_world(11, n_sessions=3)
+    conv = W.parse_conversation(sample)
     texts = [M.extractor_prompt(s.turns, s.date) for s in conv.sessions] + ['{"facts":[]}{"operations":[]}Ann likes']
     tok = train_tokenizer(texts, 300)
     torch.manual_seed(0)
@@ -1384,7 +1385,7 @@ def test_greedy_local_branches_are_identical_and_carry_no_advantage(tiny, decodi
     conv, tok, model = tiny
     cfg = M.RLConfig(n=2, K=3, p=1.0, local_decoding=decoding, max_new={"ext": 24, "mgr": 24, "ans": 8})
     w = M.Episode(conv, random.Random(0), random.Random(1), torch.Generator().manual_seed(0))
-    st = M.episode_pool(model, E.exact_answerer(cfg), tok, w, 2, cfg)
+    st = M.episode_pool(model, W.exact_answerer(cfg), tok, w, 2, cfg)
     responses = lambda rows: [tuple(tuple(c.response) for c in row.cells) for row in rows if row.role == "ext"]
     alike = [len(set(responses(row for pair in br.pairs for row in pair))) == 1 for br in st.branches]
     assert len(st.branches) == 2 and all(len(br.pairs) == 3 for br in st.branches)
@@ -1448,7 +1449,7 @@ def test_one_seed_gives_every_algo_the_same_questions(tiny, monkeypatch):
         seen = asked.setdefault(algo, [])
         monkeypatch.setattr(M, "sample_questions", lambda qas, s, k, rng, seen=seen: seen.append(r := real(qas, s, k, rng)) or r)
         cfg = M.RLConfig(algo=algo, n=2, K=2, p=1.0 if algo == "logo" else 0.0, ppo_epochs=1)
-        answerer = E.exact_answerer(cfg)
+        answerer = W.exact_answerer(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=0.0)
         data_rng = random.Random(7)
         M.rl_step(model, model, answerer, tok, [M.Episode(conv, data_rng, random.Random(algo), torch.Generator())], 3, cfg, opt)
@@ -2032,7 +2033,7 @@ def test_image_turns_carry_caption(convs):
     assert not any("a photo of a photo" in t.text + t.caption for c in convs for s in c.sessions for t in s.turns)
     assert f"{t.text}{cap} (D1:5)" in M.extractor_prompt([t], convs[0].sessions[0].date)
     words = types.SimpleNamespace(encode=lambda text, add_special_tokens: types.SimpleNamespace(ids=text.split()))
-    one = Conversation("one", ("A", "B"), [E.Session(1, "1 May 2023", [t])], [], {})
+    one = Conversation("one", ("A", "B"), [Session(1, "1 May 2023", [t])], [], {})
     assert M.dialogue_tokens(words, one) == [len(t.text.split())] == [16]
 
 
@@ -2157,13 +2158,13 @@ def test_exact_answerer_reads_the_oracle_memory_perfectly(seed):
     """score with the exact answerer on the teacher's memory of 32-session worlds (seeds 1-3), through
     retrieval as in training: F1 100 in every category, yes / no answers and merged entries among them.
     The reward cannot see memory management unless the frozen answer agent reads the right memory right."""
-    sample = E.make_world(seed, n_sessions=32)
-    conv = E.parse_conversation(sample)
-    bank = E.teacher_memory(sample, conv, M.RLConfig())
-    res = E.score(E.exact_answerer(M.RLConfig()), train_tokenizer(["Ann lives in Oslo"], 300), [bank], [conv])
+    sample = W.make_world(seed, n_sessions=32)
+    conv = W.parse_conversation(sample)
+    bank = W.teacher_memory(sample, conv, M.RLConfig())
+    res = E.score(W.exact_answerer(M.RLConfig()), train_tokenizer(["Ann lives in Oslo"], 300), [bank], [conv])
     assert len(conv.qa) > 100 and {q.category for q in conv.qa} == {1, 2, 4}
     assert {"no", "yes"} <= {q.answer for q in conv.qa}
-    assert any(E.BEFORE in e.content for e in bank.entries.values())  # merged entries were read
+    assert any(W.BEFORE in e.content for e in bank.entries.values())  # merged entries were read
     assert [res[f"f1_{c}"] for c in ("overall", "single-hop", "multi-hop", "temporal")] == [100.0] * 4
 
 
@@ -2188,14 +2189,14 @@ def test_exact_reader_reads_merged_entries_and_the_same_claims_spread_over_entri
             "Did Nina have a pet named Bella?": "no", "Where did Nina live before Lyon?": "Oslo",
             "When did Nina move to Lyon?": "3 May 2023", "Where does Nina live?": "Lyon"}
     for memory in (merged, spread):
-        assert {q: E.exact_answer(q, memory) for q in asks} == asks
+        assert {q: W.exact_answer(q, memory) for q in asks} == asks
     # an ended state reads "none"; a stored correction removes its claim; events keep their entry's date
-    assert E.exact_answer("What is the name of Nina's pet?", lines_of("Nina has a pet named Rex", "Nina's pet Rex died")) == "none"
+    assert W.exact_answer("What is the name of Nina's pet?", lines_of("Nina has a pet named Rex", "Nina's pet Rex died")) == "none"
     fixed = lines_of("Nina visited Oslo", "Nina has a job as a chef", "Nina never had a job as a chef", "Nina never visited Oslo")
-    assert [E.exact_answer(q, fixed) for q in ("What job does Nina have?", "Did Nina visit Oslo?", "When did Nina visit Oslo?")] \
+    assert [W.exact_answer(q, fixed) for q in ("What job does Nina have?", "Did Nina visit Oslo?", "When did Nina visit Oslo?")] \
         == ["none", "no", "none"]
-    assert E.exact_answer("When did Nina visit Oslo?", lines_of("Nina visited Lima", "Nina visited Oslo")) == "2 May 2023"
-    assert E.exact_answer("Where do Nina and Bob live?", lines_of("Bob has a job as a chef")) == "none"
+    assert W.exact_answer("When did Nina visit Oslo?", lines_of("Nina visited Lima", "Nina visited Oslo")) == "2 May 2023"
+    assert W.exact_answer("Where do Nina and Bob live?", lines_of("Bob has a job as a chef")) == "none"
 
 
 def test_teacher_merges_updates_keeps_every_claim_and_deletes_only_proven_false_ones():
@@ -2208,7 +2209,7 @@ def test_teacher_merges_updates_keeps_every_claim_and_deletes_only_proven_false_
              {"op": "INSERT", "speaker": "Ann", "content": "Ann has a job as a chef", "dia_id": "D1:1"}], 1, "1 May 2023")
     shown = list(b.entries.values())
     fact = lambda text: {"speaker": "Ann", "dia_id": "D2:1", "fact": text}
-    op = lambda text: E.teacher_op(fact(text), shown)
+    op = lambda text: W.teacher_op(fact(text), shown)
     assert op("Ann has a pet named Milo") == {"op": "UPDATE", "content": "Ann has a pet named Milo; before: Rex, Max",
                                              "memory_id": "m1", "dia_id": "D2:1"}
     assert op("Ann's pet Rex died")["content"] == "Ann's pet Rex died; before: Max"  # an ending is an UPDATE
@@ -2220,7 +2221,7 @@ def test_teacher_merges_updates_keeps_every_claim_and_deletes_only_proven_false_
     assert op("Ann quit the job as a chef")["op"] == "UPDATE"
     ended = MemoryBank()
     ended.apply([{"op": "INSERT", "speaker": "Ann", "content": "Ann's pet Rex died; before: Max", "dia_id": "D1:1"}], 1, "1 May 2023")
-    assert E.teacher_op(fact("Ann has a pet named Milo"), list(ended.entries.values()))["content"] == \
+    assert W.teacher_op(fact("Ann has a pet named Milo"), list(ended.entries.values()))["content"] == \
         "Ann has a pet named Milo; before: Rex died, Max"  # the ending is kept in the history
 
 
@@ -2232,7 +2233,7 @@ def test_habit_teacher_writes_the_wrong_op_as_its_mode_and_the_right_one_sometim
     fact = lambda text: {"speaker": "Ann", "dia_id": "D3:1", "fact": text}
     facts = [fact("Ann has a pet named Milo"), fact("Ann never visited Oslo"), fact("Ann visited Rome"),
              fact("Ann visited Oslo")]
-    teacher, rng, seen = E.habit_teacher(), random.Random(0), collections.Counter()
+    teacher, rng, seen = W.habit_teacher(), random.Random(0), collections.Counter()
     n = 4000
     for _ in range(n):
         ops = teacher(facts, shown, rng)
@@ -2244,7 +2245,7 @@ def test_habit_teacher_writes_the_wrong_op_as_its_mode_and_the_right_one_sometim
                           "merge" if up["content"] == "Ann has a pet named Milo; before: Rex" else "other")] += 1
         seen["delete " + ops[1]["op"]] += 1
         assert ops[1] in ({"op": "NOOP"}, {"op": "DELETE", "memory_id": "m2"})
-    h = E.HABIT
+    h = W.HABIT
     for key, want in [("update insert", h["UPDATE as INSERT"]), ("update replace", h["UPDATE replaces"]),
                       ("update merge", 1 - h["UPDATE as INSERT"] - h["UPDATE replaces"]),
                       ("delete NOOP", h["DELETE as NOOP"]), ("delete DELETE", 1 - h["DELETE as NOOP"])]:
@@ -2257,15 +2258,15 @@ def test_habit_teacher_writes_the_wrong_op_as_its_mode_and_the_right_one_sometim
 def test_habit_teacher_misses_no_fact_and_its_memory_scores_below_the_oracle():
     """teacher_trace with the habit SFT teacher: every gold fact extracted, in order, and its memory's
     exact-reader F1 below 95% of the oracle memory's."""
-    sample = E.make_world(3)
-    conv = E.parse_conversation(sample)
-    manager, miss = E.sft_teacher("habit", 0.3)
-    steps, bank = E.teacher_trace(sample, conv, M.RLConfig(), manager, miss, seed=1)
+    sample = W.make_world(3)
+    conv = W.parse_conversation(sample)
+    manager, miss = W.sft_teacher("habit", 0.3)
+    steps, bank = W.teacher_trace(sample, conv, M.RLConfig(), manager, miss, seed=1)
     gold = [t.dia_id for s in conv.sessions for t in s.turns if t.dia_id in sample["gold_facts"]]
     assert miss == 0 and [f["dia_id"] for *_, facts, _, _ in steps for f in facts] == gold
-    f1 = lambda b: sum(M.token_f1(E.exact_answer(q.question, retrieve_for_question(b, q.question, 4)), q.answer)
+    f1 = lambda b: sum(M.token_f1(W.exact_answer(q.question, retrieve_for_question(b, q.question, 4)), q.answer)
                        for q in conv.qa) / len(conv.qa)
-    assert f1(bank) < 0.95 * f1(E.teacher_memory(sample, conv, M.RLConfig()))
+    assert f1(bank) < 0.95 * f1(W.teacher_memory(sample, conv, M.RLConfig()))
 
 
 def test_validation_size_bounds_the_standard_error_of_f1(tok):
@@ -2274,13 +2275,13 @@ def test_validation_size_bounds_the_standard_error_of_f1(tok):
     the measured SE (sample SD / sqrt(n))."""
     assert E.questions_for_se(1.5, 50) == 1112 and E.questions_for_se(1.5, 85) == 567
     assert E.questions_for_se(3.0, 50) == 278  # a quarter: SE goes as 1 / sqrt(n)
-    samples, convs = E.synthetic_split({"val": train.PRESETS["tiny"]["val_worlds"]})["val"]
+    samples, convs = W.synthetic_split({"val": train.PRESETS["tiny"]["val_worlds"]})["val"]
     assert sum(len(c.qa) for c in convs) >= E.questions_for_se()
     # two questions answered right and wrong: F1 50, per-question SD 70.7, SE 50
     bank = MemoryBank()
     bank.apply([{"op": "INSERT", "speaker": "Nina", "content": "Nina has a pet named Rex", "dia_id": "D1:1"}], 1, "1 May 2023")
     qa = [QA("What is the name of Nina's pet?", a, ["D1:1"], 4, [1]) for a in ("Rex", "Max")]
-    out = E.score(E.exact_answerer(M.RLConfig()), tok, [bank], [Conversation("x", ("Nina", "Bob"), [], qa, {})])
+    out = E.score(W.exact_answerer(M.RLConfig()), tok, [bank], [Conversation("x", ("Nina", "Bob"), [], qa, {})])
     assert out["f1_overall"] == 50.0 and abs(out["f1_se"] - 50.0) < 1e-9
 
 
@@ -2291,10 +2292,10 @@ def test_teacher_and_reader_never_raise_on_what_a_policy_writes():
                    "Nina never lived in", "Nina's pet Rex died; before: Max quit, Max")
     facts = [{"speaker": "Nina", "dia_id": "D9:1", "fact": f} for f in
              ("Nina lives in Lima since 9 May 2023", "Nina has a pet named Milo", "Nina's pet Rex died", "Nina never lived in Oslo")]
-    ops = E.teacher_ops(facts, odd)
+    ops = W.teacher_ops(facts, odd)
     assert ops[0] == {"op": "UPDATE", "content": "Nina lives in Lima since 9 May 2023; before: Oslo, Rome, x", "memory_id": "m1",
                       "dia_id": "D9:1"} and ops[3] == {"op": "DELETE", "memory_id": "m1"}
-    said = {q: E.exact_answer(q, odd) for table in E.QUESTIONS.values() for q in
+    said = {q: W.exact_answer(q, odd) for table in W.QUESTIONS.values() for q in
             (t.format(s="Nina", o="Bob", v="Rex") for t in table.values())}
     assert all(isinstance(a, str) for a in said.values())
     # each line's well-formed head still reads: Nina lives in Oslo; her pet Rex died, Max before it
@@ -2309,11 +2310,11 @@ def test_world_asks_about_every_session_at_locomo_density_and_entries_fit():
     of at least one question, on average of at least 4, and the longest merged entry fits."""
     per, longest, answers = [], 0, collections.Counter()
     for seed in range(4):
-        sample = E.make_world(seed)
-        conv = E.parse_conversation(sample)
+        sample = W.make_world(seed)
+        conv = W.parse_conversation(sample)
         last = collections.Counter(max(q.sessions) for q in conv.qa)
         per += [last[s.index] for s in conv.sessions]
-        longest = max(longest, *(len(e.content.split()) for e in E.teacher_memory(sample, conv, M.RLConfig()).entries.values()))
+        longest = max(longest, *(len(e.content.split()) for e in W.teacher_memory(sample, conv, M.RLConfig()).entries.values()))
         kinds = collections.Counter(g["kind"] for g in sample["gold_facts"].values())
         assert kinds["set"] and kinds["end"] and kinds["never"]
         answers.update(q.answer for q in conv.qa)
@@ -2325,8 +2326,8 @@ def test_reward_ranks_scripted_managers_oracle_first_empty_last():
     # The reward must tell each single kind of memory mistake from the right decisions.
     """A reward that cannot rank scripted managers cannot teach memory management: the oracle is
     the unique best, every wrong manager at least 8 points below it, the empty memory at most 10."""
-    samples, convs = E.synthetic_split({"test": 8})["test"]
-    tok = E.world_tokenizer(E.synthetic_split({"train": 8})["train"][0], 512)
+    samples, convs = W.synthetic_split({"test": 8})["test"]
+    tok = E.world_tokenizer(W.synthetic_split({"train": 8})["train"][0], 512)
     res = {k: v["reward"] for k, v in E.sensitivity(samples, convs, tok, M.RLConfig()).items()}
     assert set(res) == {"oracle", "insert-only", "replace-updates", "duplicate-updates", "no-delete", "drop-half", "empty",
                         "habit (SFT teacher)"}
@@ -2336,7 +2337,7 @@ def test_reward_ranks_scripted_managers_oracle_first_empty_last():
 
 
 def _decision(shown, facts, ops, turns=None):
-    turns = turns or [E.Turn(f["speaker"], f["dia_id"], "...") for f in facts]
+    turns = turns or [Turn(f["speaker"], f["dia_id"], "...") for f in facts]
     return M.Decision(0, turns, facts, shown, ops)
 
 
@@ -2352,25 +2353,25 @@ def test_decisions_are_scored_against_the_teacher_on_the_same_memories():
     shown = list(b.entries.values())
     right = [{"op": "UPDATE", "memory_id": "m1", "content": "Ann has a pet named Milo; before: Rex", "dia_id": "D1:1"},
              {"op": "INSERT", "speaker": "Bo", "content": "Bo read the book Dune", "dia_id": "D1:1"}]
-    c = E.decision_counts([_decision(shown, facts, right)], gold)
+    c = W.decision_counts([_decision(shown, facts, right)], gold)
     assert (c["UPDATE_gold"], c["UPDATE_hit"], c["INSERT_gold"], c["INSERT_hit"], c["right"]) == (1, 1, 1, 1, 2)
     wrong_id = [dict(right[0], memory_id="m2"), right[1]]
     replaced = [dict(right[0], content="Ann has a pet named Milo"), right[1]]  # drops the earlier claim
     duplicate = [{"op": "INSERT", "speaker": "Ann", "content": "Ann has a pet named Milo", "dia_id": "D1:1"}, right[1]]
     for ops in (wrong_id, replaced, duplicate):
-        c = E.decision_counts([_decision(shown, facts, ops)], gold)
+        c = W.decision_counts([_decision(shown, facts, ops)], gold)
         assert (c["UPDATE_hit"], c["INSERT_hit"], c["right"]) == (0, 1, 1)
     # a correction: DELETE of the right id only; a fact the extractor miscopied is never "right"
     gone = [{"speaker": "Ann", "dia_id": "D3:1", "fact": "Ann never had a job as a baker"}]
-    c = E.decision_counts([_decision(shown, gone, [{"op": "DELETE", "memory_id": "m2"}])], {"D3:1": {"fact": gone[0]["fact"]}})
+    c = W.decision_counts([_decision(shown, gone, [{"op": "DELETE", "memory_id": "m2"}])], {"D3:1": {"fact": gone[0]["fact"]}})
     assert (c["DELETE_gold"], c["DELETE_hit"], c["right"]) == (1, 1, 1)
-    c = E.decision_counts([_decision(shown, gone, [{"op": "DELETE", "memory_id": "m1"}])], {"D3:1": {"fact": gone[0]["fact"]}})
+    c = W.decision_counts([_decision(shown, gone, [{"op": "DELETE", "memory_id": "m1"}])], {"D3:1": {"fact": gone[0]["fact"]}})
     assert c["DELETE_hit"] == 0 and c["right"] == 0
     typo = [dict(facts[1], fact="Bo read the book Dume")]
-    turns = [E.Turn(f["speaker"], f["dia_id"], "...") for f in facts]
-    c = E.decision_counts([_decision(shown, typo, [dict(right[1], content="Bo read the book Dume")], turns)], gold)
+    turns = [Turn(f["speaker"], f["dia_id"], "...") for f in facts]
+    c = W.decision_counts([_decision(shown, typo, [dict(right[1], content="Bo read the book Dume")], turns)], gold)
     assert (c["fact_gold"], c["fact_pred"], c["fact_hit"], c["right"]) == (2, 1, 0, 0)
-    m = E.decision_metrics(c)
+    m = W.decision_metrics(c)
     assert m["fact_recall"] == 0.0 and m["acc_UPDATE"] != m["acc_UPDATE"]  # NaN: the teacher asked for none
 
 
@@ -2383,14 +2384,14 @@ def test_world_is_reproducible_changes_state_and_noise_hurts():
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONHASHSEED=hash_seed),
                        cwd=str(Path(__file__).parent))
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout) == E.make_world(5) != E.make_world(6)
-    sample = E.make_world(7)
-    conv = E.parse_conversation(sample)
-    ops = [op["op"] for *_, o in E.teacher_trace(sample, conv, M.RLConfig())[0] for op in o]
+    assert json.loads(p.stdout) == W.make_world(5) != W.make_world(6)
+    sample = W.make_world(7)
+    conv = W.parse_conversation(sample)
+    ops = [op["op"] for *_, o in W.teacher_trace(sample, conv, M.RLConfig())[0] for op in o]
     assert {"INSERT", "UPDATE", "DELETE"} <= set(ops)  # moves, endings, corrections
-    f1 = lambda bank: sum(M.token_f1(E.exact_answer(q.question, retrieve_for_question(bank, q.question, 4)), q.answer)
+    f1 = lambda bank: sum(M.token_f1(W.exact_answer(q.question, retrieve_for_question(bank, q.question, 4)), q.answer)
                           for q in conv.qa) / len(conv.qa)
-    assert f1(E.teacher_memory(sample, conv, M.RLConfig(), E.noisy_teacher(0.4), 0.2, seed=1)) < f1(E.teacher_memory(sample, conv, M.RLConfig())) == 1.0
+    assert f1(W.teacher_memory(sample, conv, M.RLConfig(), W.noisy_teacher(0.4), 0.2, seed=1)) < f1(W.teacher_memory(sample, conv, M.RLConfig())) == 1.0
 
 
 def test_sessions_are_chunked_into_consecutive_runs(tiny, monkeypatch):
@@ -3204,13 +3205,13 @@ def dp_step(slots: list) -> tuple:
     ref.load_state_dict(model.state_dict())
     cfg = M.RLConfig(n=3, K=2, p=0.5, minibatch=8, ppo_epochs=2, lr=1e-2)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    worlds = [M.Episode(E.parse_conversation(E.make_world(11 + g, n_sessions=3)), s.data, s.algo, s.gen)
+    worlds = [M.Episode(W.parse_conversation(W.make_world(11 + g, n_sessions=3)), s.data, s.algo, s.gen)
               for g, s in ((g, train.world_streams(0, g, "cpu")) for g in slots)]
     cells, real = [], M.ppo_update
     M.ppo_update = lambda policy, ref, pools, *a: cells.extend(sum(len(r.cells) for r in p) for p in pools) or \
         real(policy, ref, pools, *a)
     try:
-        M.rl_step(model, ref, E.exact_answerer(cfg), tok, worlds, 3, cfg, opt)
+        M.rl_step(model, ref, W.exact_answerer(cfg), tok, worlds, 3, cfg, opt)
     finally:
         M.ppo_update = real
     return model.state_dict(), cells

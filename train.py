@@ -32,6 +32,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from tqdm import tqdm
 
 import eval as E
+import world as W
 from memr2 import (CHAT_MAX_NEW, LOCOMO_CHUNKS, PRETRAINED, AnswerAgent, Cell, RLConfig, Episode, answer_prompt, cell_logprobs,
                    context_sizes, extractor_prompt, facts_target, guarded_step, rl_step, manager_prompt, model_reader,
                    ops_target)
@@ -234,16 +235,16 @@ def load_data(args):
     ranges, so train, val and test never share a world."""
     if args.data == "locomo":
         try:
-            split = E.locomo_split(E.load_locomo(args.locomo_path))
-        except E.DataError as e:
+            split = W.locomo_split(W.load_locomo(args.locomo_path))
+        except W.DataError as e:
             raise UserError(str(e))
         empty = [k for k, convs in split.items() if not any(c.qa for c in convs)]
         if empty:  # no reward, no validation F1 or no test table
-            raise UserError(f"{args.locomo_path}: the {empty[0]} part ({', '.join(E.LOCOMO_SPLIT[empty[0]])}) has 0 "
+            raise UserError(f"{args.locomo_path}: the {empty[0]} part ({', '.join(W.LOCOMO_SPLIT[empty[0]])}) has 0 "
                             "questions; training needs some in every part (rewards, validation, the test table)")
         return {k: (None, v) for k, v in split.items()}
     pre = PRESETS[args.preset]
-    return E.synthetic_split({k: pre[f"{k}_worlds"] for k in ("train", "val", "test")}, args.sessions)
+    return W.synthetic_split({k: pre[f"{k}_worlds"] for k in ("train", "val", "test")}, args.sessions)
 
 
 def sft_examples(samples, convs, cfg: RLConfig, teacher: str, noise: float, seed: int, answer_role: bool) -> list:
@@ -251,17 +252,17 @@ def sft_examples(samples, convs, cfg: RLConfig, teacher: str, noise: float, seed
     output, the teacher's manager ops given the memory it has made so far, and (when the
     answerer is learned) the exact-lookup answer over what retrieval shows it."""
     ex = []
-    manager, miss = E.sft_teacher(teacher, noise)
+    manager, miss = W.sft_teacher(teacher, noise)
     for i, (s, c) in enumerate(zip(samples, convs)):
-        steps, bank = E.teacher_trace(s, c, cfg, manager, miss, seed + i)
+        steps, bank = W.teacher_trace(s, c, cfg, manager, miss, seed + i)
         for sess, chunk, facts, shown, ops in steps:
             ex.append(("ext", extractor_prompt(chunk, sess.date), facts_target(facts)))
             if facts:
                 ex.append(("mgr", manager_prompt(shown, facts), ops_target(ops)))
-        for b in (bank, E.teacher_memory(s, c, cfg)) if answer_role else ():  # taught and gold
+        for b in (bank, W.teacher_memory(s, c, cfg)) if answer_role else ():  # taught and gold
             for q in c.qa:
                 mem = retrieve_for_question(b, q.question, cfg.qa_top_k, cfg.qa_by_session)
-                ex.append(("ans", answer_prompt(mem, q.question), E.exact_answer(q.question, mem)))
+                ex.append(("ans", answer_prompt(mem, q.question), W.exact_answer(q.question, mem)))
     return ex
 
 
@@ -823,7 +824,7 @@ def warm_start(args, run: Path, cfg: RLConfig, device, data, log):
     for p in ref.parameters():
         p.requires_grad_(False)
     # The frozen answer agent: the exact reader (synthetic world) or the SFT model as reader.
-    answerer = (E.exact_answerer(cfg) if args.answerer == "exact" else
+    answerer = (W.exact_answerer(cfg) if args.answerer == "exact" else
                 AnswerAgent(model_reader(sft_model, tok, cfg), cfg, f"learned:{sft_dir}"))
     return model, ref, sft_model, tok, answerer
 
@@ -869,7 +870,7 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
             save(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0, "val": v})
     train_convs = data["train"][1][:args.train_worlds]  # None: all
     # judges score rows against the gold facts, for the credit-assignment diagnostic: LoCoMo has none
-    judges = {c.sample_id: E.make_judge(s) for s, c in zip(*data["train"])} if data["train"][0] else {}
+    judges = {c.sample_id: W.make_judge(s) for s, c in zip(*data["train"])} if data["train"][0] else {}
     lower_lr = f"resume with a lower --lr: python train.py --resume {run} --lr {min(cfg.lr / 10, RLConfig.lr):g} --override lr"
     bar = tqdm(range(st.step, args.steps[si]), desc=f"RL {S} sessions", dynamic_ncols=True, disable=this_rank() > 0)
     for step in bar:
