@@ -1937,7 +1937,7 @@ def test_fused_peak_memory_under_quarter_of_dense_on_cuda():
     assert fused < dense / 4
 
 
-# ==== eval.py: the LoCoMo loader ==================================================================
+# ==== world.py: the LoCoMo loader ===================================================================
 LOCOMO = Path(__file__).parent / "data" / "locomo10.json"
 
 
@@ -2150,7 +2150,7 @@ def test_loader_names_the_sample_and_field_of_bad_data(raw, tmp_path, damage, me
         load_locomo(tmp_path / "l.json")
 
 
-# ==== eval.py: the synthetic world, its teacher, the exact reader, decisions ======================
+# ==== world.py: the synthetic world, its teacher, the exact reader, decisions =====================
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_exact_answerer_reads_the_oracle_memory_perfectly(seed):
     # The frozen answer agent on the teacher's memory, through retrieval as in training:
@@ -2380,7 +2380,7 @@ def test_world_is_reproducible_changes_state_and_noise_hurts():
     seed, as a resumed run or another torchrun rank makes it), another seed another; the teacher's
     trace uses INSERT, UPDATE and DELETE; its memory reads at F1 1.0, a noisy teacher's lower."""
     hash_seed = "1" if os.environ.get("PYTHONHASHSEED") == "0" else "0"  # not this process's: sets of str iterate otherwise
-    p = subprocess.run([sys.executable, "-c", "import json, eval; print(json.dumps(eval.make_world(5)))"],
+    p = subprocess.run([sys.executable, "-c", "import json, world; print(json.dumps(world.make_world(5)))"],
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONHASHSEED=hash_seed),
                        cwd=str(Path(__file__).parent))
     assert p.returncode == 0, p.stderr

@@ -121,7 +121,7 @@ def build_parser():
     g.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's, tiny 2500, gpu 8000)")
     g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate (cosine to 10 %%)")
     g.add_argument("--teacher", choices=["habit", "noise"], default="habit",
-                   help="SFT teacher: an untrained manager's habits (eval.HABIT: UPDATEs written as INSERTs or "
+                   help="SFT teacher: an untrained manager's habits (world.HABIT: UPDATEs written as INSERTs or "
                         "replacing, corrections not DELETEd) or random noise at --teacher-noise (docs/method.md)")
     g.add_argument("--teacher-noise", type=float, default=0.3,
                    help="--teacher noise: rate of wrong/missing teacher ops (0: a perfect teacher)")
