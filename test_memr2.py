@@ -2679,6 +2679,12 @@ def test_eval_mistakes_are_one_line_errors(interrupted_run, tmp_path, damage, ar
     (["--minibatch", "-1"], "--minibatch -1: must be an integer >= 1"),  # else nothing would ever train
     (["--stages", "64", "--sessions", "8"], "--stages 64: a conversation has --sessions 8, so a larger stage would train on all of them"),
     (["--stages", "8,16,32", "--sessions", "16"], "cap the stages at 16"),
+    (["--data", "locomo", "--stages", "8,64"], f"--stages 8,64: the conversations of {LOCOMO_FILE} have at most 32 sessions"),
+    (["--train-worlds", "5000"], "--train-worlds 5000: the training part has 2 conversations (preset tiny): pass at most 2"),
+    # log-probs scale as 1/T: the run's every update would be non-finite, and a resume cannot change T
+    (["--temperature", "0.001"], "--temperature 0.001: must be a number in [0.1, 10]"),
+    (["--temperature", "1e-30"], "--temperature 1e-30: must be a number in [0.1, 10]"),
+    (["--temperature", "nan"], "--temperature nan: must be a number in [0.1, 10]"),
 ])
 def test_bad_flags_are_refused_before_anything_runs(tmp_path, tiny_preset, argv, message):
     """train.main with one bad flag: a UserError naming it, and nothing written."""
@@ -2687,11 +2693,26 @@ def test_bad_flags_are_refused_before_anything_runs(tmp_path, tiny_preset, argv,
     assert os.listdir(tmp_path) == []
 
 
+def test_world_size_without_torchrun_is_one_line(tmp_path, tiny_preset, monkeypatch):
+    """train.main with WORLD_SIZE=2 set by hand, without torchrun's other variables: a UserError saying to
+    launch with torchrun (or unset it), before anything is written."""
+    for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(train.UserError, match=re.escape("WORLD_SIZE=2 without torchrun's RANK, LOCAL_RANK, MASTER_ADDR, "
+                                                        "MASTER_PORT: launch with torchrun --nproc_per_node 2")):
+        train.main(["--out", str(tmp_path)])
+    assert os.listdir(tmp_path) == []
+
+
 def test_out_that_cannot_hold_a_run_and_stages_alone(tmp_path, tiny_preset, monkeypatch):
-    """train.main with --out a file: a UserError; --stages alone cuts or pads the preset's steps per stage."""
+    """train.main with --out a file, or --name a file or too long a name: a UserError saying which to
+    change; --stages alone cuts or pads the preset's steps per stage."""
     (tmp_path / "file").write_text("x")
-    with pytest.raises(train.UserError, match="cannot write the run directory"):
-        train.main(["--sessions", "3", "--stages", "2", "--out", str(tmp_path / "file")])
+    for where, fix in (([str(tmp_path / "file")], "--out"), ([str(tmp_path), "--name", "file"], "--name"),
+                       ([str(tmp_path), "--name", "n" * 300], "--name")):  # the place, or the name, is the problem
+        with pytest.raises(train.UserError, match=rf"cannot write the run directory .*\(choose another {fix}\)$"):
+            train.main(["--sessions", "3", "--stages", "2", "--out", *where])
     monkeypatch.setitem(train.PRESETS, "tiny", dict(TINY_PRESET, steps="10,5,5"))
     for stages, steps in (("32", [10]), ("8,16", [10, 5]), ("8,16,32,64", [10, 5, 5, 5])):  # cut or padded
         assert train.parse_args(["--stages", stages, "--sessions", "64"]).steps == steps

@@ -13,6 +13,7 @@ runs N ranks in data parallel over conversations (docs/training.md, 'More than o
 import argparse
 import contextlib
 import copy
+import errno
 import fcntl
 import json
 import math
@@ -75,7 +76,10 @@ FLAG_CHECKS = {
     "seed": (lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2^63)"),  # torch seeds are 64-bit; seed + i must fit too
     **{f: (lambda v: 0 <= v <= 1, "a number in [0, 1]") for f in ("p", "teacher_noise")},
     **{f: (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0") for f in ("lam", "phi")},
-    **{f: (lambda v: math.isfinite(v) and v > 0, "a finite number > 0") for f in ("lr", "sft_lr", "temperature")},
+    **{f: (lambda v: math.isfinite(v) and v > 0, "a finite number > 0") for f in ("lr", "sft_lr")},
+    # log-probs and their gaps scale as 1/T: from a 400-step SFT model, T 0.001 made every update non-finite (the
+    # run stopped, and no resume could change T), T 0.1 none in 4 steps; above 10 sampling is near uniform noise
+    "temperature": (lambda v: 0.1 <= v <= 10, "a number in [0.1, 10]"),
     "name": (lambda v: re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=-]*", v), "letters, digits, '_', '.', '-', '=' (no path)"),
 }
 # what may change when a run is resumed (--override); the rest would silently mix two runs
@@ -133,7 +137,7 @@ def build_parser():
     g.add_argument("--phi", type=float, default=None, help=f"free memory share phi of the dialogue (RLConfig: {d.phi})")
     g.add_argument("--lr", type=float, default=None, help=f"RL learning rate, constant (RLConfig: {d.lr})")
     g.add_argument("--temperature", type=float, default=None,
-                   help=f"rollout and log-prob temperature, global and local (RLConfig: {d.temperature}; the paper's 1)")
+                   help=f"rollout and log-prob temperature, global and local, 0.1 to 10 (RLConfig: {d.temperature}; the paper's 1)")
     g.add_argument("--ppo-epochs", type=int, default=None, help=f"passes over each step's pool (RLConfig: {d.ppo_epochs})")
     g.add_argument("--minibatch", type=int, default=None,
                    help=f"cells per optimizer step (RLConfig: {d.minibatch}). LoGo's local rows make ~1.5x GRPO's pool "
@@ -233,9 +237,22 @@ def load_data(args):
         if empty:  # no reward, no validation F1 or no test table
             raise UserError(f"{args.locomo_path}: the {empty[0]} part ({', '.join(E.LOCOMO_SPLIT[empty[0]])}) has 0 "
                             "questions; training needs some in every part (rewards, validation, the test table)")
-        return {k: (None, v) for k, v in split.items()}
-    pre = PRESETS[args.preset]
-    return E.synthetic_split({k: pre[f"{k}_worlds"] for k in ("train", "val", "test")}, args.sessions)
+        data = {k: (None, v) for k, v in split.items()}
+    else:
+        pre = PRESETS[args.preset]
+        data = E.synthetic_split({k: pre[f"{k}_worlds"] for k in ("train", "val", "test")}, args.sessions)
+    n_train = len(data["train"][1])
+    if args.train_worlds and args.train_worlds > n_train:  # RL would draw from all of them, not from the N asked for
+        raise UserError(f"--train-worlds {args.train_worlds}: the training part has {n_train} conversations"
+                        f"{f' (preset {args.preset})' if args.data == 'synthetic' else ''}: pass at most {n_train}")
+    # as finish_args refuses it for --sessions, against the file's longest conversation (not the training part's: the
+    # default 8,16,32 reads LoCoMo's training conversation, conv-43 with 29 sessions, whole in its last stage)
+    longest = max(len(c.sessions) for _, convs in data.values() for c in convs)
+    if args.data == "locomo" and max(args.stages) > longest:
+        raise UserError(f"--stages {','.join(map(str, args.stages))}: the conversations of {args.locomo_path} have at most "
+                        f"{longest} sessions, so a larger stage would train on all of them under another name: cap the "
+                        f"stages at {longest}")
+    return data
 
 
 def sft_examples(samples, convs, cfg: RLConfig, teacher: str, noise: float, seed: int, answer_role: bool) -> list:
@@ -525,8 +542,11 @@ def lock_run(run: Path) -> None:
     try:
         run.mkdir(parents=True, exist_ok=True)
         f = open(run / ".lock", "a+")
-    except OSError as e:
-        raise UserError(f"cannot write the run directory {run}: {e.strerror or e} (choose another --out)")
+    except OSError as e:  # the name's fault (too long, a file of that name) or the place's (--out, or the run's own dir)
+        long_name = e.errno == errno.ENAMETOOLONG and len(os.fsencode(run.name)) > 255  # NAME_MAX
+        fix = ("choose another --name" if long_name or os.path.lexists(run) and not run.is_dir()
+               else "make it writable" if run.is_dir() else "choose another --out")
+        raise UserError(f"cannot write the run directory {run}: {e.strerror or e} ({fix})")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -620,8 +640,15 @@ def main(argv=None) -> dict:
 def join_ranks() -> bool:
     """Under torchrun (WORLD_SIZE > 1 in the environment): join its process group, NCCL for CUDA
     tensors, gloo for CPU tensors and pickled objects. -> whether this call joined it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or dist.is_initialized():
+    size = os.environ.get("WORLD_SIZE", "1")
+    if not size.strip().isdigit():
+        raise UserError(f"WORLD_SIZE={size!r} in the environment: must be a number of ranks (torchrun sets it)")
+    if int(size) < 2 or dist.is_initialized():
         return False
+    missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:  # WORLD_SIZE set by hand, not by torchrun: the env:// rendezvous would stop with a traceback
+        raise UserError(f"WORLD_SIZE={size} without torchrun's {', '.join(missing)}: launch with torchrun "
+                        f"--nproc_per_node {size} train.py ..., or unset WORLD_SIZE for one process")
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return True
 
