@@ -649,6 +649,26 @@ def test_unsupported_or_incomplete_hf_dirs_are_one_line_errors(hf_dir, tmp_path)
         assert "\n" not in str(e.value)
 
 
+def test_an_hf_dir_with_a_nan_weight_is_refused_where_it_is_read(hf_dir, tmp_path, tiny_preset):
+    """A copy of an HF directory with one NaN weight: load_checkpoint raises a CheckpointError naming it,
+    eval.py exits with that line instead of a table, and train.py --init-hf stops with it (not with a
+    "make room" at its first save)."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    d = Path(shutil.copytree(hf_dir, tmp_path / "nan"))
+    sd = load_file(d / "model.safetensors")
+    sd["model.norm.weight"][3] = float("nan")
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="non-finite weights in norm.weight"):
+        load_checkpoint(d)
+    with pytest.raises(SystemExit, match="^error: .*non-finite weights in norm.weight"):
+        E.main([str(d), "--worlds", "1", "--sessions", "1"])
+    with pytest.raises(train.UserError, match="non-finite weights in norm.weight") as e:
+        train.main(["--init-hf", str(d), "--sessions", "3", "--stages", "2", "--out", str(tmp_path), "--name", "r",
+                    "--no-final-eval", "--threads", "1"])
+    assert "make room" not in str(e.value)
+
+
 def test_tiny_checkpoint_config_keeps_its_old_fields(tok, tmp_path):
     """save_checkpoint of a tiny model writes config.json with exactly the tiny format's fields, in
     order, and loads back the same ModelConfig."""
