@@ -2445,15 +2445,17 @@ def straight_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("nth, full", [
-    (1, OSError(28, "No space left on device")),  # the first `last`, before any RL line
-    (2, SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")),  # after step 1
-    (3, OSError(28, "No space left on device")),  # a later one
+@pytest.mark.parametrize("nth, full, fix", [
+    (1, OSError(28, "No space left on device"), "make room"),  # the first `last`, before any RL line
+    (2, SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), "make room"),  # after step 1
+    (3, OSError(28, "No space left on device"), "make room"),  # a later one
+    (2, OSError(30, "Read-only file system"), "make {run} writable"),  # no room to make
 ])
 def test_a_full_disk_stops_with_one_line_and_the_run_resumes_as_if_never_stopped(
-        straight_run, tmp_path, tiny_preset, monkeypatch, nth, full):
-    """train.main whose nth save of `last` meets a full disk: a one-line UserError saying to make room
-    and resume, no temporary files left; the resumed run logs what the straight run logged."""
+        straight_run, tmp_path, tiny_preset, monkeypatch, nth, full, fix):
+    """train.main whose nth save of `last` meets a full disk (or a read-only one): a one-line UserError
+    saying to make room (or make the run writable) and resume, no temporary files left; the resumed run
+    logs what the straight run logged."""
     import model as model_py
     argv = STRAIGHT + ["--init", str(straight_run / "sft-src" / "sft"), "--out", str(tmp_path)]
     real, calls = model_py.save_file, []
@@ -2466,13 +2468,25 @@ def test_a_full_disk_stops_with_one_line_and_the_run_resumes_as_if_never_stopped
         return real(tensors, path, *a, **k)
     with monkeypatch.context() as m:
         m.setattr(model_py, "save_file", save_file)
-        with pytest.raises(train.UserError, match="No space left on device") as e:
+        with pytest.raises(train.UserError, match=re.escape(str(full).split("] ")[-1])) as e:
             train.main(argv + ["--name", "r"])
     run = tmp_path / "r"
-    assert "last: cannot save" in str(e.value) and f"make room, then resume: python train.py --resume {run}" in str(e.value)
+    assert "last: cannot save" in str(e.value) and f"{fix.format(run=run)}, then resume: python train.py --resume {run}" in str(e.value)
     assert "\n" not in str(e.value) and not [f for f in os.listdir(run) if ".tmp-" in f]
     train.main(["--resume", str(run)])
     assert rl_lines(run) == rl_lines(straight_run / "straight")
+
+
+def test_a_refusal_to_save_non_finite_weights_says_what_is_kept_not_make_room(tmp_path, tiny_preset, monkeypatch):
+    """train.main whose NaN weights pass the finite-weights check (disabled here) to the save of `last`:
+    the save's refusal, saying the last checkpoint is kept, not that the disk needs room."""
+    monkeypatch.setattr(train, "check_finite", lambda *a: None)
+    monkeypatch.setattr(train, "logo_step", _nan_weights_step)
+    with pytest.raises(train.UserError, match="refusing to save non-finite values in norm.weight") as e:
+        train.main(["--sessions", "3", "--stages", "2", "--val-every", "9", "--out", str(tmp_path), "--name", "r",
+                    "--no-final-eval", "--threads", "1"])
+    assert str(e.value).endswith(f"nothing non-finite was written, {tmp_path / 'r'} keeps its last checkpoint")
+    assert "make room" not in str(e.value)
 
 
 @pytest.fixture(scope="module")
@@ -2527,7 +2541,8 @@ def test_a_first_command_that_never_started_does_not_block_its_correction(tmp_pa
 
 def test_a_resume_before_the_first_rl_checkpoint_repeats_no_log_line(tmp_path):
     """restart_log after a kill during SFT or right after the first validation: it keeps the SFT lines
-    with the SFT model and none without it; RL lines without `last` are a UserError."""
+    with the SFT model and none without it, and leaves out a torn last line; RL lines without `last`,
+    or a damaged line before the last, are a UserError."""
     # killed during SFT, or right after the first validation: nothing after the SFT model may stay
     log = [{"phase": "sft", "step": 0}, {"phase": "sft", "step": 7}, {"phase": "val", "stage": 2, "step": 0}]
     for keep_sft, kept in ((True, log[:2]), (False, [])):  # without its SFT model, SFT is redone and logs afresh
@@ -2536,6 +2551,13 @@ def test_a_resume_before_the_first_rl_checkpoint_repeats_no_log_line(tmp_path):
         assert [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == kept
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"phase": "rl", "step": 1}) + "\n")
     with pytest.raises(train.UserError, match="last is missing although RL steps were logged"):
+        train.restart_log(tmp_path, True)
+    # a kill while the last line was written: that line goes as the other non-SFT lines go, and blocks nothing
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log[:2]) + '{"phase": "va')
+    assert train.restart_log(tmp_path, True) == 2
+    assert [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == log[:2]
+    (tmp_path / "metrics.jsonl").write_text('{"phase": "sf\n' + json.dumps(log[1]) + "\n")  # not torn: damaged
+    with pytest.raises(train.UserError, match="metrics.jsonl line 1 is not JSON"):
         train.restart_log(tmp_path, True)
 
 
@@ -2563,8 +2585,9 @@ def test_a_second_writer_on_a_run_is_refused(tmp_path, tiny_preset):
 
 
 def test_resume_refuses_changed_flags_unless_overridden(tmp_path, tiny_preset):
-    """--resume with changed flags: a UserError listing them and which may be overridden; lr and threads
-    change with --override and are saved; a later resume keeps the run's threads."""
+    """--resume with changed flags: a UserError listing them and which may be overridden, and args.json
+    untouched, also by an override that another check refuses; a flag given at the run's own value is
+    accepted; lr and threads change with --override and are saved; a later resume keeps the run's threads."""
     run = tmp_path / "r"
     train.main(["--sessions", "3", "--stages", "2", "--steps-per-stage", "0", "--out", str(tmp_path), "--name", "r",
                 "--no-final-eval", "--threads", "1"])
@@ -2580,6 +2603,10 @@ def test_resume_refuses_changed_flags_unless_overridden(tmp_path, tiny_preset):
         with pytest.raises(train.UserError, match=re.escape(message)):
             train.main(["--resume", str(run), *argv])
     assert (run / "args.json").read_text() == saved
+    with pytest.raises(train.UserError, match="unknown device"):  # an override that fails a later check: nothing saved
+        train.main(["--resume", str(run), "--device", "tpu", "--override", "device"])
+    assert (run / "args.json").read_text() == saved
+    train.main(["--resume", str(run), "--sessions", "3"])  # the run's own value, not checked against the defaults
     train.main(["--resume", str(run), "--lr", "1e-05", "--threads", "2", "--override", "lr,threads"])
     assert json.loads((run / "args.json").read_text())["argv"][-4:] == ["--lr", "1e-05", "--threads", "2"]
     assert torch.get_num_threads() == 2
@@ -2614,6 +2641,12 @@ def _nan_weights(ck):
     save_file(sd, ck / "model.safetensors")
 
 
+def _edit_flag(run, flag, value):
+    a = json.loads((run / "args.json").read_text())
+    a["argv"][a["argv"].index(flag) + 1] = value
+    (run / "args.json").write_text(json.dumps(a))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda r: (r / "last" / "meta.json").write_text("{}"), "last cannot be resumed (KeyError: 'pos')"),
     (lambda r: os.remove(r / "last" / "tensors.safetensors"), "last cannot be resumed (KeyError: 'torch_gen')"),
@@ -2625,6 +2658,9 @@ def _nan_weights(ck):
     (lambda r: os.remove(r / "best-stage0"), "best-stage0 is missing: stage 2 has no warm start"),
     (lambda r: os.remove(r / "last"), "last is missing although RL steps were logged"),
     (lambda r: _nan_weights(r / "last"), "non-finite weights in norm.weight"),
+    # args.json edited by hand: `last` keeps the flags it was trained with
+    (lambda r: _edit_flag(r, "--stages", "2"), "args.json differs from the flags"),
+    (lambda r: _edit_flag(r, "--stages", "2"), "--stages [2] (last: [2, 3]); --steps [1] (last: [1, 1]); restore it"),
 ])
 def test_a_damaged_run_is_a_one_line_error_on_resume(interrupted_run, tmp_path, tiny_preset, damage, message):
     """--resume of a run stopped in its second stage, with one piece damaged or missing: a one-line
@@ -2634,6 +2670,45 @@ def test_a_damaged_run_is_a_one_line_error_on_resume(interrupted_run, tmp_path, 
     with pytest.raises(train.UserError, match=re.escape(message)) as e:
         train.main(["--resume", str(run)])
     assert "\n" not in str(e.value)
+
+
+def test_a_run_whose_sft_model_is_gone_trains_no_other_one(interrupted_run, tmp_path, tiny_preset, monkeypatch):
+    """--resume of a run stopped in RL whose sft/ was deleted, also with --sft-steps overridden: a UserError
+    saying to restore it (SFT flags change only before the run has trained from an SFT model); no SFT runs."""
+    import shutil
+    run = copy_run(interrupted_run, tmp_path)
+    for f in run.glob("sft*"):
+        shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
+    monkeypatch.setattr(train, "sft", lambda *a: pytest.fail("a new SFT model was trained"))
+    with pytest.raises(train.UserError, match=re.escape(f"{run / 'sft'} is missing, but {run / 'last'} was trained from it")):
+        train.main(["--resume", str(run)])
+    with pytest.raises(train.UserError, match=re.escape("--override sft_steps: on resume only lr, threads, device, no_final_eval")):
+        train.main(["--resume", str(run), "--sft-steps", "5", "--override", "sft_steps"])
+
+
+def test_a_run_with_a_relative_init_resumes_from_another_directory(straight_run, tmp_path, tiny_preset, monkeypatch):
+    """train.main with --init relative to the working directory, resumed from another: args.json names the
+    SFT model by its absolute path, so the resume finds it."""
+    monkeypatch.chdir(straight_run)
+    train.main([*STRAIGHT, "--steps-per-stage", "0", "--init", "sft-src/sft", "--out", str(tmp_path), "--name", "r"])
+    assert json.loads((tmp_path / "r" / "args.json").read_text())["argv"][-2:] == ["--init", str(straight_run / "sft-src" / "sft")]
+    monkeypatch.chdir(tmp_path)
+    train.main(["--resume", str(tmp_path / "r")])
+
+
+def test_an_interrupt_names_the_run_to_resume(tmp_path, tiny_preset, monkeypatch):
+    """KeyboardInterrupt in a run's first RL step: its line names the run dir to resume; during setup,
+    before the run exists, it says to run the same command again."""
+    argv = ["--sessions", "3", "--stages", "2", "--out", str(tmp_path), "--name", "r", "--no-final-eval", "--threads", "1"]
+    with monkeypatch.context() as m:
+        interrupt_on_call(m, train, "logo_step", 1)
+        with pytest.raises(KeyboardInterrupt) as e:
+            train.main(argv)
+    assert train.interrupted(e.value) == f"interrupted: resume with python train.py --resume {tmp_path / 'r'} (from its last checkpoint)"
+    interrupt_on_call(monkeypatch, train, "load_data", 1)
+    with pytest.raises(KeyboardInterrupt) as e:
+        train.main([*argv[:7], "r2", *argv[8:]])
+    assert train.interrupted(e.value) == "interrupted before the run started: run the same command again"
 
 
 def _vocab_10(ck):

@@ -403,6 +403,7 @@ class RunState:
     fails: int = 0  # steps with skipped (non-finite) updates, all stages
     lines: int = 0  # lines in metrics.jsonl: a resume cuts the log back to it
     minutes: float = 0.0  # SFT and RL minutes up to the latest `last` (all processes; a resume reads it back)
+    flags: dict = field(default_factory=dict)  # fixed_flags of the run: saved with `last`, which a resume checks them against
     since: float = field(default_factory=time.time)  # when the time not yet in `minutes` began
 
     def log(self, rec: dict) -> None:
@@ -419,7 +420,8 @@ def start_state(args, run: Path, device) -> RunState:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     W = args.worlds_per_step
-    st = RunState(run / "metrics.jsonl", [world_streams(args.seed, this_rank() * W + w, device) for w in range(W)])
+    st = RunState(run / "metrics.jsonl", [world_streams(args.seed, this_rank() * W + w, device) for w in range(W)],
+                  flags=fixed_flags(args))
     if not args.resume:
         on_rank0(st.metrics.unlink, True)  # e.g. of a run that failed before its first checkpoint
     elif not (run / "last").exists():
@@ -427,11 +429,17 @@ def start_state(args, run: Path, device) -> RunState:
     return st
 
 
+def fixed_flags(args) -> dict:
+    """The parsed flags that make the run what it is, fixed for its life: all but where it lives and
+    what --override may change."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in OVERRIDABLE + ("out", "name", "resume", "override")}
+
+
 def restart_log(run: Path, keep_sft: bool) -> int:
     """Before a resume that has no RL checkpoint yet: keep the SFT log only if the SFT model
     it belongs to exists (else SFT is redone and logs afresh), drop the rest. -> lines kept."""
     f = run / "metrics.jsonl"
-    recs = [json.loads(l) for l in log_lines(f)]
+    recs = [json.loads(l) for l in log_lines(f, torn_end=True)]
     if any(r.get("phase") == "rl" for r in recs):
         raise UserError(f"{run / 'last'} is missing although RL steps were logged: cannot resume (start a new run)")
     kept = [json.dumps(r) for r in recs if keep_sft and r.get("phase") == "sft"]
@@ -439,10 +447,16 @@ def restart_log(run: Path, keep_sft: bool) -> int:
     return len(kept)
 
 
-def log_lines(f: Path, n: int | None = None) -> list:
+def log_lines(f: Path, n: int | None = None, torn_end: bool = False) -> list:
     """The first n lines (all if None) of a run's metrics.jsonl, each checked as JSON before a
-    resume does any work: the report reads them all back at the end."""
+    resume does any work: the report reads them all back at the end. torn_end: a last line that
+    is not JSON (a kill while it was written) is left out."""
     lines = f.read_text().splitlines()[:n] if f.exists() else []
+    if torn_end and lines:
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
     for i, line in enumerate(lines):
         try:
             json.loads(line)
@@ -457,7 +471,7 @@ def save_rl_state(path, policy, tok, opt, st: RunState) -> None:
     st.minutes, st.since = st.minutes + (time.time() - st.since) / 60, time.time()
     slots = [s for rank_slots in gather_over_ranks([(_jsonable(s.data.getstate()), _jsonable(s.algo.getstate()),
                                                       s.gen.get_state()) for s in st.streams]) for s in rank_slots]
-    meta = {"pos": {k: getattr(st, k) for k in POS}, "minutes": st.minutes, "worlds": len(slots)}
+    meta = {"pos": {k: getattr(st, k) for k in POS}, "minutes": st.minutes, "worlds": len(slots), "flags": st.flags}
     tensors = {"torch_rng": torch.get_rng_state()}
     for g, (data, algo, gen) in enumerate(slots):
         meta[slot_key("data_rng", g)], meta[slot_key("algo_rng", g)], tensors[slot_key("torch_gen", g)] = data, algo, gen
@@ -489,6 +503,12 @@ def resume_from_last(run: Path, device, policy, st: RunState, cfg: RLConfig):
     -> the optimizer. Every piece is checked: a damaged checkpoint is a one-line error, never
     a silent restart."""
     ck = load_ckpt(run / "last", device)
+    trained = ck["meta"].get("flags", {})  # a flag only one side names (a `last` of older code, a newer flag) is not compared
+    differ = [f"--{k.replace('_', '-')} {st.flags[k]} (last: {trained[k]})"
+              for k in sorted(trained.keys() & st.flags.keys()) if trained[k] != st.flags[k]]
+    if differ:  # args.json edited by hand: the run would go on, and report, as another run
+        raise UserError(f"{run / 'args.json'} differs from the flags {run / 'last'} was trained with: {'; '.join(differ)}; "
+                        "restore it (or start a new run)")
     W, saved = len(st.streams), ck["meta"].get("worlds", 1)
     if saved != W * ranks():
         raise UserError(f"{run / 'last'} rolls out {saved} worlds per step, this start {W * ranks()} "
@@ -577,7 +597,8 @@ def given_flags(argv: list) -> dict:
 
 def resumed_args(run: Path, argv: list):
     """The run's own flags. Flags given with --resume must match them, except those named in
-    --override (from OVERRIDABLE), which then become the run's flags from here on."""
+    --override (from OVERRIDABLE), which then become the run's flags from here on. -> (args, the
+    command line args.json is to hold, the changed flags), written by setup_run once all is checked."""
     try:
         saved = json.loads((run / "args.json").read_text())["argv"]
         run_flags = vars(build_parser().parse_args(saved))
@@ -586,7 +607,9 @@ def resumed_args(run: Path, argv: list):
     given = given_flags(argv)
     given.pop("resume", None)
     override = {f.strip().replace("-", "_") for f in given.pop("override", "").split(",") if f.strip()}
-    allowed = OVERRIDABLE + (() if run_flags["init"] or (run / "sft").exists() else OVERRIDABLE_BEFORE_SFT)
+    # SFT flags only while the run has no SFT model: not once RL has started from one (`last`), even if it is gone
+    before_sft = not (run_flags["init"] or (run / "sft").exists() or (run / "last").exists())
+    allowed = OVERRIDABLE + (OVERRIDABLE_BEFORE_SFT if before_sft else ())
     if override - set(allowed):
         raise UserError(f"--override {','.join(sorted(override - set(allowed)))}: on resume only "
                         f"{', '.join(allowed)} may change")
@@ -601,11 +624,8 @@ def resumed_args(run: Path, argv: list):
     for k, v in differ.items():  # the overrides, appended: argparse keeps the last value
         saved = saved + [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     args = parse_args(saved)
-    if differ:
-        on_rank0(write_run_args, run, saved, rl_config(args), args.answerer, args.data)
-        print(f"resume with changed flags: {', '.join(differ)}")
     args.resume = str(run)
-    return args
+    return args, saved, differ
 
 
 def check_finite(model, what: str, fix: str) -> None:
@@ -674,7 +694,7 @@ def on_rank0(fn, *a):
 
 
 def run_all(argv: list) -> dict:
-    args, run, device, cfg, data = setup_run(argv)
+    args, run, device, cfg, data = setup_run(argv)  # an interrupt in here leaves no run behind: the same command again
     try:
         st = start_state(args, run, device)
         policy, ref, sft_model, tok, answerer = warm_start(args, run, cfg, device, data, st.log)
@@ -684,24 +704,53 @@ def run_all(argv: list) -> dict:
         for si in range(st.stage, len(args.stages)):
             opt = train_stage(si, args, run, cfg, device, data, st, opt, policy, ref, sft_model, tok, answerer)
         return final_test(args, run, cfg, device, data, tok, answerer, st)
-    except (CheckpointError, OSError) as e:  # a full disk: saves are atomic and `last` exists before RL logs
-        raise UserError(f"{e if isinstance(e, CheckpointError) else one_line(e)}; "
-                        f"make room, then resume: python train.py --resume {run}") from e
+    except KeyboardInterrupt as e:  # the __main__ handler names the run to resume
+        e.run = run
+        raise
+    except (CheckpointError, OSError) as e:  # e.g. a full disk: saves are atomic and `last` exists before RL logs
+        raise UserError(f"{e if isinstance(e, CheckpointError) else one_line(e)}; {write_fix(e, run)}") from e
+
+
+def interrupted(e: KeyboardInterrupt) -> str:
+    """The line for an interrupt: the command that continues the run (run_all names it), or, before
+    setup_run finished, none is needed: the same command again (a run that never started is taken over)."""
+    run = getattr(e, "run", None)
+    return (f"interrupted: resume with python train.py --resume {run} (from its last checkpoint)" if run else
+            "interrupted before the run started: run the same command again")
+
+
+def write_fix(e: Exception, run: Path) -> str:
+    """What to do about an error that stopped the run: by the OS error behind it (safetensors' own
+    errors name it in their text, "... (os error 28)"), or a refusal to save non-finite values."""
+    if isinstance(e, CheckpointError) and "non-finite" in str(e):  # model.save_checkpoint's refusal: a resume repeats it
+        return f"nothing non-finite was written, {run} keeps its last checkpoint"
+    cause = e if isinstance(e, OSError) else e.__cause__
+    code = getattr(cause, "errno", None) or next((int(m) for m in re.findall(r"os error (\d+)", str(e))), None)
+    resume = f"then resume: python train.py --resume {run}"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"make room, {resume}"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"make {run} writable, {resume}"
+    return f"fix that, {resume}"
 
 
 def setup_run(argv: list):
     """Flags, run directory and its lock, device, RL config, data. -> (args, run, device, cfg, data).
     Every user mistake found here stops the run before it writes a file."""
-    args = parse_args(argv)
-    run = Path(args.out) / args.name
+    args = build_parser().parse_args(argv)  # checked by finish_args: a resume's once merged with the run's own flags
+    changed = {}
     if args.resume:
         run = Path(args.resume)
         if not (run / "args.json").exists():
             raise UserError(f"--resume {run}: not a run directory (no args.json)")
         on_rank0(lock_run, run)
-        args = resumed_args(run, argv)  # the run continues with the flags it started with
+        args, argv, changed = resumed_args(run, argv)  # the run continues with the flags it started with
     elif args.override:
         raise UserError("--override only applies with --resume")
+    else:
+        args = finish_args(args)
+        run = Path(args.out) / args.name
+        argv = argv + absolute_paths(args)  # args.json's: a resume from another directory finds the same files
     torch.set_num_threads(args.threads)
     try:
         device = pick_device(args.device)
@@ -716,7 +765,23 @@ def setup_run(argv: list):
     data = load_data(args)  # before anything is written: a bad data path leaves no half run behind
     if not args.resume:
         on_rank0(new_run_dir, run, argv, cfg, args.answerer, args.data)
+    elif changed:  # only now: a change that fails a check above (e.g. --device cuda without one) leaves args.json as it was
+        on_rank0(write_run_args, run, argv, cfg, args.answerer, args.data)
+        print(f"resume with changed flags: {', '.join(changed)}")
     return args, run, device, cfg, data
+
+
+def absolute_paths(args) -> list:
+    """Flags that make args' relative paths absolute, in args and as flags to append to its command
+    line (argparse keeps the last value), so that args.json names the same files from any directory."""
+    extra = []
+    for flag in ("init_hf" if args.init_hf else "init", "locomo_path"):
+        v = getattr(args, flag)
+        if v and not os.path.isabs(v):
+            setattr(args, flag, os.path.abspath(v))
+            extra += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    args.init = args.init_hf or args.init  # finish_args' alias of --init-hf
+    return extra
 
 
 def shard(policy, ref, sft_model, device) -> None:
@@ -795,6 +860,8 @@ def warm_start(args, run: Path, cfg: RLConfig, device, data, log):
             prepare_pretrained(model, cfg, args, device)
     elif args.init:
         raise UserError(f"--init {sft_dir}: no checkpoint there")
+    elif (run / "last").exists():  # a new SFT model would not be the start of the RL it has trained, nor its base row
+        raise UserError(f"{sft_dir} is missing, but {run / 'last'} was trained from it: restore it, or start a new run")
     else:
         if args.data == "locomo":
             raise UserError("--data locomo has no teacher traces: pass --init <an SFT checkpoint> (e.g. runs/<name>/sft)")
@@ -977,6 +1044,6 @@ if __name__ == "__main__":
         if os.environ.get("RANK", "0") == "0":  # every rank stops with the same line: rank 0 says it
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: resume with --resume <run dir> (the last finished step is saved)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print("\n" + interrupted(e), file=sys.stderr)
         sys.exit(130)
