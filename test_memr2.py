@@ -2279,6 +2279,29 @@ def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
     assert json.loads((tmp_path / "results" / "runs.json").read_text())[0]["seed"] == 1
 
 
+def test_compare_refuses_a_run_twice_and_runs_that_are_not_one_experiment(tmp_path):
+    """compare on hand-written runs: the same directory twice, a copy (same arm and seed), one arm with
+    two step plans, or runs whose recorded setup differs (LoCoMo against synthetic data): a DataError
+    naming both runs; runs that differ only in arm and seed make the table."""
+    def run(name, algo="logo", seed=0, steps=(1,), data="synthetic"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "result.json").write_text(json.dumps({
+            "algo": algo, "stages": [8], "steps": list(steps), "seed": seed, "minutes": 1.0, "setup": {"data": data, "lr": 5e-5},
+            "base": {"f1_overall": 10.0}, "trained": {"f1_overall": 20.0 + seed}, "oracle": None}))
+        (d / "metrics.jsonl").write_text(json.dumps({"phase": "val", "stage": 8, "step": 0, "f1_overall": 10.0}) + "\n")
+        return d
+    a, b, g = run("a"), run("b", seed=1), run("g", algo="grpo")
+    assert "| logo 8 | 2 |" in E.compare([a, b, g], tmp_path / "res")  # arms and seeds: one experiment
+    for runs, message in (([a, b, a], f"{a} and {a} are the same run"),
+                          ([a, tmp_path / "b" / ".." / "a"], "are the same run"),
+                          ([a, b, run("copy")], f"{a} and {tmp_path / 'copy'} are both logo 8 seed 0 (a copy?)"),
+                          ([a, run("long", seed=2, steps=(5,))], "are both logo 8 but train [1] and [5] steps per stage"),
+                          ([a, g, run("l", seed=3, data="locomo")], f"{a} and {tmp_path / 'l'} differ in data (synthetic against locomo)")):
+        with pytest.raises(DataError, match=re.escape(message)):
+            E.compare(runs, tmp_path / "res")
+
+
 def test_t_interval_matches_the_textbook_formula():
     """t_interval of 1..5: mean 3 and half-width t(0.975, 4 df) x SE = 2.776 x 0.7071."""
     mean, lo, hi = E.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # sd 1.5811, se 0.7071, t(4) = 2.776
@@ -2507,6 +2530,24 @@ def test_a_finished_run_resumed_keeps_its_minutes(finished_run, tmp_path, tiny_p
     assert minutes > 0
     assert train.main(["--resume", str(run)])["minutes"] == minutes  # nothing to train: the test again, same minutes
     assert json.loads((run / "result.json").read_text())["minutes"] == minutes
+
+
+def test_a_finished_run_records_its_setup_and_compare_pairs_only_runs_of_one(finished_run, straight_run, tmp_path):
+    """result.json of a finished run: its setup names the data, sessions, absolute SFT start and resolved RL
+    knobs, not its arm or seed; compare takes it with another seed of the same setup and refuses it with
+    a run of another --sessions."""
+    import shutil
+    setup = json.loads((finished_run / "result.json").read_text())["setup"]
+    assert (setup["data"], setup["sessions"], setup["init"], setup["n"], setup["lr"]) == \
+        ("synthetic", 3, str(straight_run / "sft-src" / "sft"), 2, 5e-5)
+    assert not {"algo", "stages", "steps", "seed", "minibatch", "threads"} & setup.keys()
+    other = Path(shutil.copytree(finished_run, tmp_path / "other", symlinks=True))
+    r = json.loads((other / "result.json").read_text())
+    (other / "result.json").write_text(json.dumps(r | {"seed": 1}))
+    assert "| logo 2 | 2 |" in E.compare([finished_run, other], tmp_path / "res")
+    (other / "result.json").write_text(json.dumps(r | {"seed": 1, "setup": setup | {"sessions": 4}}))
+    with pytest.raises(DataError, match=re.escape(f"{finished_run} and {other} differ in sessions (3 against 4)")):
+        E.compare([finished_run, other], tmp_path / "res")
 
 
 def test_a_damaged_log_stops_a_resume_before_any_work(finished_run, tmp_path, tiny_preset, monkeypatch):
@@ -2741,6 +2782,26 @@ def test_eval_mistakes_are_one_line_errors(interrupted_run, tmp_path, damage, ar
     with pytest.raises(SystemExit) as e:
         E.main(argv)
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_eval_of_a_checkpoint_a_run_replaces_meanwhile_writes_nothing_into_the_new_one(interrupted_run, tmp_path, monkeypatch):
+    """eval.main on a run whose best-stage0 a training run saves again during the evaluation: the new
+    version gets no result of the old weights, and a one-line error says to evaluate again; without a
+    new save the result lands beside the version read."""
+    run = copy_run(interrupted_run, tmp_path)
+    real = E.evaluate
+    def evaluate_while_a_run_saves(model, *a, **k):
+        ck = load_checkpoint(run / "best-stage0")
+        save_checkpoint(run / "best-stage0", ck["model"], ck["tok"], {"val_f1": 99.0})  # the run's new best
+        return real(model, *a, **k)
+    monkeypatch.setattr(E, "evaluate", evaluate_while_a_run_saves)
+    with pytest.raises(SystemExit, match=re.escape(f"error: {run / 'best-stage0'} was replaced by a training run")):
+        E.main([str(run), "--worlds", "1", "--sessions", "1"])
+    new = run / "best-stage0"
+    assert json.loads((new / "meta.json").read_text())["val_f1"] == 99.0 and not (new / "eval-synthetic-test.json").exists()
+    monkeypatch.setattr(E, "evaluate", real)
+    E.main([str(run), "--worlds", "1", "--sessions", "1"])
+    assert (new / "eval-synthetic-test.json").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

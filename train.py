@@ -987,11 +987,19 @@ def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, st: 
             names = list(table)
             (run / "result.json").write_text(json.dumps({
                 "algo": cfg.algo, "stages": args.stages, "steps": args.steps, "seed": args.seed, "minutes": result["minutes"],
-                "answerer": answerer.name, "minibatch": cfg.minibatch,
+                "answerer": answerer.name, "minibatch": cfg.minibatch, "setup": run_setup(args, cfg),
                 "base": table[names[0]], "trained": table[names[1]], "oracle": table.get(names[2]) if len(names) > 2 else None},
                 indent=1))
     st.log({"phase": "done", **result})
     return result
+
+
+def run_setup(args, cfg: RLConfig) -> dict:
+    """What runs of one experiment share (eval.compare refuses runs that differ in it): the flags and
+    RL knobs (cfg's values, defaults resolved), less what tells its arms and seeds apart (eval._arm)
+    and what changes how a run computes, not what (sharding, recomputation, kernel chunks)."""
+    arm = ("algo", "stages", "steps", "steps_per_stage", "minibatch", "seed", "fsdp", "grad_ckpt", "logprob_chunk")
+    return {k: v for k, v in sorted((fixed_flags(args) | asdict(cfg)).items()) if k not in arm}
 
 
 def base_test(args, run: Path, cfg: RLConfig, device, tok, answerer, test, samples) -> dict:
