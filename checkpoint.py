@@ -414,6 +414,8 @@ def load_hf(path, device="cpu") -> dict:
                               f"config makes {list(want[ours].shape)}"
                               + (f" ({len(wrong)} weights differ)" if len(wrong) > 1 else ""))
     sd = {ours: weights[theirs].float() for ours, theirs in names.items()}
+    if non_finite(sd):  # as load_checkpoint: a run would stop at its first save, an evaluation print a table of noise
+        raise CheckpointError(f"{path}: non-finite weights in {non_finite(sd)}")
     model = build_model(cfg, sd)
     meta = {"kind": "hf", "arch": c["architectures"][0], "source": path}
     return {"model": model.to(device), "tok": tok, "meta": meta, "optimizer_state": None, "tensors": {}}

@@ -304,6 +304,7 @@ def compare(run_dirs: list, out_dir: Path) -> str:
     runs = []
     for d in run_dirs:
         runs.append(read_run_result(Path(d)))
+    check_comparable(run_dirs, runs)
     arms = {}
     for r in runs:
         arms.setdefault(_arm(r), []).append(r)
@@ -360,6 +361,34 @@ def compare(run_dirs: list, out_dir: Path) -> str:
     (out_dir / "table.md").write_text("\n".join(md) + "\n")
     _plots(arms, curves, out_dir)
     return "\n".join(md)
+
+
+def check_comparable(run_dirs: list, runs: list) -> None:
+    """A DataError unless the runs make one experiment: each run once, each seed once per arm, one
+    step plan per arm, and one setup (result.json's "setup": data, sessions, SFT start, RL knobs...)
+    in every run that records it. Else the table would count a run twice or average runs of
+    different starts, e.g. LoCoMo's base F1 with the synthetic world's, into one number."""
+    where, seeds, plans, setups = {}, {}, {}, []
+    for d, r in zip(run_dirs, runs):
+        arm = _arm(r)
+        for seen, key, problem in ((where, Path(d).resolve(), "the same run: a run counts once"),
+                                   (seeds, (arm, r["seed"]), f"both {arm} seed {r['seed']} (a copy?): a seed counts once per arm")):
+            if key in seen:
+                raise DataError(f"{seen[key]} and {d} are {problem}")
+            seen[key] = d
+        first, steps = plans.setdefault(arm, (d, r.get("steps")))
+        if steps != r.get("steps"):
+            raise DataError(f"{first} and {d} are both {arm} but train {steps} and {r.get('steps')} steps per stage: "
+                            "compare them separately")
+        if isinstance(r.get("setup"), dict):
+            setups.append((d, r["setup"]))
+    for d, setup in setups[1:]:
+        d0, s0 = setups[0]
+        differ = [k for k in sorted(s0.keys() & setup.keys()) if s0[k] != setup[k]]
+        if differ:
+            more = f"; also {', '.join(differ[1:])}" if differ[1:] else ""
+            raise DataError(f"{d0} and {d} differ in {differ[0]} ({s0[differ[0]]} against {setup[differ[0]]}{more}): "
+                            "not one experiment, compare them separately")
 
 
 def _credit(rs: list, stage, kind: str) -> list:
@@ -640,8 +669,11 @@ def cli_evaluate(argv: list) -> None:
         raise SystemExit(f"error: --temperature {args.temperature}: must be in [0, 10]")
     try:
         ckpt = find_checkpoint(Path(args.path))
-        ck = load_checkpoint(ckpt)
-        out = ckpt / f"eval-{args.data}-{args.split}{f'-T{args.temperature:g}' if args.temperature else ''}.json"
+        # best-stage<k> names its current version (a symlink) that a training run may replace while this one
+        # reads: the version is read, and its result written beside it, not into a newer one's dir
+        version = ckpt.resolve()
+        ck = load_checkpoint(version)
+        out = version / f"eval-{args.data}-{args.split}{f'-T{args.temperature:g}' if args.temperature else ''}.json"
         out.write_text("{}")  # fail now, not after the whole evaluation, if the result cannot be written
         samples, convs = eval_data(args)
         # N and retrieval as the model's context decides, or as the run had them (args.json; its N only
@@ -669,8 +701,14 @@ def cli_evaluate(argv: list) -> None:
     print(report_table(table))
     if samples is not None:
         print("\nDecisions against the teacher (x100):\n\n" + report_table(table, DECISION_COLS))
-    out.write_text(json.dumps(table, indent=1))
-    print(f"wrote {out}")
+    try:
+        out.write_text(json.dumps(table, indent=1))
+    except FileNotFoundError:  # the run removed the old version (model.remove_stale)
+        pass
+    if ckpt.resolve() != version or not out.exists():
+        raise SystemExit(f"error: {ckpt} was replaced by a training run during the evaluation: the table above is of "
+                         f"the version it replaced and is not kept; evaluate {ckpt} again")
+    print(f"wrote {ckpt / out.name}")
 
 
 def main(argv=None):

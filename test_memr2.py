@@ -675,6 +675,26 @@ def test_unsupported_or_incomplete_hf_dirs_are_one_line_errors(hf_dir, tmp_path)
         assert "\n" not in str(e.value)
 
 
+def test_an_hf_dir_with_a_nan_weight_is_refused_where_it_is_read(hf_dir, tmp_path, tiny_preset):
+    """A copy of an HF directory with one NaN weight: load_checkpoint raises a CheckpointError naming it,
+    eval.py exits with that line instead of a table, and train.py --init-hf stops with it (not with a
+    "make room" at its first save)."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    d = Path(shutil.copytree(hf_dir, tmp_path / "nan"))
+    sd = load_file(d / "model.safetensors")
+    sd["model.norm.weight"][3] = float("nan")
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="non-finite weights in norm.weight"):
+        load_checkpoint(d)
+    with pytest.raises(SystemExit, match="^error: .*non-finite weights in norm.weight"):
+        E.main([str(d), "--worlds", "1", "--sessions", "1"])
+    with pytest.raises(train.UserError, match="non-finite weights in norm.weight") as e:
+        train.main(["--init-hf", str(d), "--sessions", "3", "--stages", "2", "--out", str(tmp_path), "--name", "r",
+                    "--no-final-eval", "--threads", "1"])
+    assert "make room" not in str(e.value)
+
+
 def test_tiny_checkpoint_config_keeps_its_old_fields(tok, tmp_path):
     """save_checkpoint of a tiny model writes config.json with exactly the tiny format's fields, in
     order, and loads back the same ModelConfig."""
@@ -2503,6 +2523,29 @@ def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
     assert json.loads((tmp_path / "results" / "runs.json").read_text())[0]["seed"] == 1
 
 
+def test_compare_refuses_a_run_twice_and_runs_that_are_not_one_experiment(tmp_path):
+    """compare on hand-written runs: the same directory twice, a copy (same arm and seed), one arm with
+    two step plans, or runs whose recorded setup differs (LoCoMo against synthetic data): a DataError
+    naming both runs; runs that differ only in arm and seed make the table."""
+    def run(name, algo="logo", seed=0, steps=(1,), data="synthetic"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "result.json").write_text(json.dumps({
+            "algo": algo, "stages": [8], "steps": list(steps), "seed": seed, "minutes": 1.0, "setup": {"data": data, "lr": 5e-5},
+            "base": {"f1_overall": 10.0}, "trained": {"f1_overall": 20.0 + seed}, "oracle": None}))
+        (d / "metrics.jsonl").write_text(json.dumps({"phase": "val", "stage": 8, "step": 0, "f1_overall": 10.0}) + "\n")
+        return d
+    a, b, g = run("a"), run("b", seed=1), run("g", algo="grpo")
+    assert "| logo 8 | 2 |" in E.compare([a, b, g], tmp_path / "res")  # arms and seeds: one experiment
+    for runs, message in (([a, b, a], f"{a} and {a} are the same run"),
+                          ([a, tmp_path / "b" / ".." / "a"], "are the same run"),
+                          ([a, b, run("copy")], f"{a} and {tmp_path / 'copy'} are both logo 8 seed 0 (a copy?)"),
+                          ([a, run("long", seed=2, steps=(5,))], "are both logo 8 but train [1] and [5] steps per stage"),
+                          ([a, g, run("l", seed=3, data="locomo")], f"{a} and {tmp_path / 'l'} differ in data (synthetic against locomo)")):
+        with pytest.raises(DataError, match=re.escape(message)):
+            E.compare(runs, tmp_path / "res")
+
+
 def test_t_interval_matches_the_textbook_formula():
     """t_interval of 1..5: mean 3 and half-width t(0.975, 4 df) x SE = 2.776 x 0.7071."""
     mean, lo, hi = E.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # sd 1.5811, se 0.7071, t(4) = 2.776
@@ -2676,15 +2719,17 @@ def straight_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("nth, full", [
-    (1, OSError(28, "No space left on device")),  # the first `last`, before any RL line
-    (2, SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")),  # after step 1
-    (3, OSError(28, "No space left on device")),  # a later one
+@pytest.mark.parametrize("nth, full, fix", [
+    (1, OSError(28, "No space left on device"), "make room"),  # the first `last`, before any RL line
+    (2, SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), "make room"),  # after step 1
+    (3, OSError(28, "No space left on device"), "make room"),  # a later one
+    (2, OSError(30, "Read-only file system"), "make {run} writable"),  # no room to make
 ])
 def test_a_full_disk_stops_with_one_line_and_the_run_resumes_as_if_never_stopped(
-        straight_run, tmp_path, tiny_preset, monkeypatch, nth, full):
-    """train.main whose nth save of `last` meets a full disk: a one-line UserError saying to make room
-    and resume, no temporary files left; the resumed run logs what the straight run logged."""
+        straight_run, tmp_path, tiny_preset, monkeypatch, nth, full, fix):
+    """train.main whose nth save of `last` meets a full disk (or a read-only one): a one-line UserError
+    saying to make room (or make the run writable) and resume, no temporary files left; the resumed run
+    logs what the straight run logged."""
     import checkpoint
     argv = STRAIGHT + ["--init", str(straight_run / "sft-src" / "sft"), "--out", str(tmp_path)]
     real, calls = checkpoint.save_file, []
@@ -2697,13 +2742,25 @@ def test_a_full_disk_stops_with_one_line_and_the_run_resumes_as_if_never_stopped
         return real(tensors, path, *a, **k)
     with monkeypatch.context() as m:
         m.setattr(checkpoint, "save_file", save_file)
-        with pytest.raises(train.UserError, match="No space left on device") as e:
+        with pytest.raises(train.UserError, match=re.escape(str(full).split("] ")[-1])) as e:
             train.main(argv + ["--name", "r"])
     run = tmp_path / "r"
-    assert "last: cannot save" in str(e.value) and f"make room, then resume: python train.py --resume {run}" in str(e.value)
+    assert "last: cannot save" in str(e.value) and f"{fix.format(run=run)}, then resume: python train.py --resume {run}" in str(e.value)
     assert "\n" not in str(e.value) and not [f for f in os.listdir(run) if ".tmp-" in f]
     train.main(["--resume", str(run)])
     assert rl_lines(run) == rl_lines(straight_run / "straight")
+
+
+def test_a_refusal_to_save_non_finite_weights_says_what_is_kept_not_make_room(tmp_path, tiny_preset, monkeypatch):
+    """train.main whose NaN weights pass the finite-weights check (disabled here) to the save of `last`:
+    the save's refusal, saying the last checkpoint is kept, not that the disk needs room."""
+    monkeypatch.setattr(train, "check_finite", lambda *a: None)
+    monkeypatch.setattr(train, "rl_step", _nan_weights_step)
+    with pytest.raises(train.UserError, match="refusing to save non-finite values in norm.weight") as e:
+        train.main(["--sessions", "3", "--stages", "2", "--val-every", "9", "--out", str(tmp_path), "--name", "r",
+                    "--no-final-eval", "--threads", "1"])
+    assert str(e.value).endswith(f"nothing non-finite was written, {tmp_path / 'r'} keeps its last checkpoint")
+    assert "make room" not in str(e.value)
 
 
 @pytest.fixture(scope="module")
@@ -2724,6 +2781,24 @@ def test_a_finished_run_resumed_keeps_its_minutes(finished_run, tmp_path, tiny_p
     assert minutes > 0
     assert train.main(["--resume", str(run)])["minutes"] == minutes  # nothing to train: the test again, same minutes
     assert json.loads((run / "result.json").read_text())["minutes"] == minutes
+
+
+def test_a_finished_run_records_its_setup_and_compare_pairs_only_runs_of_one(finished_run, straight_run, tmp_path):
+    """result.json of a finished run: its setup names the data, sessions, absolute SFT start and resolved RL
+    knobs, not its arm or seed; compare takes it with another seed of the same setup and refuses it with
+    a run of another --sessions."""
+    import shutil
+    setup = json.loads((finished_run / "result.json").read_text())["setup"]
+    assert (setup["data"], setup["sessions"], setup["init"], setup["n"], setup["lr"]) == \
+        ("synthetic", 3, str(straight_run / "sft-src" / "sft"), 2, 5e-5)
+    assert not {"algo", "stages", "steps", "seed", "minibatch", "threads"} & setup.keys()
+    other = Path(shutil.copytree(finished_run, tmp_path / "other", symlinks=True))
+    r = json.loads((other / "result.json").read_text())
+    (other / "result.json").write_text(json.dumps(r | {"seed": 1}))
+    assert "| logo 2 | 2 |" in E.compare([finished_run, other], tmp_path / "res")
+    (other / "result.json").write_text(json.dumps(r | {"seed": 1, "setup": setup | {"sessions": 4}}))
+    with pytest.raises(DataError, match=re.escape(f"{finished_run} and {other} differ in sessions (3 against 4)")):
+        E.compare([finished_run, other], tmp_path / "res")
 
 
 def test_a_damaged_log_stops_a_resume_before_any_work(finished_run, tmp_path, tiny_preset, monkeypatch):
@@ -2814,7 +2889,8 @@ def test_threads_beyond_the_cpus_are_capped_with_a_warning(tmp_path, tiny_preset
 
 def test_a_resume_before_the_first_rl_checkpoint_repeats_no_log_line(tmp_path):
     """restart_log after a kill during SFT or right after the first validation: it keeps the SFT lines
-    with the SFT model and none without it; RL lines without `last` are a UserError."""
+    with the SFT model and none without it, and leaves out a torn last line; RL lines without `last`,
+    or a damaged line before the last, are a UserError."""
     # killed during SFT, or right after the first validation: nothing after the SFT model may stay
     log = [{"phase": "sft", "step": 0}, {"phase": "sft", "step": 7}, {"phase": "val", "stage": 2, "step": 0}]
     for keep_sft, kept in ((True, log[:2]), (False, [])):  # without its SFT model, SFT is redone and logs afresh
@@ -2823,6 +2899,13 @@ def test_a_resume_before_the_first_rl_checkpoint_repeats_no_log_line(tmp_path):
         assert [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == kept
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"phase": "rl", "step": 1}) + "\n")
     with pytest.raises(train.UserError, match="last is missing although RL steps were logged"):
+        train.restart_log(tmp_path, True)
+    # a kill while the last line was written: that line goes as the other non-SFT lines go, and blocks nothing
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log[:2]) + '{"phase": "va')
+    assert train.restart_log(tmp_path, True) == 2
+    assert [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == log[:2]
+    (tmp_path / "metrics.jsonl").write_text('{"phase": "sf\n' + json.dumps(log[1]) + "\n")  # not torn: damaged
+    with pytest.raises(train.UserError, match="metrics.jsonl line 1 is not JSON"):
         train.restart_log(tmp_path, True)
 
 
@@ -2850,8 +2933,9 @@ def test_a_second_writer_on_a_run_is_refused(tmp_path, tiny_preset):
 
 
 def test_resume_refuses_changed_flags_unless_overridden(tmp_path, tiny_preset):
-    """--resume with changed flags: a UserError listing them and which may be overridden; lr and threads
-    change with --override and are saved; a later resume keeps the run's threads."""
+    """--resume with changed flags: a UserError listing them and which may be overridden, and args.json
+    untouched, also by an override that another check refuses; a flag given at the run's own value is
+    accepted; lr and threads change with --override and are saved; a later resume keeps the run's threads."""
     run = tmp_path / "r"
     train.main(["--sessions", "3", "--stages", "2", "--steps-per-stage", "0", "--out", str(tmp_path), "--name", "r",
                 "--no-final-eval", "--threads", "1"])
@@ -2867,6 +2951,10 @@ def test_resume_refuses_changed_flags_unless_overridden(tmp_path, tiny_preset):
         with pytest.raises(train.UserError, match=re.escape(message)):
             train.main(["--resume", str(run), *argv])
     assert (run / "args.json").read_text() == saved
+    with pytest.raises(train.UserError, match="unknown device"):  # an override that fails a later check: nothing saved
+        train.main(["--resume", str(run), "--device", "tpu", "--override", "device"])
+    assert (run / "args.json").read_text() == saved
+    train.main(["--resume", str(run), "--sessions", "3"])  # the run's own value, not checked against the defaults
     train.main(["--resume", str(run), "--lr", "1e-05", "--threads", "2", "--override", "lr,threads"])
     assert json.loads((run / "args.json").read_text())["argv"][-4:] == ["--lr", "1e-05", "--threads", "2"]
     assert torch.get_num_threads() == 2
@@ -2901,6 +2989,12 @@ def _nan_weights(ck):
     save_file(sd, ck / "model.safetensors")
 
 
+def _edit_flag(run, flag, value):
+    a = json.loads((run / "args.json").read_text())
+    a["argv"][a["argv"].index(flag) + 1] = value
+    (run / "args.json").write_text(json.dumps(a))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda r: (r / "last" / "meta.json").write_text("{}"), "last cannot be resumed (KeyError: 'pos')"),
     (lambda r: os.remove(r / "last" / "tensors.safetensors"), "last cannot be resumed (KeyError: 'torch_gen')"),
@@ -2914,6 +3008,9 @@ def _nan_weights(ck):
     (lambda r: os.remove(r / "best-stage0"), "best-stage0 is missing: stage 2 has no warm start"),
     (lambda r: os.remove(r / "last"), "last is missing although RL steps were logged"),
     (lambda r: _nan_weights(r / "last"), "non-finite weights in norm.weight"),
+    # args.json edited by hand: `last` keeps the flags it was trained with
+    (lambda r: _edit_flag(r, "--stages", "2"), "args.json differs from the flags"),
+    (lambda r: _edit_flag(r, "--stages", "2"), "--stages [2] (last: [2, 3]); --steps [1] (last: [1, 1]); restore it"),
 ])
 def test_a_damaged_run_is_a_one_line_error_on_resume(interrupted_run, tmp_path, tiny_preset, damage, message):
     """--resume of a run stopped in its second stage, with one piece damaged or missing: a one-line
@@ -2928,6 +3025,45 @@ def test_a_damaged_run_is_a_one_line_error_on_resume(interrupted_run, tmp_path, 
 def _set_line(f, i, text):
     lines = f.read_text().splitlines()
     f.write_text("\n".join(lines[:i] + [text] + lines[i + 1:]) + "\n")
+
+
+def test_a_run_whose_sft_model_is_gone_trains_no_other_one(interrupted_run, tmp_path, tiny_preset, monkeypatch):
+    """--resume of a run stopped in RL whose sft/ was deleted, also with --sft-steps overridden: a UserError
+    saying to restore it (SFT flags change only before the run has trained from an SFT model); no SFT runs."""
+    import shutil
+    run = copy_run(interrupted_run, tmp_path)
+    for f in run.glob("sft*"):
+        shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
+    monkeypatch.setattr(train, "sft", lambda *a: pytest.fail("a new SFT model was trained"))
+    with pytest.raises(train.UserError, match=re.escape(f"{run / 'sft'} is missing, but {run / 'last'} was trained from it")):
+        train.main(["--resume", str(run)])
+    with pytest.raises(train.UserError, match=re.escape("--override sft_steps: on resume only lr, threads, device, no_final_eval")):
+        train.main(["--resume", str(run), "--sft-steps", "5", "--override", "sft_steps"])
+
+
+def test_a_run_with_a_relative_init_resumes_from_another_directory(straight_run, tmp_path, tiny_preset, monkeypatch):
+    """train.main with --init relative to the working directory, resumed from another: args.json names the
+    SFT model by its absolute path, so the resume finds it."""
+    monkeypatch.chdir(straight_run)
+    train.main([*STRAIGHT, "--steps-per-stage", "0", "--init", "sft-src/sft", "--out", str(tmp_path), "--name", "r"])
+    assert json.loads((tmp_path / "r" / "args.json").read_text())["argv"][-2:] == ["--init", str(straight_run / "sft-src" / "sft")]
+    monkeypatch.chdir(tmp_path)
+    train.main(["--resume", str(tmp_path / "r")])
+
+
+def test_an_interrupt_names_the_run_to_resume(tmp_path, tiny_preset, monkeypatch):
+    """KeyboardInterrupt in a run's first RL step: its line names the run dir to resume; during setup,
+    before the run exists, it says to run the same command again."""
+    argv = ["--sessions", "3", "--stages", "2", "--out", str(tmp_path), "--name", "r", "--no-final-eval", "--threads", "1"]
+    with monkeypatch.context() as m:
+        interrupt_on_call(m, train, "rl_step", 1)
+        with pytest.raises(KeyboardInterrupt) as e:
+            train.main(argv)
+    assert train.interrupted(e.value) == f"interrupted: resume with python train.py --resume {tmp_path / 'r'} (from its last checkpoint)"
+    interrupt_on_call(monkeypatch, train, "load_data", 1)
+    with pytest.raises(KeyboardInterrupt) as e:
+        train.main([*argv[:7], "r2", *argv[8:]])
+    assert train.interrupted(e.value) == "interrupted before the run started: run the same command again"
 
 
 def _vocab_10(ck):
@@ -2967,6 +3103,26 @@ def test_eval_mistakes_are_one_line_errors(interrupted_run, tmp_path, damage, ar
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+def test_eval_of_a_checkpoint_a_run_replaces_meanwhile_writes_nothing_into_the_new_one(interrupted_run, tmp_path, monkeypatch):
+    """eval.main on a run whose best-stage0 a training run saves again during the evaluation: the new
+    version gets no result of the old weights, and a one-line error says to evaluate again; without a
+    new save the result lands beside the version read."""
+    run = copy_run(interrupted_run, tmp_path)
+    real = E.evaluate
+    def evaluate_while_a_run_saves(model, *a, **k):
+        ck = load_checkpoint(run / "best-stage0")
+        save_checkpoint(run / "best-stage0", ck["model"], ck["tok"], {"val_f1": 99.0})  # the run's new best
+        return real(model, *a, **k)
+    monkeypatch.setattr(E, "evaluate", evaluate_while_a_run_saves)
+    with pytest.raises(SystemExit, match=re.escape(f"error: {run / 'best-stage0'} was replaced by a training run")):
+        E.main([str(run), "--worlds", "1", "--sessions", "1"])
+    new = run / "best-stage0"
+    assert json.loads((new / "meta.json").read_text())["val_f1"] == 99.0 and not (new / "eval-synthetic-test.json").exists()
+    monkeypatch.setattr(E, "evaluate", real)
+    E.main([str(run), "--worlds", "1", "--sessions", "1"])
+    assert (new / "eval-synthetic-test.json").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--threads", "0"], "--threads 0: must be an integer >= 1"),
     (["--val-every", "0"], "--val-every 0: must be an integer >= 1"),
@@ -2998,6 +3154,12 @@ def test_eval_mistakes_are_one_line_errors(interrupted_run, tmp_path, damage, ar
     (["--minibatch", "-1"], "--minibatch -1: must be an integer >= 1"),  # else nothing would ever train
     (["--stages", "64", "--sessions", "8"], "--stages 64: a conversation has --sessions 8, so a larger stage would train on all of them"),
     (["--stages", "8,16,32", "--sessions", "16"], "cap the stages at 16"),
+    (["--data", "locomo", "--stages", "8,64"], f"--stages 8,64: the conversations of {LOCOMO_FILE} have at most 32 sessions"),
+    (["--train-worlds", "5000"], "--train-worlds 5000: the training part has 2 conversations (preset tiny): pass at most 2"),
+    # log-probs scale as 1/T: the run's every update would be non-finite, and a resume cannot change T
+    (["--temperature", "0.001"], "--temperature 0.001: must be a number in [0.1, 10]"),
+    (["--temperature", "1e-30"], "--temperature 1e-30: must be a number in [0.1, 10]"),
+    (["--temperature", "nan"], "--temperature nan: must be a number in [0.1, 10]"),
 ])
 def test_bad_flags_are_refused_before_anything_runs(tmp_path, tiny_preset, argv, message):
     """train.main with one bad flag: a UserError naming it, and nothing written."""
@@ -3006,11 +3168,26 @@ def test_bad_flags_are_refused_before_anything_runs(tmp_path, tiny_preset, argv,
     assert os.listdir(tmp_path) == []
 
 
+def test_world_size_without_torchrun_is_one_line(tmp_path, tiny_preset, monkeypatch):
+    """train.main with WORLD_SIZE=2 set by hand, without torchrun's other variables: a UserError saying to
+    launch with torchrun (or unset it), before anything is written."""
+    for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(train.UserError, match=re.escape("WORLD_SIZE=2 without torchrun's RANK, LOCAL_RANK, MASTER_ADDR, "
+                                                        "MASTER_PORT: launch with torchrun --nproc_per_node 2")):
+        train.main(["--out", str(tmp_path)])
+    assert os.listdir(tmp_path) == []
+
+
 def test_out_that_cannot_hold_a_run_and_stages_alone(tmp_path, tiny_preset, monkeypatch):
-    """train.main with --out a file: a UserError; --stages alone cuts or pads the preset's steps per stage."""
+    """train.main with --out a file, or --name a file or too long a name: a UserError saying which to
+    change; --stages alone cuts or pads the preset's steps per stage."""
     (tmp_path / "file").write_text("x")
-    with pytest.raises(train.UserError, match="cannot write the run directory"):
-        train.main(["--sessions", "3", "--stages", "2", "--out", str(tmp_path / "file")])
+    for where, fix in (([str(tmp_path / "file")], "--out"), ([str(tmp_path), "--name", "file"], "--name"),
+                       ([str(tmp_path), "--name", "n" * 300], "--name")):  # the place, or the name, is the problem
+        with pytest.raises(train.UserError, match=rf"cannot write the run directory .*\(choose another {fix}\)$"):
+            train.main(["--sessions", "3", "--stages", "2", "--out", *where])
     monkeypatch.setitem(train.PRESETS, "tiny", dict(TINY_PRESET, steps="10,5,5"))
     for stages, steps in (("32", [10]), ("8,16", [10, 5]), ("8,16,32,64", [10, 5, 5, 5])):  # cut or padded
         assert train.parse_args(["--stages", stages, "--sessions", "64"]).steps == steps

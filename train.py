@@ -13,6 +13,7 @@ runs N ranks in data parallel over conversations (docs/training.md, 'More than o
 import argparse
 import contextlib
 import copy
+import errno
 import fcntl
 import json
 import math
@@ -78,7 +79,10 @@ FLAG_CHECKS = {
     "seed": (lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2^63)"),  # torch seeds are 64-bit; seed + i must fit too
     **{f: (lambda v: 0 <= v <= 1, "a number in [0, 1]") for f in ("p", "teacher_noise")},
     **{f: (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0") for f in ("lam", "phi")},
-    **{f: (lambda v: math.isfinite(v) and v > 0, "a finite number > 0") for f in ("lr", "sft_lr", "temperature")},
+    **{f: (lambda v: math.isfinite(v) and v > 0, "a finite number > 0") for f in ("lr", "sft_lr")},
+    # log-probs and their gaps scale as 1/T: from a 400-step SFT model, T 0.001 made every update non-finite (the
+    # run stopped, and no resume could change T), T 0.1 none in 4 steps; above 10 sampling is near uniform noise
+    "temperature": (lambda v: 0.1 <= v <= 10, "a number in [0.1, 10]"),
     "name": (lambda v: re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=-]*", v), "letters, digits, '_', '.', '-', '=' (no path)"),
 }
 # what may change when a run is resumed (--override); the rest would silently mix two runs
@@ -136,7 +140,7 @@ def build_parser():
     g.add_argument("--phi", type=float, default=None, help=f"free memory share phi of the dialogue (RLConfig: {d.phi})")
     g.add_argument("--lr", type=float, default=None, help=f"RL learning rate, constant (RLConfig: {d.lr})")
     g.add_argument("--temperature", type=float, default=None,
-                   help=f"rollout and log-prob temperature, global and local (RLConfig: {d.temperature}; the paper's 1)")
+                   help=f"rollout and log-prob temperature, global and local, 0.1 to 10 (RLConfig: {d.temperature}; the paper's 1)")
     g.add_argument("--local-decoding", choices=["sampled", "greedy"], default=None,
                    help=f"how local re-rolls decode (RLConfig: {d.local_decoding}, at --temperature); greedy is the "
                         "official code's, whose K branches come out alike, so their groups carry no advantage")
@@ -242,9 +246,22 @@ def load_data(args):
         if empty:  # no reward, no validation F1 or no test table
             raise UserError(f"{args.locomo_path}: the {empty[0]} part ({', '.join(W.LOCOMO_SPLIT[empty[0]])}) has 0 "
                             "questions; training needs some in every part (rewards, validation, the test table)")
-        return {k: (None, v) for k, v in split.items()}
-    pre = PRESETS[args.preset]
-    return W.synthetic_split({k: pre[f"{k}_worlds"] for k in ("train", "val", "test")}, args.sessions)
+        data = {k: (None, v) for k, v in split.items()}
+    else:
+        pre = PRESETS[args.preset]
+        data = W.synthetic_split({k: pre[f"{k}_worlds"] for k in ("train", "val", "test")}, args.sessions)
+    n_train = len(data["train"][1])
+    if args.train_worlds and args.train_worlds > n_train:  # RL would draw from all of them, not from the N asked for
+        raise UserError(f"--train-worlds {args.train_worlds}: the training part has {n_train} conversations"
+                        f"{f' (preset {args.preset})' if args.data == 'synthetic' else ''}: pass at most {n_train}")
+    # as finish_args refuses it for --sessions, against the file's longest conversation (not the training part's: the
+    # default 8,16,32 reads LoCoMo's training conversation, conv-43 with 29 sessions, whole in its last stage)
+    longest = max(len(c.sessions) for _, convs in data.values() for c in convs)
+    if args.data == "locomo" and max(args.stages) > longest:
+        raise UserError(f"--stages {','.join(map(str, args.stages))}: the conversations of {args.locomo_path} have at most "
+                        f"{longest} sessions, so a larger stage would train on all of them under another name: cap the "
+                        f"stages at {longest}")
+    return data
 
 
 def sft_examples(samples, convs, cfg: RLConfig, teacher: str, noise: float, seed: int, answer_role: bool) -> list:
@@ -395,6 +412,7 @@ class RunState:
     fails: int = 0  # steps with skipped (non-finite) updates, all stages
     lines: int = 0  # lines in metrics.jsonl: a resume cuts the log back to it
     minutes: float = 0.0  # SFT and RL minutes up to the latest `last` (all processes; a resume reads it back)
+    flags: dict = field(default_factory=dict)  # fixed_flags of the run: saved with `last`, which a resume checks them against
     since: float = field(default_factory=time.time)  # when the time not yet in `minutes` began
 
     def log(self, rec: dict) -> None:
@@ -411,7 +429,8 @@ def start_state(args, run: Path, device) -> RunState:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     W = args.worlds_per_step
-    st = RunState(run / "metrics.jsonl", [world_streams(args.seed, this_rank() * W + w, device) for w in range(W)])
+    st = RunState(run / "metrics.jsonl", [world_streams(args.seed, this_rank() * W + w, device) for w in range(W)],
+                  flags=fixed_flags(args))
     if not args.resume:
         on_rank0(st.metrics.unlink, True)  # e.g. of a run that failed before its first checkpoint
     elif not (run / "last").exists():
@@ -419,11 +438,17 @@ def start_state(args, run: Path, device) -> RunState:
     return st
 
 
+def fixed_flags(args) -> dict:
+    """The parsed flags that make the run what it is, fixed for its life: all but where it lives and
+    what --override may change."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in OVERRIDABLE + ("out", "name", "resume", "override")}
+
+
 def restart_log(run: Path, keep_sft: bool) -> int:
     """Before a resume that has no RL checkpoint yet: keep the SFT log only if the SFT model
     it belongs to exists (else SFT is redone and logs afresh), drop the rest. -> lines kept."""
     f = run / "metrics.jsonl"
-    recs = [json.loads(l) for l in log_lines(f)]
+    recs = [json.loads(l) for l in log_lines(f, torn_end=True)]
     if any(r.get("phase") == "rl" for r in recs):
         raise UserError(f"{run / 'last'} is missing although RL steps were logged: cannot resume (start a new run)")
     kept = [json.dumps(r) for r in recs if keep_sft and r.get("phase") == "sft"]
@@ -431,10 +456,16 @@ def restart_log(run: Path, keep_sft: bool) -> int:
     return len(kept)
 
 
-def log_lines(f: Path, n: int | None = None) -> list:
+def log_lines(f: Path, n: int | None = None, torn_end: bool = False) -> list:
     """The first n lines (all if None) of a run's metrics.jsonl, each checked as JSON before a
-    resume does any work: the report reads them all back at the end."""
+    resume does any work: the report reads them all back at the end. torn_end: a last line that
+    is not JSON (a kill while it was written) is left out."""
     lines = f.read_text().splitlines()[:n] if f.exists() else []
+    if torn_end and lines:
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
     for i, line in enumerate(lines):
         try:
             json_loads(line)
@@ -449,7 +480,7 @@ def save_rl_state(path, policy, tok, opt, st: RunState) -> None:
     st.minutes, st.since = st.minutes + (time.time() - st.since) / 60, time.time()
     slots = [s for rank_slots in gather_over_ranks([(_jsonable(s.data.getstate()), _jsonable(s.algo.getstate()),
                                                       s.gen.get_state()) for s in st.streams]) for s in rank_slots]
-    meta = {"pos": {k: getattr(st, k) for k in POS}, "minutes": st.minutes, "worlds": len(slots)}
+    meta = {"pos": {k: getattr(st, k) for k in POS}, "minutes": st.minutes, "worlds": len(slots), "flags": st.flags}
     tensors = {"torch_rng": torch.get_rng_state()}
     for g, (data, algo, gen) in enumerate(slots):
         meta[slot_key("data_rng", g)], meta[slot_key("algo_rng", g)], tensors[slot_key("torch_gen", g)] = data, algo, gen
@@ -481,6 +512,12 @@ def resume_from_last(run: Path, device, policy, st: RunState, cfg: RLConfig):
     -> the optimizer. Every piece is checked: a damaged checkpoint is a one-line error, never
     a silent restart."""
     ck = load_ckpt(run / "last", device)
+    trained = ck["meta"].get("flags", {})  # a flag only one side names (a `last` of older code, a newer flag) is not compared
+    differ = [f"--{k.replace('_', '-')} {st.flags[k]} (last: {trained[k]})"
+              for k in sorted(trained.keys() & st.flags.keys()) if trained[k] != st.flags[k]]
+    if differ:  # args.json edited by hand: the run would go on, and report, as another run
+        raise UserError(f"{run / 'args.json'} differs from the flags {run / 'last'} was trained with: {'; '.join(differ)}; "
+                        "restore it (or start a new run)")
     W, saved = len(st.streams), ck["meta"].get("worlds", 1)
     if saved != W * ranks():
         raise UserError(f"{run / 'last'} rolls out {saved} worlds per step, this start {W * ranks()} "
@@ -551,7 +588,13 @@ def lock_run(run: Path) -> None:
 
 
 def unwritable(run: Path, e: OSError) -> UserError:
-    return UserError(f"cannot write the run directory {run}: {e.strerror or e} (choose another --out)")
+    """The one line for a run directory that cannot be made or written, blaming what is at fault: the
+    name (too long, a file of that name), a full disk, or the place (the run's own dir, or --out)."""
+    long_name = e.errno == errno.ENAMETOOLONG and len(os.fsencode(run.name)) > 255  # NAME_MAX
+    fix = ("choose another --name" if long_name or os.path.lexists(run) and not run.is_dir()
+           else "make room" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+           else "make it writable" if run.is_dir() else "choose another --out")
+    return UserError(f"cannot write the run directory {run}: {e.strerror or e} ({fix})")
 
 
 def write_run_args(run: Path, argv: list, cfg: RLConfig, answerer: str, data: str) -> None:
@@ -577,7 +620,8 @@ def given_flags(argv: list) -> dict:
 
 def resumed_args(run: Path, argv: list):
     """The run's own flags. Flags given with --resume must match them, except those named in
-    --override (from OVERRIDABLE), which then become the run's flags from here on."""
+    --override (from OVERRIDABLE), which then become the run's flags from here on. -> (args, the
+    command line args.json is to hold, the changed flags), written by setup_run once all is checked."""
     try:
         saved = json_loads((run / "args.json").read_text())["argv"]
         run_flags = vars(build_parser().parse_args(saved))
@@ -586,7 +630,9 @@ def resumed_args(run: Path, argv: list):
     given = given_flags(argv)
     given.pop("resume", None)
     override = {f.strip().replace("-", "_") for f in given.pop("override", "").split(",") if f.strip()}
-    allowed = OVERRIDABLE + (() if run_flags["init"] or (run / "sft").exists() else OVERRIDABLE_BEFORE_SFT)
+    # SFT flags only while the run has no SFT model: not once RL has started from one (`last`), even if it is gone
+    before_sft = not (run_flags["init"] or (run / "sft").exists() or (run / "last").exists())
+    allowed = OVERRIDABLE + (OVERRIDABLE_BEFORE_SFT if before_sft else ())
     if override - set(allowed):
         raise UserError(f"--override {','.join(sorted(override - set(allowed)))}: on resume only "
                         f"{', '.join(allowed)} may change")
@@ -601,11 +647,8 @@ def resumed_args(run: Path, argv: list):
     for k, v in differ.items():  # the overrides, appended: argparse keeps the last value
         saved = saved + [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     args = parse_args(saved)
-    if differ:
-        on_rank0(write_run_args, run, saved, rl_config(args), args.answerer, args.data)
-        print(f"resume with changed flags: {', '.join(differ)}")
     args.resume = str(run)
-    return args
+    return args, saved, differ
 
 
 def check_finite(model, what: str, fix: str) -> None:
@@ -640,8 +683,15 @@ def main(argv=None) -> dict:
 def join_ranks() -> bool:
     """Under torchrun (WORLD_SIZE > 1 in the environment): join its process group, NCCL for CUDA
     tensors, gloo for CPU tensors and pickled objects. -> whether this call joined it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or dist.is_initialized():
+    size = os.environ.get("WORLD_SIZE", "1")
+    if not size.strip().isdigit():
+        raise UserError(f"WORLD_SIZE={size!r} in the environment: must be a number of ranks (torchrun sets it)")
+    if int(size) < 2 or dist.is_initialized():
         return False
+    missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:  # WORLD_SIZE set by hand, not by torchrun: the env:// rendezvous would stop with a traceback
+        raise UserError(f"WORLD_SIZE={size} without torchrun's {', '.join(missing)}: launch with torchrun "
+                        f"--nproc_per_node {size} train.py ..., or unset WORLD_SIZE for one process")
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return True
 
@@ -667,7 +717,7 @@ def on_rank0(fn, *a):
 
 
 def run_all(argv: list) -> dict:
-    args, run, device, cfg, data = setup_run(argv)
+    args, run, device, cfg, data = setup_run(argv)  # an interrupt in here leaves no run behind: the same command again
     try:
         st = start_state(args, run, device)
         policy, ref, sft_model, tok, answerer = warm_start(args, run, cfg, device, data, st.log)
@@ -677,24 +727,53 @@ def run_all(argv: list) -> dict:
         for si in range(st.stage, len(args.stages)):
             opt = train_stage(si, args, run, cfg, device, data, st, opt, policy, ref, sft_model, tok, answerer)
         return final_test(args, run, cfg, device, data, tok, answerer, st)
-    except (CheckpointError, OSError) as e:  # a full disk: saves are atomic and `last` exists before RL logs
-        raise UserError(f"{e if isinstance(e, CheckpointError) else one_line(e)}; "
-                        f"make room, then resume: python train.py --resume {run}") from e
+    except KeyboardInterrupt as e:  # the __main__ handler names the run to resume
+        e.run = run
+        raise
+    except (CheckpointError, OSError) as e:  # e.g. a full disk: saves are atomic and `last` exists before RL logs
+        raise UserError(f"{e if isinstance(e, CheckpointError) else one_line(e)}; {write_fix(e, run)}") from e
+
+
+def interrupted(e: KeyboardInterrupt) -> str:
+    """The line for an interrupt: the command that continues the run (run_all names it), or, before
+    setup_run finished, none is needed: the same command again (a run that never started is taken over)."""
+    run = getattr(e, "run", None)
+    return (f"interrupted: resume with python train.py --resume {run} (from its last checkpoint)" if run else
+            "interrupted before the run started: run the same command again")
+
+
+def write_fix(e: Exception, run: Path) -> str:
+    """What to do about an error that stopped the run: by the OS error behind it (safetensors' own
+    errors name it in their text, "... (os error 28)"), or a refusal to save non-finite values."""
+    if isinstance(e, CheckpointError) and "non-finite" in str(e):  # model.save_checkpoint's refusal: a resume repeats it
+        return f"nothing non-finite was written, {run} keeps its last checkpoint"
+    cause = e if isinstance(e, OSError) else e.__cause__
+    code = getattr(cause, "errno", None) or next((int(m) for m in re.findall(r"os error (\d+)", str(e))), None)
+    resume = f"then resume: python train.py --resume {run}"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"make room, {resume}"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"make {run} writable, {resume}"
+    return f"fix that, {resume}"
 
 
 def setup_run(argv: list):
     """Flags, run directory and its lock, device, RL config, data. -> (args, run, device, cfg, data).
     Every user mistake found here stops the run before it writes a file."""
-    args = parse_args(argv)
-    run = Path(args.out) / args.name
+    args = build_parser().parse_args(argv)  # checked by finish_args: a resume's once merged with the run's own flags
+    changed = {}
     if args.resume:
         run = Path(args.resume)
         if not (run / "args.json").exists():
             raise UserError(f"--resume {run}: not a run directory (no args.json)")
         on_rank0(lock_run, run)
-        args = resumed_args(run, argv)  # the run continues with the flags it started with
+        args, argv, changed = resumed_args(run, argv)  # the run continues with the flags it started with
     elif args.override:
         raise UserError("--override only applies with --resume")
+    else:
+        args = finish_args(args)
+        run = Path(args.out) / args.name
+        argv = argv + absolute_paths(args)  # args.json's: a resume from another directory finds the same files
     torch.set_num_threads(cpu_threads(args.threads))
     try:
         device = pick_device(args.device)
@@ -709,6 +788,9 @@ def setup_run(argv: list):
     data = load_data(args)  # before anything is written: a bad data path leaves no half run behind
     if not args.resume:
         on_rank0(new_run_dir, run, argv, cfg, args.answerer, args.data)
+    elif changed:  # only now: a change that fails a check above (e.g. --device cuda without one) leaves args.json as it was
+        on_rank0(write_run_args, run, argv, cfg, args.answerer, args.data)
+        print(f"resume with changed flags: {', '.join(changed)}")
     return args, run, device, cfg, data
 
 
@@ -719,6 +801,19 @@ def cpu_threads(n: int) -> int:
     if n > cpus:
         print(f"warning: --threads {n}: this machine has {cpus} CPU{'s' * (cpus > 1)}, so {cpus} threads are used")
     return min(n, cpus)
+
+
+def absolute_paths(args) -> list:
+    """Flags that make args' relative paths absolute, in args and as flags to append to its command
+    line (argparse keeps the last value), so that args.json names the same files from any directory."""
+    extra = []
+    for flag in ("init_hf" if args.init_hf else "init", "locomo_path"):
+        v = getattr(args, flag)
+        if v and not os.path.isabs(v):
+            setattr(args, flag, os.path.abspath(v))
+            extra += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    args.init = args.init_hf or args.init  # finish_args' alias of --init-hf
+    return extra
 
 
 def shard(policy, ref, sft_model, device) -> None:
@@ -802,6 +897,8 @@ def warm_start(args, run: Path, cfg: RLConfig, device, data, log):
             prepare_pretrained(model, cfg, args, device)
     elif args.init:
         raise UserError(f"--init {sft_dir}: no checkpoint there")
+    elif (run / "last").exists():  # a new SFT model would not be the start of the RL it has trained, nor its base row
+        raise UserError(f"{sft_dir} is missing, but {run / 'last'} was trained from it: restore it, or start a new run")
     else:
         if args.data == "locomo":
             raise UserError("--data locomo has no teacher traces: pass --init <an SFT checkpoint> (e.g. runs/<name>/sft)")
@@ -927,11 +1024,19 @@ def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, st: 
             names = list(table)
             (run / "result.json").write_text(json.dumps({
                 "algo": cfg.algo, "stages": args.stages, "steps": args.steps, "seed": args.seed, "minutes": result["minutes"],
-                "answerer": answerer.name, "minibatch": cfg.minibatch, "local_decoding": cfg.local_decoding,
+                "answerer": answerer.name, "minibatch": cfg.minibatch, "local_decoding": cfg.local_decoding, "setup": run_setup(args, cfg),
                 "base": table[names[0]], "trained": table[names[1]], "oracle": table.get(names[2]) if len(names) > 2 else None},
                 indent=1))
     st.log({"phase": "done", **result})
     return result
+
+
+def run_setup(args, cfg: RLConfig) -> dict:
+    """What runs of one experiment share (eval.compare refuses runs that differ in it): the flags and
+    RL knobs (cfg's values, defaults resolved), less what tells its arms and seeds apart (eval._arm)
+    and what changes how a run computes, not what (sharding, recomputation, kernel chunks)."""
+    arm = ("algo", "stages", "steps", "steps_per_stage", "minibatch", "seed", "fsdp", "grad_ckpt", "logprob_chunk")
+    return {k: v for k, v in sorted((fixed_flags(args) | asdict(cfg)).items()) if k not in arm}
 
 
 def base_test(args, run: Path, cfg: RLConfig, device, tok, answerer, test, samples) -> dict:
@@ -984,6 +1089,6 @@ if __name__ == "__main__":
         if os.environ.get("RANK", "0") == "0":  # every rank stops with the same line: rank 0 says it
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: resume with --resume <run dir> (the last finished step is saved)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print("\n" + interrupted(e), file=sys.stderr)
         sys.exit(130)
