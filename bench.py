@@ -1,6 +1,5 @@
 """Micro-benchmarks, the learning check, and the one-GPU check.
 Run: python bench.py | python bench.py fit [--init DIR] | python bench.py gpu"""
-import argparse
 import json
 import math
 import multiprocessing as mp
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from eval import Parser, UserError
 from memr2 import fused_logprobs
 from model import BOS_ID, ModelConfig, Transformer, generate, left_pad
 
@@ -276,7 +276,7 @@ def learning_check(argv: list) -> dict:
     rest. An implementation that cannot fit one conversation has a bug."""
     import train  # the whole pipeline; the micro-benchmarks do not need it
     from eval import running_mean
-    ap = train.Parser(prog="bench.py fit", description=learning_check.__doc__)  # a bad flag: one line (train.UserError)
+    ap = Parser(prog="bench.py fit", description=learning_check.__doc__)  # a bad flag: one line (UserError)
     ap.add_argument("--init", default=None, help="SFT checkpoint (default: train one first, ~12 min)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -284,7 +284,7 @@ def learning_check(argv: list) -> dict:
     ap.add_argument("--out", default="runs/fit", help="run directory (a finished one is read, a started one resumed)")
     args, extra = ap.parse_known_args(argv)  # anything else goes to train.py as it is (e.g. --n 8)
     if args.steps < 1:  # train.py takes 0 RL steps; the check has nothing to measure then
-        raise train.UserError(f"--steps {args.steps}: must be an integer >= 1")
+        raise UserError(f"--steps {args.steps}: must be an integer >= 1")
     run = Path(args.out)
     if not (run / "metrics.jsonl").exists() or '"done"' not in (run / "metrics.jsonl").read_text():
         flags = ["--resume", str(run)] if train.run_started(run) else (
@@ -295,7 +295,7 @@ def learning_check(argv: list) -> dict:
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     f1 = [r["train_f1"] for r in rows if r.get("phase") == "rl"]
     if not f1:  # a run made elsewhere with --steps-per-stage 0
-        raise train.UserError(f"{run}: a finished run without RL steps, nothing to check: pass another --out")
+        raise UserError(f"{run}: a finished run without RL steps, nothing to check: pass another --out")
     val = {r["step"]: (r["f1_overall"], r["f1_se"]) for r in rows if r.get("phase") == "val"}
     hit = next((i + 1 for i, m in enumerate(running_mean(f1)) if m >= 0.9), None)
     print(f"learning check ({run}): LoGo on one training world, 8 sessions, {len(f1)} steps")
@@ -341,7 +341,7 @@ def gpu_check(argv: list) -> list:
     LoGo step from the packaged SmolLM2-135M-Instruct (--init-hf) on a two-session LoCoMo slice;
     the fused log-prob head against the dense one at 4096 x 32k; greedy generation against
     `transformers`. A failed check is its row's one line; the others still run."""
-    ap = argparse.ArgumentParser(prog="bench.py gpu", description=gpu_check.__doc__)
+    ap = Parser(prog="bench.py gpu", description=gpu_check.__doc__)
     ap.add_argument("--out", default="runs/gpu-check", help="directory of the two training runs")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -402,15 +402,14 @@ def gpu_check(argv: list) -> list:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["fit"]:
-        from train import UserError
-        try:
+    try:
+        if sys.argv[1:2] == ["fit"]:
             learning_check(sys.argv[2:])
-        except UserError as e:  # a bad flag or --init: one line, as train.py says it
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-    elif sys.argv[1:2] == ["gpu"]:
-        gpu_check(sys.argv[2:])
-    else:
-        for bench in [bench_kv_cache, bench_prefix, bench_vs_transformers, bench_real_model, bench_logprob]:
-            bench()
+        elif sys.argv[1:2] == ["gpu"]:
+            gpu_check(sys.argv[2:])
+        else:
+            for bench in [bench_kv_cache, bench_prefix, bench_vs_transformers, bench_real_model, bench_logprob]:
+                bench()
+    except UserError as e:  # a bad flag or --init: one line, as train.py and eval.py say it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -19,11 +19,10 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, json_loads, load_checkpoint, packaged_minilm
 from model import train_tokenizer
 from memory import RETRIEVERS, Entry, MemoryBank, bloat_cost, minilm, rank, retrieve_for_facts, short_date
-from memr2 import (CHAT_MAX_NEW, PRETRAINED, AnswerAgent, Decision, RLConfig, chunk_turns, context_sizes, dialogue_tokens,
-                   memory_tokens, model_reader, normalize_answer, qa_scores, row_reward, run_session, sample_questions,
-                   token_f1)
+from memr2 import (LOCOMO_CHUNKS, PRETRAINED, AnswerAgent, Decision, RLConfig, chunk_turns, config_for, dialogue_tokens, memory_tokens,
+                   model_reader, normalize_answer, qa_scores, row_reward, run_session, sample_questions, token_f1)
 from parallel import gather_over_ranks, ranks, this_rank
-from world import (CATEGORIES, SCRIPTED, DataError, decision_counts, decision_metrics, exact_answerer, load_locomo,
+from world import (CATEGORIES, LOCOMO_PATH, SCRIPTED, DataError, decision_counts, decision_metrics, exact_answerer, load_locomo,
                    locomo_split, synthetic_split, teacher_memory, teacher_ops, teacher_trace)
 
 # ============================================================================ evaluation
@@ -540,14 +539,19 @@ def positive_int(s: str) -> int:
     return v
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's usage + error lines -> one line, exit status 1
-        raise SystemExit(f"error: {message}")
+class UserError(Exception):
+    """A mistake in flags or files: reported as one line, "error: ..." with exit status 1, never a
+    traceback (eval.py, train.py and bench.py alike)."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage + error lines (exit status 2) -> our one line
+        raise UserError(message)
 
 
 def cli_compare(argv: list) -> None:
     """python eval.py compare RUN_DIR... [--out results]"""
-    ap = OneLineParser(prog="eval.py compare", description="Table of an experiment's runs.")
+    ap = Parser(prog="eval.py compare", description="Table of an experiment's runs.")
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
@@ -562,11 +566,11 @@ def cli_compare(argv: list) -> None:
 
 def cli_sensitivity(argv: list) -> None:
     """python eval.py sensitivity [--worlds 24]"""
-    ap = OneLineParser(prog="eval.py sensitivity",
+    ap = Parser(prog="eval.py sensitivity",
                        description="Reward of scripted managers fed the gold facts, on the test worlds.")
     ap.add_argument("--worlds", type=positive_int, default=24, help="synthetic test worlds")
     args = ap.parse_args(argv)
-    cfg = RLConfig()
+    cfg = config_for(False, "synthetic")
     samples, convs = synthetic_split({"test": args.worlds})["test"]
     tok = world_tokenizer(synthetic_split({"train": 50})["train"][0])
     res = sensitivity(samples, convs, tok, cfg)
@@ -587,9 +591,9 @@ def cli_sensitivity(argv: list) -> None:
 
 def cli_recall(argv: list) -> None:
     """python eval.py recall [--worlds 24]"""
-    ap = OneLineParser(prog="eval.py recall", description="Retrieval recall of BM25 and MiniLM: LoCoMo's test questions "
+    ap = Parser(prog="eval.py recall", description="Retrieval recall of BM25 and MiniLM: LoCoMo's test questions "
                        "over stored turns, synthetic facts over the gold memory; the encoder's time.")
-    ap.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"))
+    ap.add_argument("--locomo-path", default=LOCOMO_PATH)
     ap.add_argument("--worlds", type=positive_int, default=24, help="synthetic test worlds")
     args = ap.parse_args(argv)
     try:
@@ -620,7 +624,7 @@ def cli_recall(argv: list) -> None:
           "top k of the fact's speaker (x100); F1 of the exact reader on the gold memory (top-4 per speaker)\n")
     print("| retriever | facts | R@1 | R@2 | R@5 | R@10 | gold-memory F1 |\n|---|---|---|---|---|---|---|")
     for r in RETRIEVERS:
-        cfg = RLConfig(retriever=r)
+        cfg = config_for(False, "synthetic", retriever=r)
         res = fact_recall(samples, worlds, cfg)
         banks = oracle_banks(samples, worlds, cfg)
         asked = [(b, q) for b, c in zip(banks, worlds) for q in c.qa]
@@ -646,22 +650,23 @@ def eval_data(args) -> tuple:
 
 def cli_evaluate(argv: list) -> None:
     """python eval.py PATH [--data ...]: one checkpoint on a split, with the oracle beside it."""
-    ap = OneLineParser(description="Evaluate a Memory-R2 checkpoint: F1, BLEU-1, EM per category, M-Fail, memory size, ops.",
+    ap = Parser(description="Evaluate a Memory-R2 checkpoint: F1, BLEU-1, EM per category, M-Fail, memory size, ops.",
                        epilog="other jobs (each with its own --help): 'eval.py compare RUN... --out DIR' (an experiment's "
                               "table and figures), 'eval.py sensitivity' (scripted managers' rewards), 'eval.py recall' "
                               "(retrieval recall of BM25 and MiniLM)")
     ap.add_argument("path", help="a run dir (runs/<name>) or a checkpoint dir")
     ap.add_argument("--data", choices=["synthetic", "locomo"], default="synthetic")
     ap.add_argument("--split", choices=["val", "test"], default="test")
-    ap.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"))
+    ap.add_argument("--locomo-path", default=LOCOMO_PATH)
     ap.add_argument("--worlds", type=positive_int, default=24, help="synthetic worlds in the split")
-    ap.add_argument("--chunks", type=positive_int, default=None, help="chunks per session (default: the run's; else memr2.context_sizes: 2, LoCoMo 10, a pretrained model 6)")
+    ap.add_argument("--chunks", type=positive_int, default=None, help=f"chunks per session (default: the run's; else memr2.config_for: {RLConfig.chunks}, LoCoMo "
+                         f"{LOCOMO_CHUNKS}, a pretrained model {PRETRAINED['chunks']})")
     ap.add_argument("--convs", type=positive_int, default=None, help="evaluate only the first N conversations of the split")
     ap.add_argument("--sessions", type=positive_int, default=None,
                     help="keep the first N sessions of each conversation and the questions about them")
     ap.add_argument("--retriever", choices=RETRIEVERS, default=None,
                     help="memory retrieval (default: the run's, else bm25); the sizes are the run's, else the paper's "
-                         "for a pretrained chat model and 2/6/4 for ours")
+                         f"for a pretrained chat model and {RLConfig.per_fact}/{RLConfig.mem_cap}/{RLConfig.qa_top_k} for ours")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0: greedy (the test); > 0: one read sampled at it (seed 0), as RL's rollouts sample")
     args = ap.parse_args(argv)
@@ -676,18 +681,15 @@ def cli_evaluate(argv: list) -> None:
         out = version / f"eval-{args.data}-{args.split}{f'-T{args.temperature:g}' if args.temperature else ''}.json"
         out.write_text("{}")  # fail now, not after the whole evaluation, if the result cannot be written
         samples, convs = eval_data(args)
-        # N and retrieval as the model's context decides, or as the run had them (args.json; its N only
-        # where it read the same data), or as a flag says
-        run, sizes = run_args(Path(args.path)), context_sizes(bool(ck["model"].cfg.chat_format), args.data)
-        sizes |= {k: v for k, v in run.get("cfg", {}).items()
-                  if k in ("retriever", *PRETRAINED) and (k != "chunks" or run.get("data", "synthetic") == args.data)}
-        cfg = RLConfig(**sizes)
-        cfg.chunks = args.chunks or cfg.chunks
-        cfg.retriever = args.retriever or cfg.retriever
+        # N and retrieval as the model and data decide (a chat model is a pretrained one), or as the run
+        # had them (args.json; its N only where it read the same data), or as a flag says
+        run = run_args(Path(args.path))
+        kept = {k: v for k, v in run.get("cfg", {}).items()
+                if k in ("retriever", *PRETRAINED) and (k != "chunks" or run.get("data", "synthetic") == args.data)}
+        cfg = config_for(bool(ck["model"].cfg.chat_format), args.data,
+                         **kept | {k: v for k, v in (("chunks", args.chunks), ("retriever", args.retriever)) if v is not None})
         if cfg.retriever == "minilm":
             packaged_minilm()  # not installed: one line now, not after reading the conversations
-        if ck["model"].cfg.chat_format:  # a pretrained instruct model: room for its JSON
-            cfg.max_new = dict(CHAT_MAX_NEW)
         answerer = run_answerer(Path(args.path), args.data, cfg, ck["tok"])
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"error: {e}")
@@ -715,9 +717,12 @@ def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else argv
     jobs = {"compare": cli_compare, "sensitivity": cli_sensitivity, "recall": cli_recall}
-    if argv[:1] and argv[0] in jobs:
-        return jobs[argv[0]](argv[1:])
-    cli_evaluate(argv)
+    try:
+        if argv[:1] and argv[0] in jobs:
+            return jobs[argv[0]](argv[1:])
+        cli_evaluate(argv)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ class RLConfig:
     n: int = 4  # global group size (paper 16)
     K: int = 4  # local group size
     p: float = 0.5  # per-session branch probability
-    chunks: int = 2  # chunks per session N (paper 6; our sessions have 4 turns; context_sizes below)
+    chunks: int = 2  # chunks per session N (paper 6; our sessions have 4 turns; config_for below)
     temperature: float = 0.5  # sampling AND log-prob temperature (paper 1; see README)
     local_decoding: str = "sampled"  # sampled (at `temperature`, as the rollouts) | greedy (the official code's)
     lam: float = 0.3  # bloat penalty weight
@@ -213,9 +213,15 @@ PRETRAINED = dict(chunks=6, per_fact=5, mem_cap=25, qa_top_k=30, qa_by_session=T
 LOCOMO_CHUNKS = 10  # the tiny model on LoCoMo: about 2 of a session's ~22 turns fit one chunk's prompt
 
 
-def context_sizes(pretrained: bool, data: str) -> dict:
-    """RLConfig overrides for a model and data set: {} keeps RLConfig's tiny-model values."""
-    return dict(PRETRAINED) if pretrained else {"chunks": LOCOMO_CHUNKS} if data == "locomo" else {}
+def config_for(pretrained: bool, data: str, **given) -> RLConfig:
+    """The one builder of an RLConfig, for train.py and eval.py alike: RLConfig's own values (the tiny
+    model on the synthetic world), then what the model and data set decide, then every field `given`
+    names that is not None (a preset, a flag, a run's args.json). pretrained: a Hugging Face chat
+    model (train.py --init-hf; a checkpoint with a chat format): the paper's N and retrieval sizes,
+    and room for JSON in a real tokenizer. The tiny model on LoCoMo: LOCOMO_CHUNKS chunks a session."""
+    model_data = (dict(PRETRAINED, max_new=dict(CHAT_MAX_NEW)) if pretrained
+                  else {"chunks": LOCOMO_CHUNKS} if data == "locomo" else {})
+    return RLConfig(**model_data | {k: v for k, v in given.items() if v is not None})
 
 
 # ============================================================================ rollouts

@@ -33,10 +33,10 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from tqdm import tqdm
 
 import eval as E
+from eval import Parser, UserError
 import world as W
-from memr2 import (CHAT_MAX_NEW, LOCOMO_CHUNKS, PRETRAINED, AnswerAgent, Cell, RLConfig, Episode, answer_prompt, cell_logprobs,
-                   context_sizes, extractor_prompt, facts_target, guarded_step, rl_step, manager_prompt, model_reader,
-                   ops_target)
+from memr2 import (LOCOMO_CHUNKS, PRETRAINED, AnswerAgent, Cell, Episode, RLConfig, answer_prompt, cell_logprobs, config_for,
+                   extractor_prompt, facts_target, guarded_step, manager_prompt, model_reader, ops_target, rl_step)
 from memory import RETRIEVERS, retrieve_for_question
 from checkpoint import (CheckpointError, is_hf_dir, json_loads, load_checkpoint, non_finite, one_line, packaged_minilm,
                         save_checkpoint)
@@ -53,15 +53,6 @@ PRESETS = {  # model, SFT budget, world counts, steps; RL knobs come from RLConf
     "gpu": TINY | dict(d_model=384, n_layer=8, n_head=6, vocab=2048, sft_steps=8000, sft_batch=64, n=16,
                        train_worlds=2000, val_worlds=8, test_worlds=48),  # only what differs from tiny
 }
-
-
-class UserError(Exception):
-    """A mistake in flags or files: reported as one line, never a traceback."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's usage + error lines -> our one line
-        raise UserError(message)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -103,7 +94,7 @@ def build_parser():
     g = ap.add_argument_group("model and data")
     g.add_argument("--preset", choices=PRESETS, default="tiny", help="model size, SFT budget, group sizes, world counts")
     g.add_argument("--data", choices=["synthetic", "locomo"], default="synthetic", help="training/evaluation data")
-    g.add_argument("--locomo-path", default=str(Path(__file__).parent / "data" / "locomo10.json"), help="LoCoMo JSON file")
+    g.add_argument("--locomo-path", default=W.LOCOMO_PATH, help="LoCoMo JSON file")
     g.add_argument("--sessions", type=int, default=32, help="sessions per synthetic conversation")
     g.add_argument("--train-worlds", type=int, default=None,
                    help="RL draws each step's conversation from the first N training conversations (default: all, "
@@ -122,17 +113,41 @@ def build_parser():
                         "at %d, top-%d per speaker; with --init-hf the paper's %d, %d and %d, ordered by session"
                         % (d.per_fact, d.mem_cap, d.qa_top_k, p["per_fact"], p["mem_cap"], p["qa_top_k"]))
     g = ap.add_argument_group("SFT warm start")
-    g.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's, tiny 2500, gpu 8000)")
+    g.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's, "
+                   + ", ".join(f"{k} {p['sft_steps']}" for k, p in PRESETS.items()) + ")")
     g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate (cosine to 10 %%)")
     g.add_argument("--teacher", choices=["habit", "noise"], default="habit",
                    help="SFT teacher: an untrained manager's habits (world.HABIT: UPDATEs written as INSERTs or "
                         "replacing, corrections not DELETEd) or random noise at --teacher-noise (docs/method.md)")
     g.add_argument("--teacher-noise", type=float, default=0.3,
                    help="--teacher noise: rate of wrong/missing teacher ops (0: a perfect teacher)")
-    g = ap.add_argument_group("LoGo-GRPO")
+    add_rl_flags(ap.add_argument_group("LoGo-GRPO"), d)
+    g = ap.add_argument_group("curriculum")
+    g.add_argument("--stages", default="8,16,32", help="session caps of the curriculum; '32' trains directly")
+    g.add_argument("--steps-per-stage", default=None,
+                   help=f"RL steps per stage, e.g. 30,15,15 (default: the preset's {PRESETS['tiny']['steps']}, cut or padded "
+                        "to the stages)")
+    g.add_argument("--val-every", type=int, default=5, help="validate every this many RL steps")
+    g = ap.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seeds SFT, data and algorithm streams")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    g.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (use 1 for parallel runs); more than this machine's CPUs are capped, "
+                        "with a warning")
+    g.add_argument("--out", default="runs", help="directory of run directories")
+    g.add_argument("--name", default=None, help="run name (default: <algo>-<stages>-s<seed>)")
+    g.add_argument("--resume", default=None, help="continue runs/<name> from its last checkpoint (default: start a new run)")
+    g.add_argument("--no-final-eval", action="store_true", help="skip the test evaluation (experiments)")
+    g.add_argument("--override", default="",
+                   help="with --resume: flags allowed to differ from the run's, e.g. lr,threads (default: none)")
+    return ap
+
+
+def add_rl_flags(g, d: RLConfig) -> None:
+    """The LoGo-GRPO flags: each None by default, so RLConfig d (or the preset) decides, as its help says."""
     g.add_argument("--algo", choices=["logo", "grpo", "local"], default="logo",
                    help="logo: global + local groups; grpo: global only (never branches); local: local groups only")
-    g.add_argument("--n", type=int, default=None, help="global group size: rollouts per step (RLConfig: 4; preset gpu: 16)")
+    g.add_argument("--n", type=int, default=None, help=f"global group size: rollouts per step (RLConfig: {d.n}; preset gpu: {PRESETS['gpu']['n']})")
     g.add_argument("--K", type=int, default=None, help=f"local group size: branches per snapshot (RLConfig: {d.K})")
     g.add_argument("--p", type=float, default=None, help=f"per-session branch probability (RLConfig: {d.p})")
     g.add_argument("--chunks", type=int, default=None, help=f"chunks per session (RLConfig: {d.chunks}; --data locomo: {LOCOMO_CHUNKS}; --init-hf: {PRETRAINED['chunks']})")
@@ -156,24 +171,6 @@ def build_parser():
     g.add_argument("--worlds-per-step", type=int, default=1,
                    help="training conversations each process rolls out per RL step; one update averages over all of "
                         "them (under torchrun: over every rank's)")
-    g = ap.add_argument_group("curriculum")
-    g.add_argument("--stages", default="8,16,32", help="session caps of the curriculum; '32' trains directly")
-    g.add_argument("--steps-per-stage", default=None,
-                   help="RL steps per stage, e.g. 30,15,15 (default: the preset's 20,5,5, cut or padded to the stages)")
-    g.add_argument("--val-every", type=int, default=5, help="validate every this many RL steps")
-    g = ap.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="seeds SFT, data and algorithm streams")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    g.add_argument("--threads", type=int, default=2,
-                   help="torch CPU threads (use 1 for parallel runs); more than this machine's CPUs are capped, "
-                        "with a warning")
-    g.add_argument("--out", default="runs", help="directory of run directories")
-    g.add_argument("--name", default=None, help="run name (default: <algo>-<stages>-s<seed>)")
-    g.add_argument("--resume", default=None, help="continue runs/<name> from its last checkpoint (default: start a new run)")
-    g.add_argument("--no-final-eval", action="store_true", help="skip the test evaluation (experiments)")
-    g.add_argument("--override", default="",
-                   help="with --resume: flags allowed to differ from the run's, e.g. lr,threads (default: none)")
-    return ap
 
 
 def finish_args(args):
@@ -218,14 +215,13 @@ def finish_args(args):
 
 
 def rl_config(args) -> RLConfig:
-    # RLConfig holds every default; a preset, then a flag, overrides only what it names.
+    # RLConfig holds every default; a preset, then a flag, overrides only what it names
     preset = PRESETS[args.preset]
     given = {f: getattr(args, f) if getattr(args, f) is not None else preset.get(f)
              for f in ("n", "K", "chunks", "ppo_epochs", "minibatch", "p", "lam", "phi", "lr", "temperature",
                        "local_decoding")}
-    # N and the retrieval sizes follow the model's context (memr2.context_sizes); a flag still wins
-    sizes = {k: v for k, v in context_sizes(bool(args.init_hf), args.data).items() if given.get(k) is None}
-    cfg = RLConfig(algo=args.algo, retriever=args.retriever, **{f: v for f, v in given.items() if v is not None} | sizes)
+    # N, the retrieval sizes and max_new follow the model and data (memr2.config_for); a flag still wins
+    cfg = config_for(bool(args.init_hf), args.data, algo=args.algo, retriever=args.retriever, **given)
     if cfg.n < 1 or cfg.K < 1 or not 0 <= cfg.p <= 1 or cfg.chunks < 1 or cfg.lr <= 0:
         raise UserError(f"bad RL config: need n, K, chunks >= 1, 0 <= p <= 1, lr > 0 (got {cfg})")
     if cfg.algo == "local" and cfg.p == 0:
@@ -359,10 +355,11 @@ def memory_estimate(c: ModelConfig, rl: RLConfig, grad_ckpt: bool, prompt_len: i
 
 
 def prepare_pretrained(model, cfg: RLConfig, args, device) -> None:
-    """A pretrained start (no SFT; N = 6 chunks, set in rl_config): room for a real tokenizer's
-    JSON, optional gradient checkpointing, and the memory estimate printed before anything heavy."""
-    if model.cfg.chat_format:
-        cfg.max_new = dict(CHAT_MAX_NEW)
+    """A pretrained start (no SFT; its sizes and max_new set by rl_config): a chat model, optional
+    gradient checkpointing, and the memory estimate printed before anything heavy."""
+    if not model.cfg.chat_format:  # the prompts, the paper's sizes and max_new are an instruct model's
+        raise UserError(f"--init-hf {args.init_hf}: no chat template (tokenizer_config.json or chat_template.jinja): "
+                        "memr2 prompts an instruct model in its chat format")
     model.grad_ckpt = args.grad_ckpt
     est = memory_estimate(model.cfg, cfg, args.grad_ckpt, fsdp_gpus=ranks() if args.fsdp else 1)
     print(f"pretrained {args.init_hf}: {est['params_B']:.2f}B params, chat format {model.cfg.chat_format or 'none'}; "
@@ -1088,7 +1085,7 @@ if __name__ == "__main__":
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # every rank stops with the same line: rank 0 says it
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1)
     except KeyboardInterrupt as e:
         print("\n" + interrupted(e), file=sys.stderr)
         sys.exit(130)

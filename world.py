@@ -14,6 +14,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from checkpoint import json_loads
 from memory import QA, Conversation, MemoryBank, Session, Turn, encodable, retrieve_for_facts, short_date
@@ -29,6 +30,8 @@ CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 
 ADVERSARIAL = 5
 
 # Official split of the Memory-R1 code. conv-47 is in no part, on purpose.
+LOCOMO_PATH = str(Path(__file__).parent / "data" / "locomo10.json")  # the released file, shipped with its licence
+
 LOCOMO_SPLIT = {
     "train": ["conv-43"],
     "val": ["conv-44"],
