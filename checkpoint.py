@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from model import ModelConfig, Transformer, config_dict, rope_tables
+from model import ModelConfig, Roles, Transformer, config_dict, rope_tables
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: a directory of safetensors + JSON, no pickle anywhere. Versioned: the files of a
@@ -34,8 +34,9 @@ def save_checkpoint(path, model: Transformer, tok: Tokenizer, meta: dict, optimi
                     tensors: dict[str, torch.Tensor] | None = None) -> None:
     path = str(path).rstrip("/")
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        del sd["lm_head.weight"]  # same storage as tok_emb.weight; safetensors refuses shared tensors
+    if model.cfg.tie_embeddings:  # same storage as tok_emb.weight; safetensors refuses shared tensors
+        for k in [k for k in sd if k.split(".")[-2:] == ["lm_head", "weight"]]:  # a Roles model has two
+            del sd[k]
     opt_tensors, scalars, osd = {}, {}, None
     if optimizer is not None:
         # Tensors (exp_avg, step, ...) go to safetensors as state.{param_idx}.{name}; the rest to JSON.
@@ -176,9 +177,11 @@ def load_checkpoint(path, device="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path}: tokenizer has {tok.get_vocab_size()} tokens, the model only {cfg.vocab_size}")
     try:
         with torch.random.fork_rng(devices=[]):  # building the model must not disturb the caller's RNG
-            model = Transformer(cfg)
-        if cfg.tie_embeddings and "tok_emb.weight" in weights:
-            weights["lm_head.weight"] = weights["tok_emb.weight"]  # copied into the one shared parameter
+            roles = "ext.tok_emb.weight" in weights  # separate extractor and manager weights
+            model = Roles(Transformer(cfg), Transformer(cfg)) if roles else Transformer(cfg)
+        for prefix in ("ext.", "mgr.") if roles else ("",):
+            if cfg.tie_embeddings and prefix + "tok_emb.weight" in weights:
+                weights[prefix + "lm_head.weight"] = weights[prefix + "tok_emb.weight"]  # into the one shared parameter
         model.load_state_dict(weights)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path}: weights do not match config ({one_line(e)})") from e

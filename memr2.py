@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 from checkpoint import chat_prompt
-from model import decode, encode, generate
+from model import Roles, decode, encode, for_role, generate
 from memory import (MemoryBank, bloat_cost, parse_facts, parse_operations, retrieve_for_facts,
                     retrieve_for_question, short_date)
 from parallel import even_parts, gather_over_ranks, gathered, int_over_ranks, sharded, step_size, sum_gradients
@@ -232,6 +232,7 @@ class Cell:
     prompt: list
     response: list  # sampled ids, ending with EOS when finished
     finished: bool
+    role: str = ""  # "ext" or "mgr": with separate weights (model.Roles), whose weights score it
 
 
 class Group(NamedTuple):
@@ -273,10 +274,11 @@ class Row:
 def sample_cells(model, tok, prompts: list, role: str, cfg: RLConfig, temperature: float, gen=None):
     """Batched KV-cache sampling -> list of Cells. Training rollouts sample plainly (no top-k,
     no top-p) so the loss's log-probs belong to the distribution that was sampled."""
+    model = for_role(model, role)
     prefix, rest = chat_ids(model, tok, role, prompts)
     outs, done = generate(model, rest, cfg.max_new[role], temperature=temperature, eos_id=model.cfg.eos_id,
                           generator=gen, prefix=prefix)
-    return [Cell(prefix + r, o, d) for r, o, d in zip(rest, outs, done)]
+    return [Cell(prefix + r, o, d, role) for r, o, d in zip(rest, outs, done)]
 
 
 def run_session(model, tok, banks: list, sessions: list, cfg: RLConfig, temperature: float, gen=None, trace=None):
@@ -473,7 +475,15 @@ def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entro
     """Log-probs of every response token of `cells` under `model` -> (logp (N,), ent (N,) or
     None, cell index of each token (N,)). Cells run shortest first in <= 3 length buckets, each
     a right-padded batch, so plain causal attention needs no mask; the head runs only on
-    response positions. Tokens come bucket by bucket: `owner` says whose each one is."""
+    response positions. Tokens come bucket by bucket: `owner` says whose each one is. With
+    separate weights (model.Roles) each role's cells run through its own part."""
+    if isinstance(model, Roles):
+        parts = [[i for i, c in enumerate(cells) if (c.role == "mgr") == (r == "mgr")] for r in ("ext", "mgr")]
+        outs = [(cell_logprobs(for_role(model, r), [cells[i] for i in idx], temperature, chunk, with_entropy), idx)
+                for r, idx in zip(("ext", "mgr"), parts) if idx]
+        ent = torch.cat([o[1] for o, _ in outs]) if with_entropy else None
+        owner = torch.cat([torch.tensor(idx, device=o[2].device)[o[2]] for o, idx in outs])  # back to `cells` indices
+        return torch.cat([o[0] for o, _ in outs]), ent, owner
     dev = next(model.parameters()).device
     seqs = [c.prompt + c.response for c in cells]
     order = sorted(range(len(cells)), key=lambda i: len(seqs[i]))

@@ -1,6 +1,7 @@
 """Tokenizer, a small Llama-style Transformer, and batched KV-cache sampling. Checkpoints,
 Hugging Face and GGUF models, chat formats and the MiniLM sentence encoder are in checkpoint.py."""
 import contextlib
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -241,6 +242,26 @@ class Transformer(nn.Module):
 
     def forward(self, idx, pos=None, attn_mask=None, kv_cache=None):
         return self.lm_head(self.hidden_states(idx, pos, attn_mask, kv_cache))  # (B, T, V)
+
+
+class Roles(nn.Module):
+    """Separate weights for the two trained roles (the paper's separated-parameters ablation):
+    `ext` writes facts, `mgr` operations; both start as copies of one model. A call picks its part
+    with `for_role`; the parts' state dicts are prefixed "ext." and "mgr.", so a checkpoint holds both."""
+    def __init__(self, ext: Transformer, mgr: Transformer):
+        super().__init__()
+        self.ext, self.mgr = ext, mgr
+        self.cfg = ext.cfg
+
+    @classmethod
+    def of(cls, model: Transformer) -> "Roles":
+        return cls(copy.deepcopy(model), copy.deepcopy(model))
+
+
+def for_role(model, role: str):
+    """The weights a call of `role` runs on: the model itself, or a Roles' part ("mgr" the manager's;
+    "ext" and any other role the extractor's)."""
+    return (model.mgr if role == "mgr" else model.ext) if isinstance(model, Roles) else model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from model import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, ModelConfig, Transformer, decode, encode, generate, left_pad,
-                   train_tokenizer)
+from model import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, ModelConfig, Roles, Transformer, decode, encode, for_role, generate,
+                   left_pad, train_tokenizer)
 from checkpoint import CheckpointError, chat_prompt, load_checkpoint, save_checkpoint
 from memory import (MAX_CONTENT_WORDS, QA, Conversation, MemoryBank, Session, Turn, bloat_cost, bm25, parse_facts,
                     parse_operations, retrieve_for_facts, retrieve_for_question, short_date)
@@ -2616,6 +2616,26 @@ def test_train_smoke_runs_sft_and_every_curriculum_stage(tmp_path, tiny_preset, 
     assert "| model | F1 |" in (run / "report.md").read_text()
 
 
+def test_a_separate_roles_run_trains_the_extractor_part_and_records_it(tmp_path, tiny_preset):
+    """train.py --separate-roles end to end: its checkpoints hold both parts, copied from the SFT model;
+    the extractor's part trained (this tiny run's manager cells are empty, so the manager's stays);
+    result.json records the shape and the unshared weights, which eval.py compare names as an arm;
+    --fsdp with it is one line."""
+    train.main(["--separate-roles", "--sessions", "3", "--stages", "2", "--out", str(tmp_path), "--name", "sep",
+                "--threads", "1"])
+    run = tmp_path / "sep"
+    sft, best = (load_checkpoint(run / d)["model"] for d in ("sft", "best-stage0"))
+    assert isinstance(best, Roles) and not isinstance(sft, Roles)
+    assert any(not torch.equal(w, sft.state_dict()[k]) for k, w in best.ext.state_dict().items())
+    result = json.loads((run / "result.json").read_text())
+    assert result["shared_weights"] is False and E._arm(result) == "logo 2 separate-roles"
+    assert result["model"] == {k: TINY_PRESET[k] for k in ("d_model", "n_layer", "n_head")}
+    with pytest.raises(train.UserError, match="--separate-roles with --fsdp"):
+        train.main(["--separate-roles", "--fsdp", "--out", str(tmp_path), "--name", "x"])
+    E.main([str(run), "--worlds", "1", "--sessions", "2"])  # eval.py reads both parts back and plays each role with its own
+    assert (run / "best-stage0").resolve().joinpath("eval-synthetic-test.json").exists()
+
+
 def test_resume_after_interrupt_gives_the_same_metrics_and_weights(tmp_path, tiny_preset, monkeypatch):
     """A resumed run is the same run: metrics and weights equal an uninterrupted one."""
     base = ["--sessions", "3", "--stages", "2,3", "--steps-per-stage", "2,1", "--val-every", "1", "--out", str(tmp_path),
@@ -3462,6 +3482,45 @@ def test_a_partial_last_mini_batch_weighs_by_how_full_it_is(monkeypatch):
     M.ppo_update(model, model, [rows[4:]], replace(cfg, minibatch=2), opt)
     assert len(grads) == 3 and grads[2].abs().max() > 0
     assert torch.allclose(grads[1], 0.5 * grads[2], rtol=1e-5, atol=1e-8)
+
+
+def test_separate_roles_score_and_train_each_part_on_its_own_rows():
+    """--separate-roles: a model.Roles policy, two copies of one model. cell_logprobs runs each cell
+    through its role's part (as that part alone would, tokens mapped back to their cells; the KL
+    reference's parts are chosen the same way); ppo_update on manager rows moves only the manager's
+    part, on extractor rows only the extractor's."""
+    _, tok, model = make_tiny()
+    g = torch.Generator().manual_seed(7)
+    rand = lambda n: torch.randint(7, model.cfg.vocab_size, (n,), generator=g).tolist()
+    cell = lambda role, n: M.Cell([1] + rand(5), rand(n), True, role)
+    policy = Roles.of(model)
+    with torch.no_grad():
+        policy.mgr.tok_emb.weight.mul_(1.5)  # the parts differ, so a cell scored by the wrong one shows
+    cells = [cell("ext", 3), cell("mgr", 4), cell("ext", 5), cell("mgr", 2)]
+    lp, _, owner = M.cell_logprobs(policy, cells, 1.0, 64)
+    for i, c in enumerate(cells):
+        alone, _, _ = M.cell_logprobs(for_role(policy, c.role), [c], 1.0, 64)
+        assert torch.allclose(lp[owner == i], alone)
+    assert not torch.allclose(M.cell_logprobs(model, cells[1:2], 1.0, 64)[0], lp[owner == 1])
+    for role in ("mgr", "ext"):
+        p, ref = Roles.of(model), Roles.of(model)
+        before = {k: v.clone() for k, v in p.state_dict().items()}
+        rows = [M.Row(role, M.Group("G", 1, role), [cell(role, 3 + i)], adv=(-1) ** i) for i in range(4)]
+        M.ppo_update(p, ref, [rows], M.RLConfig(ppo_epochs=1, minibatch=4), torch.optim.SGD(p.parameters(), lr=0.1))
+        assert {k.split(".")[0] for k, v in p.state_dict().items() if not torch.equal(v, before[k])} == {role}
+
+
+def test_a_separate_roles_checkpoint_keeps_both_parts(tmp_path, tok):
+    """save_checkpoint / load_checkpoint of a model.Roles: both parts come back, each with its head
+    tied to its own embedding."""
+    m = Roles.of(Transformer(CK))
+    with torch.no_grad():
+        m.mgr.tok_emb.weight.add_(0.1)
+    save_checkpoint(tmp_path / "ck", m, tok, {})
+    back = load_checkpoint(tmp_path / "ck")["model"]
+    assert isinstance(back, Roles) and back.state_dict().keys() == m.state_dict().keys()
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in m.state_dict().items())
+    assert back.mgr.lm_head.weight is back.mgr.tok_emb.weight and not torch.equal(back.ext.tok_emb.weight, back.mgr.tok_emb.weight)
 
 
 WRITES = ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "os.truncate", "shutil.rmtree", "shutil.copyfile")

@@ -40,7 +40,7 @@ from memr2 import (LOCOMO_CHUNKS, PRETRAINED, AnswerAgent, Cell, Episode, RLConf
 from memory import RETRIEVERS, retrieve_for_question
 from checkpoint import (CheckpointError, is_hf_dir, json_loads, load_checkpoint, non_finite, one_line, packaged_minilm,
                         save_checkpoint)
-from model import EOS_ID, ModelConfig, Transformer, autocast, encode, pick_device, train_tokenizer
+from model import EOS_ID, ModelConfig, Roles, Transformer, autocast, encode, for_role, pick_device, train_tokenizer
 from parallel import gather_over_ranks, gathered, ranks, this_rank
 
 # val_worlds: >= eval.questions_for_se() questions (1,112), so validation F1 has a standard error <= 1.5
@@ -168,6 +168,10 @@ def add_rl_flags(g, d: RLConfig) -> None:
                    help="under torchrun: shard the policy's weights, gradients and AdamW state over the ranks (FSDP2, "
                         "one unit per transformer block); the frozen reference and answer agent stay whole on every "
                         "rank, in bf16 on GPU")
+    g.add_argument("--separate-roles", action="store_true",
+                   help="separate extractor and manager weights, both copied from the SFT model at RL start, each "
+                        "trained on its own role's rows against its own KL reference (the paper's separated-"
+                        "parameters ablation; default: one set of weights plays both roles)")
     g.add_argument("--worlds-per-step", type=int, default=1,
                    help="training conversations each process rolls out per RL step; one update averages over all of "
                         "them (under torchrun: over every rank's)")
@@ -658,7 +662,7 @@ def check_finite(model, what: str, fix: str) -> None:
         raise UserError(f"{what}: weights became non-finite ({bad}); {fix}")
     with torch.no_grad():  # a 16-token probe (1, 16) -> logits (1, 16, V)
         probe = torch.arange(min(16, model.cfg.vocab_size), device=next(model.parameters()).device)[None]
-        if not bool(torch.isfinite(model(probe)).all()):
+        if not all(bool(torch.isfinite(part(probe)).all()) for part in {for_role(model, r) for r in ("ext", "mgr")}):
             raise UserError(f"{what}: outputs became non-finite (the weights are finite but too large); {fix}")
 
 
@@ -776,6 +780,8 @@ def setup_run(argv: list):
         device = pick_device(args.device)
     except ValueError as e:
         raise UserError(str(e))
+    if args.fsdp and args.separate_roles:
+        raise UserError("--separate-roles with --fsdp: sharding knows one transformer's blocks; drop one of the two")
     if args.fsdp and ranks() < 2:
         raise UserError("--fsdp shards over torchrun's ranks: run it with torchrun --nproc_per_node N (N >= 2)")
     if device.type == "cuda" and ranks() > 1:  # one GPU per rank
@@ -914,6 +920,8 @@ def warm_start(args, run: Path, cfg: RLConfig, device, data, log):
     # Copies, as the policy trains in place: the first stage's warm start and the learned answerer
     # must stay the SFT model, and the KL reference must not move with the policy.
     sft_model = copy.deepcopy(model).eval()
+    if args.separate_roles:  # two copies of the SFT model: the policy's parts, and the reference's
+        model = Roles.of(model)
     ref = copy.deepcopy(model).eval()  # reset to each stage's warm start
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -926,9 +934,10 @@ def warm_start(args, run: Path, cfg: RLConfig, device, data, log):
 def stage_warm_start(si, args, run: Path, device, sft_model):
     """The previous stage's best checkpoint (the SFT model for the first stage) -> (model, its
     validation metrics or None). It is also the stage's KL reference, as in the official trainer."""
-    if si == 0:  # in fp32: from disk where the frozen copy is bf16
-        return (sft_model if sft_model.lm_head.weight.dtype == torch.float32
-                else load_ckpt(sft_path(args, run), device)["model"]), None
+    if si == 0:  # in fp32: from disk where the frozen copy is bf16; both roles' parts start from it
+        start = (sft_model if sft_model.lm_head.weight.dtype == torch.float32
+                 else load_ckpt(sft_path(args, run), device)["model"])
+        return (Roles.of(start) if args.separate_roles else start), None
     prev = run / f"best-stage{si - 1}"
     if not prev.exists():
         raise UserError(f"{prev} is missing: stage {si + 1} has no warm start (restore it or start a new run)")
@@ -1021,7 +1030,9 @@ def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, st: 
             names = list(table)
             (run / "result.json").write_text(json.dumps({
                 "algo": cfg.algo, "stages": args.stages, "steps": args.steps, "seed": args.seed, "minutes": result["minutes"],
-                "answerer": answerer.name, "minibatch": cfg.minibatch, "local_decoding": cfg.local_decoding, "setup": run_setup(args, cfg),
+                "answerer": answerer.name, "minibatch": cfg.minibatch, "local_decoding": cfg.local_decoding,
+                "shared_weights": not args.separate_roles, "model": {k: getattr(final.cfg, k) for k in ("d_model", "n_layer", "n_head")},
+                "setup": run_setup(args, cfg),
                 "base": table[names[0]], "trained": table[names[1]], "oracle": table.get(names[2]) if len(names) > 2 else None},
                 indent=1))
     st.log({"phase": "done", **result})
@@ -1032,7 +1043,8 @@ def run_setup(args, cfg: RLConfig) -> dict:
     """What runs of one experiment share (eval.compare refuses runs that differ in it): the flags and
     RL knobs (cfg's values, defaults resolved), less what tells its arms and seeds apart (eval._arm)
     and what changes how a run computes, not what (sharding, recomputation, kernel chunks)."""
-    arm = ("algo", "stages", "steps", "steps_per_stage", "minibatch", "seed", "fsdp", "grad_ckpt", "logprob_chunk")
+    arm = ("algo", "stages", "steps", "steps_per_stage", "minibatch", "local_decoding", "separate_roles", "seed", "fsdp",
+           "grad_ckpt", "logprob_chunk")
     return {k: v for k, v in sorted((fixed_flags(args) | asdict(cfg)).items()) if k not in arm}
 
 
