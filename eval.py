@@ -365,10 +365,10 @@ def compare(run_dirs: list, out_dir: Path) -> str:
 
 def check_comparable(run_dirs: list, runs: list) -> None:
     """A DataError unless the runs make one experiment: each run once, each seed once per arm, one
-    step plan per arm, and one setup (result.json's "setup": data, sessions, SFT start, RL knobs...)
-    in every run that records it. Else the table would count a run twice or average runs of
+    step plan per arm, one SFT start per seed (result.json's "init"), and one setup (its "setup":
+    data, sessions, SFT recipe, RL knobs...) in every run that records it. Else the table would count a run twice or average runs of
     different starts, e.g. LoCoMo's base F1 with the synthetic world's, into one number."""
-    where, seeds, plans, setups = {}, {}, {}, []
+    where, seeds, plans, setups, starts = {}, {}, {}, [], {}
     for d, r in zip(run_dirs, runs):
         arm = _arm(r)
         for seen, key, problem in ((where, Path(d).resolve(), "the same run: a run counts once"),
@@ -382,6 +382,11 @@ def check_comparable(run_dirs: list, runs: list) -> None:
                             "compare them separately")
         if isinstance(r.get("setup"), dict):
             setups.append((d, r["setup"]))
+        # one SFT start per seed, shared by the seed's arms: the differences are paired over seeds
+        first, init = starts.setdefault(r["seed"], (d, r.get("init")))
+        if init != r.get("init"):
+            raise DataError(f"{first} and {d} are both seed {r['seed']} but start from {init} and {r.get('init')}: "
+                            "a seed's arms share one SFT model")
     for d, setup in setups[1:]:
         d0, s0 = setups[0]
         differ = [k for k in sorted(s0.keys() & setup.keys()) if s0[k] != setup[k]]

@@ -2525,13 +2525,15 @@ def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
 
 def test_compare_refuses_a_run_twice_and_runs_that_are_not_one_experiment(tmp_path):
     """compare on hand-written runs: the same directory twice, a copy (same arm and seed), one arm with
-    two step plans, or runs whose recorded setup differs (LoCoMo against synthetic data): a DataError
-    naming both runs; runs that differ only in arm and seed make the table."""
-    def run(name, algo="logo", seed=0, steps=(1,), data="synthetic"):
+    two step plans, runs whose recorded setup differs (LoCoMo against synthetic data), or one seed's
+    arms from two SFT starts: a DataError naming both runs; runs that differ only in arm and seed
+    (each seed from its own SFT start) make the table."""
+    def run(name, algo="logo", seed=0, steps=(1,), data="synthetic", init=None):
         d = tmp_path / name
         d.mkdir()
         (d / "result.json").write_text(json.dumps({
             "algo": algo, "stages": [8], "steps": list(steps), "seed": seed, "minutes": 1.0, "setup": {"data": data, "lr": 5e-5},
+            "init": init or f"sft-s{seed}",
             "base": {"f1_overall": 10.0}, "trained": {"f1_overall": 20.0 + seed}, "oracle": None}))
         (d / "metrics.jsonl").write_text(json.dumps({"phase": "val", "stage": 8, "step": 0, "f1_overall": 10.0}) + "\n")
         return d
@@ -2541,7 +2543,8 @@ def test_compare_refuses_a_run_twice_and_runs_that_are_not_one_experiment(tmp_pa
                           ([a, tmp_path / "b" / ".." / "a"], "are the same run"),
                           ([a, b, run("copy")], f"{a} and {tmp_path / 'copy'} are both logo 8 seed 0 (a copy?)"),
                           ([a, run("long", seed=2, steps=(5,))], "are both logo 8 but train [1] and [5] steps per stage"),
-                          ([a, g, run("l", seed=3, data="locomo")], f"{a} and {tmp_path / 'l'} differ in data (synthetic against locomo)")):
+                          ([a, g, run("l", seed=3, data="locomo")], f"{a} and {tmp_path / 'l'} differ in data (synthetic against locomo)"),
+                          ([a, run("g2", algo="grpo", init="other")], "are both seed 0 but start from sft-s0 and other")):
         with pytest.raises(DataError, match=re.escape(message)):
             E.compare(runs, tmp_path / "res")
 
@@ -2808,10 +2811,11 @@ def test_a_finished_run_records_its_setup_and_compare_pairs_only_runs_of_one(fin
     knobs, not its arm or seed; compare takes it with another seed of the same setup and refuses it with
     a run of another --sessions."""
     import shutil
-    setup = json.loads((finished_run / "result.json").read_text())["setup"]
-    assert (setup["data"], setup["sessions"], setup["init"], setup["n"], setup["lr"]) == \
-        ("synthetic", 3, str(straight_run / "sft-src" / "sft"), 2, 5e-5)
-    assert not {"algo", "stages", "steps", "seed", "minibatch", "threads"} & setup.keys()
+    result = json.loads((finished_run / "result.json").read_text())
+    setup = result["setup"]
+    assert (setup["data"], setup["sessions"], setup["n"], setup["lr"]) == ("synthetic", 3, 2, 5e-5)
+    assert result["init"] == str(straight_run / "sft-src" / "sft")  # a seed's own SFT start, checked per seed
+    assert not {"algo", "stages", "steps", "seed", "minibatch", "threads", "init"} & setup.keys()
     other = Path(shutil.copytree(finished_run, tmp_path / "other", symlinks=True))
     r = json.loads((other / "result.json").read_text())
     (other / "result.json").write_text(json.dumps(r | {"seed": 1}))

@@ -1031,7 +1031,7 @@ def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, st: 
             (run / "result.json").write_text(json.dumps({
                 "algo": cfg.algo, "stages": args.stages, "steps": args.steps, "seed": args.seed, "minutes": result["minutes"],
                 "answerer": answerer.name, "minibatch": cfg.minibatch, "local_decoding": cfg.local_decoding,
-                "shared_weights": not args.separate_roles, "model": {k: getattr(final.cfg, k) for k in ("d_model", "n_layer", "n_head")},
+                "shared_weights": not args.separate_roles, "init": os.path.abspath(sft_path(args, run)), "model": {k: getattr(final.cfg, k) for k in ("d_model", "n_layer", "n_head")},
                 "setup": run_setup(args, cfg),
                 "base": table[names[0]], "trained": table[names[1]], "oracle": table.get(names[2]) if len(names) > 2 else None},
                 indent=1))
@@ -1043,8 +1043,8 @@ def run_setup(args, cfg: RLConfig) -> dict:
     """What runs of one experiment share (eval.compare refuses runs that differ in it): the flags and
     RL knobs (cfg's values, defaults resolved), less what tells its arms and seeds apart (eval._arm)
     and what changes how a run computes, not what (sharding, recomputation, kernel chunks)."""
-    arm = ("algo", "stages", "steps", "steps_per_stage", "minibatch", "local_decoding", "separate_roles", "seed", "fsdp",
-           "grad_ckpt", "logprob_chunk")
+    arm = ("algo", "stages", "steps", "steps_per_stage", "minibatch", "local_decoding", "separate_roles", "seed", "init",
+           "fsdp", "grad_ckpt", "logprob_chunk")  # init: a seed's own SFT model, checked per seed (eval.check_comparable)
     return {k: v for k, v in sorted((fixed_flags(args) | asdict(cfg)).items()) if k not in arm}
 
 
