@@ -287,7 +287,8 @@ def t_interval(xs: list) -> tuple:
 def _arm(r: dict) -> str:
     return (f"{r['algo']} {'->'.join(map(str, r['stages']))}" + (f" mb{r['minibatch']}" if r.get("minibatch", 64) != 64 else "")
             + (f" local-{r['local_decoding']}" if r.get("local_decoding", "sampled") != "sampled" else "")
-            + (" separate-roles" if not r.get("shared_weights", True) else ""))
+            + (" separate-roles" if not r.get("shared_weights", True) else "")
+            + (" stage-minibatch" if r.get("stage_minibatch") else ""))
 
 
 def _fmt(ci, digits=1) -> str:

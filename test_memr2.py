@@ -2639,6 +2639,22 @@ def test_a_separate_roles_run_trains_the_extractor_part_and_records_it(tmp_path,
     assert (run / "best-stage0").resolve().joinpath("eval-synthetic-test.json").exists()
 
 
+def test_stage_minibatch_scales_the_mini_batch_with_the_stage(tmp_path, tiny_preset, monkeypatch):
+    """--stage-minibatch: each RL step of a stage of S sessions updates with minibatch x S / the first
+    stage's cap (32 at 2 sessions, 64 at 4, 80 at 5 with --minibatch 32); without it, one mini-batch
+    size throughout; result.json records it, and eval.py compare names it as an arm."""
+    seen, real = [], train.rl_step
+    monkeypatch.setattr(train, "rl_step", lambda *a: seen.append((a[5], a[6].minibatch)) or real(*a))
+    flags = ["--sessions", "5", "--stages", "2,4,5", "--out", str(tmp_path), "--threads", "1", "--minibatch", "32"]
+    train.main(flags + ["--stage-minibatch", "--name", "scaled"])
+    assert seen == [(2, 32), (4, 64), (5, 80)]
+    result = json.loads((tmp_path / "scaled" / "result.json").read_text())
+    assert result["stage_minibatch"] is True and E._arm(result) == "logo 2->4->5 mb32 stage-minibatch"
+    seen.clear()
+    train.main(flags + ["--name", "fixed", "--init", str(tmp_path / "scaled" / "sft")])
+    assert seen == [(2, 32), (4, 32), (5, 32)]
+
+
 def test_resume_after_interrupt_gives_the_same_metrics_and_weights(tmp_path, tiny_preset, monkeypatch):
     """A resumed run is the same run: metrics and weights equal an uninterrupted one."""
     base = ["--sessions", "3", "--stages", "2,3", "--steps-per-stage", "2,1", "--val-every", "1", "--out", str(tmp_path),

@@ -22,7 +22,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -163,6 +163,10 @@ def add_rl_flags(g, d: RLConfig) -> None:
     g.add_argument("--minibatch", type=int, default=None,
                    help=f"cells per optimizer step (RLConfig: {d.minibatch}). LoGo's local rows make ~1.5x GRPO's pool "
                         "at n=K=4, p=0.5: GRPO with 43 makes as many optimizer steps as LoGo with 64")
+    g.add_argument("--stage-minibatch", action="store_true",
+                   help="scale the mini-batch with the stage's session cap (minibatch x S / first stage), so an RL step "
+                        "makes about as many optimizer steps at every stage (a probe of the curriculum; default: "
+                        "a fixed mini-batch, whose pool grows with the sessions)")
     g.add_argument("--grad-ckpt", action="store_true", help="recompute each block in backward (less memory, ~1/3 more time)")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the policy's weights, gradients and AdamW state over the ranks (FSDP2, "
@@ -971,6 +975,8 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
         if args.steps[si] == 0:  # nothing to train: the warm start passes through
             st.best = v["f1_overall"]
             save(run / f"best-stage{si}", policy, tok, {"val_f1": v["f1_overall"], "step": 0, "val": v})
+    # --stage-minibatch: the pool grows with the sessions (cells per step ~ S), so does the mini-batch
+    step_cfg = replace(cfg, minibatch=cfg.minibatch * S // args.stages[0]) if args.stage_minibatch else cfg
     train_convs = data["train"][1][:args.train_worlds]  # None: all
     # judges score rows against the gold facts, for the credit-assignment diagnostic: LoCoMo has none
     judges = {c.sample_id: W.make_judge(s) for s, c in zip(*data["train"])} if data["train"][0] else {}
@@ -982,7 +988,7 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
         worlds = [Episode(c, s.data, s.algo, s.gen, judges.get(c.sample_id)) for c, s in zip(convs, st.streams)]
         policy.train()
         with autocast(device):
-            stats = rl_step(policy, ref, answerer, tok, worlds, S, cfg, opt)
+            stats = rl_step(policy, ref, answerer, tok, worlds, S, step_cfg, opt)
         st.step, st.gstep = step + 1, st.gstep + 1
         check_finite(policy, f"stage {S} step {step + 1}", f"{run / 'last'} holds the step before; {lower_lr}")
         ops = stats.pop("ops")
@@ -1031,7 +1037,7 @@ def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, st: 
             (run / "result.json").write_text(json.dumps({
                 "algo": cfg.algo, "stages": args.stages, "steps": args.steps, "seed": args.seed, "minutes": result["minutes"],
                 "answerer": answerer.name, "minibatch": cfg.minibatch, "local_decoding": cfg.local_decoding,
-                "shared_weights": not args.separate_roles, "init": os.path.abspath(sft_path(args, run)), "model": {k: getattr(final.cfg, k) for k in ("d_model", "n_layer", "n_head")},
+                "shared_weights": not args.separate_roles, "stage_minibatch": args.stage_minibatch, "init": os.path.abspath(sft_path(args, run)), "model": {k: getattr(final.cfg, k) for k in ("d_model", "n_layer", "n_head")},
                 "setup": run_setup(args, cfg),
                 "base": table[names[0]], "trained": table[names[1]], "oracle": table.get(names[2]) if len(names) > 2 else None},
                 indent=1))
@@ -1043,8 +1049,8 @@ def run_setup(args, cfg: RLConfig) -> dict:
     """What runs of one experiment share (eval.compare refuses runs that differ in it): the flags and
     RL knobs (cfg's values, defaults resolved), less what tells its arms and seeds apart (eval._arm)
     and what changes how a run computes, not what (sharding, recomputation, kernel chunks)."""
-    arm = ("algo", "stages", "steps", "steps_per_stage", "minibatch", "local_decoding", "separate_roles", "seed", "init",
-           "fsdp", "grad_ckpt", "logprob_chunk")  # init: a seed's own SFT model, checked per seed (eval.check_comparable)
+    arm = ("algo", "stages", "steps", "steps_per_stage", "minibatch", "stage_minibatch", "local_decoding", "separate_roles",
+           "seed", "init", "fsdp", "grad_ckpt", "logprob_chunk")  # init: a seed's own SFT model, checked per seed (eval.check_comparable)
     return {k: v for k, v in sorted((fixed_flags(args) | asdict(cfg)).items()) if k not in arm}
 
 
