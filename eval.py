@@ -319,9 +319,12 @@ def compare(run_dirs: list, out_dir: Path) -> str:
     base = [r["base"]["f1_overall"] for r in runs]
     oracle = [r["oracle"]["f1_overall"] for r in runs if r.get("oracle")]
     nq = runs[0]["trained"].get("n_questions", "?") if runs else "?"
-    md += ["", f"Test questions per run: {nq}. Base pipeline (SFT only) test F1: {sum(base) / len(base):.1f}; "
-               f"oracle memory: {sum(oracle) / len(oracle) if oracle else math.nan:.1f}."]
-    md += ["", "Trained minus the SFT start (the same base model in every run), mean [t-based 95 % interval] over seeds:", ""]
+    starts = {r.get("init") for r in runs}  # one shared SFT model, or one per seed
+    md += ["", f"Test questions per run: {nq}. Base pipeline (SFT only) test F1: {sum(base) / len(base):.1f}"
+               + (f" (mean over {len(starts)} SFT models, one per seed: "
+                  + ", ".join(f"{b:.1f}" for b in sorted({r['base']['f1_overall'] for r in runs})) + ")" if len(starts) > 1 else "")
+               + f"; oracle memory: {sum(oracle) / len(oracle) if oracle else math.nan:.1f}."]
+    md += ["", "Trained minus each run's own SFT start, mean [t-based 95 % interval] over seeds:", ""]
     for arm, rs in arms.items():
         parts = []
         for name, c in (("F1", "f1_overall"), ("UPDATE acc", "acc_UPDATE"), ("DELETE acc", "acc_DELETE"),
