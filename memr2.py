@@ -478,9 +478,9 @@ def cell_logprobs(model, cells: list, temperature: float, chunk: int, with_entro
     response positions. Tokens come bucket by bucket: `owner` says whose each one is. With
     separate weights (model.Roles) each role's cells run through its own part."""
     if isinstance(model, Roles):
-        parts = [[i for i, c in enumerate(cells) if (c.role == "mgr") == (r == "mgr")] for r in ("ext", "mgr")]
-        outs = [(cell_logprobs(for_role(model, r), [cells[i] for i in idx], temperature, chunk, with_entropy), idx)
-                for r, idx in zip(("ext", "mgr"), parts) if idx]
+        parts = [(part, [i for i, c in enumerate(cells) if for_role(model, c.role) is part]) for part in (model.ext, model.mgr)]
+        outs = [(cell_logprobs(part, [cells[i] for i in idx], temperature, chunk, with_entropy), idx)
+                for part, idx in parts if idx]
         ent = torch.cat([o[1] for o, _ in outs]) if with_entropy else None
         owner = torch.cat([torch.tensor(idx, device=o[2].device)[o[2]] for o, idx in outs])  # back to `cells` indices
         return torch.cat([o[0] for o, _ in outs]), ent, owner
