@@ -767,6 +767,14 @@ def credit_correlation(rows: list) -> dict:
     return out
 
 
+def update_credit(rows: list) -> dict:
+    """Which way the loss pushes UPDATE: the manager rows that wrote one, by their advantage's sign
+    (a positive advantage raises the row's every token, its UPDATE's too; a negative one lowers them)."""
+    adv = [row.adv for row in rows if row.role == "mgr"
+           and any(str(op.get("op", "")).upper() == "UPDATE" for d in row.decisions for op in d.ops)]
+    return {"update_rows_pos": sum(a > 0 for a in adv), "update_rows_neg": sum(a < 0 for a in adv)}
+
+
 def episode_numbers(w: Episode, st: EpisodeStep, cfg: RLConfig, tok) -> dict:
     """One episode's numbers for the log: rewards, group statistics, cost, memory size, op counts
     and, with a judge (synthetic world), the credit diagnostic."""
@@ -789,7 +797,7 @@ def episode_numbers(w: Episode, st: EpisodeStep, cfg: RLConfig, tok) -> dict:
             "bloat": sum(st.pens) / (n * cfg.lam) if cfg.lam else 0.0,
             "quality_G": _nanmean([row.quality for row in st.global_rows if row.role == "mgr"]),
             "quality_L": _nanmean([row.quality for row in st.local_rows if row.role == "mgr"]),
-            "ops": {k: v / n for k, v in st.counts.items()}}
+            **update_credit(st.pool), "ops": {k: v / n for k, v in st.counts.items()}}
 
 
 def mean_over_episodes(per: list) -> dict:

@@ -1444,6 +1444,16 @@ def test_algo_switch_selects_the_pool(tiny, monkeypatch, algo, share):
     assert cells and set(seen) == set(map(id, cells))  # the old, reference and new passes: these cells, no others
 
 
+def test_update_credit_counts_update_rows_by_advantage_sign():
+    """A manager row counts once however many UPDATEs it wrote, by its advantage's sign; extractor
+    rows, rows without an UPDATE and zero advantages do not count."""
+    def row(role, adv, *ops):
+        return M.Row(role, adv=adv, decisions=[M.Decision(0, [], [], [], [{"op": o} for o in ops])])
+    rows = [row("mgr", 0.5, "update", "UPDATE"), row("mgr", 1.0, "INSERT"), row("mgr", -0.3, "NOOP", "UPDATE"),
+            row("mgr", -1.0, "UPDATE"), row("mgr", 0.0, "UPDATE"), row("ext", 2.0, "UPDATE")]
+    assert M.update_credit(rows) == {"update_rows_pos": 1, "update_rows_neg": 2}
+
+
 def test_credit_correlation_is_within_group_and_per_kind():
     """The diagnostic compares rows within a group only, as their advantages do."""
     def row(kind, src, reward, adv, quality):
