@@ -298,10 +298,11 @@ def _fmt(ci, digits=1) -> str:
 def compare(run_dirs: list, out_dir: Path) -> str:
     """Experiment report from finished runs (result.json + metrics.jsonl), written to out_dir:
     per arm the mean +- std over seeds of the test metrics and the cost (optimizer steps,
-    generated tokens, minutes); paired differences of test F1 between arms with a t-based
-    95 % interval over seeds and the per-seed values; the credit diagnostic per stage (the
-    within-group correlation of advantage and true quality, local vs global rows); mean
-    validation curves. PNGs of the curves where matplotlib is installed (not needed)."""
+    generated tokens, minutes); each arm minus the first run's arm, paired by seed, in test F1
+    and each op's accuracy with a t-based 95 % interval; what the curriculum's later stages keep;
+    the share of local groups without reward variance; UPDATE rows by advantage sign; the credit
+    diagnostic per stage (the within-group correlation of advantage and true quality, local vs
+    global rows); mean validation curves. PNGs of the curves where matplotlib is installed."""
     runs = []
     for d in run_dirs:
         runs.append(read_run_result(Path(d)))
@@ -332,17 +333,49 @@ def compare(run_dirs: list, out_dir: Path) -> str:
             d = [x for r in rs if (x := r["trained"].get(c, math.nan) - r["base"].get(c, math.nan)) == x]  # NaN-free
             parts.append(f"{name} {_fmt(t_interval(d)) if len(d) > 1 else '-'}")
         md.append(f"- {arm}: " + "; ".join(parts))
-    md += ["", "Paired differences of test F1 between arms, first minus second, same seeds: mean [t-based 95 % interval] "
-               "and per seed:", ""]
-    names = list(arms)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            sa = {r["seed"]: r["trained"]["f1_overall"] for r in arms[a]}
-            sb = {r["seed"]: r["trained"]["f1_overall"] for r in arms[b]}
-            d = [sa[s] - sb[s] for s in sorted(sa.keys() & sb.keys())]
-            if d:
-                md.append(f"- {a} vs {b}: {_fmt(t_interval(d))} over {len(d)} seeds; per seed "
-                          + ", ".join(f"{x:+.1f}" for x in d))
+    ref, *others = list(arms)  # the arm of the first run named: the others are measured against it
+    md += ["", f"Each arm minus {ref}, paired by seed: mean [t-based 95 % interval] over the seeds both have; "
+               "test F1 per seed:", ""]
+    for a in others:
+        parts = []
+        for name, c in (("F1", "f1_overall"), ("INSERT acc", "acc_INSERT"), ("UPDATE acc", "acc_UPDATE"),
+                        ("DELETE acc", "acc_DELETE")):
+            sa, sb = ({r["seed"]: r["trained"].get(c, math.nan) for r in arms[x]} for x in (a, ref))
+            d = [x for s in sorted(sa.keys() & sb.keys()) if (x := sa[s] - sb[s]) == x]
+            parts.append(f"{name} {_fmt(t_interval(d)) if len(d) > 1 else '-'}")
+        sa, sb = ({r["seed"]: r["trained"]["f1_overall"] for r in arms[x]} for x in (a, ref))
+        seeds = sorted(sa.keys() & sb.keys())
+        if seeds:
+            md.append(f"- {a}: " + "; ".join(parts) + f" over {len(seeds)} seeds; F1 per seed "
+                      + ", ".join(f"{sa[s] - sb[s]:+.1f}" for s in seeds))
+    md += ["", "The curriculum: per later stage, its selected checkpoint's validation F1 minus its warm start's "
+               "(mean [t-based 95 % interval] over seeds; seed-stages within 1.5 of their warm start), and the "
+               "final checkpoint minus the first stage's best:", ""]
+    for arm, rs in arms.items():
+        if len(rs[0]["stages"]) < 2:
+            continue
+        sel = [stage_selections(r) for r in rs]
+        kept = [b - a for x in sel for a, b in x[1:]]
+        parts = [f"{s} sessions {_fmt(t_interval([x[i][1] - x[i][0] for x in sel]))}" for i, s in enumerate(rs[0]["stages"][1:], 1)]
+        final = [x[-1][1] - x[0][1] for x in sel]
+        md.append(f"- {arm}: " + "; ".join(parts) + f"; within 1.5: {sum(x >= -1.5 for x in kept)} of {len(kept)}; "
+                  f"final minus the first stage's best {_fmt(t_interval(final))}")
+    md += ["", "Local groups whose K rewards are all equal (no advantage), share pooled over a stage's steps, mean "
+               "[t-based 95 % interval] over seeds:", ""]
+    for arm, rs in arms.items():
+        parts = ["{} sessions {:.0f} % [{:.0f}, {:.0f}]".format(s, *(100 * x for x in t_interval(xs))) for s in rs[0]["stages"]
+                 if (xs := [x for r in rs if (x := r["local_zero_var"][str(s)]) == x])]
+        if parts:
+            md.append(f"- {arm}: " + "; ".join(parts))
+    lines = []
+    for arm, rs in arms.items():
+        counts = {s: [r["update_rows"][str(s)] for r in rs if r["update_rows"][str(s)]] for s in rs[0]["stages"]}
+        if any(counts.values()):
+            lines.append(f"- {arm}: " + "; ".join(f"{s} sessions {sum(c[0] for c in cs)} / {sum(c[1] for c in cs)}"
+                                                   f" ({len(cs)} seeds)" for s, cs in counts.items() if cs))
+    if lines:  # runs that log it
+        md += ["", "UPDATE's credit: manager rows that wrote an UPDATE, by the sign of their advantage, summed over a "
+                   "stage's steps and the seeds (positive / negative):", "", *lines]
     md += ["", "Credit diagnostic: within-group correlation of a row's advantage with its true quality (teacher-scored "
                "decisions), mean over a stage's steps, then mean [t-based 95 % interval] over seeds; L - G paired by seed:", ""]
     for arm, rs in arms.items():
@@ -398,6 +431,18 @@ def check_comparable(run_dirs: list, runs: list) -> None:
             more = f"; also {', '.join(differ[1:])}" if differ[1:] else ""
             raise DataError(f"{d0} and {d} differ in {differ[0]} ({s0[differ[0]]} against {setup[differ[0]]}{more}): "
                             "not one experiment, compare them separately")
+
+
+def stage_selections(r: dict) -> list:
+    """Per stage of a run, (its warm start's validation F1, its selected checkpoint's). A stage
+    selects its best validation after step 0 (train.py: the warm start is logged, not a candidate);
+    a stage of 0 steps passes its warm start on."""
+    out = []
+    for s in r["stages"]:
+        vals = [(step, f) for stage, step, f in r["val_curve"] if stage == s]
+        start = next((f for step, f in vals if step == 0), math.nan)  # NaN: a log cut before the stage
+        out.append((start, max((f for step, f in vals if step > 0), default=start)))
+    return out
 
 
 def _credit(rs: list, stage, kind: str) -> list:
@@ -483,10 +528,17 @@ def read_run_result(d: Path) -> dict:
         r["reward_curve"] = [(v["gstep"], v["reward_global"]) for v in rl]  # x = RL steps taken, as the plots' x
         r["cost"] = {"updates": sum(v.get("updates", 0) for v in rl), "gen_tokens": sum(v.get("gen_tokens", 0) for v in rl)}
         r["credit"] = {}  # stage -> {kind: mean over its steps of the credit correlation}
+        r["local_zero_var"], r["update_rows"] = {}, {}  # stage -> share of local groups; stage -> (rows A > 0, A < 0)
         for s in r["stages"]:
+            at = [v for v in rl if v["stage"] == s]
             for kind in ("G", "L"):
-                xs = [x for v in rl if v["stage"] == s and (x := v.get(f"credit_corr_{kind}", math.nan)) == x]
+                xs = [x for v in at if (x := v.get(f"credit_corr_{kind}", math.nan)) == x]
                 r["credit"].setdefault(str(s), {})[kind] = sum(xs) / len(xs) if xs else math.nan
+            # a step's share is over its own local groups, two (the roles') per branch point: weighted by branches
+            br = sum(v.get("branches", 0) for v in at)
+            r["local_zero_var"][str(s)] = sum(v.get("zero_var_frac_L", 0) * v.get("branches", 0) for v in at) / br if br else math.nan
+            r["update_rows"][str(s)] = ([sum(v["update_rows_pos"] for v in at), sum(v["update_rows_neg"] for v in at)]
+                                        if at and all("update_rows_pos" in v for v in at) else None)  # None: not logged
         float(r["trained"]["f1_overall"]) + float(r["base"]["f1_overall"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{d}: not a finished run's result.json and metrics.jsonl ({type(e).__name__}: {e})") from e

@@ -2511,21 +2511,36 @@ def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
                 "algo": algo, "stages": [8, 16], "steps": [1, 1], "seed": seed, "minutes": 1.0, "local_decoding": local,
                 "base": {"f1_overall": 10.0}, "trained": metrics, "oracle": {"f1_overall": 60.0}}))
             corr = {"credit_corr_G": 0.1 * seed, "credit_corr_L": 0.1 * seed + (0.3 if algo == "logo" else math.nan)}
+            # local groups, 2 per branch point: stage 8 one point, share 1; stage 16 3 points at 0.5 and 1 at 1 (pooled 5 of 8)
+            zv = ([dict(branches=1, zero_var_frac_L=1.0), dict(branches=3, zero_var_frac_L=0.5), dict(branches=1, zero_var_frac_L=1.0)]
+                  if algo == "logo" else [{}, {}, {}])
             (d / "metrics.jsonl").write_text("".join(json.dumps(v) + "\n" for v in [
                 {"phase": "sft", "step": 0, "loss": 1.0}, {"phase": "val", "stage": 8, "step": 0, "f1_overall": 10.0},
-                {"phase": "rl", "stage": 8, "step": 1, "gstep": 1, "reward_global": 0.2, "updates": 4, "gen_tokens": 100, **corr},
-                {"phase": "rl", "stage": 16, "step": 1, "gstep": 2, "reward_global": 0.3, "updates": 2, "gen_tokens": 50, **corr},
+                {"phase": "rl", "stage": 8, "step": 1, "gstep": 1, "reward_global": 0.2, "updates": 4, "gen_tokens": 100, **corr,
+                 **zv[0], "update_rows_pos": seed, "update_rows_neg": 3},
+                {"phase": "val", "stage": 8, "step": 1, "f1_overall": 12.0 + seed},
+                {"phase": "val", "stage": 16, "step": 0, "f1_overall": 12.0 + seed},
+                {"phase": "rl", "stage": 16, "step": 1, "gstep": 2, "reward_global": 0.3, "updates": 2, "gen_tokens": 50, **corr,
+                 **zv[1], "update_rows_pos": 0, "update_rows_neg": 1},
+                {"phase": "rl", "stage": 16, "step": 2, "gstep": 3, "reward_global": 0.3, **corr, **zv[2], "update_rows_pos": 0,
+                 "update_rows_neg": 0},
                 {"phase": "val", "stage": 16, "step": 1, "f1_overall": f1}]))
             runs.append(d)
     md = E.compare(runs, tmp_path / "results")
     assert "| logo 8->16 | 2 | 32.0 ± 2.8 |" in md and "| grpo 8->16 | 2 | 23.0 ± 4.2 |" in md
     assert "| logo 8->16 local-greedy | 2 | 29.0 ± 1.4 |" in md  # an arm of its own, named by its local decoding
     assert "| 6 | 150 | 1.0 |" in md  # optimizer steps, generated tokens, minutes per run
-    # d = (+10, +8): mean 9, sd sqrt(2), se 1, t(0.975, 1 df) = 12.706
-    assert "logo 8->16 vs grpo 8->16: +9.0 [-3.7, +21.7] over 2 seeds; per seed +10.0, +8.0" in md
+    # against the first run's arm, paired by seed: d = (-10, -8): mean -9, sd sqrt(2), se 1, t(0.975, 1 df) = 12.706
+    assert "- grpo 8->16: F1 -9.0 [-21.7, +3.7]; INSERT acc -; UPDATE acc -; DELETE acc - over 2 seeds; F1 per seed -10.0, -8.0" in md
+    assert "logo 8->16 vs" not in md and "- logo 8->16: F1 -3.0" not in md  # the reference is not measured against itself
+    # stage 16's pick minus its start: seed 1 30 - 13, seed 2 34 - 14 -> 17, 20; final minus stage 8's best the same
+    assert "- logo 8->16: 16 sessions +18.5 [-0.6, +37.6]; within 1.5: 2 of 2; final minus the first stage's best +18.5 [-0.6, +37.6]" in md
+    assert "- logo 8->16: 8 sessions 100 % [100, 100]; 16 sessions 62 % [62, 62]" in md  # weighted by branch points
+    assert "grpo 8->16: 8 sessions" not in md.split("Local groups")[1].split("UPDATE's credit")[0]  # no local groups
+    assert "- logo 8->16: 8 sessions 3 / 6 (2 seeds); 16 sessions 0 / 2 (2 seeds)" in md  # UPDATE rows A > 0 / A < 0
     assert "logo 8->16, 16 sessions: global +0.15 [-0.49, +0.79], local +0.45 [-0.19, +1.09], local - global +0.30 [+0.30, +0.30]" in md
     assert "grpo 8->16, 8 sessions: global +0.15 [-0.49, +0.79], local -, local - global -" in md
-    assert "- logo 8->16: 8:0=10.0 16:1=32.0" in md
+    assert "- logo 8->16: 8:0=10.0 8:1=13.5 16:0=13.5 16:1=32.0" in md
     # trained - base = (+20, +24): mean 22, se 2; UPDATE accuracy was never measured here: no interval
     assert "- logo 8->16: F1 +22.0 [-3.4, +47.4]; UPDATE acc -;" in md
     if importlib.util.find_spec("matplotlib"):
