@@ -3402,7 +3402,7 @@ def test_pretrained_model_trains_one_step_and_evaluates_through_the_cli(tmp_path
     pools, recomputed, real_update, real_ckpt = [], [], M.ppo_update, torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(M, "ppo_update", lambda policy, ref, p, *a: pools.extend(p) or real_update(policy, ref, p, *a))
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: recomputed.append(1) or real_ckpt(*a, **k))
-    res = train.main(["--init-hf", str(d), "--data", "locomo", "--locomo-path", str(data), "--stages", "2",
+    train.main(["--init-hf", str(d), "--data", "locomo", "--locomo-path", str(data), "--stages", "2",
                       "--steps-per-stage", "1", "--n", "2", "--K", "2", "--chunks", "2", "--grad-ckpt", "--threads", "1",
                       "--out", str(tmp_path), "--name", "hf", "--no-final-eval"])
     out = capsys.readouterr().out
