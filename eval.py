@@ -295,6 +295,11 @@ def _fmt(ci, digits=1) -> str:
     return "{:+.{d}f} [{:+.{d}f}, {:+.{d}f}]".format(*ci, d=digits)
 
 
+def _share(xs: list) -> str:
+    """Shares -> "m % [lo, hi]" over them, or "m %" for one."""
+    return "{:.0f} % [{:.0f}, {:.0f}]".format(*(100 * x for x in t_interval(xs))) if len(xs) > 1 else f"{100 * xs[0]:.0f} %"
+
+
 def compare(run_dirs: list, out_dir: Path) -> str:
     """Experiment report from finished runs (result.json + metrics.jsonl), written to out_dir:
     per arm the mean +- std over seeds of the test metrics and the cost (optimizer steps,
@@ -360,11 +365,12 @@ def compare(run_dirs: list, out_dir: Path) -> str:
         final = [x[-1][1] - x[0][1] for x in sel]
         md.append(f"- {arm}: " + "; ".join(parts) + f"; within 1.5: {sum(x >= -1.5 for x in kept)} of {len(kept)}; "
                   f"final minus the first stage's best {_fmt(t_interval(final))}")
-    md += ["", "Local groups whose K rewards are all equal (no advantage), share pooled over a stage's steps, mean "
-               "[t-based 95 % interval] over seeds:", ""]
+    md += ["", "Groups whose rewards are all equal (no advantage), share pooled over a stage's groups, global and local, "
+               "mean [t-based 95 % interval] over seeds:", ""]
     for arm, rs in arms.items():
-        parts = ["{} sessions {:.0f} % [{:.0f}, {:.0f}]".format(s, *(100 * x for x in t_interval(xs))) for s in rs[0]["stages"]
-                 if (xs := [x for r in rs if (x := r["local_zero_var"][str(s)]) == x])]
+        parts = [f"{s} sessions " + ", ".join(kinds) for s in rs[0]["stages"]
+                 if (kinds := [f"{name} {_share(xs)}" for kind, name in (("G", "global"), ("L", "local"))
+                               if (xs := [x for r in rs if (x := r["zero_var"][str(s)][kind]) == x])])]
         if parts:
             md.append(f"- {arm}: " + "; ".join(parts))
     lines = []
@@ -528,15 +534,18 @@ def read_run_result(d: Path) -> dict:
         r["reward_curve"] = [(v["gstep"], v["reward_global"]) for v in rl]  # x = RL steps taken, as the plots' x
         r["cost"] = {"updates": sum(v.get("updates", 0) for v in rl), "gen_tokens": sum(v.get("gen_tokens", 0) for v in rl)}
         r["credit"] = {}  # stage -> {kind: mean over its steps of the credit correlation}
-        r["local_zero_var"], r["update_rows"] = {}, {}  # stage -> share of local groups; stage -> (rows A > 0, A < 0)
+        r["zero_var"], r["update_rows"] = {}, {}  # stage -> {kind: share of groups}; stage -> (rows A > 0, A < 0)
         for s in r["stages"]:
             at = [v for v in rl if v["stage"] == s]
             for kind in ("G", "L"):
                 xs = [x for v in at if (x := v.get(f"credit_corr_{kind}", math.nan)) == x]
                 r["credit"].setdefault(str(s), {})[kind] = sum(xs) / len(xs) if xs else math.nan
-            # a step's share is over its own local groups, two (the roles') per branch point: weighted by branches
+            # a step's share is over its own groups: 2 S global ones (a stage's steps alike), two local ones per
+            # branch point (weighted by branches), so both come out pooled over the stage's groups
             br = sum(v.get("branches", 0) for v in at)
-            r["local_zero_var"][str(s)] = sum(v.get("zero_var_frac_L", 0) * v.get("branches", 0) for v in at) / br if br else math.nan
+            g = [x for v in at if (x := v.get("zero_var_frac_G", math.nan)) == x]
+            r["zero_var"][str(s)] = {"G": sum(g) / len(g) if g else math.nan,
+                                     "L": sum(v.get("zero_var_frac_L", 0) * v.get("branches", 0) for v in at) / br if br else math.nan}
             r["update_rows"][str(s)] = ([sum(v["update_rows_pos"] for v in at), sum(v["update_rows_neg"] for v in at)]
                                         if at and all("update_rows_pos" in v for v in at) else None)  # None: not logged
         float(r["trained"]["f1_overall"]) + float(r["base"]["f1_overall"])

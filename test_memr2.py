@@ -2510,7 +2510,8 @@ def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
             (d / "result.json").write_text(json.dumps({
                 "algo": algo, "stages": [8, 16], "steps": [1, 1], "seed": seed, "minutes": 1.0, "local_decoding": local,
                 "base": {"f1_overall": 10.0}, "trained": metrics, "oracle": {"f1_overall": 60.0}}))
-            corr = {"credit_corr_G": 0.1 * seed, "credit_corr_L": 0.1 * seed + (0.3 if algo == "logo" else math.nan)}
+            corr = {"credit_corr_G": 0.1 * seed, "credit_corr_L": 0.1 * seed + (0.3 if algo == "logo" else math.nan),
+                    "zero_var_frac_G": 0.25}
             # local groups, 2 per branch point: stage 8 one point, share 1; stage 16 3 points at 0.5 and 1 at 1 (pooled 5 of 8)
             zv = ([dict(branches=1, zero_var_frac_L=1.0), dict(branches=3, zero_var_frac_L=0.5), dict(branches=1, zero_var_frac_L=1.0)]
                   if algo == "logo" else [{}, {}, {}])
@@ -2535,8 +2536,9 @@ def test_experiment_table_averages_seeds_and_pairs_arms(tmp_path):
     assert "logo 8->16 vs" not in md and "- logo 8->16: F1 -3.0" not in md  # the reference is not measured against itself
     # stage 16's pick minus its start: seed 1 30 - 13, seed 2 34 - 14 -> 17, 20; final minus stage 8's best the same
     assert "- logo 8->16: 16 sessions +18.5 [-0.6, +37.6]; within 1.5: 2 of 2; final minus the first stage's best +18.5 [-0.6, +37.6]" in md
-    assert "- logo 8->16: 8 sessions 100 % [100, 100]; 16 sessions 62 % [62, 62]" in md  # weighted by branch points
-    assert "grpo 8->16: 8 sessions" not in md.split("Local groups")[1].split("UPDATE's credit")[0]  # no local groups
+    assert ("- logo 8->16: 8 sessions global 25 % [25, 25], local 100 % [100, 100]; 16 sessions global 25 % [25, 25], "
+            "local 62 % [62, 62]") in md  # local: weighted by branch points
+    assert "- grpo 8->16: 8 sessions global 25 % [25, 25]; 16 sessions global 25 % [25, 25]\n" in md  # no local groups
     assert "- logo 8->16: 8 sessions 3 / 6 (2 seeds); 16 sessions 0 / 2 (2 seeds)" in md  # UPDATE rows A > 0 / A < 0
     assert "logo 8->16, 16 sessions: global +0.15 [-0.49, +0.79], local +0.45 [-0.19, +1.09], local - global +0.30 [+0.30, +0.30]" in md
     assert "grpo 8->16, 8 sessions: global +0.15 [-0.49, +0.79], local -, local - global -" in md
