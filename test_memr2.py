@@ -2841,12 +2841,13 @@ def finished_run(straight_run):
 
 def test_a_finished_run_resumed_keeps_its_minutes(finished_run, tmp_path, tiny_preset):
     """--resume of a finished run: nothing trains, the test table runs again, and result.json keeps the
-    run's minutes."""
+    run's minutes; test_minutes are the new test's own."""
     run = copy_run(finished_run, tmp_path)
-    minutes = json.loads((run / "result.json").read_text())["minutes"]
-    assert minutes > 0
+    minutes, first = (json.loads((run / "result.json").read_text())[k] for k in ("minutes", "test_minutes"))
+    assert minutes > 0 and first > 0
     assert train.main(["--resume", str(run)])["minutes"] == minutes  # nothing to train: the test again, same minutes
-    assert json.loads((run / "result.json").read_text())["minutes"] == minutes
+    again = json.loads((run / "result.json").read_text())
+    assert again["minutes"] == minutes and again["test_minutes"] > 0 and again["test_minutes"] != first
 
 
 def test_a_finished_run_records_its_setup_and_compare_pairs_only_runs_of_one(finished_run, straight_run, tmp_path):

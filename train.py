@@ -1018,16 +1018,17 @@ def train_stage(si, args, run: Path, cfg: RLConfig, device, data, st: RunState, 
 def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, st: RunState) -> dict:
     """The last stage's best checkpoint vs. the base pipeline (the SFT model) and the oracle
     memory on the test worlds: report.md, result.json, the log's "done" line. -> the result.
-    Minutes are those of SFT and RL, saved with `last` at the end of the last stage."""
+    Minutes are those of SFT and RL, saved with `last` at the end of the last stage; test_minutes
+    those of this test (the base pipeline's read from its cache where another run made it)."""
     final = load_ckpt(run / f"best-stage{len(args.stages) - 1}", device)["model"]
-    result = {"run": str(run), "minutes": st.minutes}
+    result, t0 = {"run": str(run), "minutes": st.minutes}, time.time()
     if not args.no_final_eval:
         samples, test = data["test"]
         table = {"base pipeline (SFT only)": base_test(args, run, cfg, device, tok, answerer, test, samples),
                  f"Memory-R2 ({cfg.algo}, {'->'.join(map(str, args.stages))})": E.evaluate(final, tok, answerer, test, cfg, samples)}
         if samples is not None:
             table["oracle memory (teacher)"] = E.score(answerer, tok, E.oracle_banks(samples, test, cfg), test)
-        result["test"] = table
+        result["test"], result["test_minutes"] = table, (time.time() - t0) / 60
         print(E.report_table(table))
         if samples is not None:
             print(E.report_table({k: v for k, v in table.items() if "fact_recall" in v}, E.DECISION_COLS))
@@ -1036,6 +1037,7 @@ def final_test(args, run: Path, cfg: RLConfig, device, data, tok, answerer, st: 
             names = list(table)
             (run / "result.json").write_text(json.dumps({
                 "algo": cfg.algo, "stages": args.stages, "steps": args.steps, "seed": args.seed, "minutes": result["minutes"],
+                "test_minutes": result["test_minutes"],
                 "answerer": answerer.name, "minibatch": cfg.minibatch, "local_decoding": cfg.local_decoding,
                 "shared_weights": not args.separate_roles, "stage_minibatch": args.stage_minibatch, "init": os.path.abspath(sft_path(args, run)), "model": {k: getattr(final.cfg, k) for k in ("d_model", "n_layer", "n_head")},
                 "setup": run_setup(args, cfg),
