@@ -2,7 +2,9 @@
 # Memory-R2's three claims at the code's defaults: five arms x SEEDS seeds, one SFT model per seed shared
 # by that seed's arms (paired intervals over seeds, the SFT's own spread included). Two --threads 1
 # workers; resumable: rerun the same command after an interruption (a finished run is skipped, a
-# started one resumes). Then: python eval.py compare runs/exp/*-s[0-9]* --out results
+# started one resumes). Last, each finished run's args.json, metrics.jsonl and result.json go to
+# results/runs/<arm>-s<seed>/ (the SFT runs' to results/sft/), and eval.py compare regenerates
+# results/table.md, runs.json and the figures from them. Checkpoints stay in OUT.
 #   bash results/experiment.sh [SEEDS, default 8] [OUT, default runs/exp]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,9 +27,19 @@ for s in $(seq 0 $((seeds - 1))); do echo "sft-s$s --seed $s --stages 8 --steps-
 #    a direct 32-session step generates ~29,600 tokens, so 13 steps match its tokens.
 for s in $(seq 0 $((seeds - 1))); do
   init="--init $out/sft-s$s/sft --seed $s"
-  echo "logo-8-16-32-s$s $init"                                       # (a) LoGo 8->16->32, the default
-  echo "grpo-mb43-s$s $init --algo grpo --minibatch 43"               # (b) GRPO, matched optimizer steps
-  echo "logo-32-s$s $init --stages 32 --steps-per-stage 13"           # (c) LoGo direct 32, matched tokens
-  echo "logo-separate-s$s $init --separate-roles"                     # (d) separate extractor/manager weights
-  echo "logo-greedy-s$s $init --local-decoding greedy"                # (e) greedy local re-rolls (official)
+  echo "a-logo-8-16-32-s$s $init"                                     # (a) LoGo 8->16->32, the default
+  echo "b-grpo-mb43-s$s $init --algo grpo --minibatch 43"             # (b) GRPO, matched optimizer steps
+  echo "c-logo-32-s$s $init --stages 32 --steps-per-stage 13"         # (c) LoGo direct 32, matched tokens
+  echo "d-logo-separate-s$s $init --separate-roles"                   # (d) separate extractor/manager weights
+  echo "e-logo-greedy-s$s $init --local-decoding greedy"              # (e) greedy local re-rolls (official)
 done | xargs -P 2 -L 1 bash -c 'run "$@" > "$OUT/$1.log" 2>&1 || echo "failed: $1 (see $OUT/$1.log)"' _
+# 3. the committed record: (a) sorts first, so compare measures every arm against it
+for d in "$out"/sft-s* "$out"/[a-e]-*-s*; do
+  [ -d "$d" ] || continue
+  case $(basename "$d") in
+    sft-*) [ -f "$d/sft/model.safetensors" ] || continue; to=results/sft/$(basename "$d");;
+    *) [ -f "$d/result.json" ] || continue; to=results/runs/$(basename "$d");;
+  esac
+  mkdir -p "$to" && cp "$d"/args.json "$d"/metrics.jsonl "$to"/ && { [ ! -f "$d/result.json" ] || cp "$d/result.json" "$to"/; }
+done
+python eval.py compare results/runs/* --out results
