@@ -2555,17 +2555,21 @@ def test_compare_refuses_a_run_twice_and_runs_that_are_not_one_experiment(tmp_pa
     two step plans, runs whose recorded setup differs (LoCoMo against synthetic data), or one seed's
     arms from two SFT starts: a DataError naming both runs; runs that differ only in arm and seed
     (each seed from its own SFT start) make the table."""
-    def run(name, algo="logo", seed=0, steps=(1,), data="synthetic", init=None):
+    def run(name, algo="logo", seed=0, steps=(1,), data="synthetic", init=None, where="data/locomo10.json"):
         d = tmp_path / name
         d.mkdir()
         (d / "result.json").write_text(json.dumps({
-            "algo": algo, "stages": [8], "steps": list(steps), "seed": seed, "minutes": 1.0, "setup": {"data": data, "lr": 5e-5},
+            "algo": algo, "stages": [8], "steps": list(steps), "seed": seed, "minutes": 1.0,
+            "setup": {"data": data, "lr": 5e-5, "locomo_path": where},
             "init": init or f"sft-s{seed}",
             "base": {"f1_overall": 10.0}, "trained": {"f1_overall": 20.0 + seed}, "oracle": None}))
         (d / "metrics.jsonl").write_text(json.dumps({"phase": "val", "stage": 8, "step": 0, "f1_overall": 10.0}) + "\n")
         return d
-    a, b, g = run("a"), run("b", seed=1), run("g", algo="grpo")
+    a, b, g = run("a"), run("b", seed=1), run("g", algo="grpo", where="/elsewhere/locomo10.json")
     assert "| logo 8 | 2 |" in E.compare([a, b, g], tmp_path / "res")  # arms and seeds: one experiment
+    l1, l2 = run("l1", data="locomo"), run("l2", algo="grpo", data="locomo", where="/elsewhere/locomo10.json")
+    with pytest.raises(DataError, match="differ in locomo_path"):  # a LoCoMo run reads it: another file, another setup
+        E.compare([l1, l2], tmp_path / "res")
     for runs, message in (([a, b, a], f"{a} and {a} are the same run"),
                           ([a, tmp_path / "b" / ".." / "a"], "are the same run"),
                           ([a, b, run("copy")], f"{a} and {tmp_path / 'copy'} are both logo 8 seed 0 (a copy?)"),
