@@ -342,17 +342,17 @@ def compare(run_dirs: list, out_dir: Path) -> str:
     md += ["", f"Each arm minus {ref}, paired by seed: mean [t-based 95 % interval] over the seeds both have; "
                "test F1 per seed:", ""]
     for a in others:
-        parts = []
-        for name, c in (("F1", "f1_overall"), ("INSERT acc", "acc_INSERT"), ("UPDATE acc", "acc_UPDATE"),
-                        ("DELETE acc", "acc_DELETE")):
-            sa, sb = ({r["seed"]: r["trained"].get(c, math.nan) for r in arms[x]} for x in (a, ref))
-            d = [x for s in sorted(sa.keys() & sb.keys()) if (x := sa[s] - sb[s]) == x]
-            parts.append(f"{name} {_fmt(t_interval(d)) if len(d) > 1 else '-'}")
-        sa, sb = ({r["seed"]: r["trained"]["f1_overall"] for r in arms[x]} for x in (a, ref))
-        seeds = sorted(sa.keys() & sb.keys())
-        if seeds:
-            md.append(f"- {a}: " + "; ".join(parts) + f" over {len(seeds)} seeds; F1 per seed "
-                      + ", ".join(f"{sa[s] - sb[s]:+.1f}" for s in seeds))
+        by_seed = [{r["seed"]: r["trained"] for r in arms[x]} for x in (a, ref)]
+        seeds = sorted(by_seed[0].keys() & by_seed[1].keys())
+        if not seeds:
+            continue
+        diffs = {name: [by_seed[0][s].get(c, math.nan) - by_seed[1][s].get(c, math.nan) for s in seeds]
+                 for name, c in (("F1", "f1_overall"), ("INSERT acc", "acc_INSERT"), ("UPDATE acc", "acc_UPDATE"),
+                                 ("DELETE acc", "acc_DELETE"))}
+        parts = [f"{name} {_fmt(t_interval(d)) if len(d) > 1 else '-'}"
+                 for name, d in ((name, [x for x in d if x == x]) for name, d in diffs.items())]  # NaN-free
+        md.append(f"- {a}: " + "; ".join(parts) + f" over {len(seeds)} seeds; F1 per seed "
+                  + ", ".join(f"{x:+.1f}" for x in diffs["F1"]))
     md += ["", "The curriculum: per later stage, its selected checkpoint's validation F1 minus its warm start's "
                "(mean [t-based 95 % interval] over seeds; seed-stages within 1.5 of their warm start), and the "
                "final checkpoint minus the first stage's best:", ""]
