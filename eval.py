@@ -356,15 +356,7 @@ def compare(run_dirs: list, out_dir: Path) -> str:
     md += ["", "The curriculum: per later stage, its selected checkpoint's validation F1 minus its warm start's "
                "(mean [t-based 95 % interval] over seeds; seed-stages within 1.5 of their warm start), and the "
                "final checkpoint minus the first stage's best:", ""]
-    for arm, rs in arms.items():
-        if len(rs[0]["stages"]) < 2:
-            continue
-        sel = [stage_selections(r) for r in rs]
-        kept = [b - a for x in sel for a, b in x[1:]]
-        parts = [f"{s} sessions {_fmt(t_interval([x[i][1] - x[i][0] for x in sel]))}" for i, s in enumerate(rs[0]["stages"][1:], 1)]
-        final = [x[-1][1] - x[0][1] for x in sel]
-        md.append(f"- {arm}: " + "; ".join(parts) + f"; within 1.5: {sum(x >= -1.5 for x in kept)} of {len(kept)}; "
-                  f"final minus the first stage's best {_fmt(t_interval(final))}")
+    md += [f"- {arm}: {curriculum_kept(rs)}" for arm, rs in arms.items() if len(rs[0]["stages"]) > 1]
     md += ["", "Groups whose rewards are all equal (no advantage), share pooled over a stage's groups, global and local, "
                "mean [t-based 95 % interval] over seeds:", ""]
     for arm, rs in arms.items():
@@ -451,6 +443,18 @@ def stage_selections(r: dict) -> list:
         start = next((f for step, f in vals if step == 0), math.nan)  # NaN: a log cut before the stage
         out.append((start, max((f for step, f in vals if step > 0), default=start)))
     return out
+
+
+def curriculum_kept(rs: list) -> str:
+    """What the later stages of runs `rs` (one stage plan) keep: per later stage, its selected
+    checkpoint's validation F1 minus its warm start's, mean [t-based 95 % interval] over the runs;
+    the seed-stages within 1.5 of their warm start; the final checkpoint minus the first stage's best."""
+    sel = [stage_selections(r) for r in rs]
+    kept = [b - a for x in sel for a, b in x[1:]]
+    return "; ".join([f"{s} sessions {_fmt(t_interval([x[i][1] - x[i][0] for x in sel]))}"
+                      for i, s in enumerate(rs[0]["stages"][1:], 1)]
+                     + [f"within 1.5: {sum(k >= -1.5 for k in kept)} of {len(kept)}",
+                        f"final minus the first stage's best {_fmt(t_interval([x[-1][1] - x[0][1] for x in sel]))}"])
 
 
 def _credit(rs: list, stage, kind: str) -> list:

@@ -59,14 +59,9 @@ def table(dirs: list) -> str:
         arms.setdefault(E._arm(r) + (f" probe {rule}" if rule else ""), {})[r["seed"]] = r
     out = []
     for arm, rs in arms.items():
-        sel = [E.stage_selections(r) for r in rs.values()]
-        kept = [b - a for x in sel for a, b in x[1:]]
-        stages = next(iter(rs.values()))["stages"]
         out.append(f"- {arm} ({len(rs)} seeds): test F1 - start "
                    + E._fmt(E.t_interval([r["trained"]["f1_overall"] - r["base"]["f1_overall"] for r in rs.values()]))
-                   + "".join(f"; {s} sessions {E._fmt(E.t_interval([x[i][1] - x[i][0] for x in sel]))}" for i, s in enumerate(stages[1:], 1))
-                   + f" (within 1.5: {sum(k >= -1.5 for k in kept)} of {len(kept)}); final - first best "
-                   + E._fmt(E.t_interval([x[-1][1] - x[0][1] for x in sel]))
+                   + f"; {E.curriculum_kept(list(rs.values()))}"
                    + f"; fact recall end - start {E._fmt(E.t_interval([r['recall_drift'] for r in rs.values()]))}")
     first, *others = arms
     for arm in others:
